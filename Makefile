@@ -1,0 +1,27 @@
+# esmjax: the two quick-start commands are `make train` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv test train clean
+
+# (Re)install when pyproject.toml changes. The test extra pins a CPU build of torch
+# (an unpinned torch would pull a multi-GB CUDA build).
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+# Trains the demo ESM-2 on the bundled CATH S20 sample on every local device; run again to resume.
+train: $(STAMP)
+	$(VENV)/bin/esmjax train --config configs/demo.yaml --workdir runs/demo
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,161 @@
+"""Checkpoint folders: Orbax ``CheckpointManager`` steps plus the resolved config as JSON.
+
+One layout serves converted weights and training runs::
+
+    DIR/config.json                 {"model": {...}, ...}   (a training run stores its whole TrainConfig)
+    DIR/checkpoints/<step>/params   model variables (Orbax, sharded, restorable onto any mesh)
+    DIR/checkpoints/<step>/opt_state, meta                   (training runs only)
+
+A converted checkpoint is step 0 with only ``params``. Restoring takes abstract targets with shardings, so a
+checkpoint saved on one mesh or process count restores onto another (Orbax reshards). A step that was never
+committed is invisible to Orbax; a committed step whose files are damaged is skipped with a warning and the
+previous step is used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from esmjax import sharding as shd
+from esmjax.config import ESM2Config, from_dict, to_dict
+from esmjax.esm2 import ESM2
+from esmjax.errors import InputError
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+STEPS_DIR = "checkpoints"
+
+
+class CheckpointError(InputError):
+    """No usable checkpoint at the given place or step."""
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    p = Path(path) / CONFIG_FILE
+    if not p.exists():
+        raise CheckpointError(f"{path}: not an esmjax checkpoint folder (no {CONFIG_FILE})")
+    return json.loads(p.read_text())
+
+
+def model_config(path: str | Path) -> ESM2Config:
+    return from_dict(ESM2Config, read_config(path)["model"], "model")
+
+
+def manager(path: str | Path, *, item_names=("params",), read_only: bool = True, **options: Any) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        Path(path).absolute() / STEPS_DIR,
+        item_names=item_names,
+        options=ocp.CheckpointManagerOptions(read_only=read_only, create=not read_only, **options),
+    )
+
+
+def abstract_model(cfg: ESM2Config) -> tuple[nnx.GraphDef, nnx.State]:
+    """Shapes, dtypes and logical axes of an ESM2, without allocating it."""
+    abstract = nnx.eval_shape(lambda: ESM2(cfg, rngs=nnx.Rngs(0)))
+    return nnx.split(abstract)
+
+
+def restore_target(state: nnx.State, mesh: jax.sharding.Mesh, rules: shd.Rules) -> dict[str, Any]:
+    """Pure-dict restore target: ShapeDtypeStructs carrying the shardings the rules give on ``mesh``."""
+    shardings = shd.tree_shardings(state, mesh, rules)
+    target = jax.tree.map(
+        lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+        state,
+        shardings,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+    return nnx.State(target).to_pure_dict() if not isinstance(target, dict) else target
+
+
+def _restore_latest(mngr: ocp.CheckpointManager, step: int | None, make_args) -> tuple[int, Any]:
+    steps = sorted(mngr.all_steps())
+    if not steps:
+        raise CheckpointError(f"{mngr.directory}: no complete checkpoint")
+    if step is not None:
+        if step not in steps:
+            raise CheckpointError(f"{mngr.directory}: no step {step}; available: {steps}")
+        return step, mngr.restore(step, args=make_args())
+    for s in reversed(steps):
+        try:
+            return s, mngr.restore(s, args=make_args())
+        except Exception as e:  # a damaged step: fall back to the one before
+            log.warning("checkpoint step %d is unreadable (%s: %s); trying the previous one", s, type(e).__name__, e)
+    raise CheckpointError(f"{mngr.directory}: every checkpoint step is unreadable")
+
+
+def load_model(
+    path: str | Path,
+    step: int | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: shd.Rules | str = "fsdp",
+    dtype: str | None = None,
+) -> tuple[ESM2, int]:
+    """Restores the ESM2 in ``path`` (converted weights or a training workdir) onto ``mesh``.
+
+    Returns the model and the step restored (the latest complete one unless ``step`` is given).
+    """
+    cfg = model_config(path)
+    if dtype is not None:
+        cfg = from_dict(ESM2Config, {**to_dict(cfg), "dtype": dtype})
+    mesh = mesh if mesh is not None else shd.single_device_mesh()
+    rules = shd.resolve_rules(rules)
+    graphdef, state = abstract_model(cfg)
+    target = restore_target(state, mesh, rules)
+    mngr = manager(path)
+    step, restored = _restore_latest(
+        mngr, step, lambda: ocp.args.Composite(params=ocp.args.StandardRestore(target))
+    )
+    mngr.close()
+    nnx.replace_by_pure_dict(state, restored["params"])
+    return nnx.merge(graphdef, state), step
+
+
+def save_converted(path: str | Path, cfg: ESM2Config, params: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+    """Writes converted weights as step 0, atomically: a failure leaves no partial folder behind."""
+    out = Path(path)
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"{out} exists and is not empty; refusing to overwrite")
+    graphdef, state = abstract_model(cfg)
+    expected = state.to_pure_dict()
+    mismatch = []
+
+    def check(path, a, b):
+        if tuple(a.shape) != tuple(np.shape(b)):
+            mismatch.append(f"{'.'.join(str(k.key) for k in path)}: {np.shape(b)} vs {a.shape}")
+
+    jax.tree_util.tree_map_with_path(check, expected, params)
+    if mismatch:
+        raise CheckpointError("parameter shapes do not fit the config: " + "; ".join(mismatch[:5]))
+    params = jax.tree.map(lambda a, ref: np.asarray(a, dtype=ref.dtype), params, expected)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (tmp / CONFIG_FILE).write_text(json.dumps({"model": to_dict(cfg), **(extra or {})}, indent=2))
+        mngr = manager(tmp, read_only=False, enable_async_checkpointing=False)
+        mngr.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
+        mngr.wait_until_finished()
+        mngr.close()
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def params_numpy(model: ESM2) -> dict[str, Any]:
+    """The model's variables as a nested dict of host NumPy arrays (gathered from every device)."""
+    state = nnx.state(model).to_pure_dict()
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), state)

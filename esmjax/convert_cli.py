@@ -1,0 +1,61 @@
+"""``esmjax convert SRC OUT`` and ``esmjax export CKPT --to fair-esm|hf OUT``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from esmjax import checkpoint, convert
+from esmjax.errors import InputError
+
+log = logging.getLogger("esmjax.convert")
+
+
+def add_convert_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="fair-esm .pt (e.g. esm2_t33_650M_UR50D.pt) or a HuggingFace model folder")
+    p.add_argument("out", help="esmjax checkpoint folder to create")
+
+
+def convert_main(args: argparse.Namespace) -> int:
+    src = Path(args.src)
+    if not src.exists():
+        raise InputError(f"{src}: no such file or folder")
+    cfg, params, notes = convert.read_any(src)
+    for n in notes:
+        log.warning("%s", n)
+    checkpoint.save_converted(args.out, cfg, params, extra={"source": str(src)})
+    print(
+        f"wrote {args.out}: ESM-2 with {cfg.num_layers} layers, width {cfg.embed_dim}, {cfg.num_heads} heads "
+        f"({cfg.num_params() / 1e6:.2f}M parameters)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="esmjax checkpoint folder or training workdir")
+    p.add_argument("out", help="output: a .pt file (fair-esm) or a folder (hf)")
+    p.add_argument("--to", required=True, choices=["fair-esm", "hf"], help="target format")
+    p.add_argument("--step", type=int, default=None, help="training step to export (default: latest)")
+
+
+def export_main(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.exists() and (out.is_file() or any(out.iterdir())):
+        raise InputError(f"{out} exists; refusing to overwrite")
+    model, step = checkpoint.load_model(args.checkpoint, step=args.step)
+    params = checkpoint.params_numpy(model)
+    cfg = model.cfg
+    if args.to == "fair-esm":
+        if out.suffix != ".pt":
+            raise InputError("a fair-esm export is a .pt file; name it e.g. esm2_t6_8M_mine.pt")
+        if not out.name.startswith("esm2"):
+            log.warning("fair-esm loads a local file as ESM-2 only when its name starts with 'esm2'")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        convert.write_fairesm(params, cfg, out)
+    else:
+        convert.write_hf(params, cfg, out)
+    print(f"wrote {out} from step {step}", file=sys.stderr)
+    return 0
