@@ -30,7 +30,7 @@ def _setup_logging() -> None:
         stream=sys.stderr,
     )
     for noisy in ("absl", "orbax", "jax._src", "tensorflow_datasets", "etils"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+        logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
 def build_parser(command: str | None) -> argparse.ArgumentParser:

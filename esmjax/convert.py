@@ -130,6 +130,9 @@ def state_dict_to_params(sd: dict[str, np.ndarray], cfg: ESM2Config, source: str
     else:
         sd = {k.removeprefix("model."): v for k, v in sd.items()}
         sd = {(k if k.startswith(("esm.", "lm_head.")) else "esm." + k): v for k, v in sd.items()}
+        # transformers writes LayerNorm parameters under their legacy names gamma/beta.
+        sd = {re.sub(r"(?i)(layer_?norm[^.]*)\.gamma$", r"\1.weight", re.sub(r"(?i)(layer_?norm[^.]*)\.beta$", r"\1.bias", k)): v
+              for k, v in sd.items()}  # fmt: skip
     used: set[str] = set()
     params: dict[str, Any] = {}
     warnings: list[str] = []
@@ -158,6 +161,13 @@ def state_dict_to_params(sd: dict[str, np.ndarray], cfg: ESM2Config, source: str
             key = theirs
             if key not in sd and source == "hf" and "inv_freq" in key:
                 key = "esm.encoder.layer.0.attention.self.rotary_embeddings.inv_freq"
+            if key not in sd and source == "hf" and "inv_freq" in key:
+                # transformers >= 5 does not save the buffer and recomputes it in float32; do the same.
+                d = cfg.head_dim
+                inv = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float32) / d))
+                _set(params, ours, np.stack([inv.astype(np.float32)] * cfg.num_layers))
+                warnings.append("no stored rotary inv_freq: computed from rope_theta, as transformers does")
+                continue
             if key not in sd:
                 raise ConversionError(f"missing weight {theirs!r}")
             used.add(key)

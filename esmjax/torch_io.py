@@ -138,7 +138,7 @@ def save_pt(obj: Any, path: str | Path) -> None:
         if isinstance(x, np.ndarray):
             if x.dtype == ml_dtypes.bfloat16:
                 return torch.from_numpy(x.astype(np.float32)).to(torch.bfloat16)
-            return torch.from_numpy(np.ascontiguousarray(x))
+            return torch.from_numpy(np.array(x, copy=True, order="C"))
         if isinstance(x, dict):
             return type(x)((k, conv(v)) for k, v in x.items())
         if isinstance(x, (list, tuple)):

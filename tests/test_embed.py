@@ -1,0 +1,69 @@
+"""``esmjax embed``: bounded compilations, output layout, truncation and input errors."""
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from esmjax import checkpoint, sharding as shd
+from esmjax.cli import main as cli
+from esmjax.config import ESM2_PRESETS, MeshConfig
+from esmjax.embed import Embedder, embed_records, length_buckets, make_batches, parse_layers
+from esmjax.esm2 import ESM2
+from esmjax.fasta import Record
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ck") / "tiny"
+    model = ESM2(ESM2_PRESETS["tiny"], rngs=nnx.Rngs(0))
+    checkpoint.save_converted(d, model.cfg, checkpoint.params_numpy(model))
+    return d
+
+
+def test_buckets():
+    assert length_buckets(100) == [16, 24, 32, 48, 64, 96, 128]
+    recs = [Record(str(i), "", "A" * n) for i, n in enumerate([5, 10, 30, 31, 40, 44, 90])]
+    shapes = {b.tokens.shape for b in make_batches(recs, 256, None, row_multiple=8)}
+    assert shapes == {(16, 16), (8, 32), (8, 48), (8, 96)}
+
+
+def test_compiles_once_per_bucket(ckpt, tmp_path):
+    mesh = shd.make_mesh(MeshConfig(ici_fsdp=-1))
+    rules = shd.resolve_rules("fsdp")
+    model, _ = checkpoint.load_model(ckpt, mesh=mesh, rules=rules)
+    emb = Embedder(model, mesh, rules)
+    # 12 records, lengths spread over 2 buckets (padded widths 32 and 48), several batches per bucket.
+    recs = [Record(f"r{i}", "", "M" * n) for i, n in enumerate([23, 24, 25, 28, 29, 30, 31, 35, 40, 42, 44, 46])]
+    n = embed_records(emb, recs, tmp_path, (0, 2), ["mean", "per_tok"], 8 * 32, None, progress=False)
+    assert n == 12 and emb.traces == 2
+    z = np.load(tmp_path / "r11.npz")
+    assert z["repr_2"].shape == (46, 32) and z["mean_0"].shape == (32,)
+
+
+def test_parse_layers():
+    assert parse_layers("all", 3) == (0, 1, 2, 3)
+    assert parse_layers("-1 0", 3) == (0, 3)
+    assert parse_layers("-1,1", 6) == (1, 6)
+    with pytest.raises(ValueError, match="out of range"):
+        parse_layers("7", 6)
+
+
+def test_cli_truncation_and_errors(ckpt, tmp_path, caplog):
+    fa = tmp_path / "in.fa"
+    fa.write_text(">long one\n" + "ACDEFGHIKL" * 5 + "\n>short\nMKT\n")
+    out = tmp_path / "out"
+    rc = cli(["embed", "--checkpoint", str(ckpt), "--fasta", str(fa), "--out", str(out), "--include", "per_tok",
+              "logits", "--truncation-seq-length", "20", "--no-progress"])  # fmt: skip
+    assert rc == 0
+    z = np.load(out / "long.npz")
+    assert z["repr_2"].shape == (20, 32) and z["logits"].shape == (20, 33)
+    assert any("truncated to 20" in r.message for r in caplog.records)
+    bad = tmp_path / "bad.fa"
+    bad.write_text(">ok\nACD\n>b\nAC#D\n")
+    out2 = tmp_path / "out2"
+    assert cli(["embed", "--checkpoint", str(ckpt), "--fasta", str(bad), "--out", str(out2)]) == 2
+    assert not out2.exists()  # nothing written when the input is bad
+    dup = tmp_path / "dup.fa"
+    dup.write_text(">a|1\nACD\n>a_1\nACD\n")
+    assert cli(["embed", "--checkpoint", str(ckpt), "--fasta", str(dup), "--out", str(out2)]) == 2
+    assert cli(["embed", "--checkpoint", str(tmp_path), "--fasta", str(fa), "--out", str(out2)]) == 2
