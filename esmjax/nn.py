@@ -154,11 +154,13 @@ def dot_product_attention(
     Returns:
       out [B, L, H, D] in q's dtype, and the float32 weights [B, H, L, M].
     """
-    scores = jnp.einsum("blhd,bmhd->bhlm", q, k, preferred_element_type=jnp.float32)
+    # Heads-major layout: XLA:CPU runs the batched matmuls markedly faster on [B, H, L, D] than on [B, L, H, D].
+    q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # [B, H, L, D]
+    scores = jnp.einsum("bhld,bhmd->bhlm", q, k, preferred_element_type=jnp.float32)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bhlm,bmhd->blhd", weights.astype(v.dtype), v)
-    return out, weights
+    out = jnp.einsum("bhlm,bhmd->bhld", weights.astype(v.dtype), v)
+    return jnp.swapaxes(out, 1, 2), weights
 
 
 def scale_for(head_dim: int) -> float:

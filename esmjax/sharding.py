@@ -185,11 +185,14 @@ _CONTEXT: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.Contex
 
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh, rules: Rules) -> Iterator[None]:
-    """Makes ``constrain`` active while tracing (and sets the JAX mesh)."""
+    """Makes ``constrain`` active while tracing.
+
+    It deliberately does not call ``jax.set_mesh``: under a JAX mesh, Flax would read the parameters' logical
+    ``out_sharding`` names as mesh axes.
+    """
     token = _CONTEXT.set((mesh, rules))
     try:
-        with jax.set_mesh(mesh):
-            yield
+        yield
     finally:
         _CONTEXT.reset(token)
 

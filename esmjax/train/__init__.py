@@ -1,0 +1,1 @@
+"""ESM-2 masked-language-model pretraining: optimizer, sharded state, step, checkpoints and the loop."""

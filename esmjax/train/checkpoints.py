@@ -1,0 +1,80 @@
+"""Training checkpoints: asynchronous Orbax saves of parameters, optimizer state and run metadata.
+
+Each step folder holds three items: ``params`` (the model's variables, readable by ``esmjax.checkpoint.load_model``
+and every other command), ``opt_state`` and ``meta`` (JSON: step, data-iterator state, the config hash). Orbax
+writes a step into a temporary folder and renames it when every process has finished, so a step that was not
+completely written is never listed; a listed step whose files are damaged is skipped with a warning on restore
+(``esmjax.checkpoint``). Retention: the last ``keep`` steps plus every ``keep_every``-th.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from esmjax import checkpoint as ckpt
+from esmjax.config import CheckpointConfig
+from esmjax.train.state import TrainState
+
+log = logging.getLogger(__name__)
+
+ITEMS = ("params", "opt_state", "meta")
+
+
+class TrainCheckpointer:
+    def __init__(self, workdir: str | Path, cfg: CheckpointConfig):
+        self.cfg = cfg
+        self.mngr = ckpt.manager(
+            workdir,
+            item_names=ITEMS,
+            read_only=False,
+            max_to_keep=cfg.keep,
+            keep_period=cfg.keep_every or None,
+            enable_async_checkpointing=cfg.async_save,
+        )
+
+    def latest_step(self) -> int | None:
+        return self.mngr.latest_step()
+
+    def save(self, state: TrainState, meta: dict[str, Any]) -> None:
+        """Starts saving ``state`` at its step (returns before the write finishes when asynchronous)."""
+        step = int(state.step)
+        self.mngr.save(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state.variables),
+                opt_state=ocp.args.StandardSave(state.opt_state),
+                meta=ocp.args.JsonSave({"step": step, **meta}),
+            ),
+            force=True,
+        )
+
+    def restore(self, target: TrainState) -> tuple[TrainState, dict[str, Any]] | None:
+        """The latest readable step restored into ``target``'s shardings, or None when there is none."""
+        if not self.mngr.all_steps():
+            return None
+
+        def args():
+            return ocp.args.Composite(
+                params=ocp.args.StandardRestore(target.variables),
+                opt_state=ocp.args.StandardRestore(target.opt_state),
+                meta=ocp.args.JsonRestore(),
+            )
+
+        step, restored = ckpt._restore_latest(self.mngr, None, args)
+        state = TrainState(step=target.step, variables=restored["params"], opt_state=restored["opt_state"])
+        meta = dict(restored["meta"])
+        state.step = jax.device_put(jnp.asarray(meta["step"], jnp.int32), target.step.sharding)
+        return state, meta
+
+    def wait(self) -> None:
+        self.mngr.wait_until_finished()
+
+    def close(self) -> None:
+        self.mngr.wait_until_finished()
+        self.mngr.close()

@@ -1,0 +1,29 @@
+"""``esmjax train --config C --workdir W [--set key=value ...]``: argv -> config -> ``loop.run``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config (configs/*.yaml); optional when resuming a workdir")
+    p.add_argument("--workdir", required=True, help="run folder: checkpoints, metrics.jsonl, tensorboard/")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--coordinator-address", help="host:port of process 0 (multi-process runs)")
+    p.add_argument("--num-processes", type=int, help="number of processes (multi-process runs)")
+    p.add_argument("--process-id", type=int, help="this process's index (multi-process runs)")
+    p.add_argument("--stop-after", type=int, metavar="N", help="stop (with a checkpoint) after N steps of this run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def main(args: argparse.Namespace) -> int:
+    from esmjax.train import distributed
+
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    from esmjax.train.loop import load_run_config, run
+
+    workdir = Path(args.workdir)
+    cfg = load_run_config(args.config, args.set, workdir)
+    run(cfg, workdir, progress=not args.no_progress, stop_after=args.stop_after)
+    return 0

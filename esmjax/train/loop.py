@@ -1,0 +1,267 @@
+"""The training loop, top to bottom: mesh -> state -> restore -> (step, log, evaluate, save)* -> final evaluation.
+
+A run started again in the same workdir resumes from its latest complete checkpoint: parameters, optimizer state,
+step and data-iterator state, so the loss trajectory continues exactly. SIGTERM (preemption) saves at the next
+step boundary and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from esmjax import sharding as shd
+from esmjax.checkpoint import abstract_model
+from esmjax.config import ConfigError, TrainConfig, config_hash, from_dict, to_dict
+from esmjax.data.pipeline import eval_batches, train_batches
+from esmjax.errors import InputError
+from esmjax.train import metrics as tm
+from esmjax.train.checkpoints import TrainCheckpointer
+from esmjax.train.optim import learning_rate, make_optimizer
+from esmjax.train.state import abstract_state, create_state, model_graphdef, state_shardings
+from esmjax.train.step import make_eval_step, make_train_step
+
+log = logging.getLogger("esmjax.train")
+
+
+class Batching:
+    """How the global token budget of a step splits into devices, processes and accumulation steps."""
+
+    def __init__(self, cfg: TrainConfig, num_devices: int, num_processes: int):
+        s = cfg.data.seq_len
+        if cfg.data.tokens_per_step % s:
+            raise ConfigError(f"data.tokens_per_step={cfg.data.tokens_per_step} is not a multiple of seq_len={s}")
+        self.global_rows = cfg.data.tokens_per_step // s
+        per_device = cfg.data.rows_per_device or max(1, self.global_rows // num_devices)
+        self.micro_rows = per_device * num_devices  # rows of one accumulation step, over all devices
+        if self.global_rows % self.micro_rows:
+            raise ConfigError(
+                f"{self.global_rows} rows per step do not split into micro-batches of {per_device} rows x "
+                f"{num_devices} devices; change data.rows_per_device or data.tokens_per_step"
+            )
+        self.accum = self.global_rows // self.micro_rows
+        if self.micro_rows % num_processes:
+            raise ConfigError(f"{self.micro_rows} rows per micro-batch do not split over {num_processes} processes")
+        self.process_rows = self.global_rows // num_processes
+        self.seq_len = s
+
+    def __str__(self) -> str:
+        return (
+            f"{self.global_rows} rows x {self.seq_len} tokens per step = {self.accum} accumulation step(s) of "
+            f"{self.micro_rows} rows"
+        )
+
+
+def _global_batch(local: dict[str, np.ndarray], accum: int, sharding: jax.sharding.NamedSharding) -> dict:
+    """Process-local rows [r, S] -> global arrays [A, R, S] sharded over the batch axes."""
+    out = {}
+    for k, v in local.items():
+        v = v.reshape(accum, -1, v.shape[-1])
+        global_shape = (accum, v.shape[1] * jax.process_count(), v.shape[2])
+        out[k] = jax.make_array_from_process_local_data(sharding, v, global_shape)
+    return out
+
+
+def _check_workdir_config(workdir: Path, cfg: TrainConfig) -> None:
+    path = workdir / "config.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old.get("model") != to_dict(cfg)["model"]:
+            raise InputError(
+                f"{workdir} holds a run of another model ({old.get('model')}); use a new --workdir to start afresh"
+            )
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(to_dict(cfg), indent=2))
+
+
+class _Preemption:
+    """Records SIGTERM; all processes agree at a sync point before acting on it."""
+
+    def __init__(self) -> None:
+        self.flag = False
+        self._old = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        log.warning("SIGTERM received: saving a checkpoint at the next step boundary")
+        self.flag = True
+
+    def agreed(self) -> bool:
+        if jax.process_count() == 1:
+            return self.flag
+        return bool(np.any(multihost_utils.process_allgather(np.array([self.flag]))))
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._old)
+
+
+def evaluate(cfg: TrainConfig, eval_step, variables, mesh, rules, micro_rows: int) -> dict[str, float]:
+    """Masked-LM loss on the held-out split with fixed masks; also its unigram (amino-acid frequency) baseline."""
+    sharding = shd.batch_sharding(mesh, rules, 2)
+    totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+    hist = np.zeros(33)
+    rows = micro_rows // jax.process_count()
+    for local in eval_batches(cfg.data, rows=rows, process_index=jax.process_index(), process_count=jax.process_count()):
+        batch = {
+            k: jax.make_array_from_process_local_data(sharding, v, (micro_rows, v.shape[1])) for k, v in local.items()
+        }
+        sums = eval_step(variables, batch)
+        for k in totals:
+            totals[k] += float(sums[k])
+        hist += np.asarray(multihost_utils.process_allgather(
+            np.bincount(local["targets"][local["loss_mask"]], minlength=33)[None]
+        )).reshape(-1, 33).sum(0)  # fmt: skip
+    if totals["count"] == 0:
+        return {}
+    loss = totals["loss_sum"] / totals["count"]
+    p = hist[hist > 0] / hist.sum()
+    return {
+        "eval_loss": loss,
+        "eval_perplexity": math.exp(loss),
+        "eval_masked_accuracy": totals["correct"] / totals["count"],
+        "eval_unigram_perplexity": float(np.exp(-(p * np.log(p)).sum())),
+        "eval_masked_tokens": int(totals["count"]),
+    }
+
+
+def run(
+    cfg: TrainConfig, workdir: str | Path, *, progress: bool = True, stop_after: int | None = None
+) -> dict[str, Any]:
+    """Trains (or resumes) ``cfg`` in ``workdir``; returns the final metrics.
+
+    ``stop_after``: leave (with a checkpoint) after this many steps of this invocation, e.g. to fit a scheduler's
+    time slot; the next invocation resumes.
+    """
+    workdir = Path(workdir).absolute()
+    _check_workdir_config(workdir, cfg)
+    mesh = shd.make_mesh(cfg.mesh)
+    rules = shd.resolve_rules(cfg.mesh.rules)
+    batching = Batching(cfg, mesh.size, jax.process_count())
+    log.info("mesh %s; %s", dict(zip(mesh.axis_names, mesh.devices.shape)), batching)
+
+    graphdef = model_graphdef(cfg.model)
+    abstract_vars = abstract_model(cfg.model)[1].to_pure_dict()
+    tx = make_optimizer(cfg.optim, cfg.num_steps, abstract_vars)
+    lr = learning_rate(cfg.optim, cfg.num_steps)
+    shardings = state_shardings(cfg.model, tx, mesh, rules)
+    ckptr = TrainCheckpointer(workdir, cfg.checkpoint)
+
+    data = train_batches(
+        cfg.data, rows=batching.process_rows, process_index=jax.process_index(), process_count=jax.process_count()
+    )
+    with shd.use_mesh(mesh, rules):
+        restored = ckptr.restore(abstract_state(cfg.model, tx, shardings))
+        if restored is None:
+            state = create_state(cfg.model, tx, shardings, cfg.seed)
+            start = 0
+            log.info("initialised %.2fM parameters", cfg.model.num_params() / 1e6)
+        else:
+            state, meta = restored
+            start = int(meta["step"])
+            data.set_state(meta["data"])
+            log.info("resumed from step %d", start)
+
+        row_spec = shd.batch_sharding(mesh, rules, 2).spec
+        batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *row_spec))
+        train_step = jax.jit(
+            make_train_step(graphdef, tx, lr),
+            in_shardings=(shardings, batch_sharding),
+            out_shardings=(shardings, None),
+            donate_argnums=0,
+        )
+        eval_step = jax.jit(make_eval_step(graphdef))
+
+        writer = tm.MetricsWriter(workdir, start, enabled=jax.process_index() == 0)
+        peak = tm.device_peak_flops(cfg.accelerator)
+        flops_per_token = tm.train_flops_per_token(cfg.model, cfg.data.seq_len)
+        tokens_per_step = batching.global_rows * batching.seq_len
+        preemption = _Preemption()
+        bar = tqdm(total=cfg.num_steps, initial=start, desc="train", unit="step", file=sys.stderr,
+                   disable=not progress or jax.process_index() != 0, dynamic_ncols=True)  # fmt: skip
+        last: dict[str, Any] = {}
+        t_last, steps_since = time.perf_counter(), 0
+        step = start
+        try:
+            while step < cfg.num_steps:
+                local = next(data)
+                nonpad = float((local["segment_ids"] > 0).mean())
+                state, m = train_step(state, _global_batch(local, batching.accum, batch_sharding))
+                step += 1
+                steps_since += 1
+                bar.update(1)
+                boundary = step % cfg.log_every == 0 or step == cfg.num_steps
+                if boundary:
+                    m = {k: float(v) for k, v in jax.device_get(m).items()}
+                    dt = time.perf_counter() - t_last
+                    tps = tokens_per_step * steps_since / dt
+                    m.update(
+                        tokens_per_second=tps,
+                        tokens_per_second_per_device=tps / mesh.size,
+                        nonpad_fraction=nonpad,
+                        tflops_per_device=flops_per_token * tps / mesh.size / 1e12,
+                        mfu=(flops_per_token * tps / mesh.size / peak) if peak else None,
+                        step_seconds=dt / steps_since,
+                    )
+                    writer.write(step, m)
+                    bar.set_postfix(loss=f"{m['loss']:.3f}", ppl=f"{m['perplexity']:.2f}", lr=f"{m['lr']:.1e}")
+                    last = m
+                    t_last, steps_since = time.perf_counter(), 0
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.num_steps:
+                    ev = evaluate(cfg, eval_step, state.variables, mesh, rules, batching.micro_rows)
+                    writer.write(step, ev)
+                    t_last = time.perf_counter()
+                stop = boundary and preemption.agreed()
+                if stop_after is not None and step - start >= stop_after:
+                    stop = True
+                if step % cfg.checkpoint.every == 0 or step == cfg.num_steps or stop:
+                    ckptr.save(state, {"data": data.get_state(), "config_hash": config_hash(cfg)})
+                if stop:
+                    log.warning("stopping at step %d: checkpoint written; run again to resume", step)
+                    break
+        finally:
+            bar.close()
+            preemption.restore()
+            ckptr.close()
+        final: dict[str, Any] = dict(last)
+        if step >= cfg.num_steps:
+            ev = evaluate(cfg, eval_step, state.variables, mesh, rules, batching.micro_rows)
+            writer.write(step, ev)
+            final.update(ev)
+            if ev and jax.process_index() == 0:
+                below = 100 * (1 - ev["eval_perplexity"] / ev["eval_unigram_perplexity"])
+                print(
+                    f"held-out masked-LM perplexity {ev['eval_perplexity']:.2f} vs amino-acid unigram baseline "
+                    f"{ev['eval_unigram_perplexity']:.2f} ({below:.1f}% below), {ev['eval_masked_tokens']} masked tokens",
+                    flush=True,
+                )
+        writer.close()
+        final["step"] = step
+        return final
+
+
+def load_run_config(path: str | Path | None, overrides: list[str], workdir: Path) -> TrainConfig:
+    """The config for ``esmjax train``: the file plus overrides, or the workdir's saved config when resuming."""
+    from esmjax.config import load_config
+
+    if path is None:
+        saved = workdir / "config.json"
+        if not saved.exists():
+            raise ConfigError("--config is required for a new workdir")
+        tree = json.loads(saved.read_text())
+        cfg = from_dict(TrainConfig, tree)
+        if overrides:
+            raise ConfigError("--set needs --config")
+        return cfg
+    return load_config(path, overrides)

@@ -1,0 +1,167 @@
+"""The training loop end to end: multi-process runs, resume on another process count, kill -9, damaged
+checkpoints, SIGTERM, and loss falling on the bundled data."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from esmjax import checkpoint
+from esmjax.data.build import build_dataset
+from esmjax.fasta import read_fasta
+
+ROOT = Path(__file__).resolve().parents[1]
+ESMJAX = [sys.executable, "-m", "esmjax.cli"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, shared_data):
+    d = tmp_path_factory.mktemp("train_data")
+    fa = d / "small.fa"
+    with open(fa, "w") as f:
+        for i, r in enumerate(read_fasta(shared_data / "cath_s20" / "cath-dataset-nonredundant-S20-v4_3_0.fa")):
+            if i == 800:
+                break
+            f.write(f">{r.id}\n{r.sequence}\n")
+    build_dataset([fa], d / "ds", val_fraction=0.05)
+    return d / "ds"
+
+
+def write_config(path: Path, dataset: Path, **over) -> Path:
+    cfg = {
+        "model": {"preset": "tiny"},
+        "mesh": {"ici_fsdp": -1},
+        "data": {"train": str(dataset), "seq_len": 64, "tokens_per_step": 2048, "eval_tokens": 2048},
+        "optim": {"peak_lr": 1e-3, "warmup_steps": 2},
+        "num_steps": 6,
+        "log_every": 1,
+        "eval_every": 0,
+        "checkpoint": {"every": 2, "keep": 10},
+    }
+    for k, v in over.items():
+        cfg[k] = {**cfg[k], **v} if isinstance(v, dict) else v
+    path.write_text(json.dumps(cfg))  # JSON is YAML
+    return path
+
+
+def env(devices: int) -> dict:
+    e = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices), ESMJAX_LOG="WARNING")
+    e.pop("XLA_FLAGS", None)
+    return e
+
+
+def losses(workdir: Path) -> dict[int, float]:
+    out = {}
+    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+        m = json.loads(line)
+        if "loss" in m:
+            out[m["step"]] = m["loss"]
+    return out
+
+
+def train(args, devices=1, processes=1, check=True, **kw):
+    cmd = ESMJAX + ["train", "--no-progress", *args]
+    if processes > 1:
+        cmd = [str(ROOT / "launch" / "local.sh"), str(processes), str(devices), *cmd]
+    return subprocess.run(cmd, env=env(devices), cwd=ROOT, capture_output=True, text=True, check=check, timeout=600, **kw)
+
+
+@pytest.mark.multiprocess
+def test_two_processes_then_resume_on_one(dataset, tmp_path):
+    """2 processes x 2 devices train and checkpoint; 1 process x 4 devices resumes with the same next-step loss."""
+    cfg = write_config(tmp_path / "c.yaml", dataset)
+    full = tmp_path / "full"
+    r = train(["--config", str(cfg), "--workdir", str(full)], devices=2, processes=2, check=False)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ref = losses(full)
+    assert sorted(ref) == [1, 2, 3, 4, 5, 6]
+    assert sorted(int(p.name) for p in (full / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4, 6]
+    # Resume from the step-4 checkpoint of that run, as one process with 4 devices.
+    part = tmp_path / "part"
+    shutil.copytree(full, part)
+    shutil.rmtree(part / "checkpoints" / "6")
+    r = train(["--workdir", str(part)], devices=4, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = losses(part)
+    for step in (5, 6):
+        assert abs(resumed[step] - ref[step]) < 1e-5, (step, resumed[step], ref[step])
+    assert resumed[1] == ref[1]  # the earlier history is kept
+
+
+def test_kill_and_resume_matches_uninterrupted(dataset, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", dataset, num_steps=14, data={"tokens_per_step": 8192})
+    ref_dir, kill_dir = tmp_path / "ref", tmp_path / "kill"
+    train(["--config", str(cfg), "--workdir", str(ref_dir)])
+    proc = subprocess.Popen(ESMJAX + ["train", "--no-progress", "--config", str(cfg), "--workdir", str(kill_dir)],
+                            env=env(1), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 300
+    ckdir = kill_dir / "checkpoints"
+    while time.time() < deadline:
+        steps = [int(p.name) for p in ckdir.iterdir() if p.name.isdigit()] if ckdir.exists() else []
+        if steps and max(steps) >= 6:
+            break
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    committed = max(int(p.name) for p in ckdir.iterdir() if p.name.isdigit())
+    assert 6 <= committed < 14
+    r = train(["--config", str(cfg), "--workdir", str(kill_dir)], check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = losses(ref_dir), losses(kill_dir)
+    assert sorted(b) == list(range(1, 15))
+    np.testing.assert_allclose([b[s] for s in range(1, 15)], [a[s] for s in range(1, 15)], rtol=0, atol=1e-6)
+
+
+def test_damaged_latest_checkpoint_falls_back(dataset, tmp_path, caplog):
+    cfg = write_config(tmp_path / "c.yaml", dataset, num_steps=4)
+    w = tmp_path / "w"
+    train(["--config", str(cfg), "--workdir", str(w)])
+    params = w / "checkpoints" / "4" / "params"
+    for f in params.rglob("*"):
+        if f.is_file() and f.stat().st_size > 1000:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+    model, step = checkpoint.load_model(w)
+    assert step == 2
+    assert any("step 4 is unreadable" in r.message for r in caplog.records)
+    with pytest.raises(checkpoint.CheckpointError, match="no step 3"):
+        checkpoint.load_model(w, step=3)
+
+
+def test_sigterm_saves_and_exits(dataset, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", dataset, num_steps=10_000, checkpoint={"every": 10_000})
+    w = tmp_path / "w"
+    proc = subprocess.Popen(ESMJAX + ["train", "--no-progress", "--config", str(cfg), "--workdir", str(w)],
+                            env=env(1), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((w / "metrics.jsonl").exists() and len(losses(w)) >= 3):
+        assert proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    steps = [int(p.name) for p in (w / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(steps) == 1 and 3 <= steps[0] < 10_000
+
+
+def test_loss_falls_on_bundled_data(tmp_path):
+    """A shortened demo run (configs/demo.yaml, fewer and smaller steps) on the bundled CATH sample."""
+    ds = tmp_path / "ds"
+    build_dataset([ROOT / "data" / "cath_s20.fa.gz"], ds, val_fraction=0.02)
+    w = tmp_path / "demo"
+    over = ["--set", f"data.train={ds}", "--set", "num_steps=30", "--set", "data.tokens_per_step=2048",
+            "--set", "data.seq_len=128", "--set", "optim.warmup_steps=5", "--set", "eval_every=0",
+            "--set", "log_every=1", "--set", "data.eval_tokens=8192"]  # fmt: skip
+    r = train(["--config", str(ROOT / "configs" / "demo.yaml"), "--workdir", str(w), *over], check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    curve = losses(w)
+    first, last = np.mean([curve[s] for s in range(1, 4)]), np.mean([curve[s] for s in range(28, 31)])
+    assert last < first - 0.2, (first, last)
+    assert "held-out masked-LM perplexity" in r.stdout
