@@ -20,7 +20,11 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 # Trains the demo ESM-2 on the bundled CATH S20 sample on every local device; run again to resume.
-train: $(STAMP)
+DEMO_DATA := runs/data/cath_s20
+$(DEMO_DATA): | $(STAMP)
+	$(VENV)/bin/esmjax data build --fasta data/cath_s20.fa.gz --out $(DEMO_DATA) --val-fraction 0.02
+
+train: $(STAMP) $(DEMO_DATA)
 	$(VENV)/bin/esmjax train --config configs/demo.yaml --workdir runs/demo
 
 clean:

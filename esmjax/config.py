@@ -149,10 +149,12 @@ class DataConfig:
       mask_prob / mask_token_prob / random_token_prob: BERT masking (15%, of which 80% <mask>, 10% random).
       cluster_exponent: 0 draws clusters uniformly (ESM-2), 1 draws sequences uniformly.
       max_segments: at most this many sequences packed into one row.
-      seed: sampling seed (the masking seed derives from it and the step).
+      seed: sampling seed (the masking seed derives from it and each row's place in the packed stream).
       num_workers: background worker processes (0 = in-process threads only).
       prefetch: batches prefetched ahead of the step.
-      eval_tokens: held-out tokens evaluated at each evaluation.
+      eval_tokens: held-out tokens evaluated at each evaluation (0 or less: the whole held-out split).
+      val_fraction: for a FASTA ``train``, the fraction of records held out for evaluation (each record is its own
+        cluster; the same hash rule as ``esmjax data build --val-fraction``).
     """
 
     train: str = ""
@@ -169,6 +171,7 @@ class DataConfig:
     num_workers: int = 0
     prefetch: int = 2
     eval_tokens: int = 65_536
+    val_fraction: float = 0.005
 
 
 @dataclass(frozen=True, kw_only=True)

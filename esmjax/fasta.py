@@ -103,19 +103,20 @@ def open_text(path: str | Path) -> io.TextIOBase:
 
 
 def _check(
-    path: Path, rec_id: str, line: int, parts: list[tuple[int, str]], unknown_as_x: bool, stats: FastaStats
+    path: Path, rec_id: str, line: int, parts: list[tuple[int, str]], unknown_as_x: bool, stats: FastaStats,
+    allowed: frozenset[str] = _ALLOWED,
 ) -> str:
     seq = "".join(s for _, s in parts).upper()
     if seq.endswith("*"):
         seq = seq[:-1]
     if not seq:
         raise _RecordError("empty", f"{path}:{line}: record {rec_id!r} has no sequence")
-    if set(seq) <= _ALLOWED:
+    if set(seq) <= allowed:
         return seq
     if unknown_as_x:
-        stats.mapped_to_x += sum(c not in _ALLOWED for c in seq)
-        return "".join(c if c in _ALLOWED else "X" for c in seq)
-    pos = next(i for i, c in enumerate(seq) if c not in _ALLOWED)
+        stats.mapped_to_x += sum(c not in allowed for c in seq)
+        return "".join(c if c in allowed else "X" for c in seq)
+    pos = next(i for i, c in enumerate(seq) if c not in allowed)
     start = 0
     for lineno, chunk in parts:  # find the line holding residue `pos`
         if pos < start + len(chunk):
@@ -134,8 +135,12 @@ def read_fasta(
     unknown_as_x: bool = False,
     skip_invalid: bool = False,
     stats: FastaStats | None = None,
+    extra_chars: str = "",
 ) -> Iterator[Record]:
-    """Yields records from ``path``; raises ``FastaError`` (or skips and counts with ``skip_invalid``)."""
+    """Yields records from ``path``; raises ``FastaError`` (or skips and counts with ``skip_invalid``).
+
+    ``extra_chars`` are accepted besides the alphabet (``esmjax fold`` allows ``:`` between multimer chains)."""
+    allowed = _ALLOWED | frozenset(extra_chars)
     p = Path(path)
     if not p.exists():
         raise FastaError(f"{p}: no such file")
@@ -150,7 +155,7 @@ def read_fasta(
         try:
             if not rec_id:
                 raise _RecordError("empty id", f"{p}:{line}: header has no id")
-            seq = _check(p, rec_id, line, parts, unknown_as_x, stats)
+            seq = _check(p, rec_id, line, parts, unknown_as_x, stats, allowed)
         except _RecordError as e:
             if skip_invalid:
                 stats.skip(e.reason)

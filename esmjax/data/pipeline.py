@@ -1,0 +1,447 @@
+"""Training and evaluation batches: cluster-sampled, cropped, packed into fixed ``[rows, seq_len]`` rows, masked.
+
+The global stream is a sequence of packed rows that does not depend on the number of processes or on the batch
+size. Block ``b`` is draws ``b*B .. (b+1)*B - 1`` of the cluster sampler (``B = BLOCK_DRAWS``), packed by
+best-fit decreasing into however many rows it needs, in a seeded row order; the blocks' rows follow each other.
+Every row, and its MLM masking (``mask_tokens`` with a generator seeded by ``(seed, block, row)``), is a pure
+function of the seed and its (block, row) coordinates.
+
+Global batch ``g`` is the next ``rows * process_count`` rows of that stream; process ``p`` yields rows
+``p*rows .. (p+1)*rows - 1`` of it, so the processes' parts are disjoint and concatenate to the global batch. The
+iterator state is the stream position ``(block, offset)`` (plus fingerprints that must match on restore): any
+process count, or even another batch size, resumes at exactly the next unread row, repeating and skipping nothing.
+
+Evaluation reads the held-out split with a fixed seed (``EVAL_SEED``, independent of ``DataConfig.seed``): each
+held-out cluster once (one member, fixed crop) in a fixed order until ``eval_tokens`` tokens, packed the same way;
+the last global batch is padded with empty rows. The result is identical for any process count.
+
+Work runs ahead of the consumer: a planner thread walks the stream (cheap: index arrays only) and hands each
+batch's rows to a pool that reads and assembles them, ``num_workers`` processes or, with 0, one thread.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import functools
+import multiprocessing
+import queue
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from esmjax.config import DataConfig
+from esmjax.data.masking import mask_tokens
+from esmjax.data.packing import Packed, assemble, pack_block
+from esmjax.data.sampling import TAG_MASK, ClusterSampler, Draws, derive_key
+from esmjax.data.source import DatasetError, Split, open_split
+
+BLOCK_DRAWS = 4096
+EVAL_SEED = 0x5EED
+STATE_VERSION = 1
+BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+
+
+@dataclass(frozen=True)
+class Job:
+    """The rows one process materialises for one batch (everything but the split itself)."""
+
+    num_rows: int
+    seq_len: int
+    record: np.ndarray  # [I] record index of each segment
+    start: np.ndarray  # [I] first residue kept
+    kept: np.ndarray  # [I] residues kept
+    row: np.ndarray  # [I] destination row
+    col: np.ndarray  # [I] destination column
+    row_keys: np.ndarray  # [R, 2] (block, row in block) of each row, -1 for padding rows
+    mask_key: int
+    mask_prob: float
+    mask_token_prob: float
+    random_token_prob: float
+
+
+def materialise(split: Split, job: Job) -> dict[str, np.ndarray]:
+    """Reads, crops, packs and masks one batch part: a dict of [R, L] arrays (see ``BATCH_KEYS``)."""
+    raw = split.read(job.record)
+    pieces = [r[s : s + k] for r, s, k in zip(raw, job.start.tolist(), job.kept.tolist())]
+    packed = assemble(job.num_rows, job.seq_len, job.row, job.col, pieces)
+    tokens = np.empty_like(packed["tokens"])
+    loss_mask = np.zeros(tokens.shape, bool)
+    for j, (block, r) in enumerate(job.row_keys.tolist()):
+        rng = np.random.default_rng([job.mask_key, block + 1, r + 1])
+        m = mask_tokens(
+            packed["tokens"][j : j + 1],
+            rng,
+            job.mask_prob,
+            job.mask_token_prob,
+            job.random_token_prob,
+        )
+        tokens[j], loss_mask[j] = m["tokens"][0], m["loss_mask"][0]
+    return {
+        "tokens": tokens,
+        "targets": packed["tokens"],
+        "loss_mask": loss_mask,
+        "segment_ids": packed["segment_ids"],
+        "positions": packed["positions"],
+    }
+
+
+def _cat(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
+
+
+_WORKER_SPLIT: Split | None = None
+
+
+def _init_worker(split: Split) -> None:
+    global _WORKER_SPLIT
+    _WORKER_SPLIT = split
+
+
+def _materialise_in_worker(job: Job) -> dict[str, np.ndarray]:
+    assert _WORKER_SPLIT is not None
+    return materialise(_WORKER_SPLIT, job)
+
+
+class RowStream:
+    """The packed rows of a split, block after block (finite when ``num_draws`` is given)."""
+
+    def __init__(
+        self,
+        split: Split,
+        sampler: ClusterSampler,
+        seq_len: int,
+        max_segments: int,
+        seed: int,
+        num_draws: int | None = None,
+    ):
+        self.split, self.sampler = split, sampler
+        self.seq_len, self.max_segments, self.seed = seq_len, max_segments, seed
+        self.num_draws = num_draws
+        self._cache: OrderedDict[int, tuple[Draws, Packed]] = OrderedDict()
+
+    def block(self, b: int) -> tuple[Draws, Packed] | None:
+        """Block ``b``'s draws and packing, None past the end of a finite stream."""
+        if b in self._cache:
+            return self._cache[b]
+        first = b * BLOCK_DRAWS
+        count = BLOCK_DRAWS if self.num_draws is None else min(BLOCK_DRAWS, self.num_draws - first)
+        if count <= 0:
+            return None
+        draws = self.sampler.draws(first, count)
+        packed = pack_block(draws, self.seq_len, self.max_segments, self.seed, b)
+        self._cache[b] = (draws, packed)
+        if len(self._cache) > 4:
+            self._cache.popitem(last=False)
+        return draws, packed
+
+    def plan(
+        self, block: int, offset: int, rows: int, lo: int, hi: int
+    ) -> tuple[list[tuple], int, int, int]:
+        """Walks ``rows`` global rows from (block, offset) and keeps global rows ``lo .. hi - 1`` of them.
+
+        Returns ([(block, first row in block, count, destination row)], new block, new offset, rows found).
+        """
+        pieces, taken = [], 0
+        while taken < rows:
+            got = self.block(block)
+            if got is None:
+                break
+            n = min(got[1].num_rows - offset, rows - taken)
+            a, z = max(taken, lo), min(taken + n, hi)  # overlap of [taken, taken + n) with [lo, hi)
+            if a < z:
+                pieces.append((block, offset + a - taken, z - a, a - lo))
+            taken += n
+            offset += n
+            if offset == got[1].num_rows:
+                block, offset = block + 1, 0
+        return pieces, block, offset, taken
+
+
+class BatchIterator:
+    """Yields this process's part of each global batch, prefetched in the background.
+
+    ``get_state()`` / ``set_state()`` save and restore the position (a small JSON-serialisable dict); ``stats()``
+    reports what has been yielded, including the packing efficiency (non-pad fraction).
+    """
+
+    def __init__(
+        self,
+        split: Split,
+        cfg: DataConfig,
+        *,
+        rows: int,
+        process_index: int,
+        process_count: int,
+        seed: int,
+        kind: str,
+        exponent: float = 0.0,
+        num_draws: int | None = None,
+    ):
+        if rows < 1:
+            raise ValueError(f"rows must be positive, got {rows}")
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+        if cfg.seq_len < 3 or cfg.max_segments < 1:
+            raise ValueError("seq_len must be at least 3 and max_segments at least 1")
+        self.split, self.cfg, self.rows = split, cfg, rows
+        self.process_index, self.process_count = process_index, process_count
+        self.kind, self.seed = kind, seed
+        sampler = ClusterSampler(split.offsets, split.lengths, cfg.seq_len - 2, seed, exponent)
+        self.stream = RowStream(split, sampler, cfg.seq_len, cfg.max_segments, seed, num_draws)
+        self._fixed = {
+            "kind": kind,
+            "seed": seed,
+            "seq_len": cfg.seq_len,
+            "max_segments": cfg.max_segments,
+            "cluster_exponent": exponent,
+            "block_draws": BLOCK_DRAWS,
+            "split": split.fingerprint,
+        }
+        self._position = (0, 0, 0)  # block, offset, batches yielded (consumer side)
+        self._counts = {
+            "batches": 0,
+            "rows": 0,
+            "tokens": 0,
+            "nonpad_tokens": 0,
+            "segments": 0,
+            "loss_tokens": 0,
+        }
+        self._mask_key = derive_key(seed, TAG_MASK) >> 1  # SeedSequence entropy: non-negative
+        self._thread: threading.Thread | None = None
+        self._pool: cf.Executor | None = None
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
+        self._work: Any = None
+        self._exhausted = False
+
+    # -- state -------------------------------------------------------------------------------------------------------
+    def get_state(self) -> dict[str, Any]:
+        block, offset, batches = self._position
+        return {
+            "version": STATE_VERSION,
+            "block": block,
+            "offset": offset,
+            "batches": batches,
+            **self._fixed,
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise DatasetError(
+                f"data iterator state has version {state.get('version')}, expected {STATE_VERSION}"
+            )
+        for k, v in self._fixed.items():
+            if state.get(k) != v:
+                raise DatasetError(
+                    f"data iterator state was saved with {k}={state.get(k)!r}, this pipeline has {k}={v!r}; "
+                    "resuming would not continue the same stream"
+                )
+        self._shutdown()
+        self._exhausted = False
+        self._position = (int(state["block"]), int(state["offset"]), int(state["batches"]))
+
+    def stats(self) -> dict[str, float]:
+        c = dict(self._counts)
+        c["packing_efficiency"] = c["nonpad_tokens"] / c["tokens"] if c["tokens"] else 0.0
+        return c
+
+    @property
+    def packing_efficiency(self) -> float:
+        return self.stats()["packing_efficiency"]
+
+    # -- iteration ---------------------------------------------------------------------------------------------------
+    def __iter__(self) -> BatchIterator:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._exhausted:
+            raise StopIteration
+        if self._thread is None:
+            self._start()
+        item = self._queue.get()
+        if item is None:  # a finite (evaluation) stream ended: release the workers now
+            self._shutdown()
+            self._exhausted = True
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self._shutdown()
+            raise item
+        future, position, segments = item
+        batch = future.result()
+        self._position = position
+        nonpad = int(np.count_nonzero(batch["segment_ids"]))
+        c = self._counts
+        c["batches"] += 1
+        c["rows"] += self.rows
+        c["tokens"] += batch["tokens"].size
+        c["nonpad_tokens"] += nonpad
+        c["segments"] += segments
+        c["loss_tokens"] += int(np.count_nonzero(batch["loss_mask"]))
+        return batch
+
+    def _job(self, pieces: list[tuple]) -> Job:
+        rec, start, kept, row, col = [], [], [], [], []
+        row_keys = np.full((self.rows, 2), -1, np.int64)
+        for block, first, count, dest in pieces:
+            draws, packed = self.stream.block(block)
+            a, z = np.searchsorted(packed.row, [first, first + count])
+            items = packed.item[a:z]
+            rec.append(draws.record[items])
+            start.append(draws.start[items])
+            kept.append(draws.kept[items])
+            row.append(packed.row[a:z] - first + dest)
+            col.append(packed.col[a:z])
+            row_keys[dest : dest + count, 0] = block
+            row_keys[dest : dest + count, 1] = np.arange(first, first + count)
+        cfg = self.cfg
+        return Job(
+            num_rows=self.rows,
+            seq_len=cfg.seq_len,
+            record=_cat(rec),
+            start=_cat(start),
+            kept=_cat(kept),
+            row=_cat(row),
+            col=_cat(col),
+            row_keys=row_keys,
+            mask_key=self._mask_key,
+            mask_prob=cfg.mask_prob,
+            mask_token_prob=cfg.mask_token_prob,
+            random_token_prob=cfg.random_token_prob,
+        )
+
+    def _produce(self, block: int, offset: int, batches: int) -> None:
+        """The planner thread: walks the stream and submits one job per batch, ``prefetch`` ahead."""
+        total = self.rows * self.process_count
+        lo = self.process_index * self.rows
+        try:
+            while not self._stop.is_set():
+                pieces, block, offset, found = self.stream.plan(
+                    block, offset, total, lo, lo + self.rows
+                )
+                if found == 0:
+                    break
+                batches += 1
+                job = self._job(pieces)
+                future = self._pool.submit(self._work, job)
+                item = (future, (block, offset, batches), len(job.record))
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if found < total:
+                    break
+            self._put_final(None)
+        except BaseException as e:  # handed to the consumer
+            self._put_final(e)
+
+    def _put_final(self, item: Any) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _start(self) -> None:
+        workers = self.cfg.num_workers
+        if workers > 0:
+            self._pool = cf.ProcessPoolExecutor(
+                workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(self.split,),
+            )
+            self._work = _materialise_in_worker
+        else:
+            self._pool = cf.ThreadPoolExecutor(1, thread_name_prefix="esmjax-data")
+            self._work = functools.partial(materialise, self.split)
+        self._queue = queue.Queue(maxsize=max(1, self.cfg.prefetch, workers))
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._produce, args=self._position, name="esmjax-data-planner", daemon=True
+        )
+        self._thread.start()
+
+    def _shutdown(self) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._thread = self._pool = self._queue = None
+        self._stop.clear()
+
+    def close(self) -> None:
+        """Stops the background planner and workers (also done when the iterator is garbage collected)."""
+        self._shutdown()
+
+    def __enter__(self) -> BatchIterator:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self._shutdown()
+        except Exception:
+            pass
+
+
+def train_batches(
+    cfg: DataConfig, *, rows: int, process_index: int = 0, process_count: int = 1
+) -> BatchIterator:
+    """The endless training stream of ``cfg.train`` (a built folder's ``train`` split, or a FASTA file's records
+    outside the ``cfg.val_fraction`` hold-out); this process's ``rows`` rows of each global batch."""
+    split = open_split(cfg.train, "train", val_fraction=cfg.val_fraction)
+    return BatchIterator(
+        split,
+        cfg,
+        rows=rows,
+        process_index=process_index,
+        process_count=process_count,
+        seed=cfg.seed,
+        kind="train",
+        exponent=cfg.cluster_exponent,
+    )
+
+
+def eval_split(cfg: DataConfig) -> Split:
+    """``cfg.eval`` (a built folder's ``validation`` split or a whole FASTA file) or, when empty, the held-out part
+    of ``cfg.train``."""
+    if cfg.eval:
+        return open_split(cfg.eval, "validation" if Path(cfg.eval).is_dir() else "all")
+    return open_split(cfg.train, "validation", val_fraction=cfg.val_fraction)
+
+
+def eval_draws(split: Split, cfg: DataConfig) -> int:
+    """How many evaluation draws (one per held-out cluster, in the fixed order) cover ``cfg.eval_tokens``."""
+    sampler = ClusterSampler(split.offsets, split.lengths, cfg.seq_len - 2, EVAL_SEED)
+    n = split.num_clusters
+    if cfg.eval_tokens <= 0:
+        return n
+    sizes = sampler.draws(0, n).kept + 2
+    return int(min(n, np.searchsorted(np.cumsum(sizes), cfg.eval_tokens) + 1))
+
+
+def eval_batches(
+    cfg: DataConfig, *, rows: int, process_index: int = 0, process_count: int = 1
+) -> BatchIterator:
+    """The fixed evaluation batches (finite; the same for every step, run and process count)."""
+    split = eval_split(cfg)
+    return BatchIterator(
+        split,
+        cfg,
+        rows=rows,
+        process_index=process_index,
+        process_count=process_count,
+        seed=EVAL_SEED,
+        kind="eval",
+        num_draws=eval_draws(split, cfg),
+    )

@@ -1,0 +1,156 @@
+"""``esmjax data build`` (FASTA + membership TSV -> dataset folder) and ``esmjax data inspect`` (statistics and
+records drawn by the training sampler, one JSON line each)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+from esmjax.data import source
+from esmjax.data.sampling import ClusterSampler
+
+# Residue-length histogram edges for `inspect` (the last bin holds what a 1,024-token crop cuts).
+HIST_EDGES = (1, 50, 100, 200, 300, 500, 750, 1023)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="data_command", metavar="{build,inspect}", required=True)
+    b = sub.add_parser("build", help="build a dataset folder (TFDS ArrayRecord) from FASTA files")
+    b.add_argument(
+        "--fasta", nargs="+", required=True, metavar="F", help="FASTA files, plain or .gz"
+    )
+    b.add_argument(
+        "--clusters",
+        metavar="TSV",
+        help="membership TSV 'cluster_id<TAB>member_id' (e.g. UniRef50 -> UniRef90 members, MMseqs2 createtsv); "
+        "without it every record is its own cluster",
+    )
+    b.add_argument(
+        "--out", required=True, metavar="DIR", help="dataset folder to create (must not exist)"
+    )
+    b.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.005,
+        help="fraction of clusters held out (default 0.005)",
+    )
+    b.add_argument(
+        "--skip-invalid", action="store_true", help="skip and count bad records and rows"
+    )
+    b.add_argument(
+        "--unknown-as-x", action="store_true", help="read characters outside the alphabet as X"
+    )
+    b.add_argument(
+        "--beam-runner",
+        metavar="RUNNER",
+        help="build with Apache Beam on this runner (DirectRunner, DataflowRunner, FlinkRunner, ...; needs the "
+        "'beam' extra)",
+    )
+    b.add_argument(
+        "--beam-option",
+        action="append",
+        default=[],
+        metavar="FLAG",
+        help="a Beam pipeline flag, repeatable (e.g. --beam-option=--direct_num_workers=4)",
+    )
+    i = sub.add_parser(
+        "inspect", help="dataset statistics and records drawn by the training sampler"
+    )
+    i.add_argument("dataset", metavar="DIR", help="a folder made by `esmjax data build`")
+    i.add_argument(
+        "--sample", type=int, default=0, metavar="N", help="print N sampled records as JSON lines"
+    )
+    i.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
+    i.add_argument(
+        "--split", default="train", choices=source.SPLITS, help="split to sample (default train)"
+    )
+    i.add_argument(
+        "--cluster-exponent",
+        type=float,
+        default=0.0,
+        help="cluster weight size**exponent (default 0: uniform)",
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    return build_main(args) if args.data_command == "build" else inspect_main(args)
+
+
+def build_main(args: argparse.Namespace) -> int:
+    from esmjax.data.build import build_dataset
+
+    meta = build_dataset(
+        args.fasta,
+        args.out,
+        clusters=args.clusters,
+        val_fraction=args.val_fraction,
+        skip_invalid=args.skip_invalid,
+        unknown_as_x=args.unknown_as_x,
+        beam_runner=args.beam_runner,
+        beam_options=args.beam_option,
+    )
+    tr, va = meta["splits"]["train"], meta["splits"]["validation"]
+    print(
+        f"wrote {args.out} in {meta['built_seconds']:.1f}s: train {tr['records']} records in {tr['clusters']} "
+        f"clusters, validation {va['records']} records in {va['clusters']} clusters",
+        file=sys.stderr,
+    )
+    print(meta["stats"]["summary"], file=sys.stderr)
+    return 0
+
+
+def length_histogram(lengths: np.ndarray) -> list[tuple[str, int]]:
+    """(label, count) per residue-length bin."""
+    counts = np.zeros(len(HIST_EDGES), np.int64)
+    for lo in range(0, len(lengths), 1 << 22):  # chunked: the array may be memory-mapped and huge
+        bins = np.searchsorted(HIST_EDGES, lengths[lo : lo + (1 << 22)], "right")
+        counts += np.bincount(bins, minlength=len(counts) + 1)[1:]
+    labels = [f"{a}-{b - 1}" for a, b in zip(HIST_EDGES[:-1], HIST_EDGES[1:])] + [
+        f">={HIST_EDGES[-1]}"
+    ]
+    return list(zip(labels, counts.tolist()))
+
+
+def inspect_main(args: argparse.Namespace) -> int:
+    if not source.is_dataset_dir(args.dataset):
+        raise source.DatasetError(
+            f"{args.dataset}: not a dataset folder made by `esmjax data build`"
+        )
+    meta = source.read_meta(args.dataset)
+    out = sys.stdout
+    print(f"# dataset {args.dataset}: built from {', '.join(meta['fasta'])}", file=out)
+    if meta["clusters"]:
+        print(f"# clusters from {meta['clusters']}", file=out)
+    print(f"# {meta['stats']['summary']}", file=out)
+    for name in source.SPLITS:
+        s = meta["splits"][name]
+        role = " (held out)" if name == "validation" else ""
+        print(
+            f"# {name}{role}: {s['records']} records, {s['clusters']} clusters, {s['residues']} residues",
+            file=out,
+        )
+    split = source.open_split(args.dataset, args.split)
+    lengths = split.lengths
+    sizes = np.diff(np.asarray(split.offsets))
+    print(
+        f"# {args.split} lengths: min {int(lengths.min())}, median {int(np.median(lengths))}, max "
+        f"{int(lengths.max())}; cluster sizes: min {int(sizes.min())}, median {int(np.median(sizes))}, max "
+        f"{int(sizes.max())}",
+        file=out,
+    )
+    print(f"# {args.split} length histogram (residues):", file=out)
+    for label, n in length_histogram(lengths):
+        print(f"#   {label:>9}: {n:>10} ({100.0 * n / len(lengths):5.1f}%)", file=out)
+    if args.sample > 0:
+        sampler = ClusterSampler(split.offsets, lengths, 1 << 30, args.seed, args.cluster_exponent)
+        draws = sampler.draws(0, args.sample)
+        for lo in range(0, args.sample, 4096):
+            recs = draws.record[lo : lo + 4096]
+            for (rec_id, cluster), r in zip(split.describe(recs), recs.tolist()):
+                out.write(
+                    json.dumps({"id": rec_id, "cluster": cluster, "length": int(lengths[r])}) + "\n"
+                )
+    return 0

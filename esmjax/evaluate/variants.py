@@ -1,0 +1,245 @@
+"""Zero-shot variant-effect prediction by masked marginals (Meier et al. 2021, "Language models enable zero-shot
+prediction of the effects of mutations on protein function", NeurIPS; fair-esm ``examples/variant-prediction``).
+
+The score of a variant is ``sum over its mutated positions i of log p(mut_i | x_masked_i) - log p(wt_i |
+x_masked_i)``, where ``x_masked_i`` is the wild-type sequence with position i masked: one forward pass per distinct
+mutated position, batched. Agreement with measured fitness is the Spearman rank correlation.
+
+Two input layouts:
+
+- FASTA with the fitness in the header, as fair-esm's ``P62593.fasta`` (TEM-1 beta-lactamase):
+  ``>index|<name>_<mutant>|<fitness>`` followed by the full mutated sequence. The wild type is ``--wt-sequence`` or,
+  when absent, recovered from the records: each record with its mutations reverted gives a candidate, and the most
+  common candidate is the wild type. Every record must then match it.
+- CSV with a header, a mutant column and a score column (``mutant,score`` by default) plus a wild-type sequence.
+
+Mutants are ``A42G`` (wild-type residue, position, mutant residue), multi-mutants joined by ``:`` (``A42G:V50L``).
+Positions count from ``offset`` (default 1: the first residue is 1). Mutations to a stop codon (``*``) cannot be
+scored by a protein language model and are skipped (counted in the report).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from esmjax.errors import InputError
+from esmjax.evaluate.engine import Engine, MaskedQuery, masked_logprobs
+from esmjax.fasta import read_fasta
+from esmjax.tokenizer import TOKEN_TO_ID, TokenizeError, encode
+
+_MUTATION = re.compile(r"^([A-Z])(-?\d+)([A-Z*])$")
+SCORABLE = set("ACDEFGHIKLMNPQRSTVWYXBUZO")
+
+
+class DMSError(InputError):
+    """A deep-mutational-scan file that does not parse or does not fit its wild-type sequence."""
+
+
+@dataclass(frozen=True)
+class Mutation:
+    wt: str
+    position: int  # 0-based index into the wild-type sequence
+    mt: str
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    mutations: tuple[Mutation, ...]
+    fitness: float
+    line: int
+
+
+@dataclass
+class DMS:
+    """A parsed scan: the wild type, the scorable variants and what was left out."""
+
+    path: str
+    wild_type: str
+    wild_type_source: str  # "given" or "derived"
+    variants: list[Variant]
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+def parse_mutant(text: str, offset: int, where: str) -> tuple[Mutation, ...]:
+    """``A42G`` or ``A42G:V50L`` -> mutations with 0-based positions."""
+    muts = []
+    for part in text.strip().split(":"):
+        m = _MUTATION.match(part.strip())
+        if not m:
+            raise DMSError(f"{where}: cannot read mutant {text!r} (expected e.g. A42G or A42G:V50L)")
+        muts.append(Mutation(m.group(1), int(m.group(2)) - offset, m.group(3)))
+    positions = [m.position for m in muts]
+    if len(set(positions)) != len(positions):
+        raise DMSError(f"{where}: mutant {text!r} names a position twice")
+    return tuple(muts)
+
+
+def check_against(wt: str, variant: Variant, where: str, offset: int) -> None:
+    """Raises if a mutation's position or wild-type residue does not fit ``wt``."""
+    for m in variant.mutations:
+        if not 0 <= m.position < len(wt):
+            raise DMSError(
+                f"{where}: mutant {variant.name}: position {m.position + offset} is outside the wild-type sequence "
+                f"({offset}..{len(wt) + offset - 1})"
+            )
+        if wt[m.position] != m.wt:
+            raise DMSError(
+                f"{where}: mutant {variant.name}: wild-type residue {m.wt} does not match {wt[m.position]} at "
+                f"position {m.position + offset} of the wild-type sequence"
+            )
+
+
+def _apply(seq: str, muts: Sequence[Mutation], attr: str) -> str:
+    chars = list(seq)
+    for m in muts:
+        if 0 <= m.position < len(chars):
+            chars[m.position] = getattr(m, attr)
+    return "".join(chars)
+
+
+def read_wt_sequence(arg: str) -> str:
+    """``--wt-sequence``: a sequence, or a FASTA file whose first record is the wild type."""
+    p = Path(arg)
+    if p.is_file():
+        for rec in read_fasta(p):
+            return rec.sequence.upper()
+        raise DMSError(f"{arg}: no FASTA record for the wild-type sequence")
+    seq = "".join(arg.split()).upper()
+    try:
+        encode(seq)
+    except TokenizeError as e:
+        raise DMSError(f"--wt-sequence: {e} (neither a file nor a protein sequence)") from None
+    return seq
+
+
+def _fitness(text: str, where: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise DMSError(f"{where}: fitness {text!r} is not a number") from None
+
+
+def read_dms_fasta(path: str | Path, wt: str | None = None, offset: int = 1) -> DMS:
+    """The ``>index|<name>_<mutant>|<fitness>`` FASTA layout (fair-esm ``P62593.fasta``)."""
+    path = str(path)
+    records = []  # (line, name, mutations, fitness, sequence)
+    skipped: Counter[str] = Counter()
+    for rec in read_fasta(path):
+        where = f"{path}:{rec.line}"
+        fields = rec.id.split("|")
+        if len(fields) < 3:
+            raise DMSError(f"{where}: header {rec.id!r} is not index|name_mutant|fitness")
+        name = fields[1].rsplit("_", 1)[-1]
+        fitness = _fitness(fields[2], where)
+        muts = parse_mutant(name, offset, where)
+        if any(m.mt == "*" for m in muts):
+            skipped["stop codon"] += 1
+            continue
+        if math.isnan(fitness):
+            skipped["no fitness"] += 1
+            continue
+        records.append((rec.line, name, muts, fitness, rec.sequence.upper()))
+    if not records:
+        raise DMSError(f"{path}: no scorable variant records")
+    source = "given"
+    if wt is None:
+        source = "derived"
+        wt = Counter(_apply(seq, muts, "wt") for _, _, muts, _, seq in records).most_common(1)[0][0]
+    variants = []
+    for line, name, muts, fitness, seq in records:
+        where = f"{path}:{line}"
+        v = Variant(name, muts, fitness, line)
+        check_against(wt, v, where, offset)
+        if seq != _apply(wt, muts, "mt"):
+            diff = [i + offset for i, (a, b) in enumerate(zip(seq, _apply(wt, muts, "mt"))) if a != b]
+            raise DMSError(
+                f"{where}: mutant {name}: the record's sequence is not the wild type with {name} applied "
+                f"(length {len(seq)} vs {len(wt)}; differs at {diff[:5]})"
+            )
+        variants.append(v)
+    return DMS(path, wt, source, variants, dict(skipped))
+
+
+def read_dms_csv(
+    path: str | Path, wt: str, offset: int = 1, mutant_column: str = "mutant", score_column: str = "score"
+) -> DMS:
+    """A CSV with a header naming ``mutant_column`` and ``score_column``; ``wt`` is required."""
+    path = str(path)
+    skipped: Counter[str] = Counter()
+    variants = []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in (mutant_column, score_column) if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DMSError(f"{path}:1: header {reader.fieldnames} lacks column(s) {missing}")
+        for row in reader:
+            line = reader.line_num
+            where = f"{path}:{line}"
+            name = (row[mutant_column] or "").strip()
+            raw = (row[score_column] or "").strip()
+            if not name:
+                raise DMSError(f"{where}: empty mutant")
+            muts = parse_mutant(name, offset, where)
+            if any(m.mt == "*" for m in muts):
+                skipped["stop codon"] += 1
+                continue
+            if raw == "" or raw.lower() == "nan":
+                skipped["no fitness"] += 1
+                continue
+            v = Variant(name, muts, _fitness(raw, where), line)
+            check_against(wt, v, where, offset)
+            variants.append(v)
+    if not variants:
+        raise DMSError(f"{path}: no scorable variant rows")
+    return DMS(path, wt, "given", variants, dict(skipped))
+
+
+def read_dms(
+    path: str | Path, wt: str | None = None, offset: int = 1, mutant_column: str = "mutant",
+    score_column: str = "score",
+) -> DMS:  # fmt: skip
+    """Reads either layout; a file whose first non-blank character is ``>`` is the FASTA layout."""
+    p = Path(path)
+    if not p.is_file():
+        raise DMSError(f"{path}: no such file")
+    with open(p, "rb") as f:
+        head = f.read(4096).lstrip()
+    if head.startswith(b">"):
+        return read_dms_fasta(p, wt, offset)
+    if wt is None:
+        raise DMSError(f"{path}: a CSV scan needs --wt-sequence")
+    return read_dms_csv(p, wt, offset, mutant_column, score_column)
+
+
+def masked_marginal_scores(
+    engine: Engine, wt: str, variants: Sequence[Variant], max_tokens: int = 8192, progress=None
+) -> np.ndarray:
+    """[V] masked-marginal score of each variant (Meier et al. 2021, eq. 1)."""
+    positions = sorted({m.position for v in variants for m in v.mutations})
+    row = {p: i for i, p in enumerate(positions)}
+    logp = masked_logprobs(engine, [wt], [MaskedQuery(0, p) for p in positions], max_tokens, progress)
+    scores = np.zeros(len(variants), np.float64)
+    for k, v in enumerate(variants):
+        for m in v.mutations:
+            lp = logp[row[m.position]]
+            scores[k] += float(lp[TOKEN_TO_ID[m.mt]]) - float(lp[TOKEN_TO_ID[m.wt]])
+    return scores
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman rank correlation (ties get average ranks); NaN when either side is constant."""
+    from scipy.stats import spearmanr
+
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if len(x) < 2 or np.all(x == x[0]) or np.all(y == y[0]):
+        return float("nan")
+    return float(spearmanr(x, y).statistic)
