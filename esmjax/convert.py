@@ -162,11 +162,11 @@ def state_dict_to_params(sd: dict[str, np.ndarray], cfg: ESM2Config, source: str
             if key not in sd and source == "hf" and "inv_freq" in key:
                 key = "esm.encoder.layer.0.attention.self.rotary_embeddings.inv_freq"
             if key not in sd and source == "hf" and "inv_freq" in key:
-                # transformers >= 5 does not save the buffer and recomputes it in float32; do the same.
+                # transformers >= 5 does not save the buffer; recompute it in float32 from rope_theta.
                 d = cfg.head_dim
                 inv = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float32) / d))
                 _set(params, ours, np.stack([inv.astype(np.float32)] * cfg.num_layers))
-                warnings.append("no stored rotary inv_freq: computed from rope_theta, as transformers does")
+                warnings.append("no stored rotary inv_freq: computed from rope_theta in float32 (released ESM-2 weights carry an fp16-rounded copy)")
                 continue
             if key not in sd:
                 raise ConversionError(f"missing weight {theirs!r}")

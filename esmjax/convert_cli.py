@@ -16,12 +16,21 @@ log = logging.getLogger("esmjax.convert")
 def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="fair-esm .pt (e.g. esm2_t33_650M_UR50D.pt) or a HuggingFace model folder")
     p.add_argument("out", help="esmjax checkpoint folder to create")
+    p.add_argument("--esm", default=None,
+                   help="ESMFold .pt only: the ESM-2 it folds with (fair-esm .pt, HF folder or esmjax checkpoint), "
+                   "e.g. esm2_t36_3B_UR50D.pt for esmfold_3B_v1.pt")  # fmt: skip
 
 
 def convert_main(args: argparse.Namespace) -> int:
     src = Path(args.src)
     if not src.exists():
         raise InputError(f"{src}: no such file or folder")
+    from esmjax import convert_esmfold
+
+    if convert_esmfold.is_esmfold_source(src):
+        return convert_esmfold.convert_main(args)
+    if args.esm is not None:
+        raise InputError("--esm applies to ESMFold checkpoints only")
     cfg, params, notes = convert.read_any(src)
     for n in notes:
         log.warning("%s", n)
@@ -37,7 +46,10 @@ def convert_main(args: argparse.Namespace) -> int:
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="esmjax checkpoint folder or training workdir")
     p.add_argument("out", help="output: a .pt file (fair-esm) or a folder (hf)")
-    p.add_argument("--to", required=True, choices=["fair-esm", "hf"], help="target format")
+    p.add_argument("--to", required=True, choices=["fair-esm", "hf", "esmfold"], help="target format")
+    p.add_argument("--folding-head", default=None,
+                   help="--to esmfold: the ESMFold (esmjax folder, fair-esm .pt or HF folder) whose trunk and heads "
+                   "fold with this checkpoint's ESM-2")  # fmt: skip
     p.add_argument("--step", type=int, default=None, help="training step to export (default: latest)")
 
 
@@ -45,6 +57,10 @@ def export_main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and (out.is_file() or any(out.iterdir())):
         raise InputError(f"{out} exists; refusing to overwrite")
+    if args.to == "esmfold":
+        from esmjax import convert_esmfold
+
+        return convert_esmfold.export_main(args)
     model, step = checkpoint.load_model(args.checkpoint, step=args.step)
     params = checkpoint.params_numpy(model)
     cfg = model.cfg

@@ -78,16 +78,37 @@ _ALLOWED.update({("torch", name): _StorageType(dt) for name, dt in _STORAGE_DTYP
 _ALLOWED.update({("torch", name): _TorchDtype(dt) for name, dt in _TORCH_DTYPES.items()})
 
 
+class Opaque:
+    """An inert stand-in for a class from an ``opaque_modules`` package (e.g. the OmegaConf config objects in
+    fair-esm ESMFold files): it records the constructor arguments and pickled state and runs no code of its own."""
+
+    qualname = ""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Opaque:
+        obj = super().__new__(cls)
+        obj.args, obj.state, obj.items = args, None, {}
+        return obj
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.items[key] = value
+
+
 class _SafeUnpickler(pickle.Unpickler):
-    def __init__(self, file, archive: zipfile.ZipFile, prefix: str):
+    def __init__(self, file, archive: zipfile.ZipFile, prefix: str, opaque_modules: tuple[str, ...] = ()):
         super().__init__(file)
         self._archive = archive
         self._prefix = prefix
+        self._opaque = opaque_modules
 
     def find_class(self, module: str, name: str) -> Any:
         try:
             return _ALLOWED[(module, name)]
         except KeyError:
+            if module.split(".")[0] in self._opaque:
+                return type(name, (Opaque,), {"qualname": f"{module}.{name}"})
             raise UnsafeCheckpointError(
                 f"refusing to load: the checkpoint's pickle asks for {module}.{name}, which a weights file does "
                 "not need (only tensors, plain containers and argparse.Namespace are allowed)"
@@ -107,8 +128,11 @@ class _SafeUnpickler(pickle.Unpickler):
         return np.frombuffer(raw, dtype=dtype)
 
 
-def load_pt(path: str | Path) -> Any:
-    """Loads a ``torch.save`` zip file into NumPy arrays and plain Python objects, safely."""
+def load_pt(path: str | Path, opaque_modules: tuple[str, ...] = ()) -> Any:
+    """Loads a ``torch.save`` zip file into NumPy arrays and plain Python objects, safely.
+
+    Classes from the packages named in ``opaque_modules`` load as inert ``Opaque`` records instead of being
+    refused (their code never runs); everything else outside the allow-list is refused."""
     p = Path(path)
     if not zipfile.is_zipfile(p):
         with open(p, "rb") as f:
@@ -124,7 +148,7 @@ def load_pt(path: str | Path) -> Any:
             raise ValueError(f"{p}: expected one data.pkl in the archive, found {len(pkl)}")
         prefix = pkl[0][: -len("data.pkl")]
         with zf.open(pkl[0]) as f:
-            return _SafeUnpickler(f, zf, prefix).load()
+            return _SafeUnpickler(f, zf, prefix, opaque_modules).load()
 
 
 def save_pt(obj: Any, path: str | Path) -> None:

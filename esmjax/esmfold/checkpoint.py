@@ -1,0 +1,103 @@
+"""ESMFold checkpoint folders: the layout of ``esmjax.checkpoint`` with one more config section.
+
+::
+
+    DIR/config.json                {"model": {<ESM2Config of the stem>}, "esmfold": {"trunk": {...},
+                                    "lddt_head_hid_dim": 128}, "source": ...}
+    DIR/checkpoints/0/params       every ESMFold parameter (Orbax), ``esm.*`` holding the stem
+
+The ``model`` section alone describes the language model, so tools that read ESM-2 configs still can.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from esmjax import checkpoint as ckpt
+from esmjax import sharding as shd
+from esmjax.config import to_dict
+from esmjax.esmfold.config import ESMFoldConfig, from_json, to_json
+from esmjax.esmfold.model import ESMFold
+
+SECTION = "esmfold"
+
+
+def is_esmfold_folder(path: str | Path) -> bool:
+    p = Path(path) / ckpt.CONFIG_FILE
+    return p.exists() and SECTION in json.loads(p.read_text())
+
+
+def read_config(path: str | Path) -> ESMFoldConfig:
+    raw = ckpt.read_config(path)
+    if SECTION not in raw:
+        raise ckpt.CheckpointError(f"{path}: an ESM-2 checkpoint, not ESMFold (config.json has no '{SECTION}')")
+    return from_json(raw["model"], raw[SECTION])
+
+
+def abstract_model(cfg: ESMFoldConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    """Shapes, dtypes and logical axes of an ESMFold, without allocating it."""
+    return nnx.split(nnx.eval_shape(lambda: ESMFold(cfg, rngs=nnx.Rngs(0))))
+
+
+def load(path: str | Path, *, dtype: str | None = None, step: int | None = None) -> tuple[ESMFold, int]:
+    """Restores the ESMFold in ``path`` onto one device; ``dtype`` sets the language model's compute dtype."""
+    cfg = read_config(path)
+    if dtype is not None:
+        cfg = cfg.with_esm_dtype(dtype)
+    graphdef, state = abstract_model(cfg)
+    target = ckpt.restore_target(state, shd.single_device_mesh(), shd.resolve_rules("dp"))
+    mngr = ckpt.manager(path)
+    step, restored = ckpt._restore_latest(  # noqa: SLF001 (the shared fall-back-on-damage logic)
+        mngr, step, lambda: ocp.args.Composite(params=ocp.args.StandardRestore(target))
+    )
+    mngr.close()
+    nnx.replace_by_pure_dict(state, restored["params"])
+    return nnx.merge(graphdef, state), step
+
+
+def save(path: str | Path, cfg: ESMFoldConfig, params: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+    """Writes converted weights as step 0, atomically (a failure leaves no partial folder)."""
+    out = Path(path)
+    if out.exists() and (out.is_file() or any(out.iterdir())):
+        raise ckpt.CheckpointError(f"{out} exists and is not empty; refusing to overwrite")
+    _, state = abstract_model(cfg)
+    expected = state.to_pure_dict()
+    mismatch: list[str] = []
+
+    def check(kp, a, b):
+        if tuple(a.shape) != tuple(np.shape(b)):
+            mismatch.append(f"{jax.tree_util.keystr(kp)}: {np.shape(b)} vs {a.shape}")
+
+    jax.tree_util.tree_map_with_path(check, expected, params)
+    if mismatch:
+        raise ckpt.CheckpointError("parameter shapes do not fit the config: " + "; ".join(mismatch[:5]))
+    params = jax.tree.map(lambda a, ref: np.asarray(a, dtype=ref.dtype), params, expected)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        config = {"model": to_dict(cfg.esm), SECTION: to_json(cfg), **(extra or {})}
+        (tmp / ckpt.CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        mngr = ckpt.manager(tmp, read_only=False, enable_async_checkpointing=False)
+        mngr.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
+        mngr.wait_until_finished()
+        mngr.close()
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def params_numpy(model: ESMFold) -> dict[str, Any]:
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), nnx.state(model).to_pure_dict())

@@ -1,0 +1,232 @@
+"""``esmjax fold``: structures and confidences for every record of a FASTA file (fair-esm ``esm-fold``).
+
+Records are encoded as fair-esm ``infer`` does (multimer chains joined by ":" in the record get a 25-glycine
+linker and a residue-index jump of 512 per chain), padded to a fixed set of length buckets, and batched by a
+token budget with one row count per bucket, so the jitted fold compiles once per bucket. Each record gives
+``<id>.pdb`` (atom37 coordinates, per-atom pLDDT 0-100 as B-factor, chains A, B, ..., residues numbered from 1
+per chain, linker hidden) and ``<id>.json`` (``sequence``, per-residue CA ``plddt``, ``mean_plddt`` over atoms,
+``ptm``, ``pae`` in Angstrom over the shown residues, ``max_pae``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from esmjax.embed import bucket_for, length_buckets
+from esmjax.errors import InputError
+from esmjax.esmfold import checkpoint as fold_ckpt
+from esmjax.esmfold.heads import max_predicted_aligned_error
+from esmjax.esmfold.model import ESMFold
+from esmjax.fasta import Record, read_fasta, sanitize_id
+from esmjax.geometry import residue_constants as rc
+from esmjax.protein import Structure, to_mmcif, to_pdb
+
+log = logging.getLogger("esmjax.fold")
+
+CHAIN_LINKER = "G" * 25
+RESIDUE_INDEX_OFFSET = 512
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One record as model input (fair-esm ``misc.encode_sequence``); arrays have the joined length."""
+
+    aatype: np.ndarray  # AF2 types, unknown -> X
+    residx: np.ndarray  # arange + 512 x chain (the linker after chain i belongs to chain i)
+    linker_mask: np.ndarray  # 0 on linker residues
+    chain_index: np.ndarray  # the linker belongs to the preceding chain
+    residue_number: np.ndarray  # 1-based within each chain (what the PDB shows)
+
+
+def encode(sequence: str) -> Encoded:
+    chains = sequence.split(":")
+    if any(not c for c in chains):
+        raise InputError(f"empty chain in {sequence[:40]!r}... (':' separates chains)")
+    aatype, residx, linker, chain, number = [], [], [], [], []
+    for i, c in enumerate(chains):
+        if i:
+            n = len(CHAIN_LINKER)
+            aatype += [rc.RESTYPE_ORDER["G"]] * n
+            residx += list(range(len(residx), len(residx) + n))
+            linker += [0] * n
+            chain += [i - 1] * n
+            number += [0] * n
+        start = len(residx)
+        aatype += [rc.RESTYPE_ORDER.get(a, rc.UNK) for a in c]
+        residx += list(range(start, start + len(c)))
+        linker += [1] * len(c)
+        chain += [i] * len(c)
+        number += list(range(1, len(c) + 1))
+    chain_arr = np.asarray(chain, np.int32)
+    residx_arr = np.asarray(residx, np.int32) + RESIDUE_INDEX_OFFSET * chain_arr
+    return Encoded(np.asarray(aatype, np.int32), residx_arr, np.asarray(linker, np.float32),
+                   chain_arr, np.asarray(number, np.int32))  # fmt: skip
+
+
+class Folder:
+    """A restored ESMFold and one jitted fold per padded shape; ``traces`` counts compilations."""
+
+    def __init__(self, model: ESMFold, num_recycles: int | None = None, chunk_size: int | None = None):
+        self.cfg = model.cfg
+        self.graphdef, self.state = nnx.split(model)
+        self.traces = 0
+
+        def fold(state, aatype, mask, residx):
+            self.traces += 1
+            m = nnx.merge(self.graphdef, state)
+            out = m(aatype, mask, residx, num_recycles=num_recycles, chunk_size=chunk_size)
+            keys = ("atom37", "atom37_exists", "plddt", "ptm", "predicted_aligned_error")
+            return {k: out[k] for k in keys}
+
+        self._fold = jax.jit(fold)
+
+    def __call__(self, aatype: np.ndarray, mask: np.ndarray, residx: np.ndarray) -> dict[str, np.ndarray]:
+        out = self._fold(self.state, jnp.asarray(aatype), jnp.asarray(mask), jnp.asarray(residx))
+        return jax.device_get(out)
+
+
+@dataclass(frozen=True)
+class Batch:
+    records: list[Record]
+    encoded: list[Encoded]
+    aatype: np.ndarray  # [R, Lb]; rows past len(records) are empty (mask 0)
+    mask: np.ndarray
+    residx: np.ndarray
+
+
+def make_batches(records: Sequence[Record], max_tokens: int) -> Iterator[Batch]:
+    """Length-sorted records grouped by bucket; each bucket's batches have ``min(max_tokens // bucket, n)`` rows."""
+    if not records:
+        return
+    encoded = [encode(r.sequence) for r in records]
+    lengths = [len(e.aatype) for e in encoded]
+    buckets = length_buckets(max(lengths))
+    groups: dict[int, list[int]] = {}
+    for i in sorted(range(len(records)), key=lambda i: lengths[i]):
+        groups.setdefault(bucket_for(lengths[i], buckets), []).append(i)
+    for width, idx in groups.items():
+        rows = max(1, min(max_tokens // width, len(idx)))
+        for start in range(0, len(idx), rows):
+            chunk = idx[start : start + rows]
+            aatype = np.zeros((rows, width), np.int32)
+            mask = np.zeros((rows, width), np.float32)
+            residx = np.zeros((rows, width), np.int32)
+            for r, i in enumerate(chunk):
+                n = lengths[i]
+                aatype[r, :n], mask[r, :n], residx[r, :n] = encoded[i].aatype, 1.0, encoded[i].residx
+            yield Batch([records[i] for i in chunk], [encoded[i] for i in chunk], aatype, mask, residx)
+
+
+def record_outputs(rec: Record, enc: Encoded, out: dict[str, np.ndarray], row: int) -> tuple[Structure, dict]:
+    """The structure and JSON of one batch row, linker removed."""
+    n = len(enc.aatype)
+    keep = enc.linker_mask > 0
+    exists = out["atom37_exists"][row, :n] * enc.linker_mask[:, None]
+    plddt = out["plddt"][row, :n]
+    structure = Structure(
+        aatype=enc.aatype[keep], atom37=out["atom37"][row, :n][keep], atom_mask=exists[keep],
+        residue_number=enc.residue_number[keep], chain_index=enc.chain_index[keep], b_factors=plddt[keep],
+    )  # fmt: skip
+    pae = out["predicted_aligned_error"][row, :n, :n][np.ix_(keep, keep)]
+    ca = rc.ATOM_ORDER["CA"]
+    info = {
+        "id": rec.id,
+        "sequence": rec.sequence,
+        "plddt": [round(float(v), 4) for v in plddt[keep, ca]],
+        "mean_plddt": round(float((plddt * exists).sum() / max(exists.sum(), 1.0)), 4),
+        "ptm": round(float(out["ptm"][row]), 6),
+        "pae": [[round(float(v), 4) for v in r] for r in pae],
+        "max_pae": max_predicted_aligned_error(),
+    }
+    return structure, info
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def fold_records(
+    folder: Folder, records: Sequence[Record], out_dir: Path, max_tokens: int, mmcif: bool = False,
+    progress: bool = True,
+) -> list[dict]:  # fmt: skip
+    """Folds every record and writes ``<id>.pdb`` / ``<id>.json`` (and ``<id>.cif``); returns the JSON dicts."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(records), desc="fold", unit="seq", file=sys.stderr, disable=not progress)
+    results = []
+    for batch in make_batches(records, max_tokens):
+        out = folder(batch.aatype, batch.mask, batch.residx)
+        for row, (rec, enc) in enumerate(zip(batch.records, batch.encoded)):
+            structure, info = record_outputs(rec, enc, out, row)
+            stem = out_dir / sanitize_id(rec.id)
+            _write(stem.with_suffix(".pdb"), to_pdb(structure, remark=f"esmjax fold {rec.id}"))
+            if mmcif:
+                _write(stem.with_suffix(".cif"), to_mmcif(structure, sanitize_id(rec.id)))
+            _write(stem.with_suffix(".json"), json.dumps(info))
+            results.append(info)
+            bar.set_postfix(id=rec.id[:20], plddt=f"{info['mean_plddt']:.1f}", ptm=f"{info['ptm']:.3f}")
+        bar.update(len(batch.records))
+    bar.close()
+    return results
+
+
+def load_records(path: str, unknown_as_x: bool, max_length: int) -> list[Record]:
+    records = list(read_fasta(path, unknown_as_x=unknown_as_x, extra_chars=":"))
+    seen: dict[str, str] = {}
+    for r in records:
+        safe = sanitize_id(r.id)
+        if safe in seen:
+            raise InputError(f"{path}:{r.line}: record id {r.id!r} collides with {seen[safe]!r} (output {safe}.pdb)")
+        seen[safe] = r.id
+        if r.sequence.startswith(":") or r.sequence.endswith(":") or "::" in r.sequence:
+            raise InputError(f"{path}:{r.line}: record {r.id!r} has an empty chain (':' separates chains)")
+        n = len(encode(r.sequence).aatype)
+        if n > max_length:
+            raise InputError(f"{path}:{r.line}: record {r.id!r} has {n} residues (linkers included), over "
+                             f"--max-length {max_length}")  # fmt: skip
+    return records
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="esmjax ESMFold checkpoint folder (from `esmjax convert`)")
+    p.add_argument("--fasta", required=True, help="input FASTA; ':' inside a record separates multimer chains")
+    p.add_argument("--out", required=True, help="output folder for <id>.pdb and <id>.json")
+    p.add_argument("--num-recycles", type=int, default=None,
+                   help="extra trunk passes (default: the model's max_recycles passes in all, 4 for esmfold_v1)")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="row chunk of the triangle attentions: less memory for long sequences (e.g. 128, 64, 32)")
+    p.add_argument("--max-tokens-per-batch", type=int, default=1024, help="padded residues per batch [1024]")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="compute dtype of the language model (the trunk is always float32)")
+    p.add_argument("--mmcif", action="store_true", help="also write <id>.cif")
+    p.add_argument("--max-length", type=int, default=4096, help="refuse longer records (linkers included)")
+    p.add_argument("--unknown-as-x", action="store_true", help="read characters outside the alphabet as X")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")  # fmt: skip
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.num_recycles is not None and args.num_recycles < 0:
+        raise InputError("--num-recycles must be >= 0")
+    if args.chunk_size is not None and args.chunk_size < 1:
+        raise InputError("--chunk-size must be positive")
+    records = load_records(args.fasta, args.unknown_as_x, args.max_length)
+    model, _ = fold_ckpt.load(args.checkpoint, dtype=args.dtype)
+    folder = Folder(model, num_recycles=args.num_recycles, chunk_size=args.chunk_size)
+    results = fold_records(folder, records, Path(args.out), args.max_tokens_per_batch, args.mmcif,
+                           progress=not args.no_progress)  # fmt: skip
+    log.info("folded %d records into %s (%d compilations)", len(results), args.out, folder.traces)
+    return 0
