@@ -22,7 +22,7 @@ test: $(STAMP)
 # Trains the demo ESM-2 on the bundled CATH S20 sample on every local device; run again to resume.
 DEMO_DATA := runs/data/cath_s20
 $(DEMO_DATA): | $(STAMP)
-	$(VENV)/bin/esmjax data build --fasta data/cath_s20.fa.gz --out $(DEMO_DATA) --val-fraction 0.02
+	$(VENV)/bin/esmjax data build --fasta data/cath_s20.fa.gz --out $(DEMO_DATA) --val-fraction 0.05
 
 train: $(STAMP) $(DEMO_DATA)
 	$(VENV)/bin/esmjax train --config configs/demo.yaml --workdir runs/demo

@@ -99,7 +99,7 @@ ESM2_PRESETS: dict[str, ESM2Config] = {
     "tiny": _esm2(2, 32, 4),
     "tiny_h3": _esm2(3, 48, 3),
     "tiny_h5": _esm2(2, 40, 5),
-    "demo": _esm2(6, 192, 6),
+    "demo": _esm2(4, 128, 4),
 }
 
 

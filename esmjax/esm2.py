@@ -65,9 +65,9 @@ class MultiheadAttention(nnx.Module):
         self.scaling = nn.scale_for(d)
 
     def __call__(
-        self, x: jax.Array, mask: jax.Array, positions: jax.Array
-    ) -> tuple[jax.Array, jax.Array]:
-        """x [B, L, E], mask [B, 1, L, L], positions [B, L] -> ([B, L, E], weights [B, H, L, L] float32)."""
+        self, x: jax.Array, mask: jax.Array, positions: jax.Array, need_weights: bool = False
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """x [B, L, E], mask [B, 1, L, L], positions [B, L] -> ([B, L, E], weights [B, H, L, L] float32 or None)."""
         inv_freq = self.rot_emb.inv_freq[...].astype(jnp.float32)
         # fair-esm scales q before the rotation (equivalent, since the rotation is linear).
         q = self.q_proj(x) * jnp.asarray(self.scaling, x.dtype)  # [B, L, H, D]
@@ -75,7 +75,7 @@ class MultiheadAttention(nnx.Module):
         k = nn.apply_rotary(self.k_proj(x), positions, inv_freq)
         v = self.v_proj(x)
         q = constrain(q, (ACT_BATCH, ACT_LEN, ACT_HEADS, None))
-        out, weights = nn.dot_product_attention(q, k, v, mask)
+        out, weights = nn.dot_product_attention(q, k, v, mask, return_weights=need_weights)
         return self.out_proj(out), weights
 
 
@@ -92,9 +92,9 @@ class TransformerLayer(nnx.Module):
         self.final_layer_norm = nn.LayerNorm(e, eps=cfg.layer_norm_eps, rngs=rngs)
 
     def __call__(
-        self, x: jax.Array, mask: jax.Array, positions: jax.Array
-    ) -> tuple[jax.Array, jax.Array]:
-        h, weights = self.self_attn(self.self_attn_layer_norm(x), mask, positions)
+        self, x: jax.Array, mask: jax.Array, positions: jax.Array, need_weights: bool = False
+    ) -> tuple[jax.Array, jax.Array | None]:
+        h, weights = self.self_attn(self.self_attn_layer_norm(x), mask, positions, need_weights)
         x = x + h
         h = nn.gelu(self.fc1(self.final_layer_norm(x)))  # [B, L, F]
         h = constrain(h, (ACT_BATCH, ACT_LEN, ACT_MLP))
@@ -248,8 +248,8 @@ class ESM2(nnx.Module):
 
         def body(h: jax.Array, layer_state) -> tuple[jax.Array, tuple]:
             layer = nnx.merge(graphdef, layer_state)
-            h, weights = layer(h, mask, positions)
-            return h, (h if collect_hidden else None, weights if need_head_weights else None)
+            h, weights = layer(h, mask, positions, need_head_weights)
+            return h, (h if collect_hidden else None, weights)
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=False)

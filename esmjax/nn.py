@@ -141,26 +141,42 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
     return (same & (segment_ids[:, None, :] > 0))[:, None]
 
 
+def _cudnn_ok(q: jax.Array) -> bool:
+    """cuDNN flash attention: NVIDIA GPUs, 16-bit inputs, head_dim a multiple of 8 up to 128."""
+    return (
+        jax.default_backend() == "gpu"
+        and q.dtype in (jnp.bfloat16, jnp.float16)
+        and q.shape[-1] % 8 == 0
+        and q.shape[-1] <= 128
+    )
+
+
 def dot_product_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
-) -> tuple[jax.Array, jax.Array]:
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, return_weights: bool = True
+) -> tuple[jax.Array, jax.Array | None]:
     """Softmax attention with the softmax in float32 (fair-esm ``utils_softmax(dtype=float32)``).
 
     ``q`` is expected pre-scaled. A query with no allowed key (a padding row) gets uniform weights instead of NaN.
+    When the weights are not needed and the inputs suit it (bf16 on an NVIDIA GPU), the cuDNN flash-attention
+    kernel computes the same function without materialising the [L, M] scores; everywhere else XLA does.
 
     Args:
       q, k, v: [B, L, H, D] (k, v: [B, M, H, D]).
-      mask: [B, 1, L, M] boolean.
+      mask: [B, 1, L, M] boolean (packed segments and padding).
+      return_weights: also return the float32 weights [B, H, L, M].
     Returns:
-      out [B, L, H, D] in q's dtype, and the float32 weights [B, H, L, M].
+      out [B, L, H, D] in q's dtype, and the weights or None.
     """
+    if not return_weights and _cudnn_ok(q):
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0, implementation="cudnn")
+        return out, None
     # Heads-major layout: XLA:CPU runs the batched matmuls markedly faster on [B, H, L, D] than on [B, L, H, D].
     q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # [B, H, L, D]
     scores = jnp.einsum("bhld,bhmd->bhlm", q, k, preferred_element_type=jnp.float32)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("bhlm,bhmd->bhld", weights.astype(v.dtype), v)
-    return jnp.swapaxes(out, 1, 2), weights
+    return jnp.swapaxes(out, 1, 2), (weights if return_weights else None)
 
 
 def scale_for(head_dim: int) -> float:

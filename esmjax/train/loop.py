@@ -172,6 +172,8 @@ def run(
             start = int(meta["step"])
             data.set_state(meta["data"])
             log.info("resumed from step %d", start)
+            if start >= cfg.num_steps:
+                log.info("the run is complete (%d of %d steps); evaluating the final checkpoint", start, cfg.num_steps)
 
         row_spec = shd.batch_sharding(mesh, rules, 2).spec
         batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *row_spec))
