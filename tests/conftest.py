@@ -12,7 +12,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+from shared_paths import SHARED  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)

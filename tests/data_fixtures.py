@@ -7,7 +7,7 @@ from pathlib import Path
 from esmjax.data.build import build_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+from shared_paths import SHARED  # noqa: E402
 
 CATH_FASTA = SHARED / "cath_s20" / "cath-dataset-nonredundant-S20-v4_3_0.fa"
 SCOPE_FASTA = SHARED / "scope_astral40" / "astral.fa"
