@@ -48,19 +48,22 @@ def _bytes_per_device(tree: Any) -> int:
 
 
 def activation_estimate(cfg, rows: int, seq_len: int, tensor: int) -> int:
-    """Bytes of activations saved for the backward pass on one device, plus the peak of one layer's recompute.
+    """Bytes of activations kept for the backward pass on one device, plus the transient peak of one layer.
 
-    ``rows`` are the packed rows of one micro-batch that this device's (data x fsdp) shard processes.
+    ``rows`` are the packed rows of one micro-batch that this device's (data x fsdp) shard processes. Attention
+    never keeps its [rows, H, S, S] weights between passes (``esmjax.nn`` recomputes them in the backward), so they
+    count once, in the transient peak.
     """
     m = cfg.model
     c = 2 if m.dtype == "bfloat16" else 4
     b, s, e, f, h, n = rows, seq_len, m.embed_dim, m.mlp_dim // tensor, max(m.num_heads // tensor, 1), m.num_layers
-    weights_out = (3 * b * s * h * m.head_dim + b * s * e + b * s * f + b * s * e) * c  # q k v, out, fc1, fc2
-    scores = 2 * b * h * s * s * 4  # fp32 scores and probabilities
-    everything = weights_out + scores + (4 * b * s * e + b * s * f) * c  # + LN in/out, residual, gelu out
-    per_layer = {"none": everything, "dots": weights_out + scores // 2, "dots_no_batch": weights_out, "full": 0}
+    hd = h * m.head_dim
+    weights_out = (3 * b * s * hd + b * s * e + b * s * f + b * s * e) * c  # q k v, out_proj, fc1, fc2 outputs
+    everything = weights_out + (b * s * hd + 4 * b * s * e + b * s * f) * c  # + attention out, LNs, residual, gelu
+    per_layer = {"none": everything, "dots": weights_out, "dots_no_batch": weights_out, "full": 0}
     carried = n * (b * s * e * c + per_layer[m.remat])  # layer inputs (scan carry) + what the policy keeps
-    recompute_peak = everything if m.remat != "none" else 0
+    attention_peak = 3 * b * h * s * s * 4  # fp32 weights, their gradient and the score gradient of one layer
+    recompute_peak = (everything if m.remat != "none" else 0) + attention_peak
     logits = 3 * b * s * m.vocab_size * 4
     return carried + recompute_peak + logits
 

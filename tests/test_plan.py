@@ -27,7 +27,7 @@ def test_tiny_plan_on_8_devices(tmp_path):
 def test_3b_fits_8_devices():
     """The recorded 3B plan: 80 GB devices, 8 of them, at ~2M tokens per step."""
     cfg = load_config(ROOT / "configs" / "esm2_3b.yaml")
-    p = plan(cfg, parse_mesh("data=1,fsdp=4,tensor=2"), 80.0)
+    p = plan(cfg, parse_mesh("data=1,fsdp=8,tensor=1"), 80.0)
     assert p["global_tokens_per_step"] == 2_097_152 and p["fits"], format_plan(p)
 
 
