@@ -73,26 +73,47 @@ def train(args, devices=1, processes=1, check=True, **kw):
     return subprocess.run(cmd, env=env(devices), cwd=ROOT, capture_output=True, text=True, check=check, timeout=600, **kw)
 
 
+def wait_for_checkpoint(workdir: Path, proc: subprocess.Popen, at_least: int) -> int:
+    ckdir = workdir / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        steps = [int(p.name) for p in ckdir.iterdir() if p.name.isdigit()] if ckdir.exists() else []
+        if steps and max(steps) >= at_least:
+            return max(steps)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    raise TimeoutError("no checkpoint appeared")
+
+
 @pytest.mark.multiprocess
-def test_two_processes_then_resume_on_one(dataset, tmp_path):
-    """2 processes x 2 devices train and checkpoint; 1 process x 4 devices resumes with the same next-step loss."""
-    cfg = write_config(tmp_path / "c.yaml", dataset)
+def test_two_processes_killed_then_resumed_on_one(dataset, tmp_path):
+    """2 processes x 2 devices train and checkpoint; killed (-9, whole process group) mid-run, the run resumes as
+    1 process x 4 devices and its losses match the uninterrupted 2-process run."""
+    cfg = write_config(tmp_path / "c.yaml", dataset, num_steps=12, data={"tokens_per_step": 8192})
     full = tmp_path / "full"
     r = train(["--config", str(cfg), "--workdir", str(full)], devices=2, processes=2, check=False)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     ref = losses(full)
-    assert sorted(ref) == [1, 2, 3, 4, 5, 6]
-    assert sorted(int(p.name) for p in (full / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4, 6]
-    # Resume from the step-4 checkpoint of that run, as one process with 4 devices.
-    part = tmp_path / "part"
-    shutil.copytree(full, part)
-    shutil.rmtree(part / "checkpoints" / "6")
-    r = train(["--workdir", str(part)], devices=4, check=False)
+    assert sorted(ref) == list(range(1, 13))
+    assert sorted(int(p.name) for p in (full / "checkpoints").iterdir() if p.name.isdigit())[-1] == 12
+
+    killed = tmp_path / "killed"
+    cmd = [str(ROOT / "launch" / "local.sh"), "2", "2", *ESMJAX, "train", "--no-progress", "--config", str(cfg),
+           "--workdir", str(killed)]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env(2), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    wait_for_checkpoint(killed, proc, 4)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(0.5)
+    committed = max(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
+    assert 4 <= committed < 12
+    r = train(["--workdir", str(killed)], devices=4, check=False)  # the saved config, another process count
     assert r.returncode == 0, r.stderr[-3000:]
-    resumed = losses(part)
-    for step in (5, 6):
+    resumed = losses(killed)
+    assert sorted(resumed) == list(range(1, 13))
+    for step in range(1, 13):
         assert abs(resumed[step] - ref[step]) < 1e-5, (step, resumed[step], ref[step])
-    assert resumed[1] == ref[1]  # the earlier history is kept
 
 
 def test_kill_and_resume_matches_uninterrupted(dataset, tmp_path):
@@ -101,14 +122,8 @@ def test_kill_and_resume_matches_uninterrupted(dataset, tmp_path):
     train(["--config", str(cfg), "--workdir", str(ref_dir)])
     proc = subprocess.Popen(ESMJAX + ["train", "--no-progress", "--config", str(cfg), "--workdir", str(kill_dir)],
                             env=env(1), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 300
     ckdir = kill_dir / "checkpoints"
-    while time.time() < deadline:
-        steps = [int(p.name) for p in ckdir.iterdir() if p.name.isdigit()] if ckdir.exists() else []
-        if steps and max(steps) >= 6:
-            break
-        assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.05)
+    wait_for_checkpoint(kill_dir, proc, 6)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     committed = max(int(p.name) for p in ckdir.iterdir() if p.name.isdigit())

@@ -1,7 +1,8 @@
 """Training checkpoints: asynchronous Orbax saves of parameters, optimizer state and run metadata.
 
 Each step folder holds three items: ``params`` (the model's variables, readable by ``esmjax.checkpoint.load_model``
-and every other command), ``opt_state`` and ``meta`` (JSON: step, data-iterator state, the config hash). Orbax
+and every other command), ``opt_state`` and ``meta`` (JSON: step, data-iterator state, the resolved config and its hash; the step itself consumes no random numbers, since ESM-2 has no
+dropout, so the data iterator's state is the run's whole random state). Orbax
 writes a step into a temporary folder and renames it when every process has finished, so a step that was not
 completely written is never listed; a listed step whose files are damaged is skipped with a warning on restore
 (``esmjax.checkpoint``). Retention: the last ``keep`` steps plus every ``keep_every``-th.

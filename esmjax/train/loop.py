@@ -228,7 +228,7 @@ def run(
                 if stop_after is not None and step - start >= stop_after:
                     stop = True
                 if step % cfg.checkpoint.every == 0 or step == cfg.num_steps or stop:
-                    ckptr.save(state, {"data": data.get_state(), "config_hash": config_hash(cfg)})
+                    ckptr.save(state, {"data": data.get_state(), "config_hash": config_hash(cfg), "config": to_dict(cfg)})
                 if stop:
                     log.warning("stopping at step %d: checkpoint written; run again to resume", step)
                     break
