@@ -79,7 +79,7 @@ def restore_target(state: nnx.State, mesh: jax.sharding.Mesh, rules: shd.Rules) 
     return nnx.State(target).to_pure_dict() if not isinstance(target, dict) else target
 
 
-def _restore_latest(mngr: ocp.CheckpointManager, step: int | None, make_args) -> tuple[int, Any]:
+def restore_latest(mngr: ocp.CheckpointManager, step: int | None, make_args) -> tuple[int, Any]:
     steps = sorted(mngr.all_steps())
     if not steps:
         raise CheckpointError(f"{mngr.directory}: no complete checkpoint")
@@ -93,6 +93,22 @@ def _restore_latest(mngr: ocp.CheckpointManager, step: int | None, make_args) ->
         except Exception as e:  # a damaged step: fall back to the one before
             log.warning("checkpoint step %d is unreadable (%s: %s); trying the previous one", s, type(e).__name__, e)
     raise CheckpointError(f"{mngr.directory}: every checkpoint step is unreadable")
+
+
+def restore_params(path: str | Path, graphdef: nnx.GraphDef, state: nnx.State, step: int | None,
+                   mesh: jax.sharding.Mesh, rules: shd.Rules) -> tuple[Any, int]:
+    """Restores the ``params`` item of ``path``'s latest readable (or given) step into ``state``'s structure,
+    sharded onto ``mesh`` by ``rules``; returns the merged module and the step."""
+    target = restore_target(state, mesh, rules)
+    mngr = manager(path)
+    try:
+        step, restored = restore_latest(
+            mngr, step, lambda: ocp.args.Composite(params=ocp.args.StandardRestore(target))
+        )
+    finally:
+        mngr.close()
+    nnx.replace_by_pure_dict(state, restored["params"])
+    return nnx.merge(graphdef, state), step
 
 
 def load_model(
@@ -110,39 +126,33 @@ def load_model(
     if dtype is not None:
         cfg = from_dict(ESM2Config, {**to_dict(cfg), "dtype": dtype})
     mesh = mesh if mesh is not None else shd.single_device_mesh()
-    rules = shd.resolve_rules(rules)
     graphdef, state = abstract_model(cfg)
-    target = restore_target(state, mesh, rules)
-    mngr = manager(path)
-    step, restored = _restore_latest(
-        mngr, step, lambda: ocp.args.Composite(params=ocp.args.StandardRestore(target))
-    )
-    mngr.close()
-    nnx.replace_by_pure_dict(state, restored["params"])
-    return nnx.merge(graphdef, state), step
+    return restore_params(path, graphdef, state, step, mesh, shd.resolve_rules(rules))
 
 
-def save_converted(path: str | Path, cfg: ESM2Config, params: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
-    """Writes converted weights as step 0, atomically: a failure leaves no partial folder behind."""
+def write_params(path: str | Path, config: dict[str, Any], params: dict[str, Any], expected: nnx.State) -> None:
+    """Writes ``params`` as step 0 with ``config`` as config.json, atomically: a failure leaves no partial folder.
+
+    ``expected`` is the abstract state of the model the params belong to; shapes are checked and dtypes cast to it.
+    """
     out = Path(path)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (out.is_file() or any(out.iterdir())):
         raise CheckpointError(f"{out} exists and is not empty; refusing to overwrite")
-    graphdef, state = abstract_model(cfg)
-    expected = state.to_pure_dict()
-    mismatch = []
+    reference = expected.to_pure_dict()
+    mismatch: list[str] = []
 
-    def check(path, a, b):
+    def check(kp, a, b):
         if tuple(a.shape) != tuple(np.shape(b)):
-            mismatch.append(f"{'.'.join(str(k.key) for k in path)}: {np.shape(b)} vs {a.shape}")
+            mismatch.append(f"{jax.tree_util.keystr(kp)}: {np.shape(b)} vs {a.shape}")
 
-    jax.tree_util.tree_map_with_path(check, expected, params)
+    jax.tree_util.tree_map_with_path(check, reference, params)
     if mismatch:
         raise CheckpointError("parameter shapes do not fit the config: " + "; ".join(mismatch[:5]))
-    params = jax.tree.map(lambda a, ref: np.asarray(a, dtype=ref.dtype), params, expected)
+    params = jax.tree.map(lambda a, ref: np.asarray(a, dtype=ref.dtype), params, reference)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        (tmp / CONFIG_FILE).write_text(json.dumps({"model": to_dict(cfg), **(extra or {})}, indent=2))
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         mngr = manager(tmp, read_only=False, enable_async_checkpointing=False)
         mngr.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
         mngr.wait_until_finished()
@@ -153,6 +163,11 @@ def save_converted(path: str | Path, cfg: ESM2Config, params: dict[str, Any], ex
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def save_converted(path: str | Path, cfg: ESM2Config, params: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+    """Writes converted ESM-2 weights as a checkpoint folder (step 0)."""
+    write_params(path, {"model": to_dict(cfg), **(extra or {})}, params, abstract_model(cfg)[1])
 
 
 def params_numpy(model: ESM2) -> dict[str, Any]:

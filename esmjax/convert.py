@@ -312,6 +312,24 @@ def read_fairesm(path: str | Path) -> tuple[ESM2Config, dict[str, Any], list[str
     return cfg, params, notes + warnings
 
 
+def read_hf_state_dict(folder: Path) -> dict[str, np.ndarray]:
+    """All tensors of a HuggingFace folder: ``*.safetensors`` shards, else ``pytorch_model.bin`` (read safely)."""
+    sd: dict[str, np.ndarray] = {}
+    shards = sorted(folder.glob("*.safetensors"))
+    if shards:
+        from safetensors.numpy import load_file
+
+        for shard in shards:
+            sd.update(load_file(str(shard)))
+    elif (folder / "pytorch_model.bin").exists():
+        from esmjax.torch_io import load_pt
+
+        sd = dict(load_pt(folder / "pytorch_model.bin"))
+    else:
+        raise ConversionError(f"{folder}: no *.safetensors or pytorch_model.bin")
+    return sd
+
+
 def read_hf(folder: str | Path) -> tuple[ESM2Config, dict[str, Any], list[str]]:
     """A HuggingFace model folder (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``)."""
     folder = Path(folder)
@@ -319,20 +337,7 @@ def read_hf(folder: str | Path) -> tuple[ESM2Config, dict[str, Any], list[str]]:
     if not cfg_path.exists():
         raise ConversionError(f"{folder}: no config.json")
     cfg = config_from_hf(json.loads(cfg_path.read_text()))
-    sd: dict[str, np.ndarray] = {}
-    shards = sorted(folder.glob("*.safetensors"))
-    if shards:
-        from safetensors.numpy import load_file
-
-        for s in shards:
-            sd.update(load_file(str(s)))
-    elif (folder / "pytorch_model.bin").exists():
-        from esmjax.torch_io import load_pt
-
-        sd = dict(load_pt(folder / "pytorch_model.bin"))
-    else:
-        raise ConversionError(f"{folder}: no model.safetensors or pytorch_model.bin")
-    params, warnings = state_dict_to_params(sd, cfg, "hf")
+    params, warnings = state_dict_to_params(read_hf_state_dict(folder), cfg, "hf")
     return cfg, params, warnings
 
 

@@ -212,20 +212,7 @@ def read_hf(folder: str | Path) -> tuple[ESMFoldConfig, dict]:
         raise ConversionError("use_esm_attn_map=True models are not supported (no public model uses it)")
     esm_cfg = _esm_config_from_hf(hf)
     cfg = from_hf(esm_cfg, hf.get("esmfold_config") or {})
-    sd: dict[str, np.ndarray] = {}
-    shards = sorted(folder.glob("*.safetensors"))
-    if shards:
-        from safetensors.numpy import load_file
-
-        for s in shards:
-            sd.update(load_file(str(s)))
-    elif (folder / "pytorch_model.bin").exists():
-        from esmjax.torch_io import load_pt
-
-        sd = dict(load_pt(folder / "pytorch_model.bin"))
-    else:
-        raise ConversionError(f"{folder}: no *.safetensors or pytorch_model.bin")
-    esm_sd, fold_sd = _split_esm(sd)
+    esm_sd, fold_sd = _split_esm(convert.read_hf_state_dict(folder))
     params = _fold_params(fold_sd, cfg)
     params["esm"] = _stem_from_hf(esm_sd, esm_cfg)
     return cfg, params

@@ -26,7 +26,7 @@ from esmjax import checkpoint, sharding as shd
 from esmjax.config import MeshConfig
 from esmjax.errors import InputError
 from esmjax.esm2 import ESM2
-from esmjax.fasta import Record, read_fasta, sanitize_id
+from esmjax.fasta import Record, check_unique_ids, read_fasta, sanitize_id
 from esmjax.tokenizer import PAD, batch_encode
 
 log = logging.getLogger("esmjax.embed")
@@ -125,12 +125,7 @@ def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
 def load_records(path: str, unknown_as_x: bool) -> list[Record]:
     """Reads and validates the whole FASTA before any output is written."""
     records = list(read_fasta(path, unknown_as_x=unknown_as_x))
-    seen: dict[str, str] = {}
-    for r in records:
-        safe = sanitize_id(r.id)
-        if safe in seen:
-            raise InputError(f"{path}:{r.line}: record id {r.id!r} collides with {seen[safe]!r} (output {safe}.npz)")
-        seen[safe] = r.id
+    check_unique_ids(records, path, ".npz")
     return records
 
 

@@ -203,3 +203,13 @@ def sanitize_id(rec_id: str) -> str:
     """A filesystem-safe version of a record id (``sp|P62593|BLAT_ECOLX`` -> ``sp_P62593_BLAT_ECOLX``)."""
     safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in rec_id).strip("._")
     return safe[:200] or "record"
+
+
+def check_unique_ids(records: list[Record], path: str | Path, suffix: str) -> None:
+    """Raises ``FastaError`` when two records would write the same ``<sanitized id><suffix>`` output file."""
+    seen: dict[str, str] = {}
+    for r in records:
+        safe = sanitize_id(r.id)
+        if safe in seen:
+            raise FastaError(f"{path}:{r.line}: record id {r.id!r} collides with {seen[safe]!r} (output {safe}{suffix})")
+        seen[safe] = r.id

@@ -30,7 +30,7 @@ from esmjax.errors import InputError
 from esmjax.esmfold import checkpoint as fold_ckpt
 from esmjax.esmfold.heads import max_predicted_aligned_error
 from esmjax.esmfold.model import ESMFold
-from esmjax.fasta import Record, read_fasta, sanitize_id
+from esmjax.fasta import Record, check_unique_ids, read_fasta, sanitize_id
 from esmjax.geometry import residue_constants as rc
 from esmjax.protein import Structure, to_mmcif, to_pdb
 
@@ -186,12 +186,8 @@ def fold_records(
 
 def load_records(path: str, unknown_as_x: bool, max_length: int) -> list[Record]:
     records = list(read_fasta(path, unknown_as_x=unknown_as_x, extra_chars=":"))
-    seen: dict[str, str] = {}
+    check_unique_ids(records, path, ".pdb")
     for r in records:
-        safe = sanitize_id(r.id)
-        if safe in seen:
-            raise InputError(f"{path}:{r.line}: record id {r.id!r} collides with {seen[safe]!r} (output {safe}.pdb)")
-        seen[safe] = r.id
         if r.sequence.startswith(":") or r.sequence.endswith(":") or "::" in r.sequence:
             raise InputError(f"{path}:{r.line}: record {r.id!r} has an empty chain (':' separates chains)")
         n = len(encode(r.sequence).aatype)

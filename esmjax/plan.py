@@ -75,7 +75,6 @@ def plan(cfg, sizes: dict[str, int], device_memory_gb: float) -> dict[str, Any]:
 
     from esmjax import sharding as shd
     from esmjax.checkpoint import abstract_model
-    from esmjax.config import MeshConfig
     from esmjax.train import metrics as tm
     from esmjax.train.loop import Batching
     from esmjax.train.optim import learning_rate, make_optimizer

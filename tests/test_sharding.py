@@ -18,7 +18,7 @@ import dump_sharding  # noqa: E402
 def test_golden_tables(case):
     stem, preset, sizes, rules = case
     want = (ROOT / "tests" / "golden" / f"{stem}.txt").read_text()
-    assert dump_sharding.table(preset, sizes, rules) == want, f"regenerate with tools/dump_sharding.py --write-golden"
+    assert dump_sharding.table(preset, sizes, rules) == want, "regenerate with tools/dump_sharding.py --write-golden"
 
 
 def test_logical_to_spec_divisibility_and_reuse():

@@ -3,7 +3,6 @@ checkpoints, SIGTERM, and loss falling on the bundled data."""
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys

@@ -4,7 +4,6 @@ import dataclasses
 
 import jax
 import numpy as np
-import pytest
 
 from esmjax import sharding as shd
 from esmjax.config import ESM2_PRESETS, MeshConfig, OptimConfig

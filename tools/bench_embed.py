@@ -56,16 +56,9 @@ def main() -> int:
            "esmjax_s": t_jax, "esmjax_tokens_per_s": tokens / t_jax}  # fmt: skip
     if not a.no_torch:
         import torch
-        from transformers import EsmConfig, EsmForMaskedLM
+        from bench_train import hf_masked_lm
 
-        from esmjax.tokenizer import TOKENS
-
-        hf = EsmConfig(vocab_size=33, mask_token_id=32, pad_token_id=1, hidden_size=cfg.embed_dim,
-                       num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-                       intermediate_size=cfg.mlp_dim, position_embedding_type="rotary", token_dropout=True,
-                       layer_norm_eps=1e-5, emb_layer_norm_before=False, hidden_dropout_prob=0.0,
-                       attention_probs_dropout_prob=0.0, vocab_list=list(TOKENS))  # fmt: skip
-        model = EsmForMaskedLM(hf).eval()
+        model = hf_masked_lm(cfg).eval()
         ids = torch.from_numpy(toks).long()
         with torch.no_grad():
             model(input_ids=ids)

@@ -64,8 +64,8 @@ def bench_jax(cfg_model, batch, steps: int) -> float:
     return (time.perf_counter() - t) / steps
 
 
-def bench_torch(cfg_model, batch, steps: int) -> float:
-    import torch
+def hf_masked_lm(cfg_model):
+    """The PyTorch anchor: HF ``EsmForMaskedLM`` of the same shape (random weights, no dropout)."""
     from transformers import EsmConfig, EsmForMaskedLM
 
     from esmjax.tokenizer import TOKENS
@@ -75,7 +75,13 @@ def bench_torch(cfg_model, batch, steps: int) -> float:
                    intermediate_size=cfg_model.mlp_dim, position_embedding_type="rotary", token_dropout=True,
                    layer_norm_eps=1e-5, emb_layer_norm_before=False, hidden_dropout_prob=0.0,
                    attention_probs_dropout_prob=0.0, vocab_list=list(TOKENS))  # fmt: skip
-    model = EsmForMaskedLM(hf).train()
+    return EsmForMaskedLM(hf)
+
+
+def bench_torch(cfg_model, batch, steps: int) -> float:
+    import torch
+
+    model = hf_masked_lm(cfg_model).train()
     opt = torch.optim.AdamW(model.parameters(), lr=4e-4, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01)
     ids = torch.from_numpy(batch["tokens"]).long()
     labels = torch.from_numpy(np.where(batch["loss_mask"], batch["targets"], -100)).long()

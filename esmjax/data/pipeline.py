@@ -327,20 +327,15 @@ class BatchIterator:
                 batches += 1
                 job = self._job(pieces)
                 future = self._pool.submit(self._work, job)
-                item = (future, (block, offset, batches), len(job.record))
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                self._put((future, (block, offset, batches), len(job.record)))
                 if found < total:
                     break
-            self._put_final(None)
+            self._put(None)
         except BaseException as e:  # handed to the consumer
-            self._put_final(e)
+            self._put(e)
 
-    def _put_final(self, item: Any) -> None:
+    def _put(self, item: Any) -> None:
+        """Queues ``item``, waiting for room unless the iterator is being shut down."""
         while not self._stop.is_set():
             try:
                 self._queue.put(item, timeout=0.1)

@@ -11,6 +11,7 @@ everything (for evaluating on a FASTA file).
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 from pathlib import Path
@@ -73,7 +74,7 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
     return meta
 
 
-class Split:
+class Split(abc.ABC):
     """Records of one split grouped by cluster. Subclasses implement ``_read`` and ``_describe``.
 
     Attributes:
@@ -106,11 +107,13 @@ class Split:
         records = np.asarray(records, np.int64)
         return self._describe(records) if len(records) else []
 
+    @abc.abstractmethod
     def _read(self, records: np.ndarray) -> list[np.ndarray]:
-        raise NotImplementedError
+        """Residue ids of the given (non-empty) record indices."""
 
+    @abc.abstractmethod
     def _describe(self, records: np.ndarray) -> list[tuple[str, str]]:
-        raise NotImplementedError
+        """(record id, cluster name) of the given (non-empty) record indices."""
 
 
 class FolderSplit(Split):

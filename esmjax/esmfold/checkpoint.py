@@ -12,15 +12,11 @@ The ``model`` section alone describes the language model, so tools that read ESM
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from esmjax import checkpoint as ckpt
@@ -55,48 +51,13 @@ def load(path: str | Path, *, dtype: str | None = None, step: int | None = None)
     if dtype is not None:
         cfg = cfg.with_esm_dtype(dtype)
     graphdef, state = abstract_model(cfg)
-    target = ckpt.restore_target(state, shd.single_device_mesh(), shd.resolve_rules("dp"))
-    mngr = ckpt.manager(path)
-    step, restored = ckpt._restore_latest(  # noqa: SLF001 (the shared fall-back-on-damage logic)
-        mngr, step, lambda: ocp.args.Composite(params=ocp.args.StandardRestore(target))
-    )
-    mngr.close()
-    nnx.replace_by_pure_dict(state, restored["params"])
-    return nnx.merge(graphdef, state), step
+    return ckpt.restore_params(path, graphdef, state, step, shd.single_device_mesh(), shd.resolve_rules("dp"))
 
 
 def save(path: str | Path, cfg: ESMFoldConfig, params: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
     """Writes converted weights as step 0, atomically (a failure leaves no partial folder)."""
-    out = Path(path)
-    if out.exists() and (out.is_file() or any(out.iterdir())):
-        raise ckpt.CheckpointError(f"{out} exists and is not empty; refusing to overwrite")
-    _, state = abstract_model(cfg)
-    expected = state.to_pure_dict()
-    mismatch: list[str] = []
-
-    def check(kp, a, b):
-        if tuple(a.shape) != tuple(np.shape(b)):
-            mismatch.append(f"{jax.tree_util.keystr(kp)}: {np.shape(b)} vs {a.shape}")
-
-    jax.tree_util.tree_map_with_path(check, expected, params)
-    if mismatch:
-        raise ckpt.CheckpointError("parameter shapes do not fit the config: " + "; ".join(mismatch[:5]))
-    params = jax.tree.map(lambda a, ref: np.asarray(a, dtype=ref.dtype), params, expected)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        config = {"model": to_dict(cfg.esm), SECTION: to_json(cfg), **(extra or {})}
-        (tmp / ckpt.CONFIG_FILE).write_text(json.dumps(config, indent=2))
-        mngr = ckpt.manager(tmp, read_only=False, enable_async_checkpointing=False)
-        mngr.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
-        mngr.wait_until_finished()
-        mngr.close()
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    config = {"model": to_dict(cfg.esm), SECTION: to_json(cfg), **(extra or {})}
+    ckpt.write_params(path, config, params, abstract_model(cfg)[1])
 
 
 def params_numpy(model: ESMFold) -> dict[str, Any]:

@@ -67,7 +67,7 @@ class TrainCheckpointer:
                 meta=ocp.args.JsonRestore(),
             )
 
-        step, restored = ckpt._restore_latest(self.mngr, None, args)
+        step, restored = ckpt.restore_latest(self.mngr, None, args)
         state = TrainState(step=target.step, variables=restored["params"], opt_state=restored["opt_state"])
         meta = dict(restored["meta"])
         state.step = jax.device_put(jnp.asarray(meta["step"], jnp.int32), target.step.sharding)
