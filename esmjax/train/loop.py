@@ -81,9 +81,13 @@ def _check_workdir_config(workdir: Path, cfg: TrainConfig) -> None:
             raise InputError(
                 f"{workdir} holds a run of another model ({old.get('model')}); use a new --workdir to start afresh"
             )
+
+
+def _write_workdir_config(workdir: Path, cfg: TrainConfig) -> None:
+    """Written once the run has started (data opened, state created or restored), so bad input leaves nothing."""
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(to_dict(cfg), indent=2))
+        (workdir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
 
 class _Preemption:
@@ -155,11 +159,10 @@ def run(
     tx = make_optimizer(cfg.optim, cfg.num_steps, abstract_vars)
     lr = learning_rate(cfg.optim, cfg.num_steps)
     shardings = state_shardings(cfg.model, tx, mesh, rules)
-    ckptr = TrainCheckpointer(workdir, cfg.checkpoint)
-
     data = train_batches(
         cfg.data, rows=batching.process_rows, process_index=jax.process_index(), process_count=jax.process_count()
     )
+    ckptr = TrainCheckpointer(workdir, cfg.checkpoint)
     with shd.use_mesh(mesh, rules):
         restored = ckptr.restore(abstract_state(cfg.model, tx, shardings))
         if restored is None:
@@ -175,6 +178,7 @@ def run(
                 log.info("the run is complete (%d of %d steps); evaluating the final checkpoint", start, cfg.num_steps)
 
         row_spec = shd.batch_sharding(mesh, rules, 2).spec
+        _write_workdir_config(workdir, cfg)
         batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *row_spec))
         train_step = jax.jit(
             make_train_step(graphdef, tx, lr),
