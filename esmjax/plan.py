@@ -187,8 +187,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         jax.config.update("jax_num_cpu_devices", n)
         jax.config.update("jax_platforms", "cpu")
-    except RuntimeError:
-        pass  # the backend is already up (e.g. in tests); use the devices present
+    except RuntimeError:  # the backend is already up (e.g. inside tests): plan on the devices it has
+        print(f"JAX is already initialised; planning on its {jax.device_count()} devices", file=sys.stderr)
     from esmjax.config import load_config
 
     cfg = load_config(args.config, args.set)

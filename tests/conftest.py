@@ -24,3 +24,19 @@ def _eight_devices():
 def shared_data() -> Path:
     assert SHARED.exists(), f"shared data folder missing: {SHARED}"
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def cath_dir(tmp_path_factory):
+    """CATH S20 built as a dataset once per session (2% held out; each record its own cluster)."""
+    from data_fixtures import built
+
+    return built(tmp_path_factory, "cath")
+
+
+@pytest.fixture(scope="session")
+def scope_dir(tmp_path_factory):
+    """SCOPe ASTRAL 40 clustered by family (very skewed clusters), built once per session."""
+    from data_fixtures import built
+
+    return built(tmp_path_factory, "scope")

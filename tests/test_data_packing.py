@@ -13,16 +13,6 @@ from esmjax.esm2 import ESM2
 from esmjax.tokenizer import BOS, EOS, PAD
 
 
-@pytest.fixture(scope="session")
-def cath_dir(tmp_path_factory):
-    return built(tmp_path_factory, "cath")
-
-
-@pytest.fixture(scope="session")
-def scope_dir(tmp_path_factory):
-    return built(tmp_path_factory, "scope")
-
-
 def test_best_fit_decreasing_respects_capacity_and_segments():
     rng = np.random.default_rng(0)
     sizes = rng.integers(3, 200, 3000)

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from data_fixtures import CATH_FASTA, built
+from data_fixtures import CATH_FASTA
 
 from esmjax.config import DataConfig
 from esmjax.data.masking import maskable
@@ -12,16 +12,6 @@ from esmjax.data.pipeline import BATCH_KEYS, eval_batches, train_batches
 from esmjax.data.source import DatasetError, held_out, open_split
 from esmjax.fasta import read_fasta
 from esmjax.tokenizer import BOS, EOS, MASK, PAD, decode
-
-
-@pytest.fixture(scope="session")
-def cath_dir(tmp_path_factory):
-    return built(tmp_path_factory, "cath")
-
-
-@pytest.fixture(scope="session")
-def scope_dir(tmp_path_factory):
-    return built(tmp_path_factory, "scope")
 
 
 @pytest.fixture(scope="session")

@@ -7,17 +7,11 @@ from contextlib import redirect_stdout
 
 import numpy as np
 import pytest
-from data_fixtures import built
 from scipy import stats
 
 from esmjax import cli
 from esmjax.data.sampling import ClusterSampler, derive_key, permute, uniform
 from esmjax.data.source import open_split
-
-
-@pytest.fixture(scope="session")
-def scope_dir(tmp_path_factory):
-    return built(tmp_path_factory, "scope")
 
 
 def _offsets(sizes):
