@@ -16,15 +16,15 @@ from esmjax.errors import InputError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("esmjax.train.cli", "pretrain or resume ESM-2 (masked LM) on one or many hosts"),
-    "convert": ("esmjax.convert_cli", "convert fair-esm .pt / HuggingFace weights into an esmjax checkpoint"),
-    "export": ("esmjax.convert_cli", "export an esmjax checkpoint to fair-esm .pt or a HuggingFace folder"),
-    "plan": ("esmjax.plan", "compile the train step ahead of time and report memory and FLOPs per device"),
-    "embed": ("esmjax.embed", "per-residue / mean embeddings, logits and contacts for a FASTA file"),
-    "fold": ("esmjax.fold", "ESMFold structures (PDB) and confidences (pLDDT, pTM, PAE) for a FASTA file"),
-    "data": ("esmjax.data_cli", "build a training dataset from FASTA (+ cluster TSV), inspect it"),
-    "evaluate": ("esmjax.evaluate.cli", "perplexity, contact precision and variant effects of a saved checkpoint"),
-    "plot": ("esmjax.plot", "loss and perplexity curves of a training workdir (metrics.jsonl)"),
+    "train": ("esmjax.commands.train", "pretrain or resume ESM-2 (masked LM) on one or many hosts"),
+    "convert": ("esmjax.commands.convert", "convert fair-esm .pt / HuggingFace weights into an esmjax checkpoint"),
+    "export": ("esmjax.commands.convert", "export an esmjax checkpoint to fair-esm .pt or a HuggingFace folder"),
+    "plan": ("esmjax.train.plan", "compile the train step ahead of time and report memory and FLOPs per device"),
+    "embed": ("esmjax.inference.embed", "per-residue / mean embeddings, logits and contacts for a FASTA file"),
+    "fold": ("esmjax.inference.fold", "ESMFold structures (PDB) and confidences (pLDDT, pTM, PAE) for a FASTA file"),
+    "data": ("esmjax.commands.data", "build a training dataset from FASTA (+ cluster TSV), inspect it"),
+    "evaluate": ("esmjax.commands.evaluate", "perplexity, contact precision and variant effects of a saved checkpoint"),
+    "plot": ("esmjax.evaluate.plot", "loss and perplexity curves of a training workdir (metrics.jsonl)"),
 }
 
 

@@ -9,11 +9,11 @@ import numpy as np
 import torch
 from flax import nnx
 
-from esmjax.convert_esmfold import _fold_params, _stem_from_hf, _split_esm, state_dict_to_params
-from esmjax.esmfold import checkpoint as fold_ckpt
-from esmjax.esmfold.config import from_hf
-from esmjax.convert import config_from_hf
-from esmjax.tokenizer import TOKENS
+from esmjax.io.convert_esmfold import _fold_params, _stem_from_hf, _split_esm, state_dict_to_params
+from esmjax.io import esmfold_checkpoint as fold_ckpt
+from esmjax.models.esmfold.config import from_hf
+from esmjax.io.convert_esm2 import config_from_hf
+from esmjax.models.alphabet import TOKENS
 
 # (name, LM layers/width/heads, trunk, structure module). "small" is the default test shape; "wide" has 3 trunk
 # blocks and head counts that differ from it; the CLI test uses "cli", a shape no other test uses.

@@ -7,8 +7,8 @@ import torch
 from flax import nnx
 
 from esmjax.config import ESM2Config, esm2_from_shape
-from esmjax.convert import state_dict_to_params
-from esmjax.esm2 import ESM2
+from esmjax.io.convert_esm2 import state_dict_to_params
+from esmjax.models.esm2 import ESM2
 
 
 def randomize(module: torch.nn.Module, seed: int) -> None:
@@ -40,7 +40,7 @@ def fair_esm_model(num_layers: int, embed_dim: int, heads: int, seed: int = 0):
 def hf_model(num_layers: int, embed_dim: int, heads: int, seed: int = 0):
     from transformers import EsmConfig, EsmForMaskedLM
 
-    from esmjax.tokenizer import TOKENS
+    from esmjax.models.alphabet import TOKENS
 
     torch.manual_seed(seed)
     cfg = EsmConfig(

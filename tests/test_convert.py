@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from esmjax import checkpoint, convert
+from esmjax.io import checkpoint
+
+from esmjax.io import convert_esm2 as convert
 from esmjax.cli import main as cli
 from esmjax.config import esm2_from_shape
-from esmjax.torch_io import UnsafeCheckpointError, load_pt
+from esmjax.io.torch_pt import UnsafeCheckpointError, load_pt
 from reference import fair_esm_model, hf_model, rel_err
 
 # A configuration no other test uses: 4 layers, width 60, 5 heads (head_dim 12).
@@ -131,7 +133,7 @@ def test_convert_then_embed_matches_fair_esm(fair, tmp_path, shared_data):
     assert rc == 0
     import esm
 
-    from esmjax.fasta import read_fasta, sanitize_id
+    from esmjax.io.fasta import read_fasta, sanitize_id
 
     alphabet = esm.data.Alphabet.from_architecture("ESM-1b")
     bc = alphabet.get_batch_converter(truncation_seq_length=1022)

@@ -17,7 +17,7 @@ from esmjax.config import DataConfig
 from esmjax.data.build import BuildError, build_dataset
 from esmjax.data.pipeline import train_batches
 from esmjax.data.source import open_split, read_meta
-from esmjax.fasta import read_fasta
+from esmjax.io.fasta import read_fasta
 
 GOOD = ">a\nMKVLA\n>b\nMKLLT\n>c\nGGSAV\n"
 

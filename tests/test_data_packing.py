@@ -9,8 +9,8 @@ from flax import nnx
 from esmjax.config import DataConfig, esm2_preset
 from esmjax.data.packing import assemble, best_fit_decreasing
 from esmjax.data.pipeline import train_batches
-from esmjax.esm2 import ESM2
-from esmjax.tokenizer import BOS, EOS, PAD
+from esmjax.models.esm2 import ESM2
+from esmjax.models.alphabet import BOS, EOS, PAD
 
 
 def test_best_fit_decreasing_respects_capacity_and_segments():

@@ -10,8 +10,8 @@ from esmjax.config import DataConfig
 from esmjax.data.masking import maskable
 from esmjax.data.pipeline import BATCH_KEYS, eval_batches, train_batches
 from esmjax.data.source import DatasetError, held_out, open_split
-from esmjax.fasta import read_fasta
-from esmjax.tokenizer import BOS, EOS, MASK, PAD, decode
+from esmjax.io.fasta import read_fasta
+from esmjax.models.alphabet import BOS, EOS, MASK, PAD, decode
 
 
 @pytest.fixture(scope="session")

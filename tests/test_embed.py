@@ -4,12 +4,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from esmjax import checkpoint, sharding as shd
+from esmjax.io import checkpoint
+
+from esmjax.parallel import sharding as shd
 from esmjax.cli import main as cli
 from esmjax.config import ESM2_PRESETS, MeshConfig
-from esmjax.embed import Embedder, embed_records, length_buckets, make_batches, parse_layers
-from esmjax.esm2 import ESM2
-from esmjax.fasta import Record
+from esmjax.inference.embed import Embedder, embed_records, length_buckets, make_batches, parse_layers
+from esmjax.models.esm2 import ESM2
+from esmjax.io.fasta import Record
 
 
 @pytest.fixture(scope="module")

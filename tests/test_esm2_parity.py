@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from esmjax import tokenizer as tok
+from esmjax.models import alphabet as tok
 from esmjax.config import esm2_from_shape
 from reference import fair_esm_model, hf_model, rel_err, to_esmjax
 

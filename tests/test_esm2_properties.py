@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from esmjax import sharding as shd
-from esmjax import tokenizer as tok
+from esmjax.parallel import sharding as shd
+from esmjax.models import alphabet as tok
 from esmjax.config import ESM2_PRESETS, MeshConfig
-from esmjax.esm2 import ESM2
+from esmjax.models.esm2 import ESM2
 from reference import rel_err
 
 SEQS = ["MKTVRQERLKSIVRILERSKEPVSGAQ", "KALTA<mask>ISQPAA", "MKTVAC<mask>DE"]

@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from esmfold_reference import converted, hf_model, numpy_state_dict
-from esmjax import checkpoint, cli, convert
-from esmjax.convert_esmfold import ConversionError, read_fairesm, read_hf
-from esmjax.esmfold import checkpoint as fold_ckpt
-from esmjax.torch_io import UnsafeCheckpointError
+from esmjax import cli
+from esmjax.io import checkpoint
+from esmjax.io import convert_esm2 as convert
+from esmjax.io.convert_esmfold import ConversionError, read_fairesm, read_hf
+from esmjax.io import esmfold_checkpoint as fold_ckpt
+from esmjax.io.torch_pt import UnsafeCheckpointError
 
 
 def _tree_equal(a, b, skip_lm_head=False):
@@ -100,7 +102,7 @@ def test_export_to_esmfold_and_dimension_check(tmp_path, reference_params):
     _tree_equal(got["trunk"], params["trunk"])
     # A stem of another width cannot feed this head: a clear, one-line error.
     from esmjax.config import esm2_from_shape
-    from esmjax.esm2 import ESM2
+    from esmjax.models.esm2 import ESM2
     from flax import nnx
 
     other = esm2_from_shape(2, 48, 4)
@@ -113,7 +115,7 @@ def test_export_to_esmfold_and_dimension_check(tmp_path, reference_params):
 
 
 def convert_esmfold_check(cfg, other):
-    from esmjax.convert_esmfold import check_fit
+    from esmjax.io.convert_esmfold import check_fit
 
     check_fit(cfg, other, "lm48")
 

@@ -12,9 +12,9 @@ import torch
 from esmfold_reference import converted, hf_model, rel_err
 from esmjax import cli
 from esmjax.errors import InputError
-from esmjax.fasta import Record
-from esmjax.fold import Folder, encode, fold_records, load_records, make_batches
-from esmjax.geometry import residue_constants as rc
+from esmjax.io.fasta import Record
+from esmjax.inference.fold import Folder, encode, fold_records, load_records, make_batches
+from esmjax.models.geometry import residue_constants as rc
 
 # Residue counts 5, 9, 14 -> bucket 16; the multimer (9 + 25 + 5 = 39) and 40 -> bucket 48.
 RECORDS = [

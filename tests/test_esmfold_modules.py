@@ -8,13 +8,13 @@ import torch
 from flax import nnx
 
 from esmfold_reference import converted, hf_model, load_module, rel_err
-from esmjax.esmfold.config import StructureModuleConfig, TrunkConfig
-from esmjax.esmfold.model import AF2_TO_ESM, lm_tokens
-from esmjax.esmfold.structure import InvariantPointAttention, StructureModule
-from esmjax.esmfold.trunk import TriangularSelfAttentionBlock, recycle_bins
-from esmjax.esmfold.triangle import TriangleAttention, TriangleMultiplication
-from esmjax.geometry import all_atom, residue_constants as rc
-from esmjax.geometry.rigid import Rigid3, Rot3, Vec3, compose_quat_update
+from esmjax.models.esmfold.config import StructureModuleConfig, TrunkConfig
+from esmjax.models.esmfold.model import AF2_TO_ESM, lm_tokens
+from esmjax.models.esmfold.structure import InvariantPointAttention, StructureModule
+from esmjax.models.esmfold.trunk import TriangularSelfAttentionBlock, recycle_bins
+from esmjax.models.esmfold.triangle import TriangleAttention, TriangleMultiplication
+from esmjax.models.geometry import all_atom, residue_constants as rc
+from esmjax.models.geometry.rigid import Rigid3, Rot3, Vec3, compose_quat_update
 
 SIMPLE, COMPOSITE = 1e-5, 1e-4
 B, L = 2, 13

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from esmfold_reference import converted, hf_model, rel_err
-from esmjax.geometry import residue_constants as rc
+from esmjax.models.geometry import residue_constants as rc
 
 TOL = 1e-4
 SEQS = ["MKTVRQERLKSIVRILERSKEPVSGAQLAEEL", "AAAKXGWCAYA", "MKTVAAGDEHIKLMNPQRSTWYV"]

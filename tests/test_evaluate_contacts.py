@@ -10,14 +10,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from esmjax import checkpoint, sharding as shd
+from esmjax.io import checkpoint
+
+from esmjax.parallel import sharding as shd
 from esmjax.cli import main as cli
 from esmjax.config import ESM2_PRESETS, MeshConfig
-from esmjax.esm2 import ESM2
+from esmjax.models.esm2 import ESM2
 from esmjax.evaluate import contacts as ct
-from esmjax.evaluate.engine import Engine
-from esmjax.evaluate.structures import StructureError, read_chain
-from esmjax.tokenizer import batch_encode
+from esmjax.inference.engine import Engine
+from esmjax.io.structures import StructureError, read_chain
+from esmjax.models.alphabet import batch_encode
 
 
 def _target(n: int, pairs, unknown=()) -> np.ndarray:

@@ -15,18 +15,20 @@ import optax
 import pytest
 from flax import nnx
 
-from esmjax import checkpoint, sharding as shd
-from esmjax.checkpoint import CheckpointError
+from esmjax.io import checkpoint
+
+from esmjax.parallel import sharding as shd
+from esmjax.io.checkpoint import CheckpointError
 from esmjax.cli import main as cli
 from esmjax.config import ESM2_PRESETS, DataConfig, MeshConfig
 from esmjax.data.masking import mask_tokens
 from esmjax.data.pipeline import eval_batches
-from esmjax.esm2 import ESM2
-from esmjax.evaluate.engine import Engine
+from esmjax.models.esm2 import ESM2
+from esmjax.inference.engine import Engine
 from esmjax.evaluate.perplexity import masked_lm, pseudo_perplexity
-from esmjax.fasta import read_fasta
-from esmjax.plot import read_metrics, series
-from esmjax.tokenizer import BOS, EOS, MASK, PAD, encode
+from esmjax.io.fasta import read_fasta
+from esmjax.evaluate.plot import read_metrics, series
+from esmjax.models.alphabet import BOS, EOS, MASK, PAD, encode
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ_LEN = 128

@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from esmjax import checkpoint, sharding as shd
+from esmjax.io import checkpoint
+
+from esmjax.parallel import sharding as shd
 from esmjax.cli import main as cli
 from esmjax.config import ESM2_PRESETS, MeshConfig
-from esmjax.esm2 import ESM2
+from esmjax.models.esm2 import ESM2
 from esmjax.evaluate import variants as vr
-from esmjax.evaluate.engine import Engine
-from esmjax.tokenizer import BOS, EOS, MASK, TOKEN_TO_ID, encode
+from esmjax.inference.engine import Engine
+from esmjax.models.alphabet import BOS, EOS, MASK, TOKEN_TO_ID, encode
 
 N_SLICE = 60
 

@@ -4,7 +4,7 @@ import gzip
 
 import pytest
 
-from esmjax.fasta import FastaError, FastaStats, read_fasta, sanitize_id
+from esmjax.io.fasta import FastaError, FastaStats, read_fasta, sanitize_id
 
 
 def write(tmp_path, text, name="x.fa"):

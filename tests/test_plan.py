@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from esmjax.config import load_config
-from esmjax.plan import format_plan, parse_mesh, plan
+from esmjax.train.plan import format_plan, parse_mesh, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from esmjax import sharding as shd
+from esmjax.parallel import sharding as shd
 from esmjax.config import MeshConfig
 
 ROOT = Path(__file__).resolve().parents[1]

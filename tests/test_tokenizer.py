@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from esmjax import tokenizer as tok
+from esmjax.models import alphabet as tok
 
 
 @pytest.fixture(scope="module")

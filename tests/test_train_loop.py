@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from esmjax import checkpoint
+from esmjax.io import checkpoint
 from esmjax.data.build import build_dataset
-from esmjax.fasta import read_fasta
+from esmjax.io.fasta import read_fasta
 
 ROOT = Path(__file__).resolve().parents[1]
 ESMJAX = [sys.executable, "-m", "esmjax.cli"]

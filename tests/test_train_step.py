@@ -5,13 +5,13 @@ import dataclasses
 import jax
 import numpy as np
 
-from esmjax import sharding as shd
+from esmjax.parallel import sharding as shd
 from esmjax.config import ESM2_PRESETS, MeshConfig, OptimConfig
 from esmjax.data.masking import mask_tokens
-from esmjax.tokenizer import batch_encode
+from esmjax.models.alphabet import batch_encode
 from esmjax.train.optim import learning_rate, make_optimizer
 from esmjax.train.state import create_state, model_graphdef, state_shardings
-from esmjax.checkpoint import abstract_model
+from esmjax.io.checkpoint import abstract_model
 from esmjax.train.step import make_train_step
 
 CFG = dataclasses.replace(ESM2_PRESETS["tiny_h3"], num_heads=4)  # heads divisible by tensor=2
@@ -81,7 +81,7 @@ def test_accumulated_gradients_equal_full_batch():
     graphdef = model_graphdef(CFG)
     from flax import nnx
 
-    from esmjax.esm2 import ESM2
+    from esmjax.models.esm2 import ESM2
 
     variables = nnx.state(ESM2(CFG, rngs=nnx.Rngs(3))).to_pure_dict()
     grad = jax.jit(jax.grad(lambda v, b: mlm_sums(graphdef, v, b)["loss_sum"]))

@@ -35,7 +35,7 @@ def main() -> int:
     from flax import nnx
 
     from esmjax.config import esm2_preset
-    from esmjax.esm2 import ESM2
+    from esmjax.models.esm2 import ESM2
 
     cfg = dataclasses.replace(esm2_preset(a.preset), dtype=a.dtype)
     rng = np.random.default_rng(0)

@@ -29,7 +29,7 @@ AA = "ACDEFGHIKLMNPQRSTVWY"
 def hf_config(preset: str, max_recycles: int):
     from transformers import EsmConfig
 
-    from esmjax.tokenizer import TOKENS
+    from esmjax.models.alphabet import TOKENS
 
     if preset == "esmfold_v1":
         lm = dict(hidden_size=2560, num_hidden_layers=36, num_attention_heads=40)
@@ -65,11 +65,11 @@ def main() -> int:
     from flax import nnx
     from transformers import EsmForProteinFolding
 
-    from esmjax.convert import config_from_hf
-    from esmjax.convert_esmfold import _fold_params, _split_esm, _stem_from_hf
-    from esmjax.esmfold import checkpoint as fold_ckpt
-    from esmjax.esmfold.config import from_hf
-    from esmjax.geometry import residue_constants as rc
+    from esmjax.io.convert_esm2 import config_from_hf
+    from esmjax.io.convert_esmfold import _fold_params, _split_esm, _stem_from_hf
+    from esmjax.io import esmfold_checkpoint as fold_ckpt
+    from esmjax.models.esmfold.config import from_hf
+    from esmjax.models.geometry import residue_constants as rc
 
     if args.threads:
         torch.set_num_threads(args.threads)

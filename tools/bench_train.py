@@ -36,8 +36,8 @@ def make_batch(rows: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 def bench_jax(cfg_model, batch, steps: int) -> float:
     """Seconds per train step."""
-    from esmjax import sharding as shd
-    from esmjax.checkpoint import abstract_model
+    from esmjax.parallel import sharding as shd
+    from esmjax.io.checkpoint import abstract_model
     from esmjax.config import MeshConfig, OptimConfig
     from esmjax.train.optim import learning_rate, make_optimizer
     from esmjax.train.state import create_state, model_graphdef, state_shardings
@@ -68,7 +68,7 @@ def hf_masked_lm(cfg_model):
     """The PyTorch anchor: HF ``EsmForMaskedLM`` of the same shape (random weights, no dropout)."""
     from transformers import EsmConfig, EsmForMaskedLM
 
-    from esmjax.tokenizer import TOKENS
+    from esmjax.models.alphabet import TOKENS
 
     hf = EsmConfig(vocab_size=33, mask_token_id=32, pad_token_id=1, hidden_size=cfg_model.embed_dim,
                    num_hidden_layers=cfg_model.num_layers, num_attention_heads=cfg_model.num_heads,

@@ -15,8 +15,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from esmjax import sharding as shd  # noqa: E402
-from esmjax.checkpoint import abstract_model  # noqa: E402
+from esmjax.parallel import sharding as shd  # noqa: E402
+from esmjax.io.checkpoint import abstract_model  # noqa: E402
 from esmjax.config import esm2_preset, load_config  # noqa: E402
 
 # (golden file stem, preset, mesh sizes, rules)

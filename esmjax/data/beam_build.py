@@ -26,7 +26,7 @@ from esmjax.data.build import (
     example,
     parse_tsv_line,
 )
-from esmjax.fasta import FastaStats, open_text, read_fasta
+from esmjax.io.fasta import FastaStats, open_text, read_fasta
 
 try:
     import apache_beam as beam

@@ -4,7 +4,7 @@ Steps, all streaming (memory bounded by the longest record plus SQLite's page ca
 
 1. The membership TSV (``cluster_id<TAB>member_id``, e.g. UniRef50 -> UniRef90 members or MMseqs2 ``createtsv``)
    goes into an on-disk SQLite table. Without a TSV every record is its own cluster.
-2. A validation pass reads every FASTA record (``esmjax.fasta.read_fasta``: plain or gzip, binary/HTML/truncated
+2. A validation pass reads every FASTA record (``esmjax.io.fasta.read_fasta``: plain or gzip, binary/HTML/truncated
    files refused), rejects duplicate ids and records the TSV does not place, then checks that every TSV member
    was found. ``skip_invalid`` skips and counts instead of stopping.
 3. TFDS (``GeneratorBasedBuilder``, ``file_format="array_record"``; no TensorFlow) writes the ``train`` and
@@ -39,8 +39,8 @@ import tensorflow_datasets as tfds
 from tqdm import tqdm
 
 from esmjax.data import source
-from esmjax.fasta import FastaError, FastaStats, open_text, read_fasta
-from esmjax.tokenizer import encode
+from esmjax.io.fasta import FastaError, FastaStats, open_text, read_fasta
+from esmjax.models.alphabet import encode
 
 log = logging.getLogger("esmjax.data")
 

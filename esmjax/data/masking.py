@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from esmjax.tokenizer import MASK, STANDARD_AA_IDS, TOKEN_TO_ID
+from esmjax.models.alphabet import MASK, STANDARD_AA_IDS, TOKEN_TO_ID
 
 # Residue ids (letters and gap characters): 4 ("L") .. 30 ("-"). Specials and <null_1> are never selected.
 _FIRST_RESIDUE = TOKEN_TO_ID["L"]

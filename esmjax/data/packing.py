@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from esmjax.data.sampling import TAG_ROWS, Draws, derive_key, permute
-from esmjax.tokenizer import BOS, EOS, PAD
+from esmjax.models.alphabet import BOS, EOS, PAD
 
 MIN_ITEM = 3  # BOS, one residue, EOS
 

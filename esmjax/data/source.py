@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from esmjax.errors import InputError
-from esmjax.fasta import read_fasta
-from esmjax.tokenizer import encode
+from esmjax.io.fasta import read_fasta
+from esmjax.models.alphabet import encode
 
 META_FILE = "esmjax_dataset.json"
 FORMAT = "esmjax-protein-clusters"

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from esmjax.errors import InputError
-from esmjax.evaluate.engine import Engine, length_bucket
-from esmjax.evaluate.structures import ChainStructure
-from esmjax.tokenizer import batch_encode
+from esmjax.inference.engine import Engine, length_bucket
+from esmjax.io.structures import ChainStructure
+from esmjax.models.alphabet import batch_encode
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from esmjax.evaluate.engine import Engine, MaskedQuery, masked_logprobs
-from esmjax.tokenizer import VOCAB_SIZE, encode
+from esmjax.inference.engine import Engine, MaskedQuery, masked_logprobs
+from esmjax.models.alphabet import VOCAB_SIZE, encode
 
 
 def masked_lm(engine: Engine, batches: Iterable[dict[str, np.ndarray]], local: bool = True, progress: bool = False):

@@ -19,7 +19,7 @@ from typing import Any
 
 import jax
 
-from esmjax import checkpoint
+from esmjax.io import checkpoint
 from esmjax.config import ESM2Config, TrainConfig, config_hash, from_dict
 from esmjax.errors import InputError
 

@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from esmjax.errors import InputError
-from esmjax.evaluate.engine import Engine, MaskedQuery, masked_logprobs
-from esmjax.fasta import read_fasta
-from esmjax.tokenizer import TOKEN_TO_ID, TokenizeError, encode
+from esmjax.inference.engine import Engine, MaskedQuery, masked_logprobs
+from esmjax.io.fasta import read_fasta
+from esmjax.models.alphabet import TOKEN_TO_ID, TokenizeError, encode
 
 _MUTATION = re.compile(r"^([A-Z])(-?\d+)([A-Z*])$")
 SCORABLE = set("ACDEFGHIKLMNPQRSTVWYXBUZO")

@@ -1,11 +1,11 @@
 """Training checkpoints: asynchronous Orbax saves of parameters, optimizer state and run metadata.
 
-Each step folder holds three items: ``params`` (the model's variables, readable by ``esmjax.checkpoint.load_model``
+Each step folder holds three items: ``params`` (the model's variables, readable by ``esmjax.io.checkpoint.load_model``
 and every other command), ``opt_state`` and ``meta`` (JSON: step, data-iterator state, the resolved config and its hash; the step itself consumes no random numbers, since ESM-2 has no
 dropout, so the data iterator's state is the run's whole random state). Orbax
 writes a step into a temporary folder and renames it when every process has finished, so a step that was not
 completely written is never listed; a listed step whose files are damaged is skipped with a warning on restore
-(``esmjax.checkpoint``). Retention: the last ``keep`` steps plus every ``keep_every``-th.
+(``esmjax.io.checkpoint``). Retention: the last ``keep`` steps plus every ``keep_every``-th.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from esmjax import checkpoint as ckpt
+from esmjax.io import checkpoint as ckpt
 from esmjax.config import CheckpointConfig
 from esmjax.train.state import TrainState
 

@@ -21,8 +21,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from esmjax import sharding as shd
-from esmjax.checkpoint import abstract_model
+from esmjax.parallel import sharding as shd
+from esmjax.io.checkpoint import abstract_model
 from esmjax.config import ConfigError, TrainConfig, config_hash, from_dict, to_dict
 from esmjax.data.pipeline import eval_batches, train_batches
 from esmjax.errors import InputError

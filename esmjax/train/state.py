@@ -1,6 +1,6 @@
 """The sharded train state, created inside one jitted init so no host ever holds the full parameters.
 
-``TrainState`` holds the step, the model's variables as a nested dict (the same pure dict ``esmjax.checkpoint``
+``TrainState`` holds the step, the model's variables as a nested dict (the same pure dict ``esmjax.io.checkpoint``
 saves as ``params``, rotary buffers included) and the optax state. Shardings come from the parameters' logical
 axes and the mesh rules; each optimizer-state leaf takes the sharding of the parameter whose path it ends with
 (Adam's ``mu``/``nu``), scalars are replicated.
@@ -17,10 +17,10 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from esmjax import sharding as shd
-from esmjax.checkpoint import abstract_model
+from esmjax.parallel import sharding as shd
+from esmjax.io.checkpoint import abstract_model
 from esmjax.config import ESM2Config
-from esmjax.esm2 import ESM2
+from esmjax.models.esm2 import ESM2
 
 
 @jax.tree_util.register_dataclass

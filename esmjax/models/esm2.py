@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from esmjax import nn
+from esmjax.models import layers as nn
 from esmjax.config import ESM2Config
-from esmjax.sharding import (
+from esmjax.parallel.sharding import (
     ACT_BATCH,
     ACT_EMBED,
     ACT_HEADS,
@@ -37,7 +37,7 @@ from esmjax.sharding import (
     VOCAB,
     constrain,
 )
-from esmjax.tokenizer import EOS, MASK, PAD
+from esmjax.models.alphabet import EOS, MASK, PAD
 
 # fair-esm: mask_ratio_train = 0.15 * 0.8, the masked fraction ESM-2 was trained with.
 MASK_RATIO_TRAIN = 0.15 * 0.8

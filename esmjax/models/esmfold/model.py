@@ -17,14 +17,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from esmjax import nn, tokenizer
-from esmjax.esm2 import ESM2
-from esmjax.esmfold import heads
-from esmjax.esmfold.config import ESMFoldConfig
-from esmjax.esmfold.triangle import dense
-from esmjax.esmfold.trunk import FoldingTrunk
-from esmjax.geometry import all_atom
-from esmjax.geometry import residue_constants as rc
+from esmjax.models import layers as nn
+
+from esmjax.models import alphabet as tokenizer
+from esmjax.models.esm2 import ESM2
+from esmjax.models.esmfold import heads
+from esmjax.models.esmfold.config import ESMFoldConfig
+from esmjax.models.esmfold.triangle import dense
+from esmjax.models.esmfold.trunk import FoldingTrunk
+from esmjax.models.geometry import all_atom
+from esmjax.models.geometry import residue_constants as rc
 
 # fair-esm ``ESMFold._af2_to_esm``: index 0 (padding) -> <pad>, then AF2 order A R N ... V X -> ESM token ids.
 AF2_TO_ESM = np.array(

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from esmjax import nn
+from esmjax.models import layers as nn
 
 
 def dense(in_dim: int, out_dim: int, rngs: nnx.Rngs, use_bias: bool = True) -> nn.Dense:

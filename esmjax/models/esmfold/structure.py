@@ -17,11 +17,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from esmjax import nn
-from esmjax.esmfold.config import StructureModuleConfig
-from esmjax.esmfold.triangle import dense
-from esmjax.geometry import all_atom
-from esmjax.geometry.rigid import Rigid3, Rot3, Vec3, compose_quat_update, quat_identity
+from esmjax.models import layers as nn
+from esmjax.models.esmfold.config import StructureModuleConfig
+from esmjax.models.esmfold.triangle import dense
+from esmjax.models.geometry import all_atom
+from esmjax.models.geometry.rigid import Rigid3, Rot3, Vec3, compose_quat_update, quat_identity
 
 
 def _points(flat: jax.Array) -> Vec3:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from esmjax.geometry import residue_constants as rc
+from esmjax.models.geometry import residue_constants as rc
 
 CHAIN_IDS = string.ascii_uppercase + string.ascii_lowercase + string.digits
 

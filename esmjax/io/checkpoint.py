@@ -27,9 +27,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from esmjax import sharding as shd
+from esmjax.parallel import sharding as shd
 from esmjax.config import ESM2Config, from_dict, to_dict
-from esmjax.esm2 import ESM2
+from esmjax.models.esm2 import ESM2
 from esmjax.errors import InputError
 
 log = logging.getLogger(__name__)

@@ -7,9 +7,9 @@ mapping is three rules, applied from our side so that every parameter is account
 * ``<path>.kernel`` <- ``<path>.weight`` transposed (torch Linear is ``[out, in]``); ``.scale`` (LayerNorm) and
   ``.embedding`` (Embedding) <- ``.weight``; anything else (``bias``, ``head_weights``, ``esm_s_combine``) as is;
 * ``trunk.blocks.<leaf>`` <- ``trunk.blocks.{i}.<leaf>`` stacked on a leading axis;
-* ``esm.*`` (the stem) goes through ``esmjax.convert``'s ESM-2 table.
+* ``esm.*`` (the stem) goes through ``esmjax.io.convert_esm2``'s ESM-2 table.
 
-Files are read with ``esmjax.torch_io.load_pt`` / safetensors: no code from a checkpoint ever runs.
+Files are read with ``esmjax.io.torch_pt.load_pt`` / safetensors: no code from a checkpoint ever runs.
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ from typing import Any
 
 import numpy as np
 
-from esmjax import convert
+from esmjax.io import convert_esm2 as convert
 from esmjax.config import ESM2_PRESETS, ESM2Config, esm2_from_shape
-from esmjax.esmfold import checkpoint as fold_ckpt
-from esmjax.esmfold.config import ESMFoldConfig, StructureModuleConfig, TrunkConfig, from_hf
-from esmjax.esmfold.model import AF2_TO_ESM
+from esmjax.io import esmfold_checkpoint as fold_ckpt
+from esmjax.models.esmfold.config import ESMFoldConfig, StructureModuleConfig, TrunkConfig, from_hf
+from esmjax.models.esmfold.model import AF2_TO_ESM
 from esmjax.errors import InputError
 
-log = logging.getLogger("esmjax.convert")
+log = logging.getLogger("esmjax.io.convert_esm2")
 ConversionError = convert.ConversionError
 
 
@@ -231,7 +231,7 @@ def read_stem(src: str | Path) -> tuple[ESM2Config, dict]:
     if not p.exists():
         raise InputError(f"{p}: no such file or folder")
     if p.is_dir() and (p / "config.json").exists() and "model" in json.loads((p / "config.json").read_text()):
-        from esmjax import checkpoint
+        from esmjax.io import checkpoint
 
         model, _ = checkpoint.load_model(p)
         return model.cfg, checkpoint.params_numpy(model)
@@ -244,7 +244,7 @@ def read_stem(src: str | Path) -> tuple[ESM2Config, dict]:
 def read_fairesm(path: str | Path, esm: str | Path | None = None) -> tuple[ESMFoldConfig, dict]:
     """A fair-esm ESMFold ``.pt`` (``{"cfg": {"model": cfg}, "model": state_dict}``). Its ``esm.*`` weights are
     used when present; fair-esm's own files leave them out and load the LM separately, which ``esm`` names."""
-    from esmjax.torch_io import load_pt
+    from esmjax.io.torch_pt import load_pt
 
     p = Path(path)
     data = load_pt(p, opaque_modules=("omegaconf", "typing", "builtins", "__builtin__", "enum", "collections"))
@@ -299,7 +299,7 @@ def read_any(src: str | Path, esm: str | Path | None = None) -> tuple[ESMFoldCon
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# CLI branches (called from esmjax.convert_cli)
+# CLI branches (called from esmjax.commands.convert)
 # ---------------------------------------------------------------------------------------------------------------------
 def convert_main(args: argparse.Namespace) -> int:
     """``esmjax convert SRC OUT [--esm ESM2]`` for an ESMFold source."""
@@ -318,7 +318,7 @@ def convert_main(args: argparse.Namespace) -> int:
 def export_main(args: argparse.Namespace) -> int:
     """``esmjax export ESM2_CKPT --to esmfold OUT --folding-head HEAD``: the ESM-2 of an esmjax checkpoint (e.g.
     one you trained) under the folding head of an ESMFold (esmjax folder, fair-esm .pt or HF folder)."""
-    from esmjax import checkpoint
+    from esmjax.io import checkpoint
 
     head = getattr(args, "folding_head", None)
     if not head:

@@ -1,4 +1,4 @@
-"""ESMFold checkpoint folders: the layout of ``esmjax.checkpoint`` with one more config section.
+"""ESMFold checkpoint folders: the layout of ``esmjax.io.checkpoint`` with one more config section.
 
 ::
 
@@ -19,11 +19,11 @@ import jax
 import numpy as np
 from flax import nnx
 
-from esmjax import checkpoint as ckpt
-from esmjax import sharding as shd
+from esmjax.io import checkpoint as ckpt
+from esmjax.parallel import sharding as shd
 from esmjax.config import to_dict
-from esmjax.esmfold.config import ESMFoldConfig, from_json, to_json
-from esmjax.esmfold.model import ESMFold
+from esmjax.models.esmfold.config import ESMFoldConfig, from_json, to_json
+from esmjax.models.esmfold.model import ESMFold
 
 SECTION = "esmfold"
 

@@ -82,11 +82,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 def _restore(args: argparse.Namespace):
     """Distributed start-up, mesh, model and provenance."""
-    from esmjax import checkpoint, sharding as shd
+    from esmjax.io import checkpoint
+    from esmjax.parallel import sharding as shd
     from esmjax.config import MeshConfig
     from esmjax.evaluate import report
-    from esmjax.evaluate.engine import Engine
-    from esmjax import distributed
+    from esmjax.inference.engine import Engine
+    from esmjax.parallel import distributed
 
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     mesh = shd.make_mesh(MeshConfig(ici_fsdp=-1))
@@ -115,7 +116,7 @@ def _finish(name: str, out: Path, rep: dict, text: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------------
 def perplexity_main(args: argparse.Namespace) -> int:
-    from esmjax import checkpoint
+    from esmjax.io import checkpoint
     from esmjax.config import DataConfig, from_dict
     from esmjax.evaluate import perplexity, report
 
@@ -166,7 +167,7 @@ def perplexity_main(args: argparse.Namespace) -> int:
 
 
 def _fasta_sequences(path: Path, limit: int) -> list[str]:
-    from esmjax.fasta import read_fasta
+    from esmjax.io.fasta import read_fasta
 
     seqs = []
     for rec in read_fasta(path):
@@ -180,9 +181,9 @@ def _fasta_sequences(path: Path, limit: int) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------------------------------
 def contacts_main(args: argparse.Namespace) -> int:
-    from esmjax import checkpoint
+    from esmjax.io import checkpoint
     from esmjax.evaluate import contacts as ct, report
-    from esmjax.evaluate.structures import read_chain
+    from esmjax.io.structures import read_chain
 
     if args.fit_c is not None and not args.fit:
         raise InputError("--fit-c is only used with --fit")
@@ -231,7 +232,7 @@ def contacts_main(args: argparse.Namespace) -> int:
         })  # fmt: skip
         rows.append((chain.name, len(chain.sequence), *(m[r][k] for r, _, _ in ct.RANGES for k, _ in ct.DIVISORS)))
         if args.plot and _is_main():
-            from esmjax.plot import plot_contact_map
+            from esmjax.evaluate.plot import plot_contact_map
 
             plot_contact_map(pred, target, out / f"contacts_{Path(chain.path).stem}_{chain.chain}.png", chain.name)
     mean = ct.mean_metrics([p["precision"] for p in per])
@@ -280,7 +281,7 @@ def variants_main(args: argparse.Namespace) -> int:
             w.writerow(["mutant", "fitness", "score"])
             w.writerows((v.name, v.fitness, f"{s:.6f}") for v, s in zip(chosen, scores))
         if args.plot:
-            from esmjax.plot import plot_variant_scatter
+            from esmjax.evaluate.plot import plot_variant_scatter
 
             plot_variant_scatter(scores, fitness, out / "variants_scatter.png", Path(args.dms).name, rho)
     rep = report.build(

@@ -7,10 +7,12 @@ import logging
 import sys
 from pathlib import Path
 
-from esmjax import checkpoint, convert
+from esmjax.io import checkpoint
+
+from esmjax.io import convert_esm2 as convert
 from esmjax.errors import InputError
 
-log = logging.getLogger("esmjax.convert")
+log = logging.getLogger("esmjax.io.convert_esm2")
 
 
 def add_convert_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,7 +27,7 @@ def convert_main(args: argparse.Namespace) -> int:
     src = Path(args.src)
     if not src.exists():
         raise InputError(f"{src}: no such file or folder")
-    from esmjax import convert_esmfold
+    from esmjax.io import convert_esmfold
 
     if convert_esmfold.is_esmfold_source(src):
         return convert_esmfold.convert_main(args)
@@ -58,7 +60,7 @@ def export_main(args: argparse.Namespace) -> int:
     if out.exists() and (out.is_file() or any(out.iterdir())):
         raise InputError(f"{out} exists; refusing to overwrite")
     if args.to == "esmfold":
-        from esmjax import convert_esmfold
+        from esmjax.io import convert_esmfold
 
         return convert_esmfold.export_main(args)
     model, step = checkpoint.load_model(args.checkpoint, step=args.step)

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from esmjax.tokenizer import RESIDUES
+from esmjax.models.alphabet import RESIDUES
 from esmjax.errors import InputError
 
 _ALLOWED = frozenset(RESIDUES)

@@ -16,17 +16,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from esmjax import nn
-from esmjax.esmfold.config import TrunkConfig
-from esmjax.esmfold.structure import StructureModule
-from esmjax.esmfold.triangle import (
+from esmjax.models import layers as nn
+from esmjax.models.esmfold.config import TrunkConfig
+from esmjax.models.esmfold.structure import StructureModule
+from esmjax.models.esmfold.triangle import (
     PairToSequence,
     SequenceToPair,
     TriangleAttention,
     TriangleMultiplication,
     dense,
 )
-from esmjax.geometry.rigid import Vec3
+from esmjax.models.geometry.rigid import Vec3
 
 # Recycled distogram: squared-distance boundaries linspace(3.375, 21.375, 14)^2 on the virtual C-beta (15 bins).
 RECYCLE_BINS = 15

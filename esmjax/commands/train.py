@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from esmjax import distributed
+    from esmjax.parallel import distributed
 
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     from esmjax.train.loop import load_run_config, run

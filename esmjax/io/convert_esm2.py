@@ -258,7 +258,7 @@ def config_from_hf(hf: dict[str, Any]) -> ESM2Config:
 
 
 def hf_config(cfg: ESM2Config) -> dict[str, Any]:
-    from esmjax.tokenizer import TOKENS
+    from esmjax.models.alphabet import TOKENS
 
     return {
         "architectures": ["EsmForMaskedLM"],
@@ -293,7 +293,7 @@ def hf_config(cfg: ESM2Config) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------------
 def read_fairesm(path: str | Path) -> tuple[ESM2Config, dict[str, Any], list[str]]:
     """A fair-esm ``.pt`` (plus a co-located ``*-contact-regression.pt`` when present) -> (config, params, warnings)."""
-    from esmjax.torch_io import load_pt
+    from esmjax.io.torch_pt import load_pt
 
     p = Path(path)
     data = load_pt(p)
@@ -322,7 +322,7 @@ def read_hf_state_dict(folder: Path) -> dict[str, np.ndarray]:
         for shard in shards:
             sd.update(load_file(str(shard)))
     elif (folder / "pytorch_model.bin").exists():
-        from esmjax.torch_io import load_pt
+        from esmjax.io.torch_pt import load_pt
 
         sd = dict(load_pt(folder / "pytorch_model.bin"))
     else:
@@ -352,7 +352,7 @@ def read_any(src: str | Path) -> tuple[ESM2Config, dict[str, Any], list[str]]:
 
 def write_fairesm(params: dict[str, Any], cfg: ESM2Config, path: str | Path) -> None:
     """Writes a fair-esm ``.pt`` that ``esm.pretrained.load_model_and_alphabet_local`` reads."""
-    from esmjax.torch_io import save_pt
+    from esmjax.io.torch_pt import save_pt
 
     sd = params_to_state_dict(params, cfg, "fair-esm")
     prefixed = {("encoder." if k.startswith("lm_head") else "encoder.sentence_encoder.") + k: v for k, v in sd.items()

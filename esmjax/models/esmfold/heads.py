@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from esmjax import nn
-from esmjax.esmfold.triangle import dense
+from esmjax.models import layers as nn
+from esmjax.models.esmfold.triangle import dense
 
 DISTOGRAM_BINS = 64
 LDDT_BINS = 50

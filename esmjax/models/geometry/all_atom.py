@@ -14,8 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from esmjax.geometry import residue_constants as rc
-from esmjax.geometry.rigid import Rigid3, Rot3, Vec3
+from esmjax.models.geometry import residue_constants as rc
+from esmjax.models.geometry.rigid import Rigid3, Rot3, Vec3
 
 
 def _lookup(table, aatype: jax.Array) -> jax.Array:

@@ -51,7 +51,7 @@ def activation_estimate(cfg, rows: int, seq_len: int, tensor: int) -> int:
     """Bytes of activations kept for the backward pass on one device, plus the transient peak of one layer.
 
     ``rows`` are the packed rows of one micro-batch that this device's (data x fsdp) shard processes. Attention
-    never keeps its [rows, H, S, S] weights between passes (``esmjax.nn`` recomputes them in the backward), so they
+    never keeps its [rows, H, S, S] weights between passes (``esmjax.models.layers`` recomputes them in the backward), so they
     count once, in the transient peak.
     """
     m = cfg.model
@@ -73,8 +73,8 @@ def plan(cfg, sizes: dict[str, int], device_memory_gb: float) -> dict[str, Any]:
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from esmjax import sharding as shd
-    from esmjax.checkpoint import abstract_model
+    from esmjax.parallel import sharding as shd
+    from esmjax.io.checkpoint import abstract_model
     from esmjax.train import metrics as tm
     from esmjax.train.loop import Batching
     from esmjax.train.optim import learning_rate, make_optimizer

@@ -22,14 +22,16 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from esmjax import checkpoint, sharding as shd
+from esmjax.io import checkpoint
+
+from esmjax.parallel import sharding as shd
 from esmjax.config import MeshConfig
 from esmjax.errors import InputError
-from esmjax.esm2 import ESM2
-from esmjax.fasta import Record, check_unique_ids, read_fasta, sanitize_id
-from esmjax.tokenizer import PAD, batch_encode
+from esmjax.models.esm2 import ESM2
+from esmjax.io.fasta import Record, check_unique_ids, read_fasta, sanitize_id
+from esmjax.models.alphabet import PAD, batch_encode
 
-log = logging.getLogger("esmjax.embed")
+log = logging.getLogger("esmjax.inference.embed")
 
 INCLUDE_CHOICES = ("per_tok", "mean", "logits", "contacts")
 

@@ -3,7 +3,7 @@
 Glossary: B batch, L query tokens, M key tokens, E embed, H heads, D head_dim, F mlp, V vocab.
 
 Parameters are created with ``param``: an ``nnx.Param`` whose ``out_sharding`` metadata holds logical axis names
-(see ``esmjax.sharding``) and whose eager sharding is off, so a model can be built abstractly, on one device, or
+(see ``esmjax.parallel.sharding``) and whose eager sharding is off, so a model can be built abstractly, on one device, or
 inside a jitted init with explicit output shardings.
 """
 

@@ -25,16 +25,16 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from esmjax.embed import bucket_for, length_buckets
+from esmjax.inference.embed import bucket_for, length_buckets
 from esmjax.errors import InputError
-from esmjax.esmfold import checkpoint as fold_ckpt
-from esmjax.esmfold.heads import max_predicted_aligned_error
-from esmjax.esmfold.model import ESMFold
-from esmjax.fasta import Record, check_unique_ids, read_fasta, sanitize_id
-from esmjax.geometry import residue_constants as rc
-from esmjax.protein import Structure, to_mmcif, to_pdb
+from esmjax.io import esmfold_checkpoint as fold_ckpt
+from esmjax.models.esmfold.heads import max_predicted_aligned_error
+from esmjax.models.esmfold.model import ESMFold
+from esmjax.io.fasta import Record, check_unique_ids, read_fasta, sanitize_id
+from esmjax.models.geometry import residue_constants as rc
+from esmjax.io.structure_writer import Structure, to_mmcif, to_pdb
 
-log = logging.getLogger("esmjax.fold")
+log = logging.getLogger("esmjax.inference.fold")
 
 CHAIN_LINKER = "G" * 25
 RESIDUE_INDEX_OFFSET = 512

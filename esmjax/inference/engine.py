@@ -19,10 +19,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from esmjax import sharding as shd
-from esmjax.embed import bucket_for, length_buckets
-from esmjax.esm2 import ESM2
-from esmjax.tokenizer import MASK, PAD, encode_with_specials
+from esmjax.parallel import sharding as shd
+from esmjax.inference.embed import bucket_for, length_buckets
+from esmjax.models.esm2 import ESM2
+from esmjax.models.alphabet import MASK, PAD, encode_with_specials
 
 
 def length_bucket(length: int) -> int:

@@ -1,0 +1,1 @@
+"""One module per ``esmjax`` subcommand: argv -> config -> one library call."""

@@ -1,0 +1,1 @@
+"""File formats and weights: FASTA, structures, the safe .pt reader, checkpoints, conversions."""

@@ -1,0 +1,1 @@
+"""Pure Flax NNX model code (no I/O): layers, alphabet, ESM-2, ESMFold, geometry."""
