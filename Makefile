@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test train clean
+.PHONY: venv lint format test train clean
 
 # (Re)install when pyproject.toml changes. The test extra pins a CPU build of torch
 # (an unpinned torch would pull a multi-GB CUDA build).
@@ -16,7 +16,16 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-test: $(STAMP)
+# Style gate (ruff, 100 columns; settings in pyproject.toml). CI runs it first, through `make test`.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check esmjax tests tools
+	$(VENV)/bin/ruff format --check esmjax tests tools
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix esmjax tests tools
+	$(VENV)/bin/ruff format esmjax tests tools
+
+test: lint
 	$(PY) -m pytest -q tests
 
 # Trains the demo ESM-2 on the bundled CATH S20 sample on every local device; run again to resume.

@@ -1,7 +1,8 @@
 """The ``esmjax`` console script.
 
-Each subcommand lives in the module that implements it; that module defines ``add_arguments(parser)`` and
-``main(args) -> int``. Modules are imported only when their subcommand runs, so ``esmjax --help`` stays fast.
+Each subcommand lives in the module that implements it; that module defines
+``add_arguments(parser)`` and ``main(args) -> int``. Modules are imported only when their subcommand
+runs, so ``esmjax --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -17,14 +18,38 @@ from esmjax.errors import InputError
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("esmjax.commands.train", "pretrain or resume ESM-2 (masked LM) on one or many hosts"),
-    "convert": ("esmjax.commands.convert", "convert fair-esm .pt / HuggingFace weights into an esmjax checkpoint"),
-    "export": ("esmjax.commands.convert", "export an esmjax checkpoint to fair-esm .pt or a HuggingFace folder"),
-    "plan": ("esmjax.train.plan", "compile the train step ahead of time and report memory and FLOPs per device"),
-    "embed": ("esmjax.inference.embed", "per-residue / mean embeddings, logits and contacts for a FASTA file"),
-    "fold": ("esmjax.inference.fold", "ESMFold structures (PDB) and confidences (pLDDT, pTM, PAE) for a FASTA file"),
-    "data": ("esmjax.commands.data", "build a training dataset from FASTA (+ cluster TSV), inspect it"),
-    "evaluate": ("esmjax.commands.evaluate", "perplexity, contact precision and variant effects of a saved checkpoint"),
-    "plot": ("esmjax.evaluate.plot", "loss and perplexity curves of a training workdir (metrics.jsonl)"),
+    "convert": (
+        "esmjax.commands.convert",
+        "convert fair-esm .pt / HuggingFace weights into an esmjax checkpoint",
+    ),
+    "export": (
+        "esmjax.commands.convert",
+        "export an esmjax checkpoint to fair-esm .pt or a HuggingFace folder",
+    ),
+    "plan": (
+        "esmjax.train.plan",
+        "compile the train step ahead of time and report memory and FLOPs per device",
+    ),
+    "embed": (
+        "esmjax.inference.embed",
+        "per-residue / mean embeddings, logits and contacts for a FASTA file",
+    ),
+    "fold": (
+        "esmjax.inference.fold",
+        "ESMFold structures (PDB) and confidences (pLDDT, pTM, PAE) for a FASTA file",
+    ),
+    "data": (
+        "esmjax.commands.data",
+        "build a training dataset from FASTA (+ cluster TSV), inspect it",
+    ),
+    "evaluate": (
+        "esmjax.commands.evaluate",
+        "perplexity, contact precision and variant effects of a saved checkpoint",
+    ),
+    "plot": (
+        "esmjax.evaluate.plot",
+        "loss and perplexity curves of a training workdir (metrics.jsonl)",
+    ),
 }
 
 

@@ -1,8 +1,9 @@
 """Typed, frozen configuration for every esmjax job, and the YAML loader.
 
-Every config is a frozen, keyword-only dataclass. YAML files under ``configs/`` hold only what differs from the
-defaults; ``load_config`` builds the dataclasses from them, rejects unknown keys, coerces leaf types and applies
-``--set a.b=c`` overrides. Model sizes are data (``ESM2_PRESETS``), as in the ESM-2 model zoo (Lin et al. 2023).
+Every config is a frozen, keyword-only dataclass. YAML files under ``configs/`` hold only what
+differs from the defaults; ``load_config`` builds the dataclasses from them, rejects unknown keys,
+coerces leaf types and applies ``--set a.b=c`` overrides. Model sizes are data (``ESM2_PRESETS``),
+as in the ESM-2 model zoo (Lin et al. 2023).
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ import yaml
 from esmjax.errors import InputError
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Model
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True, kw_only=True)
 class ESM2Config:
     """ESM-2 architecture (fair-esm ``esm.model.esm2.ESM2``) and how it is computed.
@@ -34,13 +35,15 @@ class ESM2Config:
       num_heads: attention heads H; head_dim D = E / H.
       mlp_dim: feed-forward width F (4E in every published model).
       vocab_size: 33, the ESM-1b alphabet.
-      token_dropout: ESM-2 rescales embeddings by 0.88 / (1 - observed mask ratio); True for all checkpoints.
-      rope_theta: rotary base used only to initialise ``inv_freq`` (loaded checkpoints carry their own).
+      token_dropout: ESM-2 rescales embeddings by 0.88 / (1 - observed mask ratio); True for all
+        checkpoints.
+      rope_theta: rotary base used only to initialise ``inv_freq`` (loaded checkpoints carry their
+        own).
       layer_norm_eps: 1e-5, as fair-esm (PyTorch default).
       dtype: compute dtype, ``float32`` or ``bfloat16``; parameters stay ``param_dtype``.
       param_dtype: parameter storage dtype.
-      remat: rematerialisation of each layer in training: ``none``, ``full``, ``dots`` (save matmul outputs) or
-        ``dots_no_batch`` (save weight matmuls, recompute attention).
+      remat: rematerialisation of each layer in training: ``none``, ``full``, ``dots`` (save matmul
+        outputs) or ``dots_no_batch`` (save weight matmuls, recompute attention).
     """
 
     num_layers: int
@@ -57,7 +60,9 @@ class ESM2Config:
 
     def __post_init__(self) -> None:
         if self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+            raise ValueError(
+                f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}"
+            )
         if (self.embed_dim // self.num_heads) % 2:
             raise ValueError("head_dim must be even for rotary embeddings")
         if self.dtype not in ("float32", "bfloat16"):
@@ -70,7 +75,8 @@ class ESM2Config:
         return self.embed_dim // self.num_heads
 
     def num_params(self) -> int:
-        """Parameters counted as fair-esm counts them (tied embedding once, contact regression included)."""
+        """Parameters counted as fair-esm counts them (tied embedding once, contact regression
+        included)."""
         e, f, n, v = self.embed_dim, self.mlp_dim, self.num_layers, self.vocab_size
         layer = 4 * (e * e + e) + 2 * (2 * e) + (e * f + f) + (f * e + e)
         head = (e * e + e) + 2 * e + v
@@ -84,10 +90,13 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
 def _esm2(num_layers: int, embed_dim: int, num_heads: int) -> ESM2Config:
-    return ESM2Config(num_layers=num_layers, embed_dim=embed_dim, num_heads=num_heads, mlp_dim=4 * embed_dim)
+    return ESM2Config(
+        num_layers=num_layers, embed_dim=embed_dim, num_heads=num_heads, mlp_dim=4 * embed_dim
+    )
 
 
-# The public ESM-2 checkpoints (fair-esm README model table; heads from the HF configs) and small test shapes.
+# The public ESM-2 checkpoints (fair-esm README model table; heads from the HF configs) and small
+# test shapes.
 ESM2_PRESETS: dict[str, ESM2Config] = {
     "esm2_t6_8M_UR50D": _esm2(6, 320, 20),
     "esm2_t12_35M_UR50D": _esm2(12, 480, 20),
@@ -107,24 +116,29 @@ def esm2_preset(name: str) -> ESM2Config:
     try:
         return ESM2_PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown ESM-2 preset {name!r}; known: {', '.join(ESM2_PRESETS)}") from None
+        raise ValueError(
+            f"unknown ESM-2 preset {name!r}; known: {', '.join(ESM2_PRESETS)}"
+        ) from None
 
 
 def esm2_from_shape(num_layers: int, embed_dim: int, num_heads: int, **kw: Any) -> ESM2Config:
     """An ESM2Config for an arbitrary shape (fair-esm stores only these three numbers)."""
-    return ESM2Config(num_layers=num_layers, embed_dim=embed_dim, num_heads=num_heads, mlp_dim=4 * embed_dim, **kw)
+    return ESM2Config(
+        num_layers=num_layers, embed_dim=embed_dim, num_heads=num_heads, mlp_dim=4 * embed_dim, **kw
+    )
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Training
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True, kw_only=True)
 class MeshConfig:
     """Device mesh ``(data, fsdp, tensor)`` and the logical-axis rules that map onto it.
 
-    ``ici_*`` sizes are within a host or slice, ``dcn_*`` across hosts or slices (MaxText's split). One of the
-    ``ici_*`` sizes may be -1, meaning the devices left over. ``rules`` names a preset in ``sharding.RULE_PRESETS``
-    (``dp``, ``fsdp``, ``fsdp_tp``) or is an explicit list of ``[logical_axis, [mesh_axis, ...]]`` pairs.
+    ``ici_*`` sizes are within a host or slice, ``dcn_*`` across hosts or slices (MaxText's split).
+    One of the ``ici_*`` sizes may be -1, meaning the devices left over. ``rules`` names a preset in
+    ``sharding.RULE_PRESETS`` (``dp``, ``fsdp``, ``fsdp_tp``) or is an explicit list of
+    ``[logical_axis, [mesh_axis, ...]]`` pairs.
     """
 
     ici_data: int = 1
@@ -145,16 +159,20 @@ class DataConfig:
       eval: held-out data; empty means the dataset folder's validation split.
       seq_len: tokens per packed row, BOS and EOS included (ESM-2 crops at 1,024).
       tokens_per_step: global tokens per optimizer step (ESM-2: about 2M = 2,048 x 1,024).
-      rows_per_device: packed rows each device processes per micro-step; accumulation covers the rest.
-      mask_prob / mask_token_prob / random_token_prob: BERT masking (15%, of which 80% <mask>, 10% random).
+      rows_per_device: packed rows each device processes per micro-step; accumulation covers the
+        rest.
+      mask_prob / mask_token_prob / random_token_prob: BERT masking (15%, of which 80% <mask>, 10%
+      random).
       cluster_exponent: 0 draws clusters uniformly (ESM-2), 1 draws sequences uniformly.
       max_segments: at most this many sequences packed into one row.
-      seed: sampling seed (the masking seed derives from it and each row's place in the packed stream).
+      seed: sampling seed (the masking seed derives from it and each row's place in the packed
+        stream).
       num_workers: background worker processes (0 = in-process threads only).
       prefetch: batches prefetched ahead of the step.
-      eval_tokens: held-out tokens evaluated at each evaluation (0 or less: the whole held-out split).
-      val_fraction: for a FASTA ``train``, the fraction of records held out for evaluation (each record is its own
-        cluster; the same hash rule as ``esmjax data build --val-fraction``).
+      eval_tokens: held-out tokens evaluated at each evaluation (0 or less: the whole held-out
+        split).
+      val_fraction: for a FASTA ``train``, the fraction of records held out for evaluation (each
+        record is its own cluster; the same hash rule as ``esmjax data build --val-fraction``).
     """
 
     train: str = ""
@@ -176,7 +194,8 @@ class DataConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class OptimConfig:
-    """AdamW with linear warm-up and linear decay to ``final_lr_ratio`` of peak (ESM-2 recipe, Lin et al. 2023).
+    """AdamW with linear warm-up and linear decay to ``final_lr_ratio`` of peak (ESM-2 recipe, Lin
+    et al. 2023).
 
     The decay runs over ``decay_fraction`` of ``TrainConfig.num_steps`` and then holds.
     """
@@ -194,7 +213,8 @@ class OptimConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class CheckpointConfig:
-    """Orbax checkpointing: save every ``every`` steps, keep the last ``keep`` and every ``keep_every``-th."""
+    """Orbax checkpointing: save every ``every`` steps, keep the last ``keep`` and every
+    ``keep_every``-th."""
 
     every: int = 1000
     keep: int = 3
@@ -218,9 +238,9 @@ class TrainConfig:
     accelerator: str = ""  # peak-FLOPs table key for MFU; empty = detect from the device kind
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Loading and dumping
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 class ConfigError(InputError):
     """A config file or override that does not fit the dataclasses."""
 
@@ -275,8 +295,8 @@ def _freeze(value: Any) -> Any:
 def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     """Builds dataclass ``cls`` from a nested dict, rejecting unknown keys.
 
-    For ``TrainConfig`` (and anything with an ``ESM2Config`` field) the model may be given as a preset name string,
-    or as a mapping with a ``preset`` key plus overrides.
+    For ``TrainConfig`` (and anything with an ``ESM2Config`` field) the model may be given as a
+    preset name string, or as a mapping with a ``preset`` key plus overrides.
     """
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
@@ -286,7 +306,9 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
         base.update({k: v for k, v in data.items() if k != "preset"})
         return from_dict(cls, base, where)
     if unknown:
-        raise ConfigError(f"{where or cls.__name__}: unknown key(s) {sorted(unknown)}; allowed: {sorted(names)}")
+        raise ConfigError(
+            f"{where or cls.__name__}: unknown key(s) {sorted(unknown)}; allowed: {sorted(names)}"
+        )
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
@@ -316,7 +338,9 @@ def _set_path(tree: dict[str, Any], dotted: str, raw: str) -> None:
     node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+def load_config(
+    path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()
+) -> TrainConfig:
     """Reads a YAML training config and applies ``key.path=value`` overrides."""
     tree: dict[str, Any] = {}
     if path is not None:

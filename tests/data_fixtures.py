@@ -1,4 +1,5 @@
-"""Datasets built once per test session from the real data in ../shared/data (shared by tests/test_data_*.py)."""
+"""Datasets built once per test session from the real data in ../shared/data (shared by
+tests/test_data_*.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ _BUILT: dict[str, Path] = {}
 
 
 def scope_family_tsv(out: Path) -> Path:
-    """SCOPe family -> domain membership (4,583 families, 1 to 156 members): very skewed clusters."""
+    """SCOPe family -> domain membership (4,583 families, 1 to 156 members): very skewed
+    clusters."""
     rows = []
     for line in SCOPE_LABELS.read_text().splitlines()[1:]:
         sid, _, _, _, _, family = line.split("\t")[:6]
@@ -27,8 +29,8 @@ def scope_family_tsv(out: Path) -> Path:
 
 
 def built(tmp_path_factory, name: str) -> Path:
-    """``cath``: CATH S20, 2% held out, each record its own cluster. ``scope``: SCOPe ASTRAL 40 clustered by
-    family, 5% of families held out."""
+    """``cath``: CATH S20, 2% held out, each record its own cluster. ``scope``: SCOPe ASTRAL 40
+    clustered by family, 5% of families held out."""
     if name not in _BUILT:
         base = tmp_path_factory.mktemp(f"data_{name}")
         if name == "cath":

@@ -1,5 +1,5 @@
-"""Random-weight HF ``EsmForProteinFolding`` references and their converted esmjax twins (cached per process, so
-every ESMFold test file shares one build per configuration)."""
+"""Random-weight HF ``EsmForProteinFolding`` references and their converted esmjax twins (cached per
+process, so every ESMFold test file shares one build per configuration)."""
 
 from __future__ import annotations
 
@@ -9,40 +9,98 @@ import numpy as np
 import torch
 from flax import nnx
 
-from esmjax.io.convert_esmfold import _fold_params, _stem_from_hf, _split_esm, state_dict_to_params
 from esmjax.io import esmfold_checkpoint as fold_ckpt
-from esmjax.models.esmfold.config import from_hf
 from esmjax.io.convert_esm2 import config_from_hf
+from esmjax.io.convert_esmfold import _fold_params, _split_esm, _stem_from_hf, state_dict_to_params
 from esmjax.models.alphabet import TOKENS
+from esmjax.models.esmfold.config import from_hf
 
-# (name, LM layers/width/heads, trunk, structure module). "small" is the default test shape; "wide" has 3 trunk
+# (name, LM layers/width/heads, trunk, structure module). "small" is the default test shape; "wide"
+# has 3 trunk
 # blocks and head counts that differ from it; the CLI test uses "cli", a shape no other test uses.
 CONFIGS = {
-    "small": ((2, 32, 4), dict(num_blocks=2, sequence_state_dim=64, pairwise_state_dim=32, sequence_head_width=16,
-                               pairwise_head_width=16, max_recycles=2),
-              dict(sequence_dim=32, pairwise_dim=16, ipa_dim=8, resnet_dim=16, num_heads_ipa=2, num_qk_points=2,
-                   num_v_points=2, num_blocks=3)),
-    "wide": ((3, 48, 3), dict(num_blocks=3, sequence_state_dim=48, pairwise_state_dim=24, sequence_head_width=16,
-                              pairwise_head_width=8, max_recycles=3, position_bins=8),
-             dict(sequence_dim=24, pairwise_dim=12, ipa_dim=4, resnet_dim=8, num_heads_ipa=3, num_qk_points=3,
-                  num_v_points=2, num_blocks=2, num_transition_layers=2, num_resnet_blocks=1)),
-    "cli": ((2, 40, 5), dict(num_blocks=2, sequence_state_dim=40, pairwise_state_dim=20, sequence_head_width=8,
-                             pairwise_head_width=10, max_recycles=2),
-            dict(sequence_dim=20, pairwise_dim=10, ipa_dim=4, resnet_dim=12, num_heads_ipa=2, num_qk_points=2,
-                 num_v_points=3, num_blocks=2)),
-}  # fmt: skip
+    "small": (
+        (2, 32, 4),
+        dict(
+            num_blocks=2,
+            sequence_state_dim=64,
+            pairwise_state_dim=32,
+            sequence_head_width=16,
+            pairwise_head_width=16,
+            max_recycles=2,
+        ),
+        dict(
+            sequence_dim=32,
+            pairwise_dim=16,
+            ipa_dim=8,
+            resnet_dim=16,
+            num_heads_ipa=2,
+            num_qk_points=2,
+            num_v_points=2,
+            num_blocks=3,
+        ),
+    ),
+    "wide": (
+        (3, 48, 3),
+        dict(
+            num_blocks=3,
+            sequence_state_dim=48,
+            pairwise_state_dim=24,
+            sequence_head_width=16,
+            pairwise_head_width=8,
+            max_recycles=3,
+            position_bins=8,
+        ),
+        dict(
+            sequence_dim=24,
+            pairwise_dim=12,
+            ipa_dim=4,
+            resnet_dim=8,
+            num_heads_ipa=3,
+            num_qk_points=3,
+            num_v_points=2,
+            num_blocks=2,
+            num_transition_layers=2,
+            num_resnet_blocks=1,
+        ),
+    ),
+    "cli": (
+        (2, 40, 5),
+        dict(
+            num_blocks=2,
+            sequence_state_dim=40,
+            pairwise_state_dim=20,
+            sequence_head_width=8,
+            pairwise_head_width=10,
+            max_recycles=2,
+        ),
+        dict(
+            sequence_dim=20,
+            pairwise_dim=10,
+            ipa_dim=4,
+            resnet_dim=12,
+            num_heads_ipa=2,
+            num_qk_points=2,
+            num_v_points=3,
+            num_blocks=2,
+        ),
+    ),
+}
 
 
 def randomize(module: torch.nn.Module, seed: int) -> None:
-    """Random values for every parameter, including LayerNorm scales/shifts, biases, the zero-initialised final
-    layers, the gates and the padding row of the amino-acid embedding (zero inits hide bugs)."""
+    """Random values for every parameter, including LayerNorm scales/shifts, biases, the
+    zero-initialised final layers, the gates and the padding row of the amino-acid embedding
+    (zero inits hide bugs)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
             scale = 1.0 / max(1.0, p.shape[-1] ** 0.5) if p.ndim > 1 else 0.2
             noise = torch.randn(p.shape, generator=g) * scale
-            is_norm = p.ndim == 1 and name.endswith("weight") and any(
-                t in name for t in ("norm", "LayerNorm", "mlp.0.", "lddt_head.0.")
+            is_norm = (
+                p.ndim == 1
+                and name.endswith("weight")
+                and any(t in name for t in ("norm", "LayerNorm", "mlp.0.", "lddt_head.0."))
             )
             p.copy_(1.0 + noise if is_norm else noise)
 
@@ -52,18 +110,32 @@ def hf_config(name: str, chunk_size=None):
 
     (n, e, h), trunk, sm = CONFIGS[name]
     return EsmConfig(
-        vocab_size=33, mask_token_id=32, pad_token_id=1, hidden_size=e, num_hidden_layers=n, num_attention_heads=h,
-        intermediate_size=4 * e, position_embedding_type="rotary", token_dropout=True, layer_norm_eps=1e-5,
-        emb_layer_norm_before=False, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        is_folding_model=True, vocab_list=list(TOKENS),
-        esmfold_config=dict(fp16_esm=False, trunk=dict(trunk, chunk_size=chunk_size, structure_module=sm)),
-    )  # fmt: skip
+        vocab_size=33,
+        mask_token_id=32,
+        pad_token_id=1,
+        hidden_size=e,
+        num_hidden_layers=n,
+        num_attention_heads=h,
+        intermediate_size=4 * e,
+        position_embedding_type="rotary",
+        token_dropout=True,
+        layer_norm_eps=1e-5,
+        emb_layer_norm_before=False,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        is_folding_model=True,
+        vocab_list=list(TOKENS),
+        esmfold_config=dict(
+            fp16_esm=False, trunk=dict(trunk, chunk_size=chunk_size, structure_module=sm)
+        ),
+    )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def hf_model(name: str = "small", seed: int = 0, round_inv_freq: bool = True):
-    """``round_inv_freq``: ESM-2's stored inv_freq is fp16-rounded; mimic that so that a recomputed one would not
-    pass. (``save_pretrained`` does not store the buffer, so a model meant for a folder keeps the computed one.)"""
+    """``round_inv_freq``: ESM-2's stored inv_freq is fp16-rounded; mimic that so that a recomputed
+    one would not pass. (``save_pretrained`` does not store the buffer, so a model meant for a
+    folder keeps the computed one.)"""
     from transformers import EsmForProteinFolding
 
     torch.manual_seed(seed)
@@ -79,7 +151,7 @@ def numpy_state_dict(module: torch.nn.Module) -> dict[str, np.ndarray]:
     return {k: v.detach().numpy() for k, v in module.state_dict().items()}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def converted(name: str = "small", seed: int = 0):
     """(cfg, ESMFold) converted from ``hf_model(name, seed)``'s state dict."""
     ref = hf_model(name, seed)

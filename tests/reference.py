@@ -12,7 +12,8 @@ from esmjax.models.esm2 import ESM2
 
 
 def randomize(module: torch.nn.Module, seed: int) -> None:
-    """Random weights everywhere: matrices, biases and LayerNorm scales/shifts (not just matrices)."""
+    """Random weights everywhere: matrices, biases and LayerNorm scales/shifts (not just
+    matrices)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
@@ -32,7 +33,9 @@ def fair_esm_model(num_layers: int, embed_dim: int, heads: int, seed: int = 0):
 
     torch.manual_seed(seed)
     alphabet = esm.data.Alphabet.from_architecture("ESM-1b")
-    m = esm.model.esm2.ESM2(num_layers=num_layers, embed_dim=embed_dim, attention_heads=heads, alphabet=alphabet)
+    m = esm.model.esm2.ESM2(
+        num_layers=num_layers, embed_dim=embed_dim, attention_heads=heads, alphabet=alphabet
+    )
     randomize(m, seed)
     return m.eval()
 
@@ -44,11 +47,22 @@ def hf_model(num_layers: int, embed_dim: int, heads: int, seed: int = 0):
 
     torch.manual_seed(seed)
     cfg = EsmConfig(
-        vocab_size=33, mask_token_id=32, pad_token_id=1, hidden_size=embed_dim, num_hidden_layers=num_layers,
-        num_attention_heads=heads, intermediate_size=4 * embed_dim, position_embedding_type="rotary",
-        token_dropout=True, layer_norm_eps=1e-5, emb_layer_norm_before=False, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, vocab_list=list(TOKENS), attn_implementation="eager",
-    )  # fmt: skip
+        vocab_size=33,
+        mask_token_id=32,
+        pad_token_id=1,
+        hidden_size=embed_dim,
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * embed_dim,
+        position_embedding_type="rotary",
+        token_dropout=True,
+        layer_norm_eps=1e-5,
+        emb_layer_norm_before=False,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        vocab_list=list(TOKENS),
+        attn_implementation="eager",
+    )
     m = EsmForMaskedLM(cfg)
     randomize(m, seed)
     return m.eval()

@@ -1,5 +1,6 @@
-"""Where the project's shared real data lives: ``../shared/data`` beside the checkout (the documented place),
-else ``$ESMJAX_SHARED_DATA``, else the first ``shared/data`` above the checkout, else ``/work/shared/data``."""
+"""Where the project's shared real data lives: ``../shared/data`` beside the checkout (the
+documented place), else ``$ESMJAX_SHARED_DATA``, else the first ``shared/data`` above the
+checkout, else ``/work/shared/data``."""
 
 import os
 from pathlib import Path

@@ -1,4 +1,5 @@
-"""Checkpoint conversion: fair-esm and HF round trips, safe loading, and convert + embed end to end."""
+"""Checkpoint conversion: fair-esm and HF round trips, safe loading, and convert + embed end to
+end."""
 
 import argparse
 import pickle
@@ -8,29 +9,35 @@ import jax
 import numpy as np
 import pytest
 import torch
+from reference import fair_esm_model, hf_model, rel_err
 
-from esmjax.io import checkpoint
-
-from esmjax.io import convert_esm2 as convert
 from esmjax.cli import main as cli
 from esmjax.config import esm2_from_shape
+from esmjax.io import checkpoint
+from esmjax.io import convert_esm2 as convert
 from esmjax.io.torch_pt import UnsafeCheckpointError, load_pt
-from reference import fair_esm_model, hf_model, rel_err
 
 # A configuration no other test uses: 4 layers, width 60, 5 heads (head_dim 12).
 SHAPE = (4, 60, 5)
 
 
 def save_fair_esm_pt(model, path, num_layers, dim, heads):
-    """Writes a .pt laid out like the published files (fairseq prefixes, Namespace cfg, separate regression)."""
+    """Writes a .pt laid out like the published files (fairseq prefixes, Namespace cfg, separate
+    regression)."""
     sd = model.state_dict()
     body = {}
     for k, v in sd.items():
         if k.startswith("contact_head"):
             continue
         body[("encoder." if k.startswith("lm_head") else "encoder.sentence_encoder.") + k] = v
-    ns = argparse.Namespace(encoder_layers=num_layers, encoder_embed_dim=dim, encoder_attention_heads=heads,
-                            encoder_ffn_embed_dim=4 * dim, token_dropout=True, arch="roberta_large")  # fmt: skip
+    ns = argparse.Namespace(
+        encoder_layers=num_layers,
+        encoder_embed_dim=dim,
+        encoder_attention_heads=heads,
+        encoder_ffn_embed_dim=4 * dim,
+        token_dropout=True,
+        arch="roberta_large",
+    )
     torch.save({"cfg": {"model": ns}, "model": body}, path)
     reg = {k: v for k, v in sd.items() if k.startswith("contact_head")}
     torch.save({"model": reg}, path.with_name(path.stem + "-contact-regression.pt"))
@@ -81,7 +88,9 @@ def test_hf_round_trip(tmp_path):
 
     back = EsmForMaskedLM.from_pretrained(tmp_path / "hf2")
     for k, v in ref.state_dict().items():
-        if k.endswith("inv_freq"):  # transformers does not save this buffer; it recomputes it on load
+        if k.endswith(
+            "inv_freq"
+        ):  # transformers does not save this buffer; it recomputes it on load
             continue
         assert torch.equal(back.state_dict()[k], v), k
     # Our HF export keeps inv_freq, so esmjax -> HF -> esmjax is exact, rotary buffer included.
@@ -122,14 +131,32 @@ def test_wrong_shapes_are_an_error(fair, tmp_path):
 
 
 def test_convert_then_embed_matches_fair_esm(fair, tmp_path, shared_data):
-    """The 'done when' check: an unseen configuration, converted by the CLI and embedded by the CLI."""
+    """The 'done when' check: an unseen configuration, converted by the CLI and embedded by the
+    CLI."""
     model, pt = fair
     ck = tmp_path / "ck"
     assert cli(["convert", str(pt), str(ck)]) == 0
     fasta = shared_data / "esm_examples" / "few_proteins.fasta"
     out = tmp_path / "emb"
-    rc = cli(["embed", "--checkpoint", str(ck), "--fasta", str(fasta), "--out", str(out), "--layers", "all",
-              "--include", "per_tok", "mean", "logits", "contacts", "--no-progress"])  # fmt: skip
+    rc = cli(
+        [
+            "embed",
+            "--checkpoint",
+            str(ck),
+            "--fasta",
+            str(fasta),
+            "--out",
+            str(out),
+            "--layers",
+            "all",
+            "--include",
+            "per_tok",
+            "mean",
+            "logits",
+            "contacts",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     import esm
 

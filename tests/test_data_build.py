@@ -1,4 +1,5 @@
-"""``esmjax data build``: bad input named by file and line, --skip-invalid counts, atomic output, the CLI, Beam."""
+"""``esmjax data build``: bad input named by file and line, --skip-invalid counts, atomic output,
+the CLI, Beam."""
 
 import gzip
 import io
@@ -116,12 +117,13 @@ def test_skip_invalid_skips_counts_and_summarises(tmp_path, capsys):
     ]
     assert run_cli(*argv, "--val-fraction", "0") == 0
     summary = capsys.readouterr().err.strip().splitlines()[-1]
-    # a, d, e kept; b invalid char; c empty; second a duplicate; f, g in no cluster; bad line malformed;
+    # a, d, e kept; b invalid char; c empty; second a duplicate; f, g in no cluster; bad line
+    # malformed;
     # zz and b unknown members (b was skipped); the repeated a in c9 ignored.
     assert summary == (
-        "read 8 FASTA records, kept 3; 5 membership rows; skipped: 1 duplicate ids, 1 empty, 1 invalid character, "
-        "1 malformed membership rows, 2 membership rows naming unknown members, 1 membership rows repeating a "
-        "member, 2 records in no cluster"
+        "read 8 FASTA records, kept 3; 5 membership rows; skipped: 1 duplicate ids, 1 empty, 1 "
+        "invalid character, 1 malformed membership rows, 2 membership rows naming unknown "
+        "members, 1 membership rows repeating a member, 2 records in no cluster"
     )
     meta = read_meta(out)
     assert meta["splits"]["train"]["records"] == 3 and meta["splits"]["train"]["clusters"] == 2
@@ -195,7 +197,8 @@ def test_fast_record_reads_match_tfds_decoding(tmp_path_factory):
 
 
 def test_beam_direct_runner_matches_the_local_build(tmp_path):
-    """The Beam pipeline (DirectRunner) writes the same records in the same order as the local build."""
+    """The Beam pipeline (DirectRunner) writes the same records in the same order as the local
+    build."""
     pytest.importorskip("apache_beam")
     labels = scope_family_tsv(tmp_path / "all.tsv").read_text().splitlines()[:1500]
     tsv = write(tmp_path / "fam.tsv", "\n".join(labels) + "\n")

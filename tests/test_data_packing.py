@@ -1,4 +1,5 @@
-"""Packing: best-fit decreasing, row assembly, efficiency on real lengths, and no attention across segments."""
+"""Packing: best-fit decreasing, row assembly, efficiency on real lengths, and no attention
+across segments."""
 
 import jax
 import numpy as np
@@ -9,8 +10,8 @@ from flax import nnx
 from esmjax.config import DataConfig, esm2_preset
 from esmjax.data.packing import assemble, best_fit_decreasing
 from esmjax.data.pipeline import train_batches
-from esmjax.models.esm2 import ESM2
 from esmjax.models.alphabet import BOS, EOS, PAD
+from esmjax.models.esm2 import ESM2
 
 
 def test_best_fit_decreasing_respects_capacity_and_segments():
@@ -42,7 +43,8 @@ def test_assemble_writes_segments_positions_and_padding():
 
 @pytest.mark.parametrize("which,seq_len", [("cath", 1024), ("scope", 1024), ("cath", 256)])
 def test_packing_efficiency_on_real_lengths(tmp_path_factory, which, seq_len):
-    """>= 95% non-pad at ESM-2's 1,024 crop on CATH S20 and SCOPe ASTRAL 40 lengths (and the demo's 256)."""
+    """>= 95% non-pad at ESM-2's 1,024 crop on CATH S20 and SCOPe ASTRAL 40 lengths (and the
+    demo's 256)."""
     cfg = DataConfig(train=str(built(tmp_path_factory, which)), seq_len=seq_len)
     with train_batches(cfg, rows=64) as it:
         for _ in range(12):
@@ -53,8 +55,8 @@ def test_packing_efficiency_on_real_lengths(tmp_path_factory, which, seq_len):
 
 
 def test_packed_rows_never_attend_across_segments(cath_dir):
-    """Each packed segment's logits equal those of the same sequence run alone (attention, rotary positions and the
-    per-segment token-dropout scale all stay inside the segment)."""
+    """Each packed segment's logits equal those of the same sequence run alone (attention, rotary
+    positions and the per-segment token-dropout scale all stay inside the segment)."""
     cfg = DataConfig(train=str(cath_dir), seq_len=256, max_segments=8)
     with train_batches(cfg, rows=16) as it:
         full = next(it)

@@ -1,4 +1,5 @@
-"""The batch contract the trainer relies on: shapes, invariants, masking, resume, process sharding, evaluation."""
+"""The batch contract the trainer relies on: shapes, invariants, masking, resume, process
+sharding, evaluation."""
 
 import json
 
@@ -120,8 +121,9 @@ def test_processes_get_disjoint_parts_of_the_same_global_batch(cath_dir, count):
 
 
 def test_processes_together_cover_every_cluster_evenly(tmp_path):
-    """The first block of 4,096 draws holds every one of 300 clusters 13 or 14 times (4,096 = 13 x 300 + 196),
-    and two processes' rows together hold exactly that block: nothing lost, nothing duplicated."""
+    """The first block of 4,096 draws holds every one of 300 clusters 13 or 14 times (4,096 = 13 x
+    300 + 196), and two processes' rows together hold exactly that block: nothing lost, nothing
+    duplicated."""
     records = list(read_fasta(CATH_FASTA))[:300]
     fasta = tmp_path / "train.fa"
     fasta.write_text("".join(f">{r.id}\n{r.sequence}\n" for r in records))

@@ -1,4 +1,5 @@
-"""Cluster-weighted sampling: exact per-epoch cluster uniformity, uniform members, crops, and the SCOPe check."""
+"""Cluster-weighted sampling: exact per-epoch cluster uniformity, uniform members, crops, and the
+SCOPe check."""
 
 import io
 import json
@@ -84,7 +85,8 @@ def test_crop_windows_are_uniform_and_inside_the_sequence():
 
 
 def test_inspect_sample_is_cluster_uniform_on_skewed_scope_families(scope_dir):
-    """The issue's acceptance check: SCOPe families (1 to 156 members) drawn uniformly, members uniformly."""
+    """The issue's acceptance check: SCOPe families (1 to 156 members) drawn uniformly, members
+    uniformly."""
     buf = io.StringIO()
     with redirect_stdout(buf):
         assert (
@@ -114,7 +116,8 @@ def test_members_uniform_within_scope_families(scope_dir):
     d = s.draws(0, 300 * split.num_clusters)
     member = d.record - offsets[d.cluster]
     assert (member >= 0).all() and (member < sizes[d.cluster]).all()
-    # Draws per record = draws per (cluster, member), since a cluster's members are consecutive records.
+    # Draws per record = draws per (cluster, member), since a cluster's members are consecutive
+    # records.
     per_record = np.bincount(d.record, minlength=split.num_records)
     n_c = np.bincount(d.cluster, minlength=split.num_clusters)
     assert (n_c == 300).all()

@@ -4,14 +4,19 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from esmjax.io import checkpoint
-
-from esmjax.parallel import sharding as shd
 from esmjax.cli import main as cli
 from esmjax.config import ESM2_PRESETS, MeshConfig
-from esmjax.inference.embed import Embedder, embed_records, length_buckets, make_batches, parse_layers
-from esmjax.models.esm2 import ESM2
+from esmjax.inference.embed import (
+    Embedder,
+    embed_records,
+    length_buckets,
+    make_batches,
+    parse_layers,
+)
+from esmjax.io import checkpoint
 from esmjax.io.fasta import Record
+from esmjax.models.esm2 import ESM2
+from esmjax.parallel import sharding as shd
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +39,15 @@ def test_compiles_once_per_bucket(ckpt, tmp_path):
     rules = shd.resolve_rules("fsdp")
     model, _ = checkpoint.load_model(ckpt, mesh=mesh, rules=rules)
     emb = Embedder(model, mesh, rules)
-    # 12 records, lengths spread over 2 buckets (padded widths 32 and 48), several batches per bucket.
-    recs = [Record(f"r{i}", "", "M" * n) for i, n in enumerate([23, 24, 25, 28, 29, 30, 31, 35, 40, 42, 44, 46])]
-    n = embed_records(emb, recs, tmp_path, (0, 2), ["mean", "per_tok"], 8 * 32, None, progress=False)
+    # 12 records, lengths spread over 2 buckets (padded widths 32 and 48), several batches per
+    # bucket.
+    recs = [
+        Record(f"r{i}", "", "M" * n)
+        for i, n in enumerate([23, 24, 25, 28, 29, 30, 31, 35, 40, 42, 44, 46])
+    ]
+    n = embed_records(
+        emb, recs, tmp_path, (0, 2), ["mean", "per_tok"], 8 * 32, None, progress=False
+    )
     assert n == 12 and emb.traces == 2
     z = np.load(tmp_path / "r11.npz")
     assert z["repr_2"].shape == (46, 32) and z["mean_0"].shape == (32,)
@@ -54,8 +65,23 @@ def test_cli_truncation_and_errors(ckpt, tmp_path, caplog):
     fa = tmp_path / "in.fa"
     fa.write_text(">long one\n" + "ACDEFGHIKL" * 5 + "\n>short\nMKT\n")
     out = tmp_path / "out"
-    rc = cli(["embed", "--checkpoint", str(ckpt), "--fasta", str(fa), "--out", str(out), "--include", "per_tok",
-              "logits", "--truncation-seq-length", "20", "--no-progress"])  # fmt: skip
+    rc = cli(
+        [
+            "embed",
+            "--checkpoint",
+            str(ckpt),
+            "--fasta",
+            str(fa),
+            "--out",
+            str(out),
+            "--include",
+            "per_tok",
+            "logits",
+            "--truncation-seq-length",
+            "20",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     z = np.load(out / "long.npz")
     assert z["repr_2"].shape == (20, 32) and z["logits"].shape == (20, 33)
@@ -68,4 +94,6 @@ def test_cli_truncation_and_errors(ckpt, tmp_path, caplog):
     dup = tmp_path / "dup.fa"
     dup.write_text(">a|1\nACD\n>a_1\nACD\n")
     assert cli(["embed", "--checkpoint", str(ckpt), "--fasta", str(dup), "--out", str(out2)]) == 2
-    assert cli(["embed", "--checkpoint", str(tmp_path), "--fasta", str(fa), "--out", str(out2)]) == 2
+    assert (
+        cli(["embed", "--checkpoint", str(tmp_path), "--fasta", str(fa), "--out", str(out2)]) == 2
+    )

@@ -1,16 +1,22 @@
-"""ESM2 against fair-esm ``ESM2`` and HF ``EsmForMaskedLM`` with random weights (fp32, 1e-5 of the reference's scale)."""
+"""ESM2 against fair-esm ``ESM2`` and HF ``EsmForMaskedLM`` with random weights (fp32, 1e-5 of
+the reference's scale)."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
-from esmjax.models import alphabet as tok
-from esmjax.config import esm2_from_shape
 from reference import fair_esm_model, hf_model, rel_err, to_esmjax
 
+from esmjax.config import esm2_from_shape
+from esmjax.models import alphabet as tok
+
 TOL = 1e-5
-SEQS = ["MKTVRQERLKSIVRILERSKEPVSGAQLAEELSVSRQVIVQDIAYLRSLGYNIVATPRGYVLAGG", "KALTA<mask>ISQPAA", "MKTV", "XBUZO.-ACD<mask><mask>"]
+SEQS = [
+    "MKTVRQERLKSIVRILERSKEPVSGAQLAEELSVSRQVIVQDIAYLRSLGYNIVATPRGYVLAGG",
+    "KALTA<mask>ISQPAA",
+    "MKTV",
+    "XBUZO.-ACD<mask><mask>",
+]
 SHAPES = [(2, 32, 4), (3, 48, 3), (2, 40, 5), (1, 64, 8)]  # includes head counts 3 and 5
 
 
@@ -27,13 +33,21 @@ def test_matches_fair_esm(shape, padded):
     out = model(jnp.asarray(toks), repr_layers=tuple(range(n + 1)), return_contacts=True)
     keep = toks != tok.PAD
     for i in range(n + 1):
-        assert rel_err(np.asarray(out["representations"][i])[keep], r["representations"][i].numpy()[keep]) < TOL, i
+        assert (
+            rel_err(
+                np.asarray(out["representations"][i])[keep], r["representations"][i].numpy()[keep]
+            )
+            < TOL
+        ), i
     assert rel_err(np.asarray(out["logits"])[keep], r["logits"].numpy()[keep]) < TOL
     att = np.asarray(out["attentions"])
     assert rel_err(att, r["attentions"].numpy()) < TOL
-    for j, s in enumerate(seqs):
+    for j in range(len(seqs)):
         m = int(keep[j].sum()) - 2
-        assert np.abs(np.asarray(out["contacts"])[j, :m, :m] - r["contacts"].numpy()[j, :m, :m]).max() < TOL
+        assert (
+            np.abs(np.asarray(out["contacts"])[j, :m, :m] - r["contacts"].numpy()[j, :m, :m]).max()
+            < TOL
+        )
 
 
 @pytest.mark.parametrize("shape", [(2, 32, 4), (3, 48, 3)], ids=lambda s: "L{}_E{}_H{}".format(*s))
@@ -49,15 +63,21 @@ def test_matches_hf(shape):
     out = model(jnp.asarray(toks), repr_layers=tuple(range(n + 1)), return_contacts=True)
     keep = toks != tok.PAD
     for i in range(n + 1):
-        assert rel_err(np.asarray(out["representations"][i])[keep], r.hidden_states[i].numpy()[keep]) < TOL, i
+        assert (
+            rel_err(np.asarray(out["representations"][i])[keep], r.hidden_states[i].numpy()[keep])
+            < TOL
+        ), i
     assert rel_err(np.asarray(out["logits"])[keep], r.logits.numpy()[keep]) < TOL
     for j in range(len(SEQS)):
         m = int(keep[j].sum()) - 2
-        assert np.abs(np.asarray(out["contacts"])[j, :m, :m] - contacts.numpy()[j, :m, :m]).max() < TOL
+        assert (
+            np.abs(np.asarray(out["contacts"])[j, :m, :m] - contacts.numpy()[j, :m, :m]).max() < TOL
+        )
 
 
 def test_token_dropout_factor_without_masks():
-    """Layer 0 is 0.88 x the embedding for an unmasked sequence, 0.88/(1-1/6) x with one mask in 6 tokens."""
+    """Layer 0 is 0.88 x the embedding for an unmasked sequence, 0.88/(1-1/6) x with one mask in
+    6 tokens."""
     ref = fair_esm_model(1, 32, 4, seed=3)
     model = to_esmjax(ref.state_dict(), esm2_from_shape(1, 32, 4), "fair-esm")
     emb = np.asarray(model.embed_tokens.embedding[...])

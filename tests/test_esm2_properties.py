@@ -5,12 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
-from esmjax.parallel import sharding as shd
-from esmjax.models import alphabet as tok
-from esmjax.config import ESM2_PRESETS, MeshConfig
-from esmjax.models.esm2 import ESM2
 from reference import rel_err
+
+from esmjax.config import ESM2_PRESETS, MeshConfig
+from esmjax.models import alphabet as tok
+from esmjax.models.esm2 import ESM2
+from esmjax.parallel import sharding as shd
 
 SEQS = ["MKTVRQERLKSIVRILERSKEPVSGAQ", "KALTA<mask>ISQPAA", "MKTVAC<mask>DE"]
 
@@ -29,7 +29,13 @@ def test_padding_invariance(model):
     n = t.shape[1]
     assert rel_err(np.asarray(b["logits"])[:, :n][keep], np.asarray(a["logits"])[keep]) < 1e-6
     for k in (1, 3):
-        assert rel_err(np.asarray(b["representations"][k])[:, :n][keep], np.asarray(a["representations"][k])[keep]) < 1e-6
+        assert (
+            rel_err(
+                np.asarray(b["representations"][k])[:, :n][keep],
+                np.asarray(a["representations"][k])[keep],
+            )
+            < 1e-6
+        )
 
 
 def test_packed_rows_equal_sequences_alone(model):
@@ -50,12 +56,19 @@ def test_packed_rows_equal_sequences_alone(model):
         alone = model(jnp.asarray(r[None]), repr_layers=(2,))
         sl = slice(off, off + len(r))
         assert rel_err(np.asarray(packed["logits"])[0, sl], np.asarray(alone["logits"])[0]) < 1e-5
-        assert rel_err(np.asarray(packed["representations"][2])[0, sl], np.asarray(alone["representations"][2])[0]) < 1e-5
+        assert (
+            rel_err(
+                np.asarray(packed["representations"][2])[0, sl],
+                np.asarray(alone["representations"][2])[0],
+            )
+            < 1e-5
+        )
         off += len(r)
 
 
 def test_bf16_close_to_fp32(model):
-    """bf16 compute with fp32 parameters stays within 3e-2 of the fp32 logits (relative to their scale)."""
+    """bf16 compute with fp32 parameters stays within 3e-2 of the fp32 logits (relative to their
+    scale)."""
     import dataclasses
 
     cfg16 = dataclasses.replace(model.cfg, dtype="bfloat16")

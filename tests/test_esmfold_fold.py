@@ -1,6 +1,7 @@
-"""``esmjax fold``: buckets and compile count, batched equals one at a time, multimers (linker hidden, chains
-lettered, residues numbered per chain), PDB/mmCIF that parse back with biotite, the JSON outputs; and the CLI end
-to end on an HF folder written with ``save_pretrained``, against HF at a configuration no other test uses."""
+"""``esmjax fold``: buckets and compile count, batched equals one at a time, multimers (linker
+hidden, chains lettered, residues numbered per chain), PDB/mmCIF that parse back with biotite, the
+JSON outputs; and the CLI end to end on an HF folder written with ``save_pretrained``, against HF
+at a configuration no other test uses."""
 
 import json
 
@@ -8,12 +9,12 @@ import jax
 import numpy as np
 import pytest
 import torch
-
 from esmfold_reference import converted, hf_model, rel_err
+
 from esmjax import cli
 from esmjax.errors import InputError
-from esmjax.io.fasta import Record
 from esmjax.inference.fold import Folder, encode, fold_records, load_records, make_batches
+from esmjax.io.fasta import Record
 from esmjax.models.geometry import residue_constants as rc
 
 # Residue counts 5, 9, 14 -> bucket 16; the multimer (9 + 25 + 5 = 39) and 40 -> bucket 48.
@@ -45,7 +46,9 @@ def test_one_compile_per_bucket(folded):
 
 def test_batched_equals_one_at_a_time(folded, tmp_path):
     folder, _, results = folded
-    single = fold_records(folder, [RECORDS[1]], tmp_path, max_tokens=16, progress=False)[0]  # rows=1: one compile
+    single = fold_records(folder, [RECORDS[1]], tmp_path, max_tokens=16, progress=False)[
+        0
+    ]  # rows=1: one compile
     assert folder.traces == 3
     batched = results["r9"]
     np.testing.assert_allclose(single["plddt"], batched["plddt"], atol=2e-4)
@@ -73,15 +76,19 @@ def test_multimer_matches_reference_and_hides_linker(folded):
     enc = encode(RECORDS[3].sequence)
     ref = hf_model("small")
     with torch.no_grad():
-        want = ref(torch.from_numpy(enc.aatype[None].astype(np.int64)),
-                   position_ids=torch.from_numpy(enc.residx[None].astype(np.int64)))  # fmt: skip
+        want = ref(
+            torch.from_numpy(enc.aatype[None].astype(np.int64)),
+            position_ids=torch.from_numpy(enc.residx[None].astype(np.int64)),
+        )
     from transformers.models.esm.openfold_utils.feats import atom14_to_atom37
 
     w37 = atom14_to_atom37(want["positions"][-1], want).numpy()[0][enc.linker_mask > 0]
     atoms = PDBFile.read(str(out / "dimer.pdb")).get_structure(model=1, extra_fields=["b_factor"])
     assert sorted(set(atoms.chain_id)) == ["A", "B"]
     a, b = atoms[atoms.chain_id == "A"], atoms[atoms.chain_id == "B"]
-    assert sorted(set(a.res_id)) == list(range(1, 10)) and sorted(set(b.res_id)) == list(range(1, 6))
+    assert sorted(set(a.res_id)) == list(range(1, 10)) and sorted(set(b.res_id)) == list(
+        range(1, 6)
+    )
     ca = atoms[atoms.atom_name == "CA"]
     assert len(ca) == 14  # no linker residue is written
     assert np.abs(ca.coord - w37[:, rc.ATOM_ORDER["CA"]]).max() < 1e-3 + 5e-4  # + PDB rounding
@@ -104,7 +111,8 @@ def test_pdb_and_mmcif_parse_back(folded):
     assert list(ca.res_id) == [1, 2, 3] + list(range(5, 15)) and len(r["plddt"]) == 14
     np.testing.assert_allclose(ca.b_factor, np.delete(r["plddt"], 3), atol=0.006)
     assert atoms.array_length() == sum(
-        int(rc.RESTYPE_ATOM37_MASK[rc.RESTYPE_ORDER.get(c, rc.UNK)].sum()) for c in RECORDS[2].sequence
+        int(rc.RESTYPE_ATOM37_MASK[rc.RESTYPE_ORDER.get(c, rc.UNK)].sum())
+        for c in RECORDS[2].sequence
     )
     cif = get_structure(CIFFile.read(str(out / "r14.cif")), model=1)
     np.testing.assert_allclose(cif.coord, atoms.coord, atol=1e-3)
@@ -135,18 +143,33 @@ def test_fasta_errors(tmp_path):
 
 
 def test_cli_convert_and_fold_match_hf(tmp_path):
-    """The 'done when' scenario: an HF folder of an unseen configuration -> esmjax convert -> esmjax fold."""
+    """The 'done when' scenario: an HF folder of an unseen configuration -> esmjax convert ->
+    esmjax fold."""
     from biotite.structure.io.pdb import PDBFile
     from transformers.models.esm.openfold_utils import compute_tm
 
     ref = hf_model("cli", 3, round_inv_freq=False)
     ref.save_pretrained(tmp_path / "hf")  # safetensors
-    seqs = {"p17": "MKTVRQERLKSIVRILE", "p21": "GSHMAKRXQELLKTAYIAWCD", "p24": "MKTVAAGDEHIKLMNPQRSTWYVA"}
+    seqs = {
+        "p17": "MKTVRQERLKSIVRILE",
+        "p21": "GSHMAKRXQELLKTAYIAWCD",
+        "p24": "MKTVAAGDEHIKLMNPQRSTWYVA",
+    }
     fasta = tmp_path / "in.fasta"
     fasta.write_text("".join(f">{k} test\n{v}\n" for k, v in seqs.items()))
     assert cli.main(["convert", str(tmp_path / "hf"), str(tmp_path / "ckpt")]) == 0
-    rc_ = cli.main(["fold", "--checkpoint", str(tmp_path / "ckpt"), "--fasta", str(fasta), "--out",
-                    str(tmp_path / "out"), "--no-progress"])  # fmt: skip
+    rc_ = cli.main(
+        [
+            "fold",
+            "--checkpoint",
+            str(tmp_path / "ckpt"),
+            "--fasta",
+            str(fasta),
+            "--out",
+            str(tmp_path / "out"),
+            "--no-progress",
+        ]
+    )
     assert rc_ == 0
     with torch.no_grad():
         want = ref.infer(list(seqs.values()))  # one padded batch of 3

@@ -1,19 +1,21 @@
-"""ESMFold pieces against HF ``EsmForProteinFolding`` submodules with random weights (fp32; 1e-5 of the reference's
-scale for simple modules, 1e-4 for composite ones), plus geometry and residue constants against OpenFold's."""
+"""ESMFold pieces against HF ``EsmForProteinFolding`` submodules with random weights (fp32; 1e-5 of
+the reference's scale for simple modules, 1e-4 for composite ones), plus geometry and residue
+constants against OpenFold's."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from esmfold_reference import converted, hf_model, load_module, rel_err
 from flax import nnx
 
-from esmfold_reference import converted, hf_model, load_module, rel_err
 from esmjax.models.esmfold.config import StructureModuleConfig, TrunkConfig
 from esmjax.models.esmfold.model import AF2_TO_ESM, lm_tokens
 from esmjax.models.esmfold.structure import InvariantPointAttention, StructureModule
-from esmjax.models.esmfold.trunk import TriangularSelfAttentionBlock, recycle_bins
 from esmjax.models.esmfold.triangle import TriangleAttention, TriangleMultiplication
-from esmjax.models.geometry import all_atom, residue_constants as rc
+from esmjax.models.esmfold.trunk import TriangularSelfAttentionBlock, recycle_bins
+from esmjax.models.geometry import all_atom
+from esmjax.models.geometry import residue_constants as rc
 from esmjax.models.geometry.rigid import Rigid3, Rot3, Vec3, compose_quat_update
 
 SIMPLE, COMPOSITE = 1e-5, 1e-4
@@ -32,9 +34,12 @@ def inputs():
     mask[1, 9:] = 0
     aa = rng.integers(0, 21, (B, L)) * mask.astype(np.int64)
     return dict(
-        rng=rng, mask=mask, aa=aa, s=rng.standard_normal((B, L, 64)).astype(np.float32),
+        rng=rng,
+        mask=mask,
+        aa=aa,
+        s=rng.standard_normal((B, L, 64)).astype(np.float32),
         z=rng.standard_normal((B, L, L, 32)).astype(np.float32),
-    )  # fmt: skip
+    )
 
 
 def _pair_mask(mask):
@@ -45,7 +50,10 @@ def _pair_mask(mask):
 @pytest.mark.parametrize("outgoing", [True, False], ids=["outgoing", "incoming"])
 def test_triangle_multiplication(ref, inputs, outgoing):
     theirs = ref.trunk.blocks[0].tri_mul_out if outgoing else ref.trunk.blocks[0].tri_mul_in
-    ours = load_module(nnx.eval_shape(lambda: TriangleMultiplication(32, outgoing=outgoing, rngs=nnx.Rngs(0))), theirs)
+    ours = load_module(
+        nnx.eval_shape(lambda: TriangleMultiplication(32, outgoing=outgoing, rngs=nnx.Rngs(0))),
+        theirs,
+    )
     tm = _pair_mask(inputs["mask"])
     with torch.no_grad():
         want = theirs(torch.from_numpy(inputs["z"]), mask=tm).numpy()
@@ -64,11 +72,14 @@ def test_triangle_attention_and_chunking(ref, inputs, starting):
     full = np.asarray(ours(z, m))
     assert rel_err(full, want) < SIMPLE
     for chunk in (5,):  # 5 does not divide 13: a remainder chunk
-        np.testing.assert_allclose(np.asarray(ours(z, m, chunk_size=chunk)), full, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(ours(z, m, chunk_size=chunk)), full, rtol=0, atol=1e-6
+        )
 
 
 def test_block_parts_and_every_trunk_block(ref, inputs):
-    """Sequence attention, seq->pair, pair->seq in isolation; then each block's (s, z) against the HF block."""
+    """Sequence attention, seq->pair, pair->seq in isolation; then each block's (s, z) against
+    the HF block."""
     cfg, model = converted("small")
     graphdef, stacked = nnx.split(model.trunk.blocks)
     s, z, mask = inputs["s"], inputs["z"], inputs["mask"]
@@ -100,7 +111,8 @@ def jax_slice(tree, i):
 
 
 def test_block_stack_names_match_hf(ref):
-    """Every HF block key exists in the stacked block module (``load_module`` raises on any unused key)."""
+    """Every HF block key exists in the stacked block module (``load_module`` raises on any
+    unused key)."""
     cfg, _ = converted("small")
     ours = nnx.eval_shape(lambda: TriangularSelfAttentionBlock(cfg.trunk, rngs=nnx.Rngs(0)))
     load_module(ours, ref.trunk.blocks[0])
@@ -117,14 +129,18 @@ def test_invariant_point_attention(ref, inputs):
 
     theirs = ref.trunk.structure_module.ipa
     sm_cfg = converted("small")[0].trunk.structure_module
-    ours = load_module(nnx.eval_shape(lambda: InvariantPointAttention(sm_cfg, rngs=nnx.Rngs(0))), theirs)
+    ours = load_module(
+        nnx.eval_shape(lambda: InvariantPointAttention(sm_cfg, rngs=nnx.Rngs(0))), theirs
+    )
     rng = inputs["rng"]
     s = rng.standard_normal((B, L, 32)).astype(np.float32)
     z = rng.standard_normal((B, L, L, 16)).astype(np.float32)
     q, t = _frames(rng, (B, L))
     with torch.no_grad():
         r = Rigid(Rotation(quats=torch.from_numpy(q)), torch.from_numpy(t))
-        want = theirs(torch.from_numpy(s), torch.from_numpy(z), r, torch.from_numpy(inputs["mask"])).numpy()
+        want = theirs(
+            torch.from_numpy(s), torch.from_numpy(z), r, torch.from_numpy(inputs["mask"])
+        ).numpy()
     frames = Rigid3(Rot3.from_quaternion(jnp.asarray(q)), Vec3.from_array(jnp.asarray(t)))
     got = ours(jnp.asarray(s), jnp.asarray(z), frames, jnp.asarray(inputs["mask"]))
     assert rel_err(got, want) < COMPOSITE
@@ -139,15 +155,24 @@ def test_structure_module_every_iteration(ref, inputs):
     pair = rng.standard_normal((B, L, L, 16)).astype(np.float32)
     aa, mask = inputs["aa"], inputs["mask"]
     with torch.no_grad():
-        want = theirs({"single": torch.from_numpy(single), "pair": torch.from_numpy(pair)}, torch.from_numpy(aa),
-                      torch.from_numpy(mask))  # fmt: skip
+        want = theirs(
+            {"single": torch.from_numpy(single), "pair": torch.from_numpy(pair)},
+            torch.from_numpy(aa),
+            torch.from_numpy(mask),
+        )
     got = ours(jnp.asarray(single), jnp.asarray(pair), jnp.asarray(aa), jnp.asarray(mask))
     keep = mask > 0
     for k in ("frames", "sidechain_frames", "unnormalized_angles", "angles", "positions", "states"):
         assert got[k].shape == tuple(want[k].shape), k
         for it in range(sm_cfg.num_blocks):  # every iteration, not only the last
-            assert rel_err(np.asarray(got[k][it])[keep], want[k][it].numpy()[keep]) < COMPOSITE, (k, it)
-    assert np.abs(np.asarray(got["positions"])[:, keep] - want["positions"].numpy()[:, keep]).max() < 1e-3
+            assert rel_err(np.asarray(got[k][it])[keep], want[k][it].numpy()[keep]) < COMPOSITE, (
+                k,
+                it,
+            )
+    assert (
+        np.abs(np.asarray(got["positions"])[:, keep] - want["positions"].numpy()[:, keep]).max()
+        < 1e-3
+    )
 
 
 def test_recycle_bins_match_reference(inputs):
@@ -179,10 +204,16 @@ def test_residue_constants_equal_openfold():
     np.testing.assert_array_equal(rc.RESTYPE_DEFAULT_FRAMES, of.restype_rigid_group_default_frame)
     np.testing.assert_array_equal(rc.RESTYPE_ATOM14_TO_GROUP, of.restype_atom14_to_rigid_group)
     np.testing.assert_array_equal(rc.RESTYPE_ATOM14_MASK, of.restype_atom14_mask)
-    np.testing.assert_array_equal(rc.RESTYPE_ATOM14_POSITIONS, of.restype_atom14_rigid_group_positions)
+    np.testing.assert_array_equal(
+        rc.RESTYPE_ATOM14_POSITIONS, of.restype_atom14_rigid_group_positions
+    )
     masks = make_atom14_masks({"aatype": torch.arange(21)})
-    np.testing.assert_array_equal(rc.RESTYPE_ATOM37_TO_ATOM14, masks["residx_atom37_to_atom14"].numpy())
-    np.testing.assert_array_equal(rc.RESTYPE_ATOM14_TO_ATOM37, masks["residx_atom14_to_atom37"].numpy())
+    np.testing.assert_array_equal(
+        rc.RESTYPE_ATOM37_TO_ATOM14, masks["residx_atom37_to_atom14"].numpy()
+    )
+    np.testing.assert_array_equal(
+        rc.RESTYPE_ATOM14_TO_ATOM37, masks["residx_atom14_to_atom37"].numpy()
+    )
     np.testing.assert_array_equal(rc.RESTYPE_ATOM37_MASK, masks["atom37_atom_exists"].numpy())
     assert rc.ATOM_TYPES == tuple(of.atom_types) and rc.RESTYPES == tuple(of.restypes)
 
@@ -197,14 +228,24 @@ def test_all_atom_against_openfold(inputs):
     angles = rng.standard_normal((1, 21, 7, 2)).astype(np.float32)
     angles /= np.linalg.norm(angles, axis=-1, keepdims=True)
     with torch.no_grad():
-        r = Rigid(Rotation(rot_mats=Rotation(quats=torch.from_numpy(q)).get_rot_mats()), torch.from_numpy(t))
-        frames = feats.torsion_angles_to_frames(r, torch.from_numpy(angles), torch.from_numpy(aa),
-                                                torch.tensor(of.restype_rigid_group_default_frame))  # fmt: skip
+        r = Rigid(
+            Rotation(rot_mats=Rotation(quats=torch.from_numpy(q)).get_rot_mats()),
+            torch.from_numpy(t),
+        )
+        frames = feats.torsion_angles_to_frames(
+            r,
+            torch.from_numpy(angles),
+            torch.from_numpy(aa),
+            torch.tensor(of.restype_rigid_group_default_frame),
+        )
         atoms = feats.frames_and_literature_positions_to_atom14_pos(
-            frames, torch.from_numpy(aa), torch.tensor(of.restype_rigid_group_default_frame),
-            torch.tensor(of.restype_atom14_to_rigid_group), torch.tensor(of.restype_atom14_mask),
+            frames,
+            torch.from_numpy(aa),
+            torch.tensor(of.restype_rigid_group_default_frame),
+            torch.tensor(of.restype_atom14_to_rigid_group),
+            torch.tensor(of.restype_atom14_mask),
             torch.tensor(of.restype_atom14_rigid_group_positions),
-        )  # fmt: skip
+        )
     ours_bb = Rigid3(Rot3.from_quaternion(jnp.asarray(q)), Vec3.from_array(jnp.asarray(t)))
     groups = all_atom.torsion_angles_to_frames(ours_bb, jnp.asarray(angles), jnp.asarray(aa))
     assert rel_err(groups.to_tensor_4x4(), frames.to_tensor_4x4().numpy()) < SIMPLE
@@ -222,14 +263,22 @@ def test_rigid_algebra(inputs):
     q, t = _frames(rng, (5,))
     rot = Rot3.from_quaternion(jnp.asarray(q))
     m = np.asarray(rot.to_array())
-    np.testing.assert_allclose(m @ np.swapaxes(m, -1, -2), np.broadcast_to(np.eye(3), (5, 3, 3)), atol=1e-6)
+    np.testing.assert_allclose(
+        m @ np.swapaxes(m, -1, -2), np.broadcast_to(np.eye(3), (5, 3, 3)), atol=1e-6
+    )
     np.testing.assert_allclose(np.linalg.det(m), 1.0, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(Rot3.from_quaternion(-jnp.asarray(q)).to_array()), m, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(Rot3.from_quaternion(-jnp.asarray(q)).to_array()), m, atol=1e-6
+    )
     frame = Rigid3(rot, Vec3.from_array(jnp.asarray(t)))
     p = Vec3.from_array(jnp.asarray(rng.standard_normal((5, 3)), jnp.float32))
-    np.testing.assert_allclose(np.asarray(frame.apply_inverse(frame.apply(p)).to_array()), np.asarray(p.to_array()),
-                               atol=1e-5)  # fmt: skip
-    # Quaternion update: zero update keeps the frame; its translation is rotated by the old rotation.
+    np.testing.assert_allclose(
+        np.asarray(frame.apply_inverse(frame.apply(p)).to_array()),
+        np.asarray(p.to_array()),
+        atol=1e-5,
+    )
+    # Quaternion update: zero update keeps the frame; its translation is rotated by the old
+    # rotation.
     upd = np.zeros((5, 6), np.float32)
     upd[:, 3:] = [1.0, 0.0, 0.0]
     q2, t2 = compose_quat_update(jnp.asarray(q), frame.trans, jnp.asarray(upd))

@@ -1,15 +1,15 @@
-"""End-to-end ESMFold against HF ``EsmForProteinFolding`` with random weights at two configurations (fp32):
-positions within 1e-3 Angstrom, everything else within 1e-4 of the reference's scale, on real residues (the
-reference's values at padding positions are not outputs). pLDDT is compared on fair-esm's 0-100 scale and pTM
-per sequence (HF computes one pTM over the padded batch)."""
+"""End-to-end ESMFold against HF ``EsmForProteinFolding`` with random weights at two configurations
+(fp32): positions within 1e-3 Angstrom, everything else within 1e-4 of the reference's scale, on
+real residues (the reference's values at padding positions are not outputs). pLDDT is compared on
+fair-esm's 0-100 scale and pTM per sequence (HF computes one pTM over the padded batch)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
 from esmfold_reference import converted, hf_model, rel_err
+
 from esmjax.models.geometry import residue_constants as rc
 
 TOL = 1e-4
@@ -26,7 +26,8 @@ def _encode(seqs):
     return aa, mask, np.broadcast_to(np.arange(n), aa.shape).copy()
 
 
-CASES = {  # config -> (sequences, num_recycles): None = max_recycles passes (2 / 3), k = k + 1 passes
+# config -> (sequences, num_recycles): None = max_recycles passes (2 / 3), k = k + 1 passes
+CASES = {
     "small": (SEQS, None),
     "wide": (SEQS[1:], 1),
 }
@@ -40,8 +41,12 @@ def case(request):
     cfg, model = converted(name)
     aa, mask, pos = _encode(seqs)
     with torch.no_grad():
-        want = ref(torch.from_numpy(aa), attention_mask=torch.from_numpy(mask), position_ids=torch.from_numpy(pos),
-                   num_recycles=num_recycles)  # fmt: skip
+        want = ref(
+            torch.from_numpy(aa),
+            attention_mask=torch.from_numpy(mask),
+            position_ids=torch.from_numpy(pos),
+            num_recycles=num_recycles,
+        )
     fold = jax.jit(lambda a, m, p: model(a, m, p, num_recycles=num_recycles))
     got = jax.device_get(fold(jnp.asarray(aa), jnp.asarray(mask), jnp.asarray(pos)))
     return dict(name=name, cfg=cfg, want=want, got=got, mask=mask.astype(bool), aa=aa)
@@ -57,11 +62,17 @@ def test_positions_atom14_and_atom37(case):
     assert rel_err(g14[:, keep], w14[:, keep]) < TOL
     w37 = atom14_to_atom37(want["positions"][-1], want).numpy()
     assert np.abs(got["atom37"][keep] - w37[keep]).max() < 1e-3
-    np.testing.assert_array_equal(got["atom37_exists"][keep], want["atom37_atom_exists"].numpy()[keep])
-    np.testing.assert_array_equal(got["atom14_exists"][keep], want["atom14_atom_exists"].numpy()[keep])
+    np.testing.assert_array_equal(
+        got["atom37_exists"][keep], want["atom37_atom_exists"].numpy()[keep]
+    )
+    np.testing.assert_array_equal(
+        got["atom14_exists"][keep], want["atom14_atom_exists"].numpy()[keep]
+    )
 
 
-@pytest.mark.parametrize("key", ["frames", "sidechain_frames", "unnormalized_angles", "angles", "states", "lddt_head"])
+@pytest.mark.parametrize(
+    "key", ["frames", "sidechain_frames", "unnormalized_angles", "angles", "states", "lddt_head"]
+)
 def test_per_iteration_outputs(case, key):
     want, got, keep = case["want"], case["got"], case["mask"]
     assert got[key].shape == tuple(want[key].shape)
@@ -78,7 +89,9 @@ def test_single_outputs(case, key):
     assert rel_err(got[key][keep], case["want"][want_key].numpy()[keep]) < TOL
 
 
-@pytest.mark.parametrize("key", ["s_z", "distogram_logits", "ptm_logits", "predicted_aligned_error"])
+@pytest.mark.parametrize(
+    "key", ["s_z", "distogram_logits", "ptm_logits", "predicted_aligned_error"]
+)
 def test_pair_outputs(case, key):
     keep = case["mask"]
     pair = keep[:, :, None] & keep[:, None, :]

@@ -1,6 +1,7 @@
-"""Contact precision: hand-made maps with known answers, the shared structures (the true map scores 1.0 wherever
-enough contacts exist), structure parsing (models, altlocs, insertion codes, missing residues, PDB vs mmCIF), the
-L1 logistic-regression fit, and ``esmjax evaluate contacts`` end to end with ``--fit`` and ``--plot``."""
+"""Contact precision: hand-made maps with known answers, the shared structures (the true map scores
+1.0 wherever enough contacts exist), structure parsing (models, altlocs, insertion codes, missing
+residues, PDB vs mmCIF), the L1 logistic-regression fit, and ``esmjax evaluate contacts`` end to
+end with ``--fit`` and ``--plot``."""
 
 import csv
 import json
@@ -10,16 +11,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from esmjax.io import checkpoint
-
-from esmjax.parallel import sharding as shd
 from esmjax.cli import main as cli
 from esmjax.config import ESM2_PRESETS, MeshConfig
-from esmjax.models.esm2 import ESM2
 from esmjax.evaluate import contacts as ct
 from esmjax.inference.engine import Engine
+from esmjax.io import checkpoint
 from esmjax.io.structures import StructureError, read_chain
 from esmjax.models.alphabet import batch_encode
+from esmjax.models.esm2 import ESM2
+from esmjax.parallel import sharding as shd
 
 
 def _target(n: int, pairs, unknown=()) -> np.ndarray:
@@ -36,7 +36,18 @@ def test_hand_made_long_range():
     # L = 30: long range (j - i >= 24) has 21 pairs; 3 are contacts.
     t = _target(30, [(0, 24), (1, 29), (5, 29)])
     p = np.zeros((30, 30))
-    ranked = [(0, 24), (2, 27), (1, 29), (0, 25), (0, 26), (0, 27), (3, 28), (4, 28), (0, 28), (5, 29)]
+    ranked = [
+        (0, 24),
+        (2, 27),
+        (1, 29),
+        (0, 25),
+        (0, 26),
+        (0, 27),
+        (3, 28),
+        (4, 28),
+        (0, 28),
+        (5, 29),
+    ]
     for r, (i, j) in enumerate(ranked):
         p[i, j] = 1.0 - r / 100
     m = ct.precision_at_l(p, t, 24, None)
@@ -60,16 +71,22 @@ def test_hand_made_ranges_unknown_and_ties():
     assert medium["P@L/5"] == pytest.approx(1 / 3)
     # No pair has j - i >= 24 in 20 residues: undefined, left out of means.
     assert all(np.isnan(v) for v in ct.precision_at_l(p, t, 24, None).values())
-    assert np.isnan(ct.precision_at_l(np.zeros((4, 4)), _target(4, []), 1, None)["P@L/5"])  # floor(4/5) = 0
+    assert np.isnan(
+        ct.precision_at_l(np.zeros((4, 4)), _target(4, []), 1, None)["P@L/5"]
+    )  # floor(4/5) = 0
     mean = ct.mean_metrics([ct.evaluate_map(p, t), ct.evaluate_map(t.astype(float), t)])
-    assert mean["short"]["P@L/5"] == pytest.approx((1 / 3 + 2 / 3) / 2)  # the true map: 2 short contacts, k = 3
+    assert mean["short"]["P@L/5"] == pytest.approx(
+        (1 / 3 + 2 / 3) / 2
+    )  # the true map: 2 short contacts, k = 3
     assert np.isnan(mean["long"]["P@L"])
 
 
 def _all_chains(shared_data):
     with open(shared_data / "structures" / "structures_index.tsv") as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
-    return rows, [read_chain(str(shared_data / "structures" / r["file"]) + ":" + r["chain"]) for r in rows]
+    return rows, [
+        read_chain(str(shared_data / "structures" / r["file"]) + ":" + r["chain"]) for r in rows
+    ]
 
 
 def test_shared_structures_true_map_scores_one(shared_data):
@@ -80,7 +97,9 @@ def test_shared_structures_true_map_scores_one(shared_data):
         # The sequence the model reads is SEQRES (or the observed residues when the file has none).
         assert chain.sequence == (r["seqres_sequence"] or r["observed_sequence"]), r["file"]
         observed = "".join(a for a, o in zip(chain.sequence, chain.observed) if o)
-        if r["file"] != "alphafold/2rbg.pdb":  # the index omits 2RBG's HETATM selenomethionine 102 (MSE -> M)
+        if (
+            r["file"] != "alphafold/2rbg.pdb"
+        ):  # the index omits 2RBG's HETATM selenomethionine 102 (MSE -> M)
             assert observed == r["observed_sequence"], r["file"]
         n_obs = int(chain.observed.sum())
         counts = ct.contact_counts(target)
@@ -88,7 +107,11 @@ def test_shared_structures_true_map_scores_one(shared_data):
         for name, lo, hi in ct.RANGES:
             for metric, div in ct.DIVISORS:
                 k = n_obs // div
-                pairs = sum(1 for s in range(lo, (hi or n_obs)) for _ in range(max(len(chain.sequence) - s, 0)))
+                pairs = sum(
+                    1
+                    for s in range(lo, (hi or n_obs))
+                    for _ in range(max(len(chain.sequence) - s, 0))
+                )
                 if pairs == 0 or k == 0:
                     continue
                 expected = min(1.0, counts[name] / k)
@@ -106,27 +129,41 @@ def test_parsing_conventions(shared_data):
     assert nmr.num_models == 38
     atoms = [ln for ln in (b / "1l2y.pdb").read_text().splitlines() if ln.startswith("ATOM")]
     cb = next(ln for ln in atoms if ln[12:16] == " CB ")
-    assert np.allclose(nmr.coords[0], [float(cb[30:38]), float(cb[38:46]), float(cb[46:54])], atol=1e-3)
+    assert np.allclose(
+        nmr.coords[0], [float(cb[30:38]), float(cb[38:46]), float(cb[46:54])], atol=1e-3
+    )
     assert np.allclose(read_chain(str(b / "1l2y.cif")).coords, nmr.coords, atol=1e-3)
     # Glycine uses CA (residue 10 of 1L2Y is Gly).
     ca = [ln for ln in atoms if ln[12:16] == " CA "][9]
-    assert ca[17:20] == "GLY" and np.allclose(nmr.coords[9], [float(ca[30:38]), float(ca[38:46]), float(ca[46:54])])
+    assert ca[17:20] == "GLY" and np.allclose(
+        nmr.coords[9], [float(ca[30:38]), float(ca[38:46]), float(ca[46:54])]
+    )
     # Altlocs: the higher-occupancy one (3O5R Met 48: A 0.25, B 0.75).
     alt = read_chain(str(b / "3o5r.pdb"))
-    lines = [ln for ln in (b / "3o5r.pdb").read_text().splitlines() if ln.startswith("ATOM") and ln[12:16] == " CB "
-             and ln[17:20] == "MET" and ln[22:26].strip() == "48"]  # fmt: skip
+    lines = [
+        ln
+        for ln in (b / "3o5r.pdb").read_text().splitlines()
+        if ln.startswith("ATOM")
+        and ln[12:16] == " CB "
+        and ln[17:20] == "MET"
+        and ln[22:26].strip() == "48"
+    ]
     xyz = {ln[16]: np.array([float(ln[30:38]), float(ln[38:46]), float(ln[46:54])]) for ln in lines}
     assert np.isclose(alt.coords, xyz["B"], atol=1e-3).all(-1).any()
     assert not np.isclose(alt.coords, xyz["A"], atol=1e-3).all(-1).any()
-    # Insertion codes: 1DIX numbers its first residues 1X..4X before 2, 3, ...: all 208 are distinct residues.
+    # Insertion codes: 1DIX numbers its first residues 1X..4X before 2, 3, ...: all 208 are distinct
+    # residues.
     ins = read_chain(str(b / "1dix.pdb"))
     assert len(ins.sequence) == 208 and ins.observed.all() and ins.sequence.startswith("ASGSKDF")
-    # Missing residues: 1O1Z lacks MGSDKIHH at the N terminus (REMARK 465); SEQRES keeps them, unobserved.
+    # Missing residues: 1O1Z lacks MGSDKIHH at the N terminus (REMARK 465); SEQRES keeps them,
+    # unobserved.
     miss = read_chain(str(b / "1o1z.pdb"))
     assert len(miss.sequence) == 234 and not miss.observed[:8].any() and miss.observed[8:].all()
     assert (miss.contact_map()[:8] == -1).all()
     obs = read_chain(str(b / "1o1z.pdb"), sequence="observed")
-    assert obs.source == "observed" and len(obs.sequence) == 226 and obs.sequence.startswith("HHHHVIV")
+    assert (
+        obs.source == "observed" and len(obs.sequence) == 226 and obs.sequence.startswith("HHHHVIV")
+    )
     # Chain choice and a file without SEQRES.
     c = read_chain(str(shared_data / "esm_examples" / "5YH2.pdb") + ":C")
     assert c.chain == "C" and len(c.sequence) == 560 and int(c.observed.sum()) == 395
@@ -159,7 +196,8 @@ def test_l1_logistic_regression_optimality():
     c = 0.05
     fit = ct.fit_logistic_l1(x, y, c)
     assert fit.converged and np.sign(fit.kernel[[2, 7]]).tolist() == [1, -1]
-    # KKT conditions of min C*sum logloss + |w|_1: dL/dw_j = -sign(w_j) where w_j != 0, |dL/dw_j| <= 1 where 0.
+    # KKT conditions of min C*sum logloss + |w|_1: dL/dw_j = -sign(w_j) where w_j != 0, |dL/dw_j| <=
+    # 1 where 0.
     z = x.astype(np.float64) @ fit.kernel + fit.bias
     g = c * x.T.astype(np.float64) @ (1 / (1 + np.exp(-z)) - y)
     nz = fit.kernel != 0
@@ -186,7 +224,9 @@ def engine8(ckpt):
 def test_predicted_contacts_are_the_models(ckpt, engine8, shared_data):
     chain = read_chain(str(shared_data / "structures" / "alphafold" / "glucagon.pdb"))
     model, _ = checkpoint.load_model(ckpt)
-    direct = np.asarray(model(jnp.asarray(batch_encode([chain.sequence])), return_contacts=True)["contacts"][0])
+    direct = np.asarray(
+        model(jnp.asarray(batch_encode([chain.sequence])), return_contacts=True)["contacts"][0]
+    )
     pred = ct.predict_contacts(engine8, chain)  # padded to 32 tokens, on 8 devices
     assert pred.shape == (29, 29) and np.allclose(pred, direct, atol=1e-5)
 
@@ -195,23 +235,55 @@ def test_cli_fit_and_evaluate(ckpt, engine8, shared_data, tmp_path, capsys, capl
     s = shared_data / "structures"
     out, save = tmp_path / "rep", tmp_path / "fitted"
     aki = str(s / "biotite" / "1aki.pdb")
-    rc = cli(["evaluate", "contacts", "--checkpoint", str(ckpt), "--no-progress", "--plot", "--out", str(out),
-              "--structures", str(s / "biotite" / "1l2y.cif"), aki, "--fit", aki, "--fit-c", "1.0",
-              "--save", str(save)])  # fmt: skip
+    rc = cli(
+        [
+            "evaluate",
+            "contacts",
+            "--checkpoint",
+            str(ckpt),
+            "--no-progress",
+            "--plot",
+            "--out",
+            str(out),
+            "--structures",
+            str(s / "biotite" / "1l2y.cif"),
+            aki,
+            "--fit",
+            aki,
+            "--fit-c",
+            "1.0",
+            "--save",
+            str(save),
+        ]
+    )
     assert rc == 0
     assert any("fitted on and evaluated" in r.message for r in caplog.records)
     text = capsys.readouterr().out
     assert "1l2y.cif:A" in text and "mean" in text and "short P@L/5" in text
     rep = json.loads((out / "contacts.json").read_text())
-    assert rep["step"] == 0 and rep["checkpoint"] == str(ckpt.absolute()) and len(rep["config_hash"]) == 12
+    assert (
+        rep["step"] == 0
+        and rep["checkpoint"] == str(ckpt.absolute())
+        and len(rep["config_hash"]) == 12
+    )
     fit = rep["results"]["fit"]
-    assert fit["pairs"] == (129 - 6) * (129 - 5) // 2 and fit["contacts"] > 100 and fit["saved_to"] == str(save)
-    assert rep["results"]["structures"][0]["precision"]["long"]["P@L"] is None  # 20 residues: no long range
+    assert (
+        fit["pairs"] == (129 - 6) * (129 - 5) // 2
+        and fit["contacts"] > 100
+        and fit["saved_to"] == str(save)
+    )
+    assert (
+        rep["results"]["structures"][0]["precision"]["long"]["P@L"] is None
+    )  # 20 residues: no long range
     assert (out / "contacts_1aki_A.png").stat().st_size > 10_000
     # The fitted head is in the saved checkpoint, which load_model restores with its provenance.
     fitted, step = checkpoint.load_model(save)
     cfg = checkpoint.read_config(save)
-    assert step == 0 and cfg["source"]["checkpoint"] == str(ckpt.absolute()) and cfg["contact_regression"]["C"] == 1.0
+    assert (
+        step == 0
+        and cfg["source"]["checkpoint"] == str(ckpt.absolute())
+        and cfg["contact_regression"]["C"] == 1.0
+    )
     w = np.asarray(fitted.contact_head.regression.kernel[...])
     w0 = np.asarray(checkpoint.load_model(ckpt)[0].contact_head.regression.kernel[...])
     assert w.shape == (8, 1) and not np.allclose(w, w0)
@@ -219,10 +291,29 @@ def test_cli_fit_and_evaluate(ckpt, engine8, shared_data, tmp_path, capsys, capl
     chain = read_chain(aki)
     before = ct.evaluate_map(ct.predict_contacts(engine8, chain), chain.contact_map())
     after = rep["results"]["structures"][1]["precision"]
-    assert after["short"]["P@L"] > before["short"]["P@L"] and after["long"]["P@L"] > before["long"]["P@L"]
-    # A structure with no contact at separation >= 6 cannot train the head; an unparsable one is one clear line.
-    assert cli(["evaluate", "contacts", "--checkpoint", str(ckpt), "--structures", aki, "--fit",
-                str(s / "alphafold" / "glucagon.pdb"), "--save", str(tmp_path / "g")]) == 2  # fmt: skip
+    assert (
+        after["short"]["P@L"] > before["short"]["P@L"]
+        and after["long"]["P@L"] > before["long"]["P@L"]
+    )
+    # A structure with no contact at separation >= 6 cannot train the head; an unparsable one is one
+    # clear line.
+    assert (
+        cli(
+            [
+                "evaluate",
+                "contacts",
+                "--checkpoint",
+                str(ckpt),
+                "--structures",
+                aki,
+                "--fit",
+                str(s / "alphafold" / "glucagon.pdb"),
+                "--save",
+                str(tmp_path / "g"),
+            ]
+        )
+        == 2
+    )
     assert "both contacts and non-contacts" in capsys.readouterr().err
     bad = tmp_path / "x.cif"
     bad.write_text("data_x\nloop_\n_atom_site.id\n1 2 3\n")

@@ -1,6 +1,7 @@
-"""``esmjax evaluate perplexity``: a tiny trained checkpoint gives the same masked-LM perplexity restored on one
-device, on 8 devices with another sharding, and on 2 processes (``launch/local.sh``); pseudo-perplexity equals a
-direct per-position computation; bad checkpoints give clear errors; ``esmjax plot`` draws a workdir's curves."""
+"""``esmjax evaluate perplexity``: a tiny trained checkpoint gives the same masked-LM perplexity
+restored on one device, on 8 devices with another sharding, and on 2 processes
+(``launch/local.sh``); pseudo-perplexity equals a direct per-position computation; bad
+checkpoints give clear errors; ``esmjax plot`` draws a workdir's curves."""
 
 import json
 import math
@@ -15,20 +16,19 @@ import optax
 import pytest
 from flax import nnx
 
-from esmjax.io import checkpoint
-
-from esmjax.parallel import sharding as shd
-from esmjax.io.checkpoint import CheckpointError
 from esmjax.cli import main as cli
 from esmjax.config import ESM2_PRESETS, DataConfig, MeshConfig
 from esmjax.data.masking import mask_tokens
 from esmjax.data.pipeline import eval_batches
-from esmjax.models.esm2 import ESM2
-from esmjax.inference.engine import Engine
 from esmjax.evaluate.perplexity import masked_lm, pseudo_perplexity
-from esmjax.io.fasta import read_fasta
 from esmjax.evaluate.plot import read_metrics, series
+from esmjax.inference.engine import Engine
+from esmjax.io import checkpoint
+from esmjax.io.checkpoint import CheckpointError
+from esmjax.io.fasta import read_fasta
 from esmjax.models.alphabet import BOS, EOS, MASK, PAD, encode
+from esmjax.models.esm2 import ESM2
+from esmjax.parallel import sharding as shd
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ_LEN = 128
@@ -56,11 +56,15 @@ def packed_batches(seqs: list[str], rows: int, seed: int) -> list[dict[str, np.n
     pos = np.concatenate([pos, np.zeros((extra, SEQ_LEN), np.int32)])
     masked = mask_tokens(tok, np.random.default_rng(seed))
     return [
-        {"tokens": masked["tokens"][i : i + rows], "targets": masked["targets"][i : i + rows],
-         "loss_mask": masked["loss_mask"][i : i + rows], "segment_ids": seg[i : i + rows],
-         "positions": pos[i : i + rows]}
+        {
+            "tokens": masked["tokens"][i : i + rows],
+            "targets": masked["targets"][i : i + rows],
+            "loss_mask": masked["loss_mask"][i : i + rows],
+            "segment_ids": seg[i : i + rows],
+            "positions": pos[i : i + rows],
+        }
         for i in range(0, len(tok), rows)
-    ]  # fmt: skip
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +90,10 @@ def trained(tmp_path_factory, seqs):
         opt.update(model, grads)
         return loss
 
-    losses = [float(step(model, opt, {k: jnp.asarray(v) for k, v in batches[i % 2].items()})) for i in range(8)]
+    losses = [
+        float(step(model, opt, {k: jnp.asarray(v) for k, v in batches[i % 2].items()}))
+        for i in range(8)
+    ]
     assert losses[-1] < losses[0]
     path = tmp_path_factory.mktemp("ppl") / "trained"
     checkpoint.save_converted(path, model.cfg, checkpoint.params_numpy(model))
@@ -116,7 +123,9 @@ def test_masked_lm_same_on_1_and_8_devices(trained, seqs):
     model, _ = checkpoint.load_model(trained)
     nll, count = 0.0, 0
     for bt in batches:
-        out = model(jnp.asarray(bt["tokens"]), jnp.asarray(bt["segment_ids"]), jnp.asarray(bt["positions"]))
+        out = model(
+            jnp.asarray(bt["tokens"]), jnp.asarray(bt["segment_ids"]), jnp.asarray(bt["positions"])
+        )
         lp = np.asarray(jax.nn.log_softmax(out["logits"], -1))
         sel = bt["loss_mask"]
         nll -= lp[sel, bt["targets"][sel]].astype(np.float64).sum()
@@ -133,7 +142,8 @@ def fasta(shared_data):
 
 @pytest.fixture(scope="module")
 def one_device_ppl(trained, fasta):
-    """Held-out masked-LM figures of the FASTA through the data pipeline, on one device, 8 rows per batch."""
+    """Held-out masked-LM figures of the FASTA through the data pipeline, on one device, 8 rows
+    per batch."""
     cfg = DataConfig(eval=str(fasta), seq_len=SEQ_LEN, eval_tokens=0)
     return masked_lm(_engine(trained, None, "fsdp"), eval_batches(cfg, rows=8))
 
@@ -143,16 +153,38 @@ def test_pipeline_batches_same_on_1_and_8_devices(trained, fasta, one_device_ppl
     eight = masked_lm(_engine(trained, MeshConfig(ici_fsdp=-1), "dp"), eval_batches(cfg, rows=16))
     assert one_device_ppl["masked_tokens"] == eight["masked_tokens"] > 200
     assert one_device_ppl["loss"] == pytest.approx(eight["loss"], rel=1e-6)
-    # 8 Adam steps moved the model well below the ~33 of a random one (33 tokens); unigram baseline for scale.
+    # 8 Adam steps moved the model well below the ~33 of a random one (33 tokens); unigram baseline
+    # for scale.
     assert one_device_ppl["perplexity"] < 28 and 10 < one_device_ppl["unigram_perplexity"] < 25
 
 
 @pytest.mark.multiprocess
 def test_two_processes(trained, fasta, one_device_ppl, tmp_path):
     out = tmp_path / "rep"
-    cmd = ["bash", str(ROOT / "launch" / "local.sh"), "2", "2", sys.executable, "-m", "esmjax.cli", "evaluate",
-           "perplexity", "--checkpoint", str(trained), "--data", str(fasta), "--seq-len", str(SEQ_LEN),
-           "--eval-tokens", "0", "--rows", "8", "--out", str(out), "--no-progress"]  # fmt: skip
+    cmd = [
+        "bash",
+        str(ROOT / "launch" / "local.sh"),
+        "2",
+        "2",
+        sys.executable,
+        "-m",
+        "esmjax.cli",
+        "evaluate",
+        "perplexity",
+        "--checkpoint",
+        str(trained),
+        "--data",
+        str(fasta),
+        "--seq-len",
+        str(SEQ_LEN),
+        "--eval-tokens",
+        "0",
+        "--rows",
+        "8",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rep = json.loads((out / "perplexity.json").read_text())
@@ -161,7 +193,9 @@ def test_two_processes(trained, fasta, one_device_ppl, tmp_path):
     assert ml["masked_tokens"] == one_device_ppl["masked_tokens"]
     assert ml["loss"] == pytest.approx(one_device_ppl["loss"], rel=1e-6)
     assert ml["masked_accuracy"] == one_device_ppl["masked_accuracy"]
-    assert "[p0] masked-LM" in proc.stdout and "[p1] masked-LM" not in proc.stdout  # process 0 reports
+    assert (
+        "[p0] masked-LM" in proc.stdout and "[p1] masked-LM" not in proc.stdout
+    )  # process 0 reports
 
 
 def test_pseudo_perplexity_matches_direct(trained):
@@ -180,7 +214,9 @@ def test_pseudo_perplexity_matches_direct(trained):
         out = pseudo_perplexity(_engine(trained, mesh_cfg, rules), seqs, max_tokens=256)
         assert out["residues"] == n and out["sequences"] == 2
         assert out["pseudo_perplexity"] == pytest.approx(math.exp(sum(nll) / n), rel=1e-5)
-        assert out["per_sequence"][1]["pseudo_perplexity"] == pytest.approx(math.exp(nll[1] / len(seqs[1])), rel=1e-5)
+        assert out["per_sequence"][1]["pseudo_perplexity"] == pytest.approx(
+            math.exp(nll[1] / len(seqs[1])), rel=1e-5
+        )
 
 
 def test_bad_checkpoints(trained, tmp_path, capsys):
@@ -204,11 +240,17 @@ def test_bad_checkpoints(trained, tmp_path, capsys):
 def test_plot_training_curves(tmp_path, capsys):
     w = tmp_path / "run"
     w.mkdir()
-    lines = [json.dumps({"step": s, "loss": 3.0 - s / 100, "perplexity": math.exp(3.0 - s / 100), "lr": 1e-3})
-             for s in range(10, 110, 10)]  # fmt: skip
+    lines = [
+        json.dumps(
+            {"step": s, "loss": 3.0 - s / 100, "perplexity": math.exp(3.0 - s / 100), "lr": 1e-3}
+        )
+        for s in range(10, 110, 10)
+    ]
     lines.insert(5, json.dumps({"step": 50, "eval_loss": 2.7, "eval_perplexity": math.exp(2.7)}))
     lines.append(json.dumps({"step": 100, "eval_loss": 2.2, "eval_perplexity": math.exp(2.2)}))
-    (w / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 110, "lo')  # a line still being written
+    (w / "metrics.jsonl").write_text(
+        "\n".join(lines) + '\n{"step": 110, "lo'
+    )  # a line still being written
     rows = read_metrics(w)
     assert len(rows) == 12
     steps, vals = series(rows, "eval_perplexity")

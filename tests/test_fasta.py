@@ -16,7 +16,10 @@ def write(tmp_path, text, name="x.fa"):
 def test_multiline_lowercase_and_stop(tmp_path):
     p = write(tmp_path, ">sp|P1|A desc here\nmkt\nVRQ*\n\n>r2\nACD\nEF\n")
     recs = list(read_fasta(p))
-    assert [(r.id, r.sequence, r.line) for r in recs] == [("sp|P1|A", "MKTVRQ", 1), ("r2", "ACDEF", 5)]
+    assert [(r.id, r.sequence, r.line) for r in recs] == [
+        ("sp|P1|A", "MKTVRQ", 1),
+        ("r2", "ACDEF", 5),
+    ]
     assert recs[0].description == "sp|P1|A desc here"
 
 
@@ -29,7 +32,9 @@ def test_gzip(tmp_path):
 
 def test_invalid_character_names_record_line_and_position(tmp_path):
     p = write(tmp_path, ">ok\nACD\n>bad one\nACDEF\nGH1K\n")
-    with pytest.raises(FastaError, match=r"x\.fa:5: record 'bad' has invalid character '1' at residue 8"):
+    with pytest.raises(
+        FastaError, match=r"x\.fa:5: record 'bad' has invalid character '1' at residue 8"
+    ):
         list(read_fasta(p))
     recs = list(read_fasta(p, unknown_as_x=True))
     assert recs[1].sequence == "ACDEFGHXK"

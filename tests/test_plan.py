@@ -13,10 +13,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_tiny_plan_on_8_devices(tmp_path):
-    cfg = load_config(ROOT / "configs" / "demo.yaml", ["model=tiny", "data.seq_len=64", "data.tokens_per_step=4096",
-                                                        "data.rows_per_device=2", "mesh.rules=fsdp_tp"])  # fmt: skip
+    cfg = load_config(
+        ROOT / "configs" / "demo.yaml",
+        [
+            "model=tiny",
+            "data.seq_len=64",
+            "data.tokens_per_step=4096",
+            "data.rows_per_device=2",
+            "mesh.rules=fsdp_tp",
+        ],
+    )
     p = plan(cfg, parse_mesh("data=2,fsdp=2,tensor=2"), 80.0)
-    assert p["accumulation_steps"] == 4 and p["micro_rows_global"] == 16 and p["rows_per_batch_shard"] == 4
+    assert (
+        p["accumulation_steps"] == 4
+        and p["micro_rows_global"] == 16
+        and p["rows_per_batch_shard"] == 4
+    )
     a, x = p["analytic_gb"], p["xla_gb"]
     assert 0 < a["params"] < 1e-3 and a["optimizer"] == pytest.approx(2 * a["params"], rel=0.05)
     assert x["arguments"] > 0 and x["temp"] > 0 and p["fits"]
@@ -33,11 +45,24 @@ def test_3b_fits_8_devices():
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "config,mesh", [("esm2_15b", "data=1,fsdp=16,tensor=4"), ("esm2_650m", "data=1,fsdp=1,tensor=1")]
+    "config,mesh",
+    [("esm2_15b", "data=1,fsdp=16,tensor=4"), ("esm2_650m", "data=1,fsdp=1,tensor=1")],
 )
 def test_recorded_plans_fit(config, mesh):
     r = subprocess.run(
-        [sys.executable, "-m", "esmjax.cli", "plan", "--config", f"configs/{config}.yaml", "--mesh", mesh],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "esmjax.cli",
+            "plan",
+            "--config",
+            f"configs/{config}.yaml",
+            "--mesh",
+            mesh,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0 and "fits 80 GB devices: YES" in r.stdout, r.stdout + r.stderr[-2000:]

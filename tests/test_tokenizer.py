@@ -16,10 +16,23 @@ def alphabet():
 def test_vocabulary_order(alphabet):
     assert list(tok.TOKENS) == alphabet.all_toks
     assert (tok.BOS, tok.PAD, tok.EOS, tok.UNK, tok.MASK) == (0, 1, 2, 3, 32)
-    assert alphabet.cls_idx == tok.BOS and alphabet.padding_idx == tok.PAD and alphabet.mask_idx == tok.MASK
+    assert (
+        alphabet.cls_idx == tok.BOS
+        and alphabet.padding_idx == tok.PAD
+        and alphabet.mask_idx == tok.MASK
+    )
 
 
-TRICKY = ["MKTVRQG", "KALTA<mask>ISQP", "XBUZO.-", "<mask>ACD<mask>", "AC<unk>D<eos>E", "M K T V", "A" * 40, "<cls>A"]
+TRICKY = [
+    "MKTVRQG",
+    "KALTA<mask>ISQP",
+    "XBUZO.-",
+    "<mask>ACD<mask>",
+    "AC<unk>D<eos>E",
+    "M K T V",
+    "A" * 40,
+    "<cls>A",
+]
 
 
 @pytest.mark.parametrize("seq", TRICKY)
@@ -37,8 +50,18 @@ def test_batch_converter_padding_and_truncation(alphabet):
     for trunc in (None, 4):
         bc = alphabet.get_batch_converter(truncation_seq_length=trunc)
         _, _, ref = bc([(str(i), s) for i, s in enumerate(seqs)])
-        np.testing.assert_array_equal(tok.batch_encode(seqs, truncation_seq_length=trunc), ref.numpy())
-    assert tok.encode("MKTVRQG").tolist() == [20, 15, 11, 7, 10, 16, 6]  # fair-esm tests/test_alphabet.py
+        np.testing.assert_array_equal(
+            tok.batch_encode(seqs, truncation_seq_length=trunc), ref.numpy()
+        )
+    assert tok.encode("MKTVRQG").tolist() == [
+        20,
+        15,
+        11,
+        7,
+        10,
+        16,
+        6,
+    ]  # fair-esm tests/test_alphabet.py
 
 
 def test_unknown_character_is_an_error():

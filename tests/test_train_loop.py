@@ -1,5 +1,5 @@
-"""The training loop end to end: multi-process runs, resume on another process count, kill -9, damaged
-checkpoints, SIGTERM, and loss falling on the bundled data."""
+"""The training loop end to end: multi-process runs, resume on another process count, kill -9,
+damaged checkpoints, SIGTERM, and loss falling on the bundled data."""
 
 import json
 import os
@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from esmjax.io import checkpoint
 from esmjax.data.build import build_dataset
+from esmjax.io import checkpoint
 from esmjax.io.fasta import read_fasta
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +25,9 @@ def dataset(tmp_path_factory, shared_data):
     d = tmp_path_factory.mktemp("train_data")
     fa = d / "small.fa"
     with open(fa, "w") as f:
-        for i, r in enumerate(read_fasta(shared_data / "cath_s20" / "cath-dataset-nonredundant-S20-v4_3_0.fa")):
+        for i, r in enumerate(
+            read_fasta(shared_data / "cath_s20" / "cath-dataset-nonredundant-S20-v4_3_0.fa")
+        ):
             if i == 800:
                 break
             f.write(f">{r.id}\n{r.sequence}\n")
@@ -37,7 +39,12 @@ def write_config(path: Path, dataset: Path, **over) -> Path:
     cfg = {
         "model": {"preset": "tiny"},
         "mesh": {"ici_fsdp": -1},
-        "data": {"train": str(dataset), "seq_len": 64, "tokens_per_step": 2048, "eval_tokens": 2048},
+        "data": {
+            "train": str(dataset),
+            "seq_len": 64,
+            "tokens_per_step": 2048,
+            "eval_tokens": 2048,
+        },
         "optim": {"peak_lr": 1e-3, "warmup_steps": 2},
         "num_steps": 6,
         "log_every": 1,
@@ -51,7 +58,9 @@ def write_config(path: Path, dataset: Path, **over) -> Path:
 
 
 def env(devices: int) -> dict:
-    e = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices), ESMJAX_LOG="WARNING")
+    e = dict(
+        os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices), ESMJAX_LOG="WARNING"
+    )
     e.pop("XLA_FLAGS", None)
     return e
 
@@ -69,7 +78,16 @@ def train(args, devices=1, processes=1, check=True, **kw):
     cmd = ESMJAX + ["train", "--no-progress", *args]
     if processes > 1:
         cmd = [str(ROOT / "launch" / "local.sh"), str(processes), str(devices), *cmd]
-    return subprocess.run(cmd, env=env(devices), cwd=ROOT, capture_output=True, text=True, check=check, timeout=600, **kw)
+    return subprocess.run(
+        cmd,
+        env=env(devices),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=check,
+        timeout=600,
+        **kw,
+    )
 
 
 def wait_for_checkpoint(workdir: Path, proc: subprocess.Popen, at_least: int) -> int:
@@ -86,28 +104,48 @@ def wait_for_checkpoint(workdir: Path, proc: subprocess.Popen, at_least: int) ->
 
 @pytest.mark.multiprocess
 def test_two_processes_killed_then_resumed_on_one(dataset, tmp_path):
-    """2 processes x 2 devices train and checkpoint; killed (-9, whole process group) mid-run, the run resumes as
-    1 process x 4 devices and its losses match the uninterrupted 2-process run."""
+    """2 processes x 2 devices train and checkpoint; killed (-9, whole process group) mid-run, the
+    run resumes as 1 process x 4 devices and its losses match the uninterrupted 2-process run."""
     cfg = write_config(tmp_path / "c.yaml", dataset, num_steps=12, data={"tokens_per_step": 8192})
     full = tmp_path / "full"
     r = train(["--config", str(cfg), "--workdir", str(full)], devices=2, processes=2, check=False)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     ref = losses(full)
     assert sorted(ref) == list(range(1, 13))
-    assert sorted(int(p.name) for p in (full / "checkpoints").iterdir() if p.name.isdigit())[-1] == 12
+    assert (
+        sorted(int(p.name) for p in (full / "checkpoints").iterdir() if p.name.isdigit())[-1] == 12
+    )
 
     killed = tmp_path / "killed"
-    cmd = [str(ROOT / "launch" / "local.sh"), "2", "2", *ESMJAX, "train", "--no-progress", "--config", str(cfg),
-           "--workdir", str(killed)]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env(2), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # fmt: skip
+    cmd = [
+        str(ROOT / "launch" / "local.sh"),
+        "2",
+        "2",
+        *ESMJAX,
+        "train",
+        "--no-progress",
+        "--config",
+        str(cfg),
+        "--workdir",
+        str(killed),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        env=env(2),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     wait_for_checkpoint(killed, proc, 4)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     time.sleep(0.5)
     committed = max(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
     assert 4 <= committed < 12
-    r = train(["--workdir", str(killed)], devices=4, check=False)  # the saved config, another process count
+    r = train(
+        ["--workdir", str(killed)], devices=4, check=False
+    )  # the saved config, another process count
     assert r.returncode == 0, r.stderr[-3000:]
     resumed = losses(killed)
     assert sorted(resumed) == list(range(1, 13))
@@ -119,8 +157,13 @@ def test_kill_and_resume_matches_uninterrupted(dataset, tmp_path):
     cfg = write_config(tmp_path / "c.yaml", dataset, num_steps=14, data={"tokens_per_step": 8192})
     ref_dir, kill_dir = tmp_path / "ref", tmp_path / "kill"
     train(["--config", str(cfg), "--workdir", str(ref_dir)])
-    proc = subprocess.Popen(ESMJAX + ["train", "--no-progress", "--config", str(cfg), "--workdir", str(kill_dir)],
-                            env=env(1), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        ESMJAX + ["train", "--no-progress", "--config", str(cfg), "--workdir", str(kill_dir)],
+        env=env(1),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     ckdir = kill_dir / "checkpoints"
     wait_for_checkpoint(kill_dir, proc, 6)
     proc.send_signal(signal.SIGKILL)
@@ -131,7 +174,9 @@ def test_kill_and_resume_matches_uninterrupted(dataset, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = losses(ref_dir), losses(kill_dir)
     assert sorted(b) == list(range(1, 15))
-    np.testing.assert_allclose([b[s] for s in range(1, 15)], [a[s] for s in range(1, 15)], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        [b[s] for s in range(1, 15)], [a[s] for s in range(1, 15)], rtol=0, atol=1e-6
+    )
 
 
 def test_damaged_latest_checkpoint_falls_back(dataset, tmp_path, caplog):
@@ -152,8 +197,14 @@ def test_damaged_latest_checkpoint_falls_back(dataset, tmp_path, caplog):
 def test_sigterm_saves_and_exits(dataset, tmp_path):
     cfg = write_config(tmp_path / "c.yaml", dataset, num_steps=10_000, checkpoint={"every": 10_000})
     w = tmp_path / "w"
-    proc = subprocess.Popen(ESMJAX + ["train", "--no-progress", "--config", str(cfg), "--workdir", str(w)],
-                            env=env(1), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        ESMJAX + ["train", "--no-progress", "--config", str(cfg), "--workdir", str(w)],
+        env=env(1),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and not ((w / "metrics.jsonl").exists() and len(losses(w)) >= 3):
         assert proc.poll() is None
@@ -166,16 +217,37 @@ def test_sigterm_saves_and_exits(dataset, tmp_path):
 
 
 def test_loss_falls_on_bundled_data(tmp_path):
-    """A shortened demo run (configs/demo.yaml, fewer and smaller steps) on the bundled CATH sample."""
+    """A shortened demo run (configs/demo.yaml, fewer and smaller steps) on the bundled CATH
+    sample."""
     ds = tmp_path / "ds"
     build_dataset([ROOT / "data" / "cath_s20.fa.gz"], ds, val_fraction=0.02)
     w = tmp_path / "demo"
-    over = ["--set", f"data.train={ds}", "--set", "num_steps=30", "--set", "data.tokens_per_step=2048",
-            "--set", "data.seq_len=128", "--set", "optim.warmup_steps=5", "--set", "eval_every=0",
-            "--set", "log_every=1", "--set", "data.eval_tokens=8192"]  # fmt: skip
-    r = train(["--config", str(ROOT / "configs" / "demo.yaml"), "--workdir", str(w), *over], check=False)
+    over = [
+        "--set",
+        f"data.train={ds}",
+        "--set",
+        "num_steps=30",
+        "--set",
+        "data.tokens_per_step=2048",
+        "--set",
+        "data.seq_len=128",
+        "--set",
+        "optim.warmup_steps=5",
+        "--set",
+        "eval_every=0",
+        "--set",
+        "log_every=1",
+        "--set",
+        "data.eval_tokens=8192",
+    ]
+    r = train(
+        ["--config", str(ROOT / "configs" / "demo.yaml"), "--workdir", str(w), *over], check=False
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     curve = losses(w)
-    first, last = np.mean([curve[s] for s in range(1, 4)]), np.mean([curve[s] for s in range(28, 31)])
+    first, last = (
+        np.mean([curve[s] for s in range(1, 4)]),
+        np.mean([curve[s] for s in range(28, 31)]),
+    )
     assert last < first - 0.2, (first, last)
     assert "held-out masked-LM perplexity" in r.stdout

@@ -1,17 +1,18 @@
-"""The train step: sharded over 8 devices (fsdp_tp) equals one device; accumulation equals one big batch."""
+"""The train step: sharded over 8 devices (fsdp_tp) equals one device; accumulation equals one
+big batch."""
 
 import dataclasses
 
 import jax
 import numpy as np
 
-from esmjax.parallel import sharding as shd
 from esmjax.config import ESM2_PRESETS, MeshConfig, OptimConfig
 from esmjax.data.masking import mask_tokens
+from esmjax.io.checkpoint import abstract_model
 from esmjax.models.alphabet import batch_encode
+from esmjax.parallel import sharding as shd
 from esmjax.train.optim import learning_rate, make_optimizer
 from esmjax.train.state import create_state, model_graphdef, state_shardings
-from esmjax.io.checkpoint import abstract_model
 from esmjax.train.step import make_train_step
 
 CFG = dataclasses.replace(ESM2_PRESETS["tiny_h3"], num_heads=4)  # heads divisible by tensor=2
@@ -31,7 +32,10 @@ def _batch(rows=8, accum=1, seed=0):
 
 
 def _run(mesh_cfg, rules_name, batch):
-    mesh = shd.make_mesh(mesh_cfg, jax.devices()[: np.prod([mesh_cfg.ici_data, mesh_cfg.ici_fsdp, mesh_cfg.ici_tensor])])
+    mesh = shd.make_mesh(
+        mesh_cfg,
+        jax.devices()[: np.prod([mesh_cfg.ici_data, mesh_cfg.ici_fsdp, mesh_cfg.ici_tensor])],
+    )
     rules = shd.resolve_rules(rules_name)
     tx = make_optimizer(OPT, 10, abstract_model(CFG)[1].to_pure_dict())
     shardings = state_shardings(CFG, tx, mesh, rules)
@@ -39,8 +43,11 @@ def _run(mesh_cfg, rules_name, batch):
         state = create_state(CFG, tx, shardings, seed=3)
         spec = jax.sharding.PartitionSpec(None, *shd.batch_sharding(mesh, rules, 2).spec)
         bs = jax.sharding.NamedSharding(mesh, spec)
-        step = jax.jit(make_train_step(model_graphdef(CFG), tx, learning_rate(OPT, 10)),
-                       in_shardings=(shardings, bs), out_shardings=(shardings, None))  # fmt: skip
+        step = jax.jit(
+            make_train_step(model_graphdef(CFG), tx, learning_rate(OPT, 10)),
+            in_shardings=(shardings, bs),
+            out_shardings=(shardings, None),
+        )
         new, metrics = step(state, jax.device_put(batch, bs))
         # the second step exercises the optimizer's moments as well
         new, metrics2 = step(new, jax.device_put(batch, bs))
@@ -67,8 +74,10 @@ def test_accumulation_equals_one_big_batch():
     vb, mb, _, _ = _run(mesh, "fsdp", split)
     assert abs(ma["loss"] - mb["loss"]) < 1e-6
     assert abs(ma["grad_norm"] - mb["grad_norm"]) < 1e-6 * ma["grad_norm"]
-    # Parameters: the 1e-5 of the sharded test. Adam divides each gradient by its own magnitude, so an element
-    # whose gradient is ~1e-6 of the scale moves by a full step whatever its last digits; the gradients themselves
+    # Parameters: the 1e-5 of the sharded test. Adam divides each gradient by its own magnitude, so
+    # an element
+    # whose gradient is ~1e-6 of the scale moves by a full step whatever its last digits; the
+    # gradients themselves
     # agree to ~2e-7 of their scale (test_accumulated_gradients_equal_full_batch).
     for a, b in zip(jax.tree.leaves(va), jax.tree.leaves(vb)):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
@@ -87,7 +96,9 @@ def test_accumulated_gradients_equal_full_batch():
     grad = jax.jit(jax.grad(lambda v, b: mlm_sums(graphdef, v, b)["loss_sum"]))
     full = grad(variables, {k: v[0] for k, v in big.items()})
     halves = [grad(variables, {k: v[0, i : i + 4] for k, v in big.items()}) for i in (0, 4)]
-    for a, b, c in zip(jax.tree.leaves(full), jax.tree.leaves(halves[0]), jax.tree.leaves(halves[1])):
+    for a, b, c in zip(
+        jax.tree.leaves(full), jax.tree.leaves(halves[0]), jax.tree.leaves(halves[1])
+    ):
         scale = max(float(np.abs(a).max()), 1e-12)
         assert float(np.abs(a - (b + c)).max()) <= 1e-6 * scale
 

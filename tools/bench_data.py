@@ -1,13 +1,16 @@
-"""Input-pipeline throughput: packed, masked training tokens per second that one host's process produces.
+"""Input-pipeline throughput: packed, masked training tokens per second that one host's process
+produces.
 
-    python tools/bench_data.py                       # builds the bundled CATH S20 sample into a temp folder
-    python tools/bench_data.py --data DIR --rows 2048 --process-count 1 --workers 0 2 4
-    python tools/bench_data.py --synthetic 300000   # UniRef-like lengths (log-normal, median 250), random residues
+    python tools/bench_data.py                       # builds the bundled CATH S20 sample into a
+    temp folder python tools/bench_data.py --data DIR --rows 2048 --process-count 1 --workers 0 2 4
+    python tools/bench_data.py --synthetic 300000   # UniRef-like lengths (log-normal, median 250),
+    random residues
 
-Each configuration runs ``esmjax.data.pipeline.train_batches`` as the trainer does (``rows`` = this process's rows
-per optimizer step, ``process_count`` processes planning the same global batch) and times ``--batches`` calls of
-``next()`` after warm-up batches. Reported: tokens/s (all positions of the [rows, seq_len] arrays, i.e. what the
-devices consume), non-pad tokens/s, packing efficiency and the first-batch latency.
+Each configuration runs ``esmjax.data.pipeline.train_batches`` as the trainer does (``rows`` = this
+process's rows per optimizer step, ``process_count`` processes planning the same global batch) and
+times ``--batches`` calls of ``next()`` after warm-up batches. Reported: tokens/s (all positions of
+the [rows, seq_len] arrays, i.e. what the devices consume), non-pad tokens/s, packing efficiency and
+the first-batch latency.
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from esmjax.config import DataConfig
-from esmjax.data.pipeline import train_batches
+from esmjax.config import DataConfig  # noqa: E402
+from esmjax.data.pipeline import train_batches  # noqa: E402
 
 
 def bench(
@@ -62,8 +65,9 @@ def bench(
 
 
 def synthetic_fasta(n: int, folder: Path) -> tuple[Path, Path]:
-    """``n`` random sequences with UniRef-like lengths (log-normal, median 250 residues, 2% over 1,022) in clusters
-    of geometric size (mean 2.5), as a FASTA file and a membership TSV. For timing and packing only."""
+    """``n`` random sequences with UniRef-like lengths (log-normal, median 250 residues, 2% over
+    1,022) in clusters of geometric size (mean 2.5), as a FASTA file and a membership TSV. For
+    timing and packing only."""
     rng = np.random.default_rng(0)
     aa = np.frombuffer(b"ACDEFGHIKLMNPQRSTVWY", np.uint8)
     lengths = np.clip(rng.lognormal(np.log(250), 0.7, n).astype(int), 20, 5000)
@@ -138,9 +142,11 @@ def run(args: argparse.Namespace, data: str) -> None:
             print(json.dumps(r))
         else:
             print(
-                f"seq_len {r['seq_len']} rows {r['rows']} x {r['process_count']} processes, workers {w}: "
-                f"{r['tokens_per_s'] / 1e6:.2f}M tokens/s ({r['nonpad_tokens_per_s'] / 1e6:.2f}M non-pad), "
-                f"packing {r['packing_efficiency']:.4f}, first batch {r['first_batch_s']}s"
+                f"seq_len {r['seq_len']} rows {r['rows']} x {r['process_count']} processes, "
+                f"workers {w}: {r['tokens_per_s'] / 1e6:.2f}M tokens/s "
+                f"({r['nonpad_tokens_per_s'] / 1e6:.2f}M "
+                f"non-pad), packing {r['packing_efficiency']:.4f}, first batch "
+                f"{r['first_batch_s']}s"
             )
 
 

@@ -1,9 +1,11 @@
-"""Inference throughput (tokens/s) of esmjax vs the PyTorch anchor (HF ``EsmForMaskedLM``) at equal configuration.
+"""Inference throughput (tokens/s) of esmjax vs the PyTorch anchor (HF ``EsmForMaskedLM``) at equal
+configuration.
 
     python tools/bench_embed.py --preset esm2_t12_35M_UR50D --rows 8 --seq-len 256
 
-Same random-weight model shape and token batch on both sides; esmjax's forward is jitted (logits), torch runs
-under ``torch.no_grad()`` (eager, its default attention). Prints tokens/s and the esmjax/PyTorch ratio.
+Same random-weight model shape and token batch on both sides; esmjax's forward is jitted (logits),
+torch runs under ``torch.no_grad()`` (eager, its default attention). Prints tokens/s and the
+esmjax/PyTorch ratio.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ import numpy as np  # noqa: E402
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--preset", default="esm2_t12_35M_UR50D")
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
@@ -51,9 +55,17 @@ def main() -> int:
     out.block_until_ready()
     t_jax = (time.perf_counter() - t) / a.iters
     tokens = a.rows * a.seq_len
-    res = {"preset": a.preset, "rows": a.rows, "seq_len": a.seq_len, "dtype": a.dtype, "jax": jax.__version__,
-           "device_kind": jax.devices()[0].device_kind, "machine": platform.processor() or platform.machine(),
-           "esmjax_s": t_jax, "esmjax_tokens_per_s": tokens / t_jax}  # fmt: skip
+    res = {
+        "preset": a.preset,
+        "rows": a.rows,
+        "seq_len": a.seq_len,
+        "dtype": a.dtype,
+        "jax": jax.__version__,
+        "device_kind": jax.devices()[0].device_kind,
+        "machine": platform.processor() or platform.machine(),
+        "esmjax_s": t_jax,
+        "esmjax_tokens_per_s": tokens / t_jax,
+    }
     if not a.no_torch:
         import torch
         from bench_train import hf_masked_lm
@@ -66,8 +78,12 @@ def main() -> int:
             for _ in range(a.iters):
                 model(input_ids=ids)
             t_torch = (time.perf_counter() - t) / a.iters
-        res.update(torch=torch.__version__, torch_s=t_torch, torch_tokens_per_s=tokens / t_torch,
-                   ratio_esmjax_over_torch=t_torch / t_jax)  # fmt: skip
+        res.update(
+            torch=torch.__version__,
+            torch_s=t_torch,
+            torch_tokens_per_s=tokens / t_torch,
+            ratio_esmjax_over_torch=t_torch / t_jax,
+        )
     for k, v in res.items():
         print(f"{k:28s} {v:.4g}" if isinstance(v, float) else f"{k:28s} {v}")
     if a.json:

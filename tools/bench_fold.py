@@ -1,10 +1,11 @@
-"""Latency of ESMFold folding per protein, esmjax (JAX/XLA) against HF ``EsmForProteinFolding`` (PyTorch) at the
-same configuration, with the same random weights, in one run on one machine.
+"""Latency of ESMFold folding per protein, esmjax (JAX/XLA) against HF ``EsmForProteinFolding``
+(PyTorch) at the same configuration, with the same random weights, in one run on one machine.
 
-Both sides fold one protein (batch 1) per call with the same number of trunk passes; esmjax's first call per
-length (tracing + XLA compilation, once per length bucket in ``esmjax fold``) is reported separately and excluded
-from the steady-state time. Defaults are CPU-sized (a small ESM-2 and a 4-block trunk); ``--preset esmfold_v1``
-builds the published shape (ESM-2 3B, 48 blocks: an accelerator-sized run).
+Both sides fold one protein (batch 1) per call with the same number of trunk passes; esmjax's first
+call per length (tracing + XLA compilation, once per length bucket in ``esmjax fold``) is reported
+separately and excluded from the steady-state time. Defaults are CPU-sized (a small ESM-2 and a
+4-block trunk); ``--preset esmfold_v1`` builds the published shape (ESM-2 3B, 48 blocks: an
+accelerator-sized run).
 
     python tools/bench_fold.py                       # lengths 64, 128, 256, 384
     python tools/bench_fold.py --lengths 384 --repeats 3 --threads 2
@@ -40,22 +41,41 @@ def hf_config(preset: str, max_recycles: int):
         trunk = dict(num_blocks=4, sequence_state_dim=256, pairwise_state_dim=64)
         sm = {}
     return EsmConfig(
-        vocab_size=33, mask_token_id=32, pad_token_id=1, intermediate_size=4 * lm["hidden_size"],
-        position_embedding_type="rotary", token_dropout=True, layer_norm_eps=1e-5, emb_layer_norm_before=False,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, is_folding_model=True, vocab_list=list(TOKENS),
-        esmfold_config=dict(fp16_esm=False, trunk=dict(trunk, max_recycles=max_recycles, chunk_size=None,
-                                                       structure_module=sm)),
+        vocab_size=33,
+        mask_token_id=32,
+        pad_token_id=1,
+        intermediate_size=4 * lm["hidden_size"],
+        position_embedding_type="rotary",
+        token_dropout=True,
+        layer_norm_eps=1e-5,
+        emb_layer_norm_before=False,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        is_folding_model=True,
+        vocab_list=list(TOKENS),
+        esmfold_config=dict(
+            fp16_esm=False,
+            trunk=dict(trunk, max_recycles=max_recycles, chunk_size=None, structure_module=sm),
+        ),
         **lm,
-    )  # fmt: skip
+    )
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lengths", default="64,128,256,384", help="residues per protein, comma separated")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--lengths", default="64,128,256,384", help="residues per protein, comma separated"
+    )
     p.add_argument("--preset", default="cpu", choices=["cpu", "esmfold_v1"])
     p.add_argument("--passes", type=int, default=4, help="trunk passes (fair-esm default: 4)")
-    p.add_argument("--repeats", type=int, default=2, help="timed calls per length and side (median reported)")
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument(
+        "--repeats", type=int, default=2, help="timed calls per length and side (median reported)"
+    )
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)"
+    )
     p.add_argument("--json", default="", help="also write the results here")
     args = p.parse_args()
 
@@ -65,9 +85,9 @@ def main() -> int:
     from flax import nnx
     from transformers import EsmForProteinFolding
 
+    from esmjax.io import esmfold_checkpoint as fold_ckpt
     from esmjax.io.convert_esm2 import config_from_hf
     from esmjax.io.convert_esmfold import _fold_params, _split_esm, _stem_from_hf
-    from esmjax.io import esmfold_checkpoint as fold_ckpt
     from esmjax.models.esmfold.config import from_hf
     from esmjax.models.geometry import residue_constants as rc
 
@@ -89,10 +109,17 @@ def main() -> int:
 
     rng = np.random.default_rng(0)
     rows = []
-    print(f"# preset={args.preset} folding params={n_params / 1e6:.1f}M passes={args.passes} "
-          f"jax={jax.__version__} ({jax.devices()[0].platform}) torch={torch.__version__} "
-          f"threads={torch.get_num_threads()}", flush=True)  # fmt: skip
-    print(f"{'L':>5} {'esmjax s':>9} {'HF s':>9} {'HF/esmjax':>9} {'compile s':>9} {'max |dCA| A':>11}", flush=True)
+    print(
+        f"# preset={args.preset} folding params={n_params / 1e6:.1f}M passes={args.passes} "
+        f"jax={jax.__version__} ({jax.devices()[0].platform}) torch={torch.__version__} "
+        f"threads={torch.get_num_threads()}",
+        flush=True,
+    )
+    print(
+        f"{'L':>5} {'esmjax s':>9} {'HF s':>9} {'HF/esmjax':>9} {'compile s':>9} "
+        f"{'max |dCA| A':>11}",
+        flush=True,
+    )
     for length in [int(x) for x in args.lengths.split(",")]:
         seq = "".join(rng.choice(list(AA), length))
         aa = np.array([[rc.RESTYPE_ORDER[c] for c in seq]], np.int32)
@@ -110,15 +137,31 @@ def main() -> int:
         for _ in range(args.repeats):
             t0 = time.perf_counter()
             with torch.no_grad():
-                out = ref(torch.from_numpy(aa.astype(np.int64)), attention_mask=torch.from_numpy(mask).long())
+                out = ref(
+                    torch.from_numpy(aa.astype(np.int64)),
+                    attention_mask=torch.from_numpy(mask).long(),
+                )
             hf_times.append(time.perf_counter() - t0)
         dca = float(np.abs(ours[0, :, 1] - out["positions"][-1, 0, :, 1].numpy()).max())
         tj, th = float(np.median(jax_times)), float(np.median(hf_times))
-        rows.append(dict(length=length, esmjax_s=tj, hf_s=th, ratio=th / tj, first_call_s=first, max_dca=dca))
-        print(f"{length:>5} {tj:>9.3f} {th:>9.3f} {th / tj:>9.2f} {first - tj:>9.1f} {dca:>11.2e}", flush=True)
+        rows.append(
+            dict(
+                length=length, esmjax_s=tj, hf_s=th, ratio=th / tj, first_call_s=first, max_dca=dca
+            )
+        )
+        print(
+            f"{length:>5} {tj:>9.3f} {th:>9.3f} {th / tj:>9.2f} {first - tj:>9.1f} {dca:>11.2e}",
+            flush=True,
+        )
     if args.json:
-        meta = dict(machine=platform.platform(), processor=platform.processor(), jax=jax.__version__,
-                    torch=torch.__version__, preset=args.preset, passes=args.passes)  # fmt: skip
+        meta = dict(
+            machine=platform.platform(),
+            processor=platform.processor(),
+            jax=jax.__version__,
+            torch=torch.__version__,
+            preset=args.preset,
+            passes=args.passes,
+        )
         Path(args.json).write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
     return 0
 

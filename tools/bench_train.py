@@ -1,10 +1,12 @@
-"""Training throughput of esmjax vs the PyTorch anchor (HF ``EsmForMaskedLM`` + AdamW) at equal configuration.
+"""Training throughput of esmjax vs the PyTorch anchor (HF ``EsmForMaskedLM`` + AdamW) at equal
+configuration.
 
     python tools/bench_train.py --preset esm2_t12_35M_UR50D --rows 8 --seq-len 256 --steps 5
 
-Both sides train on the same masked batch (fp32 unless --dtype bfloat16 for esmjax) and are timed over steady-state
-steps after warm-up. esmjax runs on all local devices (FSDP mesh); torch uses its default intra-op threads.
-Prints tokens/s (per device for esmjax), TFLOP/s, MFU and the esmjax/PyTorch ratio; --json writes the figures.
+Both sides train on the same masked batch (fp32 unless --dtype bfloat16 for esmjax) and are timed
+over steady-state steps after warm-up. esmjax runs on all local devices (FSDP mesh); torch uses its
+default intra-op threads. Prints tokens/s (per device for esmjax), TFLOP/s, MFU and the
+esmjax/PyTorch ratio; --json writes the figures.
 """
 
 from __future__ import annotations
@@ -36,9 +38,9 @@ def make_batch(rows: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 def bench_jax(cfg_model, batch, steps: int) -> float:
     """Seconds per train step."""
-    from esmjax.parallel import sharding as shd
-    from esmjax.io.checkpoint import abstract_model
     from esmjax.config import MeshConfig, OptimConfig
+    from esmjax.io.checkpoint import abstract_model
+    from esmjax.parallel import sharding as shd
     from esmjax.train.optim import learning_rate, make_optimizer
     from esmjax.train.state import create_state, model_graphdef, state_shardings
     from esmjax.train.step import make_train_step
@@ -48,11 +50,17 @@ def bench_jax(cfg_model, batch, steps: int) -> float:
     opt = OptimConfig(warmup_steps=1)
     tx = make_optimizer(opt, 1000, abstract_model(cfg_model)[1].to_pure_dict())
     shardings = state_shardings(cfg_model, tx, mesh, rules)
-    bs = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *shd.batch_sharding(mesh, rules, 2).spec))
+    bs = jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(None, *shd.batch_sharding(mesh, rules, 2).spec)
+    )
     with shd.use_mesh(mesh, rules):
         state = create_state(cfg_model, tx, shardings, 0)
-        step = jax.jit(make_train_step(model_graphdef(cfg_model), tx, learning_rate(opt, 1000)),
-                       in_shardings=(shardings, bs), out_shardings=(shardings, None), donate_argnums=0)  # fmt: skip
+        step = jax.jit(
+            make_train_step(model_graphdef(cfg_model), tx, learning_rate(opt, 1000)),
+            in_shardings=(shardings, bs),
+            out_shardings=(shardings, None),
+            donate_argnums=0,
+        )
         b = jax.device_put({k: v[None] for k, v in batch.items()}, bs)
         for _ in range(2):
             state, m = step(state, b)
@@ -70,11 +78,22 @@ def hf_masked_lm(cfg_model):
 
     from esmjax.models.alphabet import TOKENS
 
-    hf = EsmConfig(vocab_size=33, mask_token_id=32, pad_token_id=1, hidden_size=cfg_model.embed_dim,
-                   num_hidden_layers=cfg_model.num_layers, num_attention_heads=cfg_model.num_heads,
-                   intermediate_size=cfg_model.mlp_dim, position_embedding_type="rotary", token_dropout=True,
-                   layer_norm_eps=1e-5, emb_layer_norm_before=False, hidden_dropout_prob=0.0,
-                   attention_probs_dropout_prob=0.0, vocab_list=list(TOKENS))  # fmt: skip
+    hf = EsmConfig(
+        vocab_size=33,
+        mask_token_id=32,
+        pad_token_id=1,
+        hidden_size=cfg_model.embed_dim,
+        num_hidden_layers=cfg_model.num_layers,
+        num_attention_heads=cfg_model.num_heads,
+        intermediate_size=cfg_model.mlp_dim,
+        position_embedding_type="rotary",
+        token_dropout=True,
+        layer_norm_eps=1e-5,
+        emb_layer_norm_before=False,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        vocab_list=list(TOKENS),
+    )
     return EsmForMaskedLM(hf)
 
 
@@ -82,7 +101,9 @@ def bench_torch(cfg_model, batch, steps: int) -> float:
     import torch
 
     model = hf_masked_lm(cfg_model).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=4e-4, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=4e-4, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01
+    )
     ids = torch.from_numpy(batch["tokens"]).long()
     labels = torch.from_numpy(np.where(batch["loss_mask"], batch["targets"], -100)).long()
 
@@ -102,7 +123,9 @@ def bench_torch(cfg_model, batch, steps: int) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--preset", default="esm2_t12_35M_UR50D")
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
@@ -125,17 +148,30 @@ def main() -> int:
     flops = tm.train_flops_per_token(cfg, a.seq_len) * tokens
     peak = tm.device_peak_flops()
     res = {
-        "preset": a.preset, "rows": a.rows, "seq_len": a.seq_len, "dtype": a.dtype, "devices": n_dev,
-        "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__, "machine": platform.processor() or platform.machine(),
-        "esmjax_step_s": t_jax, "esmjax_tokens_per_s": tokens / t_jax, "esmjax_tokens_per_s_per_device": tokens / t_jax / n_dev,
-        "esmjax_tflops_per_device": flops / t_jax / n_dev / 1e12, "esmjax_mfu": flops / t_jax / n_dev / peak if peak else None,
-    }  # fmt: skip
+        "preset": a.preset,
+        "rows": a.rows,
+        "seq_len": a.seq_len,
+        "dtype": a.dtype,
+        "devices": n_dev,
+        "device_kind": jax.devices()[0].device_kind,
+        "jax": jax.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "esmjax_step_s": t_jax,
+        "esmjax_tokens_per_s": tokens / t_jax,
+        "esmjax_tokens_per_s_per_device": tokens / t_jax / n_dev,
+        "esmjax_tflops_per_device": flops / t_jax / n_dev / 1e12,
+        "esmjax_mfu": flops / t_jax / n_dev / peak if peak else None,
+    }
     if not a.no_torch:
         import torch
 
         t_torch = bench_torch(cfg, batch, a.steps)
-        res.update(torch=torch.__version__, torch_step_s=t_torch, torch_tokens_per_s=tokens / t_torch,
-                   ratio_esmjax_over_torch=t_torch / t_jax)  # fmt: skip
+        res.update(
+            torch=torch.__version__,
+            torch_step_s=t_torch,
+            torch_tokens_per_s=tokens / t_torch,
+            ratio_esmjax_over_torch=t_torch / t_jax,
+        )
     for k, v in res.items():
         print(f"{k:32s} {v:.4g}" if isinstance(v, float) else f"{k:32s} {v}")
     if a.json:

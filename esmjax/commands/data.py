@@ -1,5 +1,5 @@
-"""``esmjax data build`` (FASTA + membership TSV -> dataset folder) and ``esmjax data inspect`` (statistics and
-records drawn by the training sampler, one JSON line each)."""
+"""``esmjax data build`` (FASTA + membership TSV -> dataset folder) and ``esmjax data inspect``
+(statistics and records drawn by the training sampler, one JSON line each)."""
 
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument(
         "--clusters",
         metavar="TSV",
-        help="membership TSV 'cluster_id<TAB>member_id' (e.g. UniRef50 -> UniRef90 members, MMseqs2 createtsv); "
-        "without it every record is its own cluster",
+        help="membership TSV 'cluster_id<TAB>member_id' (e.g. UniRef50 -> UniRef90 members, "
+        "MMseqs2 createtsv); without it every record is its own cluster",
     )
     b.add_argument(
         "--out", required=True, metavar="DIR", help="dataset folder to create (must not exist)"
@@ -46,8 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument(
         "--beam-runner",
         metavar="RUNNER",
-        help="build with Apache Beam on this runner (DirectRunner, DataflowRunner, FlinkRunner, ...; needs the "
-        "'beam' extra)",
+        help="build with Apache Beam on this runner (DirectRunner, DataflowRunner, FlinkRunner, "
+        "...; needs the 'beam' extra)",
     )
     b.add_argument(
         "--beam-option",
@@ -94,8 +94,9 @@ def build_main(args: argparse.Namespace) -> int:
     )
     tr, va = meta["splits"]["train"], meta["splits"]["validation"]
     print(
-        f"wrote {args.out} in {meta['built_seconds']:.1f}s: train {tr['records']} records in {tr['clusters']} "
-        f"clusters, validation {va['records']} records in {va['clusters']} clusters",
+        f"wrote {args.out} in {meta['built_seconds']:.1f}s: train {tr['records']} records in "
+        f"{tr['clusters']} clusters, validation {va['records']} records in {va['clusters']} "
+        "clusters",
         file=sys.stderr,
     )
     print(meta["stats"]["summary"], file=sys.stderr)
@@ -129,7 +130,8 @@ def inspect_main(args: argparse.Namespace) -> int:
         s = meta["splits"][name]
         role = " (held out)" if name == "validation" else ""
         print(
-            f"# {name}{role}: {s['records']} records, {s['clusters']} clusters, {s['residues']} residues",
+            f"# {name}{role}: {s['records']} records, {s['clusters']} clusters, {s['residues']} "
+            "residues",
             file=out,
         )
     split = source.open_split(args.dataset, args.split)
@@ -137,8 +139,8 @@ def inspect_main(args: argparse.Namespace) -> int:
     sizes = np.diff(np.asarray(split.offsets))
     print(
         f"# {args.split} lengths: min {int(lengths.min())}, median {int(np.median(lengths))}, max "
-        f"{int(lengths.max())}; cluster sizes: min {int(sizes.min())}, median {int(np.median(sizes))}, max "
-        f"{int(sizes.max())}",
+        f"{int(lengths.max())}; cluster sizes: min {int(sizes.min())}, median "
+        f"{int(np.median(sizes))}, max {int(sizes.max())}",
         file=out,
     )
     print(f"# {args.split} length histogram (residues):", file=out)

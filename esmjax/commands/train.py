@@ -7,13 +7,24 @@ from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML config (configs/*.yaml); optional when resuming a workdir")
-    p.add_argument("--workdir", required=True, help="run folder: checkpoints, metrics.jsonl, tensorboard/")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument(
+        "--config", help="YAML config (configs/*.yaml); optional when resuming a workdir"
+    )
+    p.add_argument(
+        "--workdir", required=True, help="run folder: checkpoints, metrics.jsonl, tensorboard/"
+    )
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
+    )
     p.add_argument("--coordinator-address", help="host:port of process 0 (multi-process runs)")
     p.add_argument("--num-processes", type=int, help="number of processes (multi-process runs)")
     p.add_argument("--process-id", type=int, help="this process's index (multi-process runs)")
-    p.add_argument("--stop-after", type=int, metavar="N", help="stop (with a checkpoint) after N steps of this run")
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        metavar="N",
+        help="stop (with a checkpoint) after N steps of this run",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -1,1 +1,2 @@
-"""Input pipeline: dataset building, cluster-weighted sampling, packing and MLM masking (see the module docstrings)."""
+"""Input pipeline: dataset building, cluster-weighted sampling, packing and MLM masking (see the
+module docstrings)."""

@@ -1,13 +1,17 @@
 """The Apache Beam form of ``esmjax data build``, for UniRef-scale inputs on a distributed runner.
 
-TFDS runs the pipeline (``DownloadConfig(beam_runner=...)``) and writes the same ArrayRecord splits as the local
-build: each FASTA file is parsed and validated by one worker (``read_fasta``; split a huge FASTA into several files
-to read them in parallel), the membership TSV likewise, and the two are joined by member id with ``CoGroupByKey``,
-where duplicate ids, records in no cluster, members listed twice and TSV rows naming unknown members are detected.
-Without ``skip_invalid`` the first such problem fails the pipeline with a message naming the file and line; with it,
-the problems are counted, and the counts are written next to the dataset and merged into the build summary.
+TFDS runs the pipeline (``DownloadConfig(beam_runner=...)``) and writes the same ArrayRecord splits
+as the local
+build: each FASTA file is parsed and validated by one worker (``read_fasta``; split a huge FASTA
+  into several files
+to read them in parallel), the membership TSV likewise, and the two are joined by member id with
+``CoGroupByKey``, where duplicate ids, records in no cluster, members listed twice and TSV rows
+naming unknown members are detected. Without ``skip_invalid`` the first such problem fails the
+pipeline with a message naming the file and line; with it, the problems are counted, and the counts
+are written next to the dataset and merged into the build summary.
 
-Requires the ``beam`` extra (``pip install esmjax[beam]``). Tested with the DirectRunner (tests/test_data_build.py).
+Requires the ``beam`` extra (``pip install esmjax[beam]``). Tested with the DirectRunner
+(tests/test_data_build.py).
 """
 
 from __future__ import annotations
@@ -63,7 +67,8 @@ def prepare(
     unknown_as_x: bool,
     skip_invalid: bool,
 ) -> tuple[BuildStats, dict[str, int], BuildPlan]:
-    """The Beam build validates inside the pipeline; nothing to do beforehand but check that Beam is there."""
+    """The Beam build validates inside the pipeline; nothing to do beforehand but check that Beam
+    is there."""
     _require_beam()
     plan = BuildPlan(
         fastas=tuple(str(f) for f in fastas),
@@ -134,7 +139,8 @@ def _join(
         cluster, line = rows[0]
         yield problem(
             "membership rows naming unknown members",
-            f"{tsv}:{line}: member {member!r} of cluster {cluster!r} is not a record of any FASTA input",
+            f"{tsv}:{line}: member {member!r} of cluster {cluster!r} is not a record of any FASTA "
+            "input",
         )
         return
     for file, line, _ in recs[1:]:
@@ -146,8 +152,8 @@ def _join(
     for cluster, line in rows[1:]:
         yield problem(
             "membership rows repeating a member",
-            f"{tsv}:{line}: member {member!r} of cluster {cluster!r} is already listed in cluster {rows[0][0]!r} "
-            f"(line {rows[0][1]})",
+            f"{tsv}:{line}: member {member!r} of cluster {cluster!r} is already listed in cluster "
+            f"{rows[0][0]!r} (line {rows[0][1]})",
         )
     file, line, sequence = recs[0]
     if tsv is not None:
@@ -226,8 +232,8 @@ def run(builder: Any, download_dir: Path, download_config: Any) -> None:
             raise
         split = "validation" if "split validation" in str(e) else "train"
         raise BuildError(
-            f"the Beam build produced no {split} records (with few clusters a small --val-fraction may hold out "
-            "none: raise it, or use 0 for no validation split)"
+            f"the Beam build produced no {split} records (with few clusters a small "
+            "--val-fraction may hold out none: raise it, or use 0 for no validation split)"
         ) from None
 
 

@@ -1,21 +1,25 @@
-"""``esmjax data build``: FASTA (+ cluster membership TSV) -> a TFDS ArrayRecord dataset grouped by cluster.
+"""``esmjax data build``: FASTA (+ cluster membership TSV) -> a TFDS ArrayRecord dataset grouped by
+cluster.
 
 Steps, all streaming (memory bounded by the longest record plus SQLite's page cache):
 
-1. The membership TSV (``cluster_id<TAB>member_id``, e.g. UniRef50 -> UniRef90 members or MMseqs2 ``createtsv``)
-   goes into an on-disk SQLite table. Without a TSV every record is its own cluster.
-2. A validation pass reads every FASTA record (``esmjax.io.fasta.read_fasta``: plain or gzip, binary/HTML/truncated
-   files refused), rejects duplicate ids and records the TSV does not place, then checks that every TSV member
-   was found. ``skip_invalid`` skips and counts instead of stopping.
-3. TFDS (``GeneratorBasedBuilder``, ``file_format="array_record"``; no TensorFlow) writes the ``train`` and
-   ``validation`` splits. A cluster is held out when a hash of its name falls below ``val_fraction``
-   (``source.held_out``). Records are keyed by (cluster hash, member hash) with shuffling disabled, so TFDS's
-   external sort writes each cluster's members contiguously (ESM-2 / BioNeMo hold out whole UniRef50 clusters).
-4. An index pass reads the splits back once and writes ``<split>.lengths.npy`` and ``<split>.offsets.npy``.
+1. The membership TSV (``cluster_id<TAB>member_id``, e.g. UniRef50 -> UniRef90 members or MMseqs2
+   ``createtsv``) goes into an on-disk SQLite table. Without a TSV every record is its own cluster.
+2. A validation pass reads every FASTA record (``esmjax.io.fasta.read_fasta``: plain or gzip,
+   binary/HTML/truncated files refused), rejects duplicate ids and records the TSV does not place,
+   then checks that every TSV member was found. ``skip_invalid`` skips and counts instead of
+   stopping.
+3. TFDS (``GeneratorBasedBuilder``, ``file_format="array_record"``; no TensorFlow) writes the
+   ``train`` and ``validation`` splits. A cluster is held out when a hash of its name falls below
+   ``val_fraction`` (``source.held_out``). Records are keyed by (cluster hash, member hash) with
+   shuffling disabled, so TFDS's external sort writes each cluster's members contiguously (ESM-2 /
+   BioNeMo hold out whole UniRef50 clusters).
+4. An index pass reads the splits back once and writes ``<split>.lengths.npy`` and
+   ``<split>.offsets.npy``.
 
-Everything is written into a temporary sibling folder that is renamed onto ``out`` only when complete, so a
-failed or interrupted build leaves nothing behind. The Apache Beam variant of steps 1-3 is in
-``esmjax.data.beam_build``.
+Everything is written into a temporary sibling folder that is renamed onto ``out`` only when
+complete, so a failed or interrupted build leaves nothing behind. The Apache Beam variant of steps
+1-3 is in ``esmjax.data.beam_build``.
 """
 
 from __future__ import annotations
@@ -48,7 +52,8 @@ _BATCH = 4096
 
 
 class BuildError(source.DatasetError):
-    """Bad build input (FASTA, membership TSV or output folder); the message names the file and line."""
+    """Bad build input (FASTA, membership TSV or output folder); the message names the file and
+    line."""
 
 
 @dataclass
@@ -78,33 +83,36 @@ class BuildStats:
         return text
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Membership and record registry (SQLite on disk)
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def parse_tsv_line(path: Path, lineno: int, line: str) -> tuple[str, str] | None:
-    """(cluster, member) of a TSV line, None for blank or ``#`` lines; raises BuildError if malformed."""
+    """(cluster, member) of a TSV line, None for blank or ``#`` lines; raises BuildError if
+    malformed."""
     text = line.rstrip("\r\n")
     if not text.strip() or text.startswith("#"):
         return None
     fields = text.split("\t")
     if len(fields) != 2 or not fields[0].strip() or not fields[1].strip():
         raise BuildError(
-            f"{path}:{lineno}: malformed membership row {text[:80]!r}: expected 'cluster_id<TAB>member_id'"
+            f"{path}:{lineno}: malformed membership row {text[:80]!r}: expected "
+            "'cluster_id<TAB>member_id'"
         )
     return fields[0].strip(), fields[1].strip()
 
 
 class Registry:
-    """Cluster membership and the accepted FASTA records, in an SQLite file (bounded memory at UniRef scale)."""
+    """Cluster membership and the accepted FASTA records, in an SQLite file (bounded memory at
+    UniRef scale)."""
 
     def __init__(self, db_path: Path):
         self.db = sqlite3.connect(db_path)
         self.db.executescript(
-            "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA cache_size=-65536;"  # a scratch file
-            "CREATE TABLE membership (member TEXT PRIMARY KEY, cluster TEXT NOT NULL, line INTEGER NOT NULL)"
-            " WITHOUT ROWID;"
-            "CREATE TABLE seen (id TEXT PRIMARY KEY, file INTEGER NOT NULL, line INTEGER NOT NULL,"
-            " cluster TEXT NOT NULL) WITHOUT ROWID;"
+            # a scratch file
+            "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA cache_size=-65536;"
+            "CREATE TABLE membership (member TEXT PRIMARY KEY, cluster TEXT NOT NULL, line "
+            "INTEGER NOT NULL) WITHOUT ROWID;CREATE TABLE seen (id TEXT PRIMARY KEY, file "
+            "INTEGER NOT NULL, line INTEGER NOT NULL, cluster TEXT NOT NULL) WITHOUT ROWID;"
         )
         self.has_tsv = False
 
@@ -112,9 +120,9 @@ class Registry:
         self.db.close()
 
     def _insert(self, table: str, rows: list[tuple], where: str, locate, on_duplicate) -> None:
-        """Inserts rows keeping the first of equal keys (column 0); calls ``on_duplicate(row)`` for each later one,
-        in order. ``where`` names the columns that locate a row in its file and ``locate(row)`` gives their values,
-        which tells the kept row from the ignored ones."""
+        """Inserts rows keeping the first of equal keys (column 0); calls ``on_duplicate(row)`` for
+        each later one, in order. ``where`` names the columns that locate a row in its file and
+        ``locate(row)`` gives their values, which tells the kept row from the ignored ones."""
         before = self.db.total_changes
         marks = ",".join("?" * len(rows[0]))
         self.db.executemany(f"INSERT OR IGNORE INTO {table} VALUES ({marks})", rows)
@@ -141,8 +149,8 @@ class Registry:
             ).fetchone()
             if not skip_invalid:
                 raise BuildError(
-                    f"{path}:{line}: member {member!r} of cluster {cluster!r} is already listed in cluster "
-                    f"{first[0]!r} (line {first[1]})"
+                    f"{path}:{line}: member {member!r} of cluster {cluster!r} is already listed "
+                    f"in cluster {first[0]!r} (line {first[1]})"
                 )
             stats.skip("membership rows repeating a member")
 
@@ -181,14 +189,16 @@ class Registry:
     def register(
         self, fastas: Sequence[Path], unknown_as_x: bool, skip_invalid: bool, stats: BuildStats
     ) -> None:
-        """The validation pass: every FASTA record once, duplicates and unplaced records rejected."""
+        """The validation pass: every FASTA record once, duplicates and unplaced records
+        rejected."""
 
         def duplicate(row: tuple) -> None:
             rec_id, file, line, _ = row
             f0, l0 = self.db.execute("SELECT file, line FROM seen WHERE id=?", (rec_id,)).fetchone()
             if not skip_invalid:
                 raise BuildError(
-                    f"{fastas[file]}:{line}: duplicate record id {rec_id!r} (first at {fastas[f0]}:{l0})"
+                    f"{fastas[file]}:{line}: duplicate record id {rec_id!r} (first at "
+                    f"{fastas[f0]}:{l0})"
                 )
             stats.skip("duplicate ids")
 
@@ -206,7 +216,8 @@ class Registry:
                         if hit is None:
                             if not skip_invalid:
                                 raise BuildError(
-                                    f"{path}:{rec.line}: record {rec.id!r} is in no cluster of the membership TSV"
+                                    f"{path}:{rec.line}: record {rec.id!r} is in no cluster of "
+                                    "the membership TSV"
                                 )
                             stats.skip("records in no cluster")
                             continue
@@ -234,7 +245,8 @@ class Registry:
         ).fetchone()
         if row is not None:
             raise BuildError(
-                f"{tsv}:{row[0]}: member {row[1]!r} of cluster {row[2]!r} is not a record of any FASTA input"
+                f"{tsv}:{row[0]}: member {row[1]!r} of cluster {row[2]!r} is not a record of any "
+                "FASTA input"
             )
 
     def split_counts(self, val_fraction: float) -> dict[str, int]:
@@ -244,9 +256,9 @@ class Registry:
         return counts
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The TFDS builder
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def features() -> tfds.features.FeaturesDict:
     """One record: its FASTA id, its cluster's name and its residue ids (one byte each)."""
     return tfds.features.FeaturesDict(
@@ -275,7 +287,8 @@ class BuildPlan:
 
 
 class EsmjaxProteinClusters(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """Protein sequences grouped by cluster; ``train`` and ``validation`` (whole clusters held out)."""
+    """Protein sequences grouped by cluster; ``train`` and ``validation`` (whole clusters held
+    out)."""
 
     name = source.TFDS_NAME
     VERSION = tfds.core.Version(source.TFDS_VERSION)
@@ -321,9 +334,9 @@ def example(rec_id: str, cluster: str, sequence: str) -> dict[str, Any]:
     return {"id": rec_id, "cluster": cluster, "tokens": encode(sequence).astype(np.uint8)}
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Index pass and the whole build
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def _write_npy(path: Path, chunks_file: Path, dtype: np.dtype, count: int) -> None:
     """Turns a raw little-endian chunk file into a .npy file without loading it whole."""
     out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(count,))
@@ -339,7 +352,8 @@ def _write_npy(path: Path, chunks_file: Path, dtype: np.dtype, count: int) -> No
 
 
 def write_index(folder: Path, split: str, num_records: int) -> dict[str, Any]:
-    """Reads a written split in order and writes its lengths and cluster offsets; returns the split's stats."""
+    """Reads a written split in order and writes its lengths and cluster offsets; returns the
+    split's stats."""
     builder = tfds.builder_from_directory(str(folder / source.TFDS_NAME / source.TFDS_VERSION))
     data = builder.as_data_source(split=split)
     if len(data) != num_records:
@@ -388,12 +402,14 @@ def build_dataset(
     beam_runner: str | None = None,
     beam_options: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Builds a dataset folder at ``out``; returns its metadata (also written as ``esmjax_dataset.json``).
+    """Builds a dataset folder at ``out``; returns its metadata (also written as
+    ``esmjax_dataset.json``).
 
     Args:
       fastas: FASTA files, plain or gzip.
       out: the folder to create (must not exist).
-      clusters: optional membership TSV ``cluster_id<TAB>member_id``; without it each record is its own cluster.
+      clusters: optional membership TSV ``cluster_id<TAB>member_id``; without it each record is its
+        own cluster.
       val_fraction: fraction of clusters held out as the ``validation`` split.
       skip_invalid: skip and count bad records and rows instead of stopping at the first.
       unknown_as_x: read characters outside the alphabet as ``X``.

@@ -1,14 +1,15 @@
 """Packing cropped sequences into fixed-shape rows, and assembling the rows.
 
-A block of draws is packed by best-fit decreasing (Johnson 1973; Coffman, Garey & Johnson 1996, "Approximation
-algorithms for bin packing: a survey"): items (BOS + residues + EOS) are taken longest first and each goes into the
-open row with the least room that still fits it, a new row when none does. A row closes when it holds
-``max_segments`` items or has no room for a 1-residue item. On UniProt-like lengths this fills over 97% of the
-tokens (see BENCHMARKS.md). The rows of a block are then put in a seeded random order so that a batch taken from
-part of a block mixes long and short sequences.
+A block of draws is packed by best-fit decreasing (Johnson 1973; Coffman, Garey & Johnson 1996,
+"Approximation algorithms for bin packing: a survey"): items (BOS + residues + EOS) are taken
+longest first and each goes into the open row with the least room that still fits it, a new row when
+none does. A row closes when it holds ``max_segments`` items or has no room for a 1-residue item. On
+UniProt-like lengths this fills over 97% of the tokens (see BENCHMARKS.md). The rows of a block are
+then put in a seeded random order so that a batch taken from part of a block mixes long and short
+sequences.
 
-``assemble`` writes the rows: ``BOS seq EOS`` per segment, PAD after the last one, ``segment_ids`` 1..k (0 on
-padding) and rotary ``positions`` restarting at 0 on each BOS, all [R, L] int32.
+``assemble`` writes the rows: ``BOS seq EOS`` per segment, PAD after the last one, ``segment_ids``
+1..k (0 on padding) and rotary ``positions`` restarting at 0 on each BOS, all [R, L] int32.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ class Packed:
 def best_fit_decreasing(
     sizes: np.ndarray, capacity: int, max_segments: int
 ) -> tuple[np.ndarray, int]:
-    """Assigns each item (``sizes`` [I], each <= capacity) to a bin; returns ([I] bin index, number of bins).
+    """Assigns each item (``sizes`` [I], each <= capacity) to a bin; returns ([I] bin index, number
+    of bins).
 
     Bins are numbered in the order they are opened; items keep their input order within a bin.
     """

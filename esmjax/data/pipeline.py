@@ -1,22 +1,27 @@
-"""Training and evaluation batches: cluster-sampled, cropped, packed into fixed ``[rows, seq_len]`` rows, masked.
+"""Training and evaluation batches: cluster-sampled, cropped, packed into fixed ``[rows, seq_len]``
+rows, masked.
 
-The global stream is a sequence of packed rows that does not depend on the number of processes or on the batch
-size. Block ``b`` is draws ``b*B .. (b+1)*B - 1`` of the cluster sampler (``B = BLOCK_DRAWS``), packed by
-best-fit decreasing into however many rows it needs, in a seeded row order; the blocks' rows follow each other.
-Every row, and its MLM masking (``mask_tokens`` with a generator seeded by ``(seed, block, row)``), is a pure
-function of the seed and its (block, row) coordinates.
+The global stream is a sequence of packed rows that does not depend on the number of processes or on
+the batch size. Block ``b`` is draws ``b*B .. (b+1)*B - 1`` of the cluster sampler (``B =
+BLOCK_DRAWS``), packed by best-fit decreasing into however many rows it needs, in a seeded row
+order; the blocks' rows follow each other. Every row, and its MLM masking (``mask_tokens`` with a
+generator seeded by ``(seed, block, row)``), is a pure function of the seed and its (block, row)
+coordinates.
 
-Global batch ``g`` is the next ``rows * process_count`` rows of that stream; process ``p`` yields rows
-``p*rows .. (p+1)*rows - 1`` of it, so the processes' parts are disjoint and concatenate to the global batch. The
-iterator state is the stream position ``(block, offset)`` (plus fingerprints that must match on restore): any
-process count, or even another batch size, resumes at exactly the next unread row, repeating and skipping nothing.
+Global batch ``g`` is the next ``rows * process_count`` rows of that stream; process ``p`` yields
+rows ``p*rows .. (p+1)*rows - 1`` of it, so the processes' parts are disjoint and concatenate to the
+global batch. The iterator state is the stream position ``(block, offset)`` (plus fingerprints that
+must match on restore): any process count, or even another batch size, resumes at exactly the next
+unread row, repeating and skipping nothing.
 
-Evaluation reads the held-out split with a fixed seed (``EVAL_SEED``, independent of ``DataConfig.seed``): each
-held-out cluster once (one member, fixed crop) in a fixed order until ``eval_tokens`` tokens, packed the same way;
-the last global batch is padded with empty rows. The result is identical for any process count.
+Evaluation reads the held-out split with a fixed seed (``EVAL_SEED``, independent of
+``DataConfig.seed``): each held-out cluster once (one member, fixed crop) in a fixed order until
+``eval_tokens`` tokens, packed the same way; the last global batch is padded with empty rows. The
+result is identical for any process count.
 
-Work runs ahead of the consumer: a planner thread walks the stream (cheap: index arrays only) and hands each
-batch's rows to a pool that reads and assembles them, ``num_workers`` processes or, with 0, one thread.
+Work runs ahead of the consumer: a planner thread walks the stream (cheap: index arrays only) and
+hands each batch's rows to a pool that reads and assembles them, ``num_workers`` processes or, with
+0, one thread.
 """
 
 from __future__ import annotations
@@ -64,7 +69,8 @@ class Job:
 
 
 def materialise(split: Split, job: Job) -> dict[str, np.ndarray]:
-    """Reads, crops, packs and masks one batch part: a dict of [R, L] arrays (see ``BATCH_KEYS``)."""
+    """Reads, crops, packs and masks one batch part: a dict of [R, L] arrays (see
+    ``BATCH_KEYS``)."""
     raw = split.read(job.record)
     pieces = [r[s : s + k] for r, s, k in zip(raw, job.start.tolist(), job.kept.tolist())]
     packed = assemble(job.num_rows, job.seq_len, job.row, job.col, pieces)
@@ -141,9 +147,11 @@ class RowStream:
     def plan(
         self, block: int, offset: int, rows: int, lo: int, hi: int
     ) -> tuple[list[tuple], int, int, int]:
-        """Walks ``rows`` global rows from (block, offset) and keeps global rows ``lo .. hi - 1`` of them.
+        """Walks ``rows`` global rows from (block, offset) and keeps global rows ``lo .. hi - 1`` of
+        them.
 
-        Returns ([(block, first row in block, count, destination row)], new block, new offset, rows found).
+        Returns ([(block, first row in block, count, destination row)], new block, new offset, rows
+        found).
         """
         pieces, taken = [], 0
         while taken < rows:
@@ -164,8 +172,9 @@ class RowStream:
 class BatchIterator:
     """Yields this process's part of each global batch, prefetched in the background.
 
-    ``get_state()`` / ``set_state()`` save and restore the position (a small JSON-serialisable dict); ``stats()``
-    reports what has been yielded, including the packing efficiency (non-pad fraction).
+    ``get_state()`` / ``set_state()`` save and restore the position (a small JSON-serialisable
+    dict); ``stats()`` reports what has been yielded, including the packing efficiency (non-pad
+    fraction).
     """
 
     def __init__(
@@ -218,7 +227,8 @@ class BatchIterator:
         self._work: Any = None
         self._exhausted = False
 
-    # -- state -------------------------------------------------------------------------------------------------------
+    # -- state
+    # ----------------------------------------------------------------------------------------------
     def get_state(self) -> dict[str, Any]:
         block, offset, batches = self._position
         return {
@@ -237,8 +247,8 @@ class BatchIterator:
         for k, v in self._fixed.items():
             if state.get(k) != v:
                 raise DatasetError(
-                    f"data iterator state was saved with {k}={state.get(k)!r}, this pipeline has {k}={v!r}; "
-                    "resuming would not continue the same stream"
+                    f"data iterator state was saved with {k}={state.get(k)!r}, this pipeline has "
+                    f"{k}={v!r}; resuming would not continue the same stream"
                 )
         self._shutdown()
         self._exhausted = False
@@ -253,7 +263,8 @@ class BatchIterator:
     def packing_efficiency(self) -> float:
         return self.stats()["packing_efficiency"]
 
-    # -- iteration ---------------------------------------------------------------------------------------------------
+    # -- iteration
+    # ----------------------------------------------------------------------------------------------
     def __iter__(self) -> BatchIterator:
         return self
 
@@ -314,7 +325,8 @@ class BatchIterator:
         )
 
     def _produce(self, block: int, offset: int, batches: int) -> None:
-        """The planner thread: walks the stream and submits one job per batch, ``prefetch`` ahead."""
+        """The planner thread: walks the stream and submits one job per batch, ``prefetch``
+        ahead."""
         total = self.rows * self.process_count
         lo = self.process_index * self.rows
         try:
@@ -373,7 +385,8 @@ class BatchIterator:
         self._stop.clear()
 
     def close(self) -> None:
-        """Stops the background planner and workers (also done when the iterator is garbage collected)."""
+        """Stops the background planner and workers (also done when the iterator is garbage
+        collected)."""
         self._shutdown()
 
     def __enter__(self) -> BatchIterator:
@@ -392,8 +405,9 @@ class BatchIterator:
 def train_batches(
     cfg: DataConfig, *, rows: int, process_index: int = 0, process_count: int = 1
 ) -> BatchIterator:
-    """The endless training stream of ``cfg.train`` (a built folder's ``train`` split, or a FASTA file's records
-    outside the ``cfg.val_fraction`` hold-out); this process's ``rows`` rows of each global batch."""
+    """The endless training stream of ``cfg.train`` (a built folder's ``train`` split, or a FASTA
+    file's records outside the ``cfg.val_fraction`` hold-out); this process's ``rows`` rows of
+    each global batch."""
     split = open_split(cfg.train, "train", val_fraction=cfg.val_fraction)
     return BatchIterator(
         split,
@@ -408,15 +422,16 @@ def train_batches(
 
 
 def eval_split(cfg: DataConfig) -> Split:
-    """``cfg.eval`` (a built folder's ``validation`` split or a whole FASTA file) or, when empty, the held-out part
-    of ``cfg.train``."""
+    """``cfg.eval`` (a built folder's ``validation`` split or a whole FASTA file) or, when empty,
+    the held-out part of ``cfg.train``."""
     if cfg.eval:
         return open_split(cfg.eval, "validation" if Path(cfg.eval).is_dir() else "all")
     return open_split(cfg.train, "validation", val_fraction=cfg.val_fraction)
 
 
 def eval_draws(split: Split, cfg: DataConfig) -> int:
-    """How many evaluation draws (one per held-out cluster, in the fixed order) cover ``cfg.eval_tokens``."""
+    """How many evaluation draws (one per held-out cluster, in the fixed order) cover
+    ``cfg.eval_tokens``."""
     sampler = ClusterSampler(split.offsets, split.lengths, cfg.seq_len - 2, EVAL_SEED)
     n = split.num_clusters
     if cfg.eval_tokens <= 0:

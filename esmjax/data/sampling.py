@@ -1,18 +1,21 @@
-"""Cluster-weighted sampling as ESM-2 was trained (Lin et al. 2023, "Evolutionary-scale prediction of atomic-level
-protein structure with a language model", Methods: UniRef50 clusters drawn uniformly, then a random UniRef90 member).
+"""Cluster-weighted sampling as ESM-2 was trained (Lin et al. 2023, "Evolutionary-scale prediction
+of atomic-level protein structure with a language model", Methods: UniRef50 clusters drawn
+uniformly, then a random UniRef90 member).
 
-Everything here is counter-based: draw ``d`` of the stream is a pure function of ``(seed, d)``, computed in
-vectorised NumPy without any generator state, so a stream can be resumed, split across processes or re-read at any
-point without replaying it.
+Everything here is counter-based: draw ``d`` of the stream is a pure function of ``(seed, d)``,
+computed in vectorised NumPy without any generator state, so a stream can be resumed, split across
+processes or re-read at any point without replaying it.
 
-* The stream is cut into epochs of ``T`` slots. Cluster ``c`` owns ``k_c = max(1, round(size_c ** exponent))`` slots
-  (``exponent`` 0: one slot per cluster, ESM-2's uniform rule; 1: one slot per sequence, size-proportional).
-* Epoch ``e`` visits its slots in the order of a keyed pseudo-random permutation of ``[0, T)`` (a 4-round Feistel
-  network with cycle walking; Black & Rogaway 2002, "Ciphers with arbitrary finite domains"), keyed by
-  ``(seed, e)``, so each cluster is drawn exactly ``k_c`` times per epoch and the order differs per epoch.
-* The member is uniform within the cluster and a sequence longer than the crop is cut at a uniform window, both
-  from a splitmix64 hash of ``(seed, d)`` (Steele, Lea & Flood 2014, "Fast splittable pseudorandom number
-  generators").
+* The stream is cut into epochs of ``T`` slots. Cluster ``c`` owns ``k_c = max(1, round(size_c **
+  exponent))`` slots (``exponent`` 0: one slot per cluster, ESM-2's uniform rule; 1: one slot per
+  sequence, size-proportional).
+* Epoch ``e`` visits its slots in the order of a keyed pseudo-random permutation of ``[0, T)`` (a
+  4-round Feistel network with cycle walking; Black & Rogaway 2002, "Ciphers with arbitrary finite
+  domains"), keyed by ``(seed, e)``, so each cluster is drawn exactly ``k_c`` times per epoch and
+  the order differs per epoch.
+* The member is uniform within the cluster and a sequence longer than the crop is cut at a uniform
+  window, both from a splitmix64 hash of ``(seed, d)`` (Steele, Lea & Flood 2014, "Fast splittable
+  pseudorandom number generators").
 """
 
 from __future__ import annotations
@@ -65,9 +68,10 @@ def uniform(key: int, counter: np.ndarray) -> np.ndarray:
 def permute(index: np.ndarray, n: int, key: int | np.ndarray) -> np.ndarray:
     """A keyed pseudo-random permutation of ``[0, n)`` applied to ``index`` (int array, values < n).
 
-    Balanced 4-round Feistel network over ``2**bits >= n`` values; values that land outside ``[0, n)`` are encrypted
-    again (cycle walking), which keeps the map a bijection on ``[0, n)``. At most 4n values are in the domain, so the
-    expected number of walks is below 4. ``key`` may be an array (one key per index: several permutations at once).
+    Balanced 4-round Feistel network over ``2**bits >= n`` values; values that land outside ``[0,
+    n)`` are encrypted again (cycle walking), which keeps the map a bijection on ``[0, n)``. At most
+    4n values are in the domain, so the expected number of walks is below 4. ``key`` may be an array
+    (one key per index: several permutations at once).
     """
     x = np.asarray(index, np.uint64)
     if n <= 1:
@@ -98,7 +102,8 @@ def permute(index: np.ndarray, n: int, key: int | np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Draws:
-    """A run of draws: which record, where its crop starts and how many residues it keeps, and its cluster."""
+    """A run of draws: which record, where its crop starts and how many residues it keeps, and
+    its cluster."""
 
     cluster: np.ndarray  # int64
     record: np.ndarray  # int64
@@ -162,7 +167,8 @@ class ClusterSampler:
         return self.members(cluster, np.arange(first, first + count, dtype=np.int64))
 
     def members(self, cluster: np.ndarray, counter: np.ndarray) -> Draws:
-        """A uniform member of each ``cluster`` and its crop window, keyed by ``counter`` (the draw number)."""
+        """A uniform member of each ``cluster`` and its crop window, keyed by ``counter`` (the
+        draw number)."""
         lo = np.asarray(self.offsets[cluster], np.int64)
         size = np.asarray(self.offsets[cluster + 1], np.int64) - lo
         u = uniform(self._member_key, counter)

@@ -1,12 +1,14 @@
-"""Read side of a dataset: a split's records grouped by cluster, from a built folder or straight from a FASTA file.
+"""Read side of a dataset: a split's records grouped by cluster, from a built folder or straight
+from a FASTA file.
 
-A split exposes ``lengths`` [N] (residues per record) and ``offsets`` [C + 1] (cluster ``c`` owns records
-``offsets[c] .. offsets[c + 1] - 1``), both small integer arrays (memory-mapped for a built folder), and reads
-records by index. A built folder (``esmjax data build``) holds the TFDS ArrayRecord files, read through
-``tfds``'s NumPy-only data source (no TensorFlow), plus ``<split>.lengths.npy`` / ``<split>.offsets.npy`` and
-``esmjax_dataset.json``. A FASTA file is read whole into memory, each record its own cluster; its ``train`` and
-``validation`` splits follow the same hold-out rule as ``esmjax data build`` (``held_out``), and ``all`` is
-everything (for evaluating on a FASTA file).
+A split exposes ``lengths`` [N] (residues per record) and ``offsets`` [C + 1] (cluster ``c`` owns
+records ``offsets[c] .. offsets[c + 1] - 1``), both small integer arrays (memory-mapped for a built
+folder), and reads records by index. A built folder (``esmjax data build``) holds the TFDS
+ArrayRecord files, read through ``tfds``'s NumPy-only data source (no TensorFlow), plus
+``<split>.lengths.npy`` / ``<split>.offsets.npy`` and ``esmjax_dataset.json``. A FASTA file is read
+whole into memory, each record its own cluster; its ``train`` and ``validation`` splits follow the
+same hold-out rule as ``esmjax data build`` (``held_out``), and ``all`` is everything (for
+evaluating on a FASTA file).
 """
 
 from __future__ import annotations
@@ -41,14 +43,14 @@ def hash64(text: str) -> int:
 
 
 def held_out(cluster: str, fraction: float) -> bool:
-    """Whether a cluster belongs to the validation split: a hash of its name, so the choice is deterministic and
-    independent of input order and of how the input is split into files."""
+    """Whether a cluster belongs to the validation split: a hash of its name, so the choice is
+    deterministic and independent of input order and of how the input is split into files."""
     return hash64("esmjax-holdout\0" + cluster) < fraction * 2.0**64
 
 
 def record_key(cluster: str, member: str) -> int:
-    """The 128-bit TFDS key of a record. TFDS writes records in key order (``disable_shuffling``), which groups
-    each cluster's members together and orders the clusters by hash."""
+    """The 128-bit TFDS key of a record. TFDS writes records in key order (``disable_shuffling``),
+    which groups each cluster's members together and orders the clusters by hash."""
     return (hash64("c\0" + cluster) << 64) | hash64("m\0" + member)
 
 
@@ -147,8 +149,10 @@ class FolderSplit(Split):
         return self._source
 
     def _read(self, records: np.ndarray) -> list[np.ndarray]:
-        # The raw ArrayRecord bytes parsed straight into the token bytes: 4x faster than TFDS's generic decoding
-        # (each record is a tf.train.Example whose "tokens" feature holds the raw uint8 ids, Encoding.BYTES).
+        # The raw ArrayRecord bytes parsed straight into the token bytes: 4x faster than TFDS's
+        # generic decoding
+        # (each record is a tf.train.Example whose "tokens" feature holds the raw uint8 ids,
+        # Encoding.BYTES).
         from tensorflow_datasets.proto import tf_example_pb2
 
         parse = tf_example_pb2.Example.FromString
@@ -166,7 +170,8 @@ class FolderSplit(Split):
 
 
 class FastaSplit(Split):
-    """A FASTA file held in memory, each record its own cluster (for small sets and evaluation files)."""
+    """A FASTA file held in memory, each record its own cluster (for small sets and evaluation
+    files)."""
 
     def __init__(self, path: str | Path, split: str, val_fraction: float = 0.0):
         self.path = Path(path)
@@ -180,8 +185,9 @@ class FastaSplit(Split):
             self.seqs.append(encode(rec.sequence).astype(np.uint8))
         if not self.ids:
             raise DatasetError(
-                f"{self.path}: no records in the {split} split (val_fraction={val_fraction}); every record is "
-                "its own cluster and a hash of its id decides whether it is held out"
+                f"{self.path}: no records in the {split} split (val_fraction={val_fraction}); "
+                "every record is its own cluster and a hash of its id decides whether it is held "
+                "out"
             )
         self.lengths = np.fromiter((len(s) for s in self.seqs), np.int32, len(self.seqs))
         self.offsets = np.arange(len(self.ids) + 1, dtype=np.int64)

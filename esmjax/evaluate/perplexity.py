@@ -1,14 +1,15 @@
 """Masked-LM perplexity (the ESM-2 paper's validation metric) and pseudo-perplexity.
 
-- Masked-LM perplexity: ``exp(mean NLL over the selected positions)`` of BERT-masked batches with a fixed masking
-  seed (15% selected; 80% ``<mask>``, 10% random, 10% kept), as training's held-out evaluation computes it. The
-  batches come from ``esmjax.data.pipeline.eval_batches``: packed rows, each process reading its share.
-- Pseudo-perplexity (Salazar et al. 2020, "Masked language model scoring", ACL): every residue is masked in turn
-  and scored given the rest, ``exp(-sum_i log p(x_i | x_without_i) / sum of lengths)``; one forward pass per
-  residue, batched. Per-sequence values are reported too.
+- Masked-LM perplexity: ``exp(mean NLL over the selected positions)`` of BERT-masked batches with a
+  fixed masking seed (15% selected; 80% ``<mask>``, 10% random, 10% kept), as training's held-out
+  evaluation computes it. The batches come from ``esmjax.data.pipeline.eval_batches``: packed rows,
+  each process reading its share.
+- Pseudo-perplexity (Salazar et al. 2020, "Masked language model scoring", ACL): every residue is
+  masked in turn and scored given the rest, ``exp(-sum_i log p(x_i | x_without_i) / sum of
+  lengths)``; one forward pass per residue, batched. Per-sequence values are reported too.
 
-Both reduce per-row results that every process reads in full, summed in float64 in row order, so the numbers do
-not depend on the device count, the sharding or the number of processes.
+Both reduce per-row results that every process reads in full, summed in float64 in row order, so the
+numbers do not depend on the device count, the sharding or the number of processes.
 """
 
 from __future__ import annotations
@@ -24,18 +25,23 @@ from esmjax.inference.engine import Engine, MaskedQuery, masked_logprobs
 from esmjax.models.alphabet import VOCAB_SIZE, encode
 
 
-def masked_lm(engine: Engine, batches: Iterable[dict[str, np.ndarray]], local: bool = True, progress: bool = False):
+def masked_lm(
+    engine: Engine,
+    batches: Iterable[dict[str, np.ndarray]],
+    local: bool = True,
+    progress: bool = False,
+):
     """Masked-LM loss, perplexity and accuracy over ``batches`` (dicts of [rows, seq_len] arrays).
 
     Args:
       engine: the model on its mesh.
-      batches: ``tokens, targets, loss_mask, segment_ids, positions``; with ``local`` each process passes its own
-        rows (``eval_batches(process_index=..., process_count=...)``), otherwise every process passes the same
-        global batch.
+      batches: ``tokens, targets, loss_mask, segment_ids, positions``; with ``local`` each process
+        passes its own rows (``eval_batches(process_index=..., process_count=...)``), otherwise
+        every process passes the same global batch.
     Returns:
-      dict with ``loss`` (nats per masked token), ``perplexity``, ``masked_accuracy``, ``masked_tokens``, ``rows``,
-      ``batches`` and ``unigram_perplexity`` (perplexity of the masked targets' own amino-acid frequencies: the
-      score of a model that ignores context).
+      dict with ``loss`` (nats per masked token), ``perplexity``, ``masked_accuracy``,
+      ``masked_tokens``, ``rows``, ``batches`` and ``unigram_perplexity`` (perplexity of the masked
+      targets' own amino-acid frequencies: the score of a model that ignores context).
     """
     nll, count, correct, rows, n_batches = 0.0, 0, 0, 0, 0
     hist = np.zeros(VOCAB_SIZE, np.int64)
@@ -74,19 +80,32 @@ def _global_histogram(batch: dict[str, np.ndarray], local: bool) -> np.ndarray:
     if local and jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        hist = np.asarray(multihost_utils.process_allgather(hist[None])).reshape(-1, VOCAB_SIZE).sum(0)
+        hist = (
+            np.asarray(multihost_utils.process_allgather(hist[None])).reshape(-1, VOCAB_SIZE).sum(0)
+        )
     return hist
 
 
-def pseudo_perplexity(engine: Engine, sequences: Sequence[str], max_tokens: int = 8192, progress: bool = False) -> dict:
+def pseudo_perplexity(
+    engine: Engine, sequences: Sequence[str], max_tokens: int = 8192, progress: bool = False
+) -> dict:
     """Pseudo-perplexity of each sequence and of the set (token-weighted).
 
     Returns:
-      dict with ``pseudo_perplexity`` (the set), ``loss`` (mean NLL per residue), ``residues``, ``sequences`` and
+      dict with ``pseudo_perplexity`` (the set), ``loss`` (mean NLL per residue), ``residues``,
+      ``sequences`` and
       ``per_sequence``: a list of ``{"length", "loss", "pseudo_perplexity"}`` in input order.
     """
-    queries = [MaskedQuery(s, i) for s, seq in enumerate(sequences) for i in range(len(encode(seq)))]
-    bar = tqdm(total=len(queries), desc="pseudo-perplexity", unit="pos", file=sys.stderr, disable=not progress)
+    queries = [
+        MaskedQuery(s, i) for s, seq in enumerate(sequences) for i in range(len(encode(seq)))
+    ]
+    bar = tqdm(
+        total=len(queries),
+        desc="pseudo-perplexity",
+        unit="pos",
+        file=sys.stderr,
+        disable=not progress,
+    )
     logp = masked_logprobs(engine, sequences, queries, max_tokens=max_tokens, progress=bar)
     bar.close()
     per_seq, total, residues, q = [], 0.0, 0, 0
@@ -94,7 +113,13 @@ def pseudo_perplexity(engine: Engine, sequences: Sequence[str], max_tokens: int 
         ids = encode(seq)
         nll = -float(np.sum(logp[q + np.arange(len(ids)), ids].astype(np.float64)))
         q += len(ids)
-        per_seq.append({"length": len(ids), "loss": nll / len(ids), "pseudo_perplexity": math.exp(nll / len(ids))})
+        per_seq.append(
+            {
+                "length": len(ids),
+                "loss": nll / len(ids),
+                "pseudo_perplexity": math.exp(nll / len(ids)),
+            }
+        )
         total += nll
         residues += len(ids)
     if residues == 0:

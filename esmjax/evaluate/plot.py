@@ -1,12 +1,12 @@
-"""``esmjax plot W``: training curves from a workdir's ``metrics.jsonl``, and the figures of ``esmjax evaluate
---plot`` (contact maps, variant-effect scatter).
+"""``esmjax plot W``: training curves from a workdir's ``metrics.jsonl``, and the figures of
+``esmjax evaluate --plot`` (contact maps, variant-effect scatter).
 
-Figures are drawn with matplotlib's Agg canvas directly (no pyplot, no display, no global state), so plotting
-works on headless machines and inside other programs.
+Figures are drawn with matplotlib's Agg canvas directly (no pyplot, no display, no global state), so
+plotting works on headless machines and inside other programs.
 
-``metrics.jsonl`` holds one JSON object per line: training lines carry ``step, loss, perplexity, ...``, evaluation
-lines ``step, eval_loss, eval_perplexity, ...``. A last line cut off by a running or killed job is skipped with a
-warning; any other unreadable line is an error naming it.
+``metrics.jsonl`` holds one JSON object per line: training lines carry ``step, loss, perplexity,
+...``, evaluation lines ``step, eval_loss, eval_perplexity, ...``. A last line cut off by a running
+or killed job is skipped with a warning; any other unreadable line is an error naming it.
 """
 
 from __future__ import annotations
@@ -47,11 +47,12 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Training curves
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The JSON objects of a ``metrics.jsonl`` file (or of ``W/metrics.jsonl`` for a workdir ``W``)."""
+    """The JSON objects of a ``metrics.jsonl`` file (or of ``W/metrics.jsonl`` for a workdir
+    ``W``)."""
     p = Path(path)
     if p.is_dir():
         p = p / METRICS_FILE
@@ -77,7 +78,8 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def series(rows: Sequence[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, values) of the lines that carry a finite ``key``; a resumed run's repeated steps keep the last."""
+    """(steps, values) of the lines that carry a finite ``key``; a resumed run's repeated steps
+    keep the last."""
     by_step: dict[float, float] = {}
     for r in rows:
         v = r.get(key)
@@ -92,7 +94,11 @@ def plot_training(rows: Sequence[dict[str, Any]], path: str | Path, title: str =
     fig = _figure(10, 4)
     axes = fig.subplots(1, 2)
     for ax, (train_key, eval_key, label) in zip(
-        axes, (("loss", "eval_loss", "masked-LM loss (nats)"), ("perplexity", "eval_perplexity", "perplexity"))
+        axes,
+        (
+            ("loss", "eval_loss", "masked-LM loss (nats)"),
+            ("perplexity", "eval_perplexity", "perplexity"),
+        ),
     ):
         for key, style, name in ((train_key, "-", "train"), (eval_key, "o-", "held-out")):
             x, y = series(rows, key)
@@ -101,7 +107,9 @@ def plot_training(rows: Sequence[dict[str, Any]], path: str | Path, title: str =
         if label == "perplexity":  # what a context-free model scores on the same held-out tokens
             x, y = series(rows, "eval_unigram_perplexity")
             if len(x):
-                ax.axhline(y[-1], color="grey", linestyle="--", linewidth=1, label="unigram baseline")
+                ax.axhline(
+                    y[-1], color="grey", linestyle="--", linewidth=1, label="unigram baseline"
+                )
         ax.set_xlabel("step")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -115,19 +123,29 @@ def plot_training(rows: Sequence[dict[str, Any]], path: str | Path, title: str =
 def summary_rows(rows: Sequence[dict[str, Any]]) -> list[tuple[str, Any, Any, Any]]:
     """(metric, first value, last value, last step) for the curves present."""
     out = []
-    for key in ("loss", "perplexity", "masked_accuracy", "eval_loss", "eval_perplexity", "tokens_per_second", "mfu"):
+    for key in (
+        "loss",
+        "perplexity",
+        "masked_accuracy",
+        "eval_loss",
+        "eval_perplexity",
+        "tokens_per_second",
+        "mfu",
+    ):
         x, y = series(rows, key)
         if len(x):
             out.append((key, float(y[0]), float(y[-1]), int(x[-1])))
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Evaluation figures
-# ---------------------------------------------------------------------------------------------------------------------
-def plot_contact_map(pred: np.ndarray, target: np.ndarray, path: str | Path, title: str = "", min_sep: int = 6) -> Path:
-    """Predicted probabilities (left) and the true map with the top-L predictions at separation >= ``min_sep``
-    marked as hits (green) or misses (red) (right); unknown pairs are grey."""
+# --------------------------------------------------------------------------------------------------
+def plot_contact_map(
+    pred: np.ndarray, target: np.ndarray, path: str | Path, title: str = "", min_sep: int = 6
+) -> Path:
+    """Predicted probabilities (left) and the true map with the top-L predictions at separation >=
+    ``min_sep`` marked as hits (green) or misses (red) (right); unknown pairs are grey."""
     n = len(pred)
     fig = _figure(10, 4.8)
     ax1, ax2 = fig.subplots(1, 2)
@@ -138,8 +156,14 @@ def plot_contact_map(pred: np.ndarray, target: np.ndarray, path: str | Path, tit
     fig.colorbar(im, ax=ax1, shrink=0.8, label="predicted contact probability")
     ax1.set_title("predicted")
     # -1 unknown (light grey), 0 no contact (white), 1 contact (black)
-    ax2.imshow(target, cmap=ListedColormap(["#d9d9d9", "white", "black"]), vmin=-1.5, vmax=1.5, origin="upper",
-               interpolation="nearest")  # fmt: skip
+    ax2.imshow(
+        target,
+        cmap=ListedColormap(["#d9d9d9", "white", "black"]),
+        vmin=-1.5,
+        vmax=1.5,
+        origin="upper",
+        interpolation="nearest",
+    )
     i, j = np.triu_indices(n, min_sep)
     keep = target[i, j] >= 0
     i, j = i[keep], j[keep]
@@ -158,7 +182,11 @@ def plot_contact_map(pred: np.ndarray, target: np.ndarray, path: str | Path, tit
 
 
 def plot_variant_scatter(
-    scores: np.ndarray, fitness: np.ndarray, path: str | Path, title: str = "", rho: float | None = None
+    scores: np.ndarray,
+    fitness: np.ndarray,
+    path: str | Path,
+    title: str = "",
+    rho: float | None = None,
 ) -> Path:
     """Masked-marginal score against measured fitness."""
     fig = _figure(5.5, 4.5)
@@ -167,17 +195,21 @@ def plot_variant_scatter(
     ax.set_xlabel("masked-marginal score (log-odds mutant vs wild type)")
     ax.set_ylabel("measured fitness")
     ax.grid(alpha=0.3)
-    label = title + (f"  (Spearman {rho:.3f}, n={len(scores)})" if rho is not None and math.isfinite(rho) else "")
+    label = title + (
+        f"  (Spearman {rho:.3f}, n={len(scores)})" if rho is not None and math.isfinite(rho) else ""
+    )
     if label:
         ax.set_title(label.strip(), fontsize=9)
     return _save(fig, path)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # CLI
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("workdir", help=f"training workdir (holding {METRICS_FILE}) or a {METRICS_FILE} file")
+    p.add_argument(
+        "workdir", help=f"training workdir (holding {METRICS_FILE}) or a {METRICS_FILE} file"
+    )
     p.add_argument("--out", help="output PNG [default: W/plots/training.png]")
 
 

@@ -1,8 +1,10 @@
-"""Evaluation reports: one JSON file per command (what was evaluated, and the numbers) and a printed table.
+"""Evaluation reports: one JSON file per command (what was evaluated, and the numbers) and a printed
+table.
 
-Every report records the checkpoint folder, the step restored, the config hash (``esmjax.config.config_hash`` of
-the run's TrainConfig for a training workdir, of the ESM2Config for converted weights), the device and process
-count, the esmjax version and the time, so numbers from different runs can be told apart.
+Every report records the checkpoint folder, the step restored, the config hash
+(``esmjax.config.config_hash`` of the run's TrainConfig for a training workdir, of the ESM2Config
+for converted weights), the device and process count, the esmjax version and the time, so numbers
+from different runs can be told apart.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ from typing import Any
 
 import jax
 
-from esmjax.io import checkpoint
 from esmjax.config import ESM2Config, TrainConfig, config_hash, from_dict
 from esmjax.errors import InputError
+from esmjax.io import checkpoint
 
 
 def checkpoint_info(path: str | Path, step: int) -> dict[str, Any]:
@@ -29,7 +31,10 @@ def checkpoint_info(path: str | Path, step: int) -> dict[str, Any]:
     raw = checkpoint.read_config(path)
     train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
     if set(raw) & (train_keys - {"model"}):  # a training workdir stores its whole TrainConfig
-        kind, digest = "train", config_hash(from_dict(TrainConfig, {k: v for k, v in raw.items() if k in train_keys}))
+        kind, digest = (
+            "train",
+            config_hash(from_dict(TrainConfig, {k: v for k, v in raw.items() if k in train_keys})),
+        )
     else:
         kind, digest = "model", config_hash(from_dict(ESM2Config, raw["model"], "model"))
     info = {
@@ -52,7 +57,9 @@ def _version() -> str:
         return "unknown"
 
 
-def build(command: str, info: dict[str, Any], results: dict[str, Any], **settings: Any) -> dict[str, Any]:
+def build(
+    command: str, info: dict[str, Any], results: dict[str, Any], **settings: Any
+) -> dict[str, Any]:
     return {
         "command": f"evaluate {command}",
         **info,
@@ -61,7 +68,7 @@ def build(command: str, info: dict[str, Any], results: dict[str, Any], **setting
         "devices": jax.device_count(),
         "processes": jax.process_count(),
         "esmjax_version": _version(),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
 
 
@@ -109,11 +116,18 @@ def fmt(x: Any, digits: int = 3) -> str:
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 3) -> str:
     """A plain aligned text table (numbers right-aligned)."""
     cells = [[fmt(c, digits) for c in r] for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    numeric = [all(isinstance(r[i], (int, float)) or r[i] is None for r in rows) for i in range(len(headers))]
+    widths = [
+        max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)
+    ]
+    numeric = [
+        all(isinstance(r[i], (int, float)) or r[i] is None for r in rows)
+        for i in range(len(headers))
+    ]
 
     def line(values: Sequence[str]) -> str:
-        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
+        return "  ".join(
+            v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)
+        ).rstrip()
 
     out = [line(headers), line(["-" * w for w in widths])]
     out += [line(r) for r in cells]

@@ -1,21 +1,26 @@
-"""Zero-shot variant-effect prediction by masked marginals (Meier et al. 2021, "Language models enable zero-shot
-prediction of the effects of mutations on protein function", NeurIPS; fair-esm ``examples/variant-prediction``).
+"""Zero-shot variant-effect prediction by masked marginals (Meier et al. 2021, "Language models
+enable zero-shot prediction of the effects of mutations on protein function", NeurIPS; fair-esm
+``examples/variant-prediction``).
 
-The score of a variant is ``sum over its mutated positions i of log p(mut_i | x_masked_i) - log p(wt_i |
-x_masked_i)``, where ``x_masked_i`` is the wild-type sequence with position i masked: one forward pass per distinct
-mutated position, batched. Agreement with measured fitness is the Spearman rank correlation.
+The score of a variant is ``sum over its mutated positions i of log p(mut_i | x_masked_i) - log
+p(wt_i | x_masked_i)``, where ``x_masked_i`` is the wild-type sequence with position i masked: one
+forward pass per distinct mutated position, batched. Agreement with measured fitness is the Spearman
+rank correlation.
 
 Two input layouts:
 
 - FASTA with the fitness in the header, as fair-esm's ``P62593.fasta`` (TEM-1 beta-lactamase):
-  ``>index|<name>_<mutant>|<fitness>`` followed by the full mutated sequence. The wild type is ``--wt-sequence`` or,
-  when absent, recovered from the records: each record with its mutations reverted gives a candidate, and the most
-  common candidate is the wild type. Every record must then match it.
-- CSV with a header, a mutant column and a score column (``mutant,score`` by default) plus a wild-type sequence.
+  ``>index|<name>_<mutant>|<fitness>`` followed by the full mutated sequence. The wild type is
+  ``--wt-sequence`` or, when absent, recovered from the records: each record with its mutations
+  reverted gives a candidate, and the most common candidate is the wild type. Every record must then
+  match it.
+- CSV with a header, a mutant column and a score column (``mutant,score`` by default) plus a
+  wild-type sequence.
 
-Mutants are ``A42G`` (wild-type residue, position, mutant residue), multi-mutants joined by ``:`` (``A42G:V50L``).
-Positions count from ``offset`` (default 1: the first residue is 1). Mutations to a stop codon (``*``) cannot be
-scored by a protein language model and are skipped (counted in the report).
+Mutants are ``A42G`` (wild-type residue, position, mutant residue), multi-mutants joined by ``:``
+(``A42G:V50L``). Positions count from ``offset`` (default 1: the first residue is 1). Mutations to a
+stop codon (``*``) cannot be scored by a protein language model and are skipped (counted in the
+report).
 """
 
 from __future__ import annotations
@@ -75,7 +80,9 @@ def parse_mutant(text: str, offset: int, where: str) -> tuple[Mutation, ...]:
     for part in text.strip().split(":"):
         m = _MUTATION.match(part.strip())
         if not m:
-            raise DMSError(f"{where}: cannot read mutant {text!r} (expected e.g. A42G or A42G:V50L)")
+            raise DMSError(
+                f"{where}: cannot read mutant {text!r} (expected e.g. A42G or A42G:V50L)"
+            )
         muts.append(Mutation(m.group(1), int(m.group(2)) - offset, m.group(3)))
     positions = [m.position for m in muts]
     if len(set(positions)) != len(positions):
@@ -88,13 +95,13 @@ def check_against(wt: str, variant: Variant, where: str, offset: int) -> None:
     for m in variant.mutations:
         if not 0 <= m.position < len(wt):
             raise DMSError(
-                f"{where}: mutant {variant.name}: position {m.position + offset} is outside the wild-type sequence "
-                f"({offset}..{len(wt) + offset - 1})"
+                f"{where}: mutant {variant.name}: position {m.position + offset} is outside the "
+                f"wild-type sequence ({offset}..{len(wt) + offset - 1})"
             )
         if wt[m.position] != m.wt:
             raise DMSError(
-                f"{where}: mutant {variant.name}: wild-type residue {m.wt} does not match {wt[m.position]} at "
-                f"position {m.position + offset} of the wild-type sequence"
+                f"{where}: mutant {variant.name}: wild-type residue {m.wt} does not match "
+                f"{wt[m.position]} at position {m.position + offset} of the wild-type sequence"
             )
 
 
@@ -160,17 +167,23 @@ def read_dms_fasta(path: str | Path, wt: str | None = None, offset: int = 1) -> 
         v = Variant(name, muts, fitness, line)
         check_against(wt, v, where, offset)
         if seq != _apply(wt, muts, "mt"):
-            diff = [i + offset for i, (a, b) in enumerate(zip(seq, _apply(wt, muts, "mt"))) if a != b]
+            diff = [
+                i + offset for i, (a, b) in enumerate(zip(seq, _apply(wt, muts, "mt"))) if a != b
+            ]
             raise DMSError(
-                f"{where}: mutant {name}: the record's sequence is not the wild type with {name} applied "
-                f"(length {len(seq)} vs {len(wt)}; differs at {diff[:5]})"
+                f"{where}: mutant {name}: the record's sequence is not the wild type with {name} "
+                f"applied (length {len(seq)} vs {len(wt)}; differs at {diff[:5]})"
             )
         variants.append(v)
     return DMS(path, wt, source, variants, dict(skipped))
 
 
 def read_dms_csv(
-    path: str | Path, wt: str, offset: int = 1, mutant_column: str = "mutant", score_column: str = "score"
+    path: str | Path,
+    wt: str,
+    offset: int = 1,
+    mutant_column: str = "mutant",
+    score_column: str = "score",
 ) -> DMS:
     """A CSV with a header naming ``mutant_column`` and ``score_column``; ``wt`` is required."""
     path = str(path)
@@ -204,9 +217,12 @@ def read_dms_csv(
 
 
 def read_dms(
-    path: str | Path, wt: str | None = None, offset: int = 1, mutant_column: str = "mutant",
+    path: str | Path,
+    wt: str | None = None,
+    offset: int = 1,
+    mutant_column: str = "mutant",
     score_column: str = "score",
-) -> DMS:  # fmt: skip
+) -> DMS:
     """Reads either layout; a file whose first non-blank character is ``>`` is the FASTA layout."""
     p = Path(path)
     if not p.is_file():
@@ -226,7 +242,9 @@ def masked_marginal_scores(
     """[V] masked-marginal score of each variant (Meier et al. 2021, eq. 1)."""
     positions = sorted({m.position for v in variants for m in v.mutations})
     row = {p: i for i, p in enumerate(positions)}
-    logp = masked_logprobs(engine, [wt], [MaskedQuery(0, p) for p in positions], max_tokens, progress)
+    logp = masked_logprobs(
+        engine, [wt], [MaskedQuery(0, p) for p in positions], max_tokens, progress
+    )
     scores = np.zeros(len(variants), np.float64)
     for k, v in enumerate(variants):
         for m in v.mutations:

@@ -1,9 +1,9 @@
 """``esmjax embed``: representations, logits and contacts for every record of a FASTA file (fair-esm
 ``esm-extract``'s counterpart).
 
-Records are sorted by length, padded to a small fixed set of length buckets and grouped into batches of a fixed
-row count per bucket, so the jitted forward compiles at most once per bucket. Each record's arrays are written to
-``<id>.npz`` with BOS and EOS removed.
+Records are sorted by length, padded to a small fixed set of length buckets and grouped into batches
+of a fixed row count per bucket, so the jitted forward compiles at most once per bucket. Each
+record's arrays are written to ``<id>.npz`` with BOS and EOS removed.
 """
 
 from __future__ import annotations
@@ -22,14 +22,13 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from esmjax.io import checkpoint
-
-from esmjax.parallel import sharding as shd
 from esmjax.config import MeshConfig
 from esmjax.errors import InputError
-from esmjax.models.esm2 import ESM2
+from esmjax.io import checkpoint
 from esmjax.io.fasta import Record, check_unique_ids, read_fasta, sanitize_id
 from esmjax.models.alphabet import PAD, batch_encode
+from esmjax.models.esm2 import ESM2
+from esmjax.parallel import sharding as shd
 
 log = logging.getLogger("esmjax.inference.embed")
 
@@ -37,7 +36,8 @@ INCLUDE_CHOICES = ("per_tok", "mean", "logits", "contacts")
 
 
 def length_buckets(max_len: int) -> list[int]:
-    """Padded token lengths 16, 32, 48, 64, 96, 128, 192, 256, 384, ... (powers of two and 1.5x), up to max_len."""
+    """Padded token lengths 16, 32, 48, 64, 96, 128, 192, 256, 384, ... (powers of two and 1.5x),
+    up to max_len."""
     out, b = [], 16
     while True:
         for v in (b, b * 3 // 2):
@@ -95,13 +95,17 @@ class Embedder:
             self.traces += 1
             m = nnx.merge(self.graphdef, state)
             out = m(tokens, repr_layers=repr_layers, return_contacts=contacts, return_logits=logits)
-            out["representations"] = {k: v.astype(jnp.float32) for k, v in out["representations"].items()}
+            out["representations"] = {
+                k: v.astype(jnp.float32) for k, v in out["representations"].items()
+            }
             out.pop("attentions", None)
             return out
 
         self._forward = jax.jit(forward, static_argnums=(2, 3, 4))
 
-    def __call__(self, tokens: np.ndarray, repr_layers: tuple[int, ...], contacts: bool, logits: bool) -> dict:
+    def __call__(
+        self, tokens: np.ndarray, repr_layers: tuple[int, ...], contacts: bool, logits: bool
+    ) -> dict:
         with shd.use_mesh(self.mesh, self.rules):
             x = jax.device_put(tokens, shd.batch_sharding(self.mesh, self.rules, 2))
             out = self._forward(self.state, x, repr_layers, contacts, logits)
@@ -109,7 +113,8 @@ class Embedder:
 
 
 def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
-    """``all`` or comma/space separated indices (negatives count from the end) -> sorted non-negative indices."""
+    """``all`` or comma/space separated indices (negatives count from the end) -> sorted
+    non-negative indices."""
     if spec.strip() == "all":
         return tuple(range(num_layers + 1))
     out = set()
@@ -119,7 +124,9 @@ def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
         except ValueError:
             raise InputError(f"--layers: {tok!r} is not an integer") from None
         if not -(num_layers + 1) <= i <= num_layers:
-            raise InputError(f"--layers: {i} out of range for a model with {num_layers} layers (0..{num_layers})")
+            raise InputError(
+                f"--layers: {i} out of range for a model with {num_layers} layers (0..{num_layers})"
+            )
         out.add(i % (num_layers + 1))
     return tuple(sorted(out))
 
@@ -181,16 +188,30 @@ def embed_records(
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="esmjax checkpoint folder or training workdir")
+    p.add_argument(
+        "--checkpoint", required=True, help="esmjax checkpoint folder or training workdir"
+    )
     p.add_argument("--fasta", required=True, help="input FASTA (plain or gzip)")
     p.add_argument("--out", required=True, help="output folder for <id>.npz files")
     p.add_argument("--step", type=int, default=None, help="training step (default: latest)")
-    p.add_argument("--layers", default="-1", help="layer indices (negatives from the end) or 'all' [default: -1]")
-    p.add_argument("--include", nargs="+", default=["mean"], choices=INCLUDE_CHOICES, help="what to write")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    p.add_argument(
+        "--layers",
+        default="-1",
+        help="layer indices (negatives from the end) or 'all' [default: -1]",
+    )
+    p.add_argument(
+        "--include", nargs="+", default=["mean"], choices=INCLUDE_CHOICES, help="what to write"
+    )
+    p.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype"
+    )
     p.add_argument("--max-tokens-per-batch", type=int, default=4096, help="padded tokens per batch")
-    p.add_argument("--truncation-seq-length", type=int, default=1022, help="residues kept per record (0 = all)")
-    p.add_argument("--unknown-as-x", action="store_true", help="read characters outside the alphabet as X")
+    p.add_argument(
+        "--truncation-seq-length", type=int, default=1022, help="residues kept per record (0 = all)"
+    )
+    p.add_argument(
+        "--unknown-as-x", action="store_true", help="read characters outside the alphabet as X"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -198,13 +219,27 @@ def main(args: argparse.Namespace) -> int:
     records = load_records(args.fasta, args.unknown_as_x)
     mesh = shd.make_mesh(MeshConfig(ici_fsdp=-1))
     rules = shd.resolve_rules("fsdp")
-    model, step = checkpoint.load_model(args.checkpoint, step=args.step, mesh=mesh, rules=rules, dtype=args.dtype)
+    model, step = checkpoint.load_model(
+        args.checkpoint, step=args.step, mesh=mesh, rules=rules, dtype=args.dtype
+    )
     layers = parse_layers(args.layers, model.cfg.num_layers)
     embedder = Embedder(model, mesh, rules)
     truncation = args.truncation_seq_length or None
     n = embed_records(
-        embedder, records, Path(args.out), layers, args.include, args.max_tokens_per_batch, truncation,
+        embedder,
+        records,
+        Path(args.out),
+        layers,
+        args.include,
+        args.max_tokens_per_batch,
+        truncation,
         progress=not args.no_progress,
-    )  # fmt: skip
-    log.info("wrote %d records to %s (checkpoint step %d, %d compilations)", n, args.out, step, embedder.traces)
+    )
+    log.info(
+        "wrote %d records to %s (checkpoint step %d, %d compilations)",
+        n,
+        args.out,
+        step,
+        embedder.traces,
+    )
     return 0

@@ -1,11 +1,13 @@
 """A restored ESM2 on a device mesh and the jitted forward passes that evaluation needs.
 
-Every pass puts a *global* batch on the mesh (rows split over the ``act_batch`` axes, parameters sharded by the
-rules) and returns small per-row results replicated on every device, so each process reads the same numbers
-whatever the device and process count. Host-side sums then run in float64 in row order.
+Every pass puts a *global* batch on the mesh (rows split over the ``act_batch`` axes, parameters
+sharded by the rules) and returns small per-row results replicated on every device, so each process
+reads the same numbers whatever the device and process count. Host-side sums then run in float64 in
+row order.
 
-Two ways in: ``put_global`` for batches every process builds identically (pseudo-perplexity, variant and contact
-scoring), ``put_local`` for batches a data pipeline shards by process (masked-LM perplexity).
+Two ways in: ``put_global`` for batches every process builds identically (pseudo-perplexity, variant
+and contact scoring), ``put_local`` for batches a data pipeline shards by process (masked-LM
+perplexity).
 """
 
 from __future__ import annotations
@@ -17,16 +19,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from esmjax.parallel import sharding as shd
 from esmjax.inference.embed import bucket_for, length_buckets
-from esmjax.models.esm2 import ESM2
 from esmjax.models.alphabet import MASK, PAD, encode_with_specials
+from esmjax.models.esm2 import ESM2
+from esmjax.parallel import sharding as shd
 
 
 def length_bucket(length: int) -> int:
-    """The padded width for ``length`` tokens: 16, 24, 32, 48, 64, 96, ... (``esmjax embed``'s buckets)."""
+    """The padded width for ``length`` tokens: 16, 24, 32, 48, 64, 96, ... (``esmjax embed``'s
+    buckets)."""
     return bucket_for(length, length_buckets(length))
 
 
@@ -39,7 +43,13 @@ class Engine:
         self.rules = shd.resolve_rules(rules)
         self.graphdef, self.state = nnx.split(model)
         batch_axes = self._batch_spec(2)[0]
-        names = () if batch_axes is None else (batch_axes,) if isinstance(batch_axes, str) else batch_axes
+        names = (
+            ()
+            if batch_axes is None
+            else (batch_axes,)
+            if isinstance(batch_axes, str)
+            else batch_axes
+        )
         sizes = shd.mesh_sizes(mesh)
         self.row_multiple = int(np.prod([sizes[a] for a in names])) if names else 1
         replicated = NamedSharding(mesh, P())
@@ -48,17 +58,20 @@ class Engine:
         self._contacts = jax.jit(self._contact_maps, out_shardings=replicated)
         self._features = jax.jit(self._contact_features, out_shardings=replicated)
 
-    # -- placement -----------------------------------------------------------------------------------------------
+    # -- placement
+    # ----------------------------------------------------------------------------------------------
     def _batch_spec(self, ndim: int) -> P:
         return shd.batch_sharding(self.mesh, self.rules, ndim).spec
 
     def put_global(self, x: np.ndarray) -> jax.Array:
-        """A host array that every process holds in full -> a global array, rows split over the batch axes."""
+        """A host array that every process holds in full -> a global array, rows split over the
+        batch axes."""
         sharding = shd.batch_sharding(self.mesh, self.rules, x.ndim)
         return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
     def put_local(self, x: np.ndarray) -> jax.Array:
-        """This process's rows -> the global array (rows of process 0 first, then process 1, ...)."""
+        """This process's rows -> the global array (rows of process 0 first, then process 1,
+        ...)."""
         sharding = shd.batch_sharding(self.mesh, self.rules, x.ndim)
         return jax.make_array_from_process_local_data(sharding, x)
 
@@ -69,12 +82,14 @@ class Engine:
             return x
         return np.concatenate([x, np.full((extra, *x.shape[1:]), fill, x.dtype)])
 
-    # -- jitted bodies -------------------------------------------------------------------------------------------
+    # -- jitted bodies
+    # -------------------------------------------------------------------------------------------
     def _model(self, state) -> ESM2:
         return nnx.merge(self.graphdef, state)
 
     def _mlm_rows(self, state, tokens, targets, loss_mask, segment_ids, positions):
-        """Per row: summed NLL, masked-token count and correct argmax predictions over ``loss_mask``."""
+        """Per row: summed NLL, masked-token count and correct argmax predictions over
+        ``loss_mask``."""
         out = self._model(state)(tokens, segment_ids, positions)
         logp = jax.nn.log_softmax(out["logits"], axis=-1)  # [B, L, V]
         nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # [B, L]
@@ -100,9 +115,11 @@ class Engine:
         out = model(tokens, need_head_weights=True, return_logits=False)
         return model.contact_head.features(tokens, out["attentions"])
 
-    # -- host entry points ---------------------------------------------------------------------------------------
+    # -- host entry points
+    # ---------------------------------------------------------------------------------------
     def mlm_rows(self, batch: dict[str, np.ndarray], local: bool = True) -> tuple[np.ndarray, ...]:
-        """Per-row (nll_sum float32, count, correct) of a masked batch; ``local``: rows are this process's share."""
+        """Per-row (nll_sum float32, count, correct) of a masked batch; ``local``: rows are this
+        process's share."""
         put = self.put_local if local else self.put_global
         keys = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
         args = [put(np.asarray(batch[k]).astype(np.int32)) for k in keys]
@@ -137,12 +154,15 @@ class Engine:
         reg = self.state["contact_head"]["regression"]
         for name, value in (("kernel", kernel), ("bias", bias)):
             old = reg[name][...]
-            reg[name].value = jax.device_put(np.asarray(value, old.dtype).reshape(old.shape), old.sharding)
+            reg[name].value = jax.device_put(
+                np.asarray(value, old.dtype).reshape(old.shape), old.sharding
+            )
 
 
 @dataclass(frozen=True)
 class MaskedQuery:
-    """Mask residue ``position`` (0-based, residue index) of ``sequences[seq]`` and read its log-probabilities."""
+    """Mask residue ``position`` (0-based, residue index) of ``sequences[seq]`` and read its
+    log-probabilities."""
 
     seq: int
     position: int
@@ -157,9 +177,9 @@ def masked_logprobs(
 ) -> np.ndarray:
     """[Q, V] log p(token | sequence with that one position masked), batched by padded length.
 
-    This is the masked-marginal primitive of pseudo-perplexity (Salazar et al. 2020) and of zero-shot variant
-    scoring (Meier et al. 2021). Rows of one batch share a padded width; the row count is a multiple of the batch
-    axes' size and about ``max_tokens / width``.
+    This is the masked-marginal primitive of pseudo-perplexity (Salazar et al. 2020) and of
+    zero-shot variant scoring (Meier et al. 2021). Rows of one batch share a padded width; the row
+    count is a multiple of the batch axes' size and about ``max_tokens / width``.
     """
     encoded = [encode_with_specials(s) for s in sequences]
     out = np.zeros((len(queries), engine.cfg.vocab_size), np.float32)
@@ -167,10 +187,14 @@ def masked_logprobs(
     for qi in sorted(range(len(queries)), key=lambda i: (len(encoded[queries[i].seq]), i)):
         groups.setdefault(length_bucket(len(encoded[queries[qi].seq])), []).append(qi)
     for width, idx in groups.items():
-        rows = max(engine.row_multiple, (max_tokens // width) // engine.row_multiple * engine.row_multiple)
+        rows = max(
+            engine.row_multiple, (max_tokens // width) // engine.row_multiple * engine.row_multiple
+        )
         for start in range(0, len(idx), rows):
             chunk = idx[start : start + rows]
-            tokens = np.full((rows, width), PAD, np.int32)  # fixed shape per bucket: one compilation
+            tokens = np.full(
+                (rows, width), PAD, np.int32
+            )  # fixed shape per bucket: one compilation
             at = np.zeros(rows, np.int32)
             for r, qi in enumerate(chunk):
                 q = queries[qi]

@@ -1,11 +1,13 @@
-"""``esmjax fold``: structures and confidences for every record of a FASTA file (fair-esm ``esm-fold``).
+"""``esmjax fold``: structures and confidences for every record of a FASTA file (fair-esm
+``esm-fold``).
 
-Records are encoded as fair-esm ``infer`` does (multimer chains joined by ":" in the record get a 25-glycine
-linker and a residue-index jump of 512 per chain), padded to a fixed set of length buckets, and batched by a
-token budget with one row count per bucket, so the jitted fold compiles once per bucket. Each record gives
-``<id>.pdb`` (atom37 coordinates, per-atom pLDDT 0-100 as B-factor, chains A, B, ..., residues numbered from 1
-per chain, linker hidden) and ``<id>.json`` (``sequence``, per-residue CA ``plddt``, ``mean_plddt`` over atoms,
-``ptm``, ``pae`` in Angstrom over the shown residues, ``max_pae``).
+Records are encoded as fair-esm ``infer`` does (multimer chains joined by ":" in the record get a
+25-glycine linker and a residue-index jump of 512 per chain), padded to a fixed set of length
+buckets, and batched by a token budget with one row count per bucket, so the jitted fold compiles
+once per bucket. Each record gives ``<id>.pdb`` (atom37 coordinates, per-atom pLDDT 0-100 as
+B-factor, chains A, B, ..., residues numbered from 1 per chain, linker hidden) and ``<id>.json``
+(``sequence``, per-residue CA ``plddt``, ``mean_plddt`` over atoms, ``ptm``, ``pae`` in Angstrom
+over the shown residues, ``max_pae``).
 """
 
 from __future__ import annotations
@@ -25,14 +27,14 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from esmjax.inference.embed import bucket_for, length_buckets
 from esmjax.errors import InputError
+from esmjax.inference.embed import bucket_for, length_buckets
 from esmjax.io import esmfold_checkpoint as fold_ckpt
+from esmjax.io.fasta import Record, check_unique_ids, read_fasta, sanitize_id
+from esmjax.io.structure_writer import Structure, to_mmcif, to_pdb
 from esmjax.models.esmfold.heads import max_predicted_aligned_error
 from esmjax.models.esmfold.model import ESMFold
-from esmjax.io.fasta import Record, check_unique_ids, read_fasta, sanitize_id
 from esmjax.models.geometry import residue_constants as rc
-from esmjax.io.structure_writer import Structure, to_mmcif, to_pdb
 
 log = logging.getLogger("esmjax.inference.fold")
 
@@ -42,7 +44,8 @@ RESIDUE_INDEX_OFFSET = 512
 
 @dataclass(frozen=True)
 class Encoded:
-    """One record as model input (fair-esm ``misc.encode_sequence``); arrays have the joined length."""
+    """One record as model input (fair-esm ``misc.encode_sequence``); arrays have the joined
+    length."""
 
     aatype: np.ndarray  # AF2 types, unknown -> X
     residx: np.ndarray  # arange + 512 x chain (the linker after chain i belongs to chain i)
@@ -72,14 +75,21 @@ def encode(sequence: str) -> Encoded:
         number += list(range(1, len(c) + 1))
     chain_arr = np.asarray(chain, np.int32)
     residx_arr = np.asarray(residx, np.int32) + RESIDUE_INDEX_OFFSET * chain_arr
-    return Encoded(np.asarray(aatype, np.int32), residx_arr, np.asarray(linker, np.float32),
-                   chain_arr, np.asarray(number, np.int32))  # fmt: skip
+    return Encoded(
+        np.asarray(aatype, np.int32),
+        residx_arr,
+        np.asarray(linker, np.float32),
+        chain_arr,
+        np.asarray(number, np.int32),
+    )
 
 
 class Folder:
     """A restored ESMFold and one jitted fold per padded shape; ``traces`` counts compilations."""
 
-    def __init__(self, model: ESMFold, num_recycles: int | None = None, chunk_size: int | None = None):
+    def __init__(
+        self, model: ESMFold, num_recycles: int | None = None, chunk_size: int | None = None
+    ):
         self.cfg = model.cfg
         self.graphdef, self.state = nnx.split(model)
         self.traces = 0
@@ -93,7 +103,9 @@ class Folder:
 
         self._fold = jax.jit(fold)
 
-    def __call__(self, aatype: np.ndarray, mask: np.ndarray, residx: np.ndarray) -> dict[str, np.ndarray]:
+    def __call__(
+        self, aatype: np.ndarray, mask: np.ndarray, residx: np.ndarray
+    ) -> dict[str, np.ndarray]:
         out = self._fold(self.state, jnp.asarray(aatype), jnp.asarray(mask), jnp.asarray(residx))
         return jax.device_get(out)
 
@@ -108,7 +120,8 @@ class Batch:
 
 
 def make_batches(records: Sequence[Record], max_tokens: int) -> Iterator[Batch]:
-    """Length-sorted records grouped by bucket; each bucket's batches have ``min(max_tokens // bucket, n)`` rows."""
+    """Length-sorted records grouped by bucket; each bucket's batches have ``min(max_tokens //
+    bucket, n)`` rows."""
     if not records:
         return
     encoded = [encode(r.sequence) for r in records]
@@ -126,20 +139,32 @@ def make_batches(records: Sequence[Record], max_tokens: int) -> Iterator[Batch]:
             residx = np.zeros((rows, width), np.int32)
             for r, i in enumerate(chunk):
                 n = lengths[i]
-                aatype[r, :n], mask[r, :n], residx[r, :n] = encoded[i].aatype, 1.0, encoded[i].residx
-            yield Batch([records[i] for i in chunk], [encoded[i] for i in chunk], aatype, mask, residx)
+                aatype[r, :n], mask[r, :n], residx[r, :n] = (
+                    encoded[i].aatype,
+                    1.0,
+                    encoded[i].residx,
+                )
+            yield Batch(
+                [records[i] for i in chunk], [encoded[i] for i in chunk], aatype, mask, residx
+            )
 
 
-def record_outputs(rec: Record, enc: Encoded, out: dict[str, np.ndarray], row: int) -> tuple[Structure, dict]:
+def record_outputs(
+    rec: Record, enc: Encoded, out: dict[str, np.ndarray], row: int
+) -> tuple[Structure, dict]:
     """The structure and JSON of one batch row, linker removed."""
     n = len(enc.aatype)
     keep = enc.linker_mask > 0
     exists = out["atom37_exists"][row, :n] * enc.linker_mask[:, None]
     plddt = out["plddt"][row, :n]
     structure = Structure(
-        aatype=enc.aatype[keep], atom37=out["atom37"][row, :n][keep], atom_mask=exists[keep],
-        residue_number=enc.residue_number[keep], chain_index=enc.chain_index[keep], b_factors=plddt[keep],
-    )  # fmt: skip
+        aatype=enc.aatype[keep],
+        atom37=out["atom37"][row, :n][keep],
+        atom_mask=exists[keep],
+        residue_number=enc.residue_number[keep],
+        chain_index=enc.chain_index[keep],
+        b_factors=plddt[keep],
+    )
     pae = out["predicted_aligned_error"][row, :n, :n][np.ix_(keep, keep)]
     ca = rc.ATOM_ORDER["CA"]
     info = {
@@ -161,10 +186,15 @@ def _write(path: Path, text: str) -> None:
 
 
 def fold_records(
-    folder: Folder, records: Sequence[Record], out_dir: Path, max_tokens: int, mmcif: bool = False,
+    folder: Folder,
+    records: Sequence[Record],
+    out_dir: Path,
+    max_tokens: int,
+    mmcif: bool = False,
     progress: bool = True,
-) -> list[dict]:  # fmt: skip
-    """Folds every record and writes ``<id>.pdb`` / ``<id>.json`` (and ``<id>.cif``); returns the JSON dicts."""
+) -> list[dict]:
+    """Folds every record and writes ``<id>.pdb`` / ``<id>.json`` (and ``<id>.cif``); returns the
+    JSON dicts."""
     out_dir.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(records), desc="fold", unit="seq", file=sys.stderr, disable=not progress)
     results = []
@@ -178,7 +208,9 @@ def fold_records(
                 _write(stem.with_suffix(".cif"), to_mmcif(structure, sanitize_id(rec.id)))
             _write(stem.with_suffix(".json"), json.dumps(info))
             results.append(info)
-            bar.set_postfix(id=rec.id[:20], plddt=f"{info['mean_plddt']:.1f}", ptm=f"{info['ptm']:.3f}")
+            bar.set_postfix(
+                id=rec.id[:20], plddt=f"{info['mean_plddt']:.1f}", ptm=f"{info['ptm']:.3f}"
+            )
         bar.update(len(batch.records))
     bar.close()
     return results
@@ -189,29 +221,59 @@ def load_records(path: str, unknown_as_x: bool, max_length: int) -> list[Record]
     check_unique_ids(records, path, ".pdb")
     for r in records:
         if r.sequence.startswith(":") or r.sequence.endswith(":") or "::" in r.sequence:
-            raise InputError(f"{path}:{r.line}: record {r.id!r} has an empty chain (':' separates chains)")
+            raise InputError(
+                f"{path}:{r.line}: record {r.id!r} has an empty chain (':' separates chains)"
+            )
         n = len(encode(r.sequence).aatype)
         if n > max_length:
-            raise InputError(f"{path}:{r.line}: record {r.id!r} has {n} residues (linkers included), over "
-                             f"--max-length {max_length}")  # fmt: skip
+            raise InputError(
+                f"{path}:{r.line}: record {r.id!r} has {n} residues (linkers included), over "
+                f"--max-length {max_length}"
+            )
     return records
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="esmjax ESMFold checkpoint folder (from `esmjax convert`)")
-    p.add_argument("--fasta", required=True, help="input FASTA; ':' inside a record separates multimer chains")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="esmjax ESMFold checkpoint folder (from `esmjax convert`)",
+    )
+    p.add_argument(
+        "--fasta", required=True, help="input FASTA; ':' inside a record separates multimer chains"
+    )
     p.add_argument("--out", required=True, help="output folder for <id>.pdb and <id>.json")
-    p.add_argument("--num-recycles", type=int, default=None,
-                   help="extra trunk passes (default: the model's max_recycles passes in all, 4 for esmfold_v1)")
-    p.add_argument("--chunk-size", type=int, default=None,
-                   help="row chunk of the triangle attentions: less memory for long sequences (e.g. 128, 64, 32)")
-    p.add_argument("--max-tokens-per-batch", type=int, default=1024, help="padded residues per batch [1024]")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="compute dtype of the language model (the trunk is always float32)")
+    p.add_argument(
+        "--num-recycles",
+        type=int,
+        default=None,
+        help="extra trunk passes (default: the model's max_recycles passes in all, 4 for "
+        "esmfold_v1)",
+    )
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        help="row chunk of the triangle attentions: less memory for long sequences (e.g. 128, "
+        "64, 32)",
+    )
+    p.add_argument(
+        "--max-tokens-per-batch", type=int, default=1024, help="padded residues per batch [1024]"
+    )
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="compute dtype of the language model (the trunk is always float32)",
+    )
     p.add_argument("--mmcif", action="store_true", help="also write <id>.cif")
-    p.add_argument("--max-length", type=int, default=4096, help="refuse longer records (linkers included)")
-    p.add_argument("--unknown-as-x", action="store_true", help="read characters outside the alphabet as X")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")  # fmt: skip
+    p.add_argument(
+        "--max-length", type=int, default=4096, help="refuse longer records (linkers included)"
+    )
+    p.add_argument(
+        "--unknown-as-x", action="store_true", help="read characters outside the alphabet as X"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -222,7 +284,13 @@ def main(args: argparse.Namespace) -> int:
     records = load_records(args.fasta, args.unknown_as_x, args.max_length)
     model, _ = fold_ckpt.load(args.checkpoint, dtype=args.dtype)
     folder = Folder(model, num_recycles=args.num_recycles, chunk_size=args.chunk_size)
-    results = fold_records(folder, records, Path(args.out), args.max_tokens_per_batch, args.mmcif,
-                           progress=not args.no_progress)  # fmt: skip
+    results = fold_records(
+        folder,
+        records,
+        Path(args.out),
+        args.max_tokens_per_batch,
+        args.mmcif,
+        progress=not args.no_progress,
+    )
     log.info("folded %d records into %s (%d compilations)", len(results), args.out, folder.traces)
     return 0

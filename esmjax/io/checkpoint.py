@@ -2,14 +2,14 @@
 
 One layout serves converted weights and training runs::
 
-    DIR/config.json                 {"model": {...}, ...}   (a training run stores its whole TrainConfig)
-    DIR/checkpoints/<step>/params   model variables (Orbax, sharded, restorable onto any mesh)
-    DIR/checkpoints/<step>/opt_state, meta                   (training runs only)
+    DIR/config.json                 {"model": {...}, ...}   (a training run stores its whole
+    TrainConfig) DIR/checkpoints/<step>/params   model variables (Orbax, sharded, restorable onto
+    any mesh) DIR/checkpoints/<step>/opt_state, meta                   (training runs only)
 
-A converted checkpoint is step 0 with only ``params``. Restoring takes abstract targets with shardings, so a
-checkpoint saved on one mesh or process count restores onto another (Orbax reshards). A step that was never
-committed is invisible to Orbax; a committed step whose files are damaged is skipped with a warning and the
-previous step is used.
+A converted checkpoint is step 0 with only ``params``. Restoring takes abstract targets with
+shardings, so a checkpoint saved on one mesh or process count restores onto another (Orbax
+reshards). A step that was never committed is invisible to Orbax; a committed step whose files are
+damaged is skipped with a warning and the previous step is used.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from esmjax.parallel import sharding as shd
 from esmjax.config import ESM2Config, from_dict, to_dict
-from esmjax.models.esm2 import ESM2
 from esmjax.errors import InputError
+from esmjax.models.esm2 import ESM2
+from esmjax.parallel import sharding as shd
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,9 @@ def model_config(path: str | Path) -> ESM2Config:
     return from_dict(ESM2Config, read_config(path)["model"], "model")
 
 
-def manager(path: str | Path, *, item_names=("params",), read_only: bool = True, **options: Any) -> ocp.CheckpointManager:
+def manager(
+    path: str | Path, *, item_names=("params",), read_only: bool = True, **options: Any
+) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
         Path(path).absolute() / STEPS_DIR,
         item_names=item_names,
@@ -68,7 +70,8 @@ def abstract_model(cfg: ESM2Config) -> tuple[nnx.GraphDef, nnx.State]:
 
 
 def restore_target(state: nnx.State, mesh: jax.sharding.Mesh, rules: shd.Rules) -> dict[str, Any]:
-    """Pure-dict restore target: ShapeDtypeStructs carrying the shardings the rules give on ``mesh``."""
+    """Pure-dict restore target: ShapeDtypeStructs carrying the shardings the rules give on
+    ``mesh``."""
     shardings = shd.tree_shardings(state, mesh, rules)
     target = jax.tree.map(
         lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
@@ -91,14 +94,25 @@ def restore_latest(mngr: ocp.CheckpointManager, step: int | None, make_args) -> 
         try:
             return s, mngr.restore(s, args=make_args())
         except Exception as e:  # a damaged step: fall back to the one before
-            log.warning("checkpoint step %d is unreadable (%s: %s); trying the previous one", s, type(e).__name__, e)
+            log.warning(
+                "checkpoint step %d is unreadable (%s: %s); trying the previous one",
+                s,
+                type(e).__name__,
+                e,
+            )
     raise CheckpointError(f"{mngr.directory}: every checkpoint step is unreadable")
 
 
-def restore_params(path: str | Path, graphdef: nnx.GraphDef, state: nnx.State, step: int | None,
-                   mesh: jax.sharding.Mesh, rules: shd.Rules) -> tuple[Any, int]:
-    """Restores the ``params`` item of ``path``'s latest readable (or given) step into ``state``'s structure,
-    sharded onto ``mesh`` by ``rules``; returns the merged module and the step."""
+def restore_params(
+    path: str | Path,
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    step: int | None,
+    mesh: jax.sharding.Mesh,
+    rules: shd.Rules,
+) -> tuple[Any, int]:
+    """Restores the ``params`` item of ``path``'s latest readable (or given) step into ``state``'s
+    structure, sharded onto ``mesh`` by ``rules``; returns the merged module and the step."""
     target = restore_target(state, mesh, rules)
     mngr = manager(path)
     try:
@@ -130,10 +144,14 @@ def load_model(
     return restore_params(path, graphdef, state, step, mesh, shd.resolve_rules(rules))
 
 
-def write_params(path: str | Path, config: dict[str, Any], params: dict[str, Any], expected: nnx.State) -> None:
-    """Writes ``params`` as step 0 with ``config`` as config.json, atomically: a failure leaves no partial folder.
+def write_params(
+    path: str | Path, config: dict[str, Any], params: dict[str, Any], expected: nnx.State
+) -> None:
+    """Writes ``params`` as step 0 with ``config`` as config.json, atomically: a failure leaves no
+    partial folder.
 
-    ``expected`` is the abstract state of the model the params belong to; shapes are checked and dtypes cast to it.
+    ``expected`` is the abstract state of the model the params belong to; shapes are checked and
+    dtypes cast to it.
     """
     out = Path(path)
     if out.exists() and (out.is_file() or any(out.iterdir())):
@@ -165,7 +183,9 @@ def write_params(path: str | Path, config: dict[str, Any], params: dict[str, Any
         raise
 
 
-def save_converted(path: str | Path, cfg: ESM2Config, params: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+def save_converted(
+    path: str | Path, cfg: ESM2Config, params: dict[str, Any], extra: dict[str, Any] | None = None
+) -> None:
     """Writes converted ESM-2 weights as a checkpoint folder (step 0)."""
     write_params(path, {"model": to_dict(cfg), **(extra or {})}, params, abstract_model(cfg)[1])
 

@@ -1,10 +1,11 @@
 """ESM-2 weights between fair-esm / HuggingFace state dicts and esmjax parameters.
 
-esmjax parameter names follow fair-esm, so the mapping is one table (``_TABLE``) plus three structural rules:
-layer ``i`` is stacked into the leading ``layers`` axis, torch ``[out, in]`` Linear weights are transposed, and
-q/k/v/out projections are reshaped to ``[E, H, D]`` / ``[H, D, E]``. Every transform is exactly invertible, so
-fair-esm -> esmjax -> fair-esm is bit-identical. HuggingFace ``EsmForMaskedLM`` names are a second column of the
-table (HF facts: ``convert_esm.py``; HF 5.x keeps one model-level rotary ``inv_freq``).
+esmjax parameter names follow fair-esm, so the mapping is one table (``_TABLE``) plus three
+structural rules: layer ``i`` is stacked into the leading ``layers`` axis, torch ``[out, in]``
+Linear weights are transposed, and q/k/v/out projections are reshaped to ``[E, H, D]`` / ``[H, D,
+E]``. Every transform is exactly invertible, so fair-esm -> esmjax -> fair-esm is bit-identical.
+HuggingFace ``EsmForMaskedLM`` names are a second column of the table (HF facts: ``convert_esm.py``;
+HF 5.x keeps one model-level rotary ``inv_freq``).
 """
 
 from __future__ import annotations
@@ -20,39 +21,146 @@ import numpy as np
 from esmjax.config import ESM2_PRESETS, ESM2Config, esm2_from_shape
 from esmjax.errors import InputError
 
-# (our path, fair-esm key, HF key, kind). "{i}" marks per-layer entries, stacked on axis 0 in esmjax.
+# (our path, fair-esm key, HF key, kind). "{i}" marks per-layer entries, stacked on axis 0 in
+# esmjax.
 _TABLE: list[tuple[str, str, str, str]] = [
-    ("embed_tokens.embedding", "embed_tokens.weight", "esm.embeddings.word_embeddings.weight", "copy"),
-    ("layers.self_attn.q_proj.kernel", "layers.{i}.self_attn.q_proj.weight", "esm.encoder.layer.{i}.attention.self.query.weight", "qkv"),
-    ("layers.self_attn.q_proj.bias", "layers.{i}.self_attn.q_proj.bias", "esm.encoder.layer.{i}.attention.self.query.bias", "heads"),
-    ("layers.self_attn.k_proj.kernel", "layers.{i}.self_attn.k_proj.weight", "esm.encoder.layer.{i}.attention.self.key.weight", "qkv"),
-    ("layers.self_attn.k_proj.bias", "layers.{i}.self_attn.k_proj.bias", "esm.encoder.layer.{i}.attention.self.key.bias", "heads"),
-    ("layers.self_attn.v_proj.kernel", "layers.{i}.self_attn.v_proj.weight", "esm.encoder.layer.{i}.attention.self.value.weight", "qkv"),
-    ("layers.self_attn.v_proj.bias", "layers.{i}.self_attn.v_proj.bias", "esm.encoder.layer.{i}.attention.self.value.bias", "heads"),
-    ("layers.self_attn.out_proj.kernel", "layers.{i}.self_attn.out_proj.weight", "esm.encoder.layer.{i}.attention.output.dense.weight", "out"),
-    ("layers.self_attn.out_proj.bias", "layers.{i}.self_attn.out_proj.bias", "esm.encoder.layer.{i}.attention.output.dense.bias", "copy"),
-    ("layers.self_attn.rot_emb.inv_freq", "layers.{i}.self_attn.rot_emb.inv_freq", "esm.rotary_embeddings.inv_freq", "copy"),
-    ("layers.self_attn_layer_norm.scale", "layers.{i}.self_attn_layer_norm.weight", "esm.encoder.layer.{i}.attention.LayerNorm.weight", "copy"),
-    ("layers.self_attn_layer_norm.bias", "layers.{i}.self_attn_layer_norm.bias", "esm.encoder.layer.{i}.attention.LayerNorm.bias", "copy"),
-    ("layers.fc1.kernel", "layers.{i}.fc1.weight", "esm.encoder.layer.{i}.intermediate.dense.weight", "linear"),
-    ("layers.fc1.bias", "layers.{i}.fc1.bias", "esm.encoder.layer.{i}.intermediate.dense.bias", "copy"),
-    ("layers.fc2.kernel", "layers.{i}.fc2.weight", "esm.encoder.layer.{i}.output.dense.weight", "linear"),
+    (
+        "embed_tokens.embedding",
+        "embed_tokens.weight",
+        "esm.embeddings.word_embeddings.weight",
+        "copy",
+    ),
+    (
+        "layers.self_attn.q_proj.kernel",
+        "layers.{i}.self_attn.q_proj.weight",
+        "esm.encoder.layer.{i}.attention.self.query.weight",
+        "qkv",
+    ),
+    (
+        "layers.self_attn.q_proj.bias",
+        "layers.{i}.self_attn.q_proj.bias",
+        "esm.encoder.layer.{i}.attention.self.query.bias",
+        "heads",
+    ),
+    (
+        "layers.self_attn.k_proj.kernel",
+        "layers.{i}.self_attn.k_proj.weight",
+        "esm.encoder.layer.{i}.attention.self.key.weight",
+        "qkv",
+    ),
+    (
+        "layers.self_attn.k_proj.bias",
+        "layers.{i}.self_attn.k_proj.bias",
+        "esm.encoder.layer.{i}.attention.self.key.bias",
+        "heads",
+    ),
+    (
+        "layers.self_attn.v_proj.kernel",
+        "layers.{i}.self_attn.v_proj.weight",
+        "esm.encoder.layer.{i}.attention.self.value.weight",
+        "qkv",
+    ),
+    (
+        "layers.self_attn.v_proj.bias",
+        "layers.{i}.self_attn.v_proj.bias",
+        "esm.encoder.layer.{i}.attention.self.value.bias",
+        "heads",
+    ),
+    (
+        "layers.self_attn.out_proj.kernel",
+        "layers.{i}.self_attn.out_proj.weight",
+        "esm.encoder.layer.{i}.attention.output.dense.weight",
+        "out",
+    ),
+    (
+        "layers.self_attn.out_proj.bias",
+        "layers.{i}.self_attn.out_proj.bias",
+        "esm.encoder.layer.{i}.attention.output.dense.bias",
+        "copy",
+    ),
+    (
+        "layers.self_attn.rot_emb.inv_freq",
+        "layers.{i}.self_attn.rot_emb.inv_freq",
+        "esm.rotary_embeddings.inv_freq",
+        "copy",
+    ),
+    (
+        "layers.self_attn_layer_norm.scale",
+        "layers.{i}.self_attn_layer_norm.weight",
+        "esm.encoder.layer.{i}.attention.LayerNorm.weight",
+        "copy",
+    ),
+    (
+        "layers.self_attn_layer_norm.bias",
+        "layers.{i}.self_attn_layer_norm.bias",
+        "esm.encoder.layer.{i}.attention.LayerNorm.bias",
+        "copy",
+    ),
+    (
+        "layers.fc1.kernel",
+        "layers.{i}.fc1.weight",
+        "esm.encoder.layer.{i}.intermediate.dense.weight",
+        "linear",
+    ),
+    (
+        "layers.fc1.bias",
+        "layers.{i}.fc1.bias",
+        "esm.encoder.layer.{i}.intermediate.dense.bias",
+        "copy",
+    ),
+    (
+        "layers.fc2.kernel",
+        "layers.{i}.fc2.weight",
+        "esm.encoder.layer.{i}.output.dense.weight",
+        "linear",
+    ),
     ("layers.fc2.bias", "layers.{i}.fc2.bias", "esm.encoder.layer.{i}.output.dense.bias", "copy"),
-    ("layers.final_layer_norm.scale", "layers.{i}.final_layer_norm.weight", "esm.encoder.layer.{i}.LayerNorm.weight", "copy"),
-    ("layers.final_layer_norm.bias", "layers.{i}.final_layer_norm.bias", "esm.encoder.layer.{i}.LayerNorm.bias", "copy"),
-    ("emb_layer_norm_after.scale", "emb_layer_norm_after.weight", "esm.encoder.emb_layer_norm_after.weight", "copy"),
-    ("emb_layer_norm_after.bias", "emb_layer_norm_after.bias", "esm.encoder.emb_layer_norm_after.bias", "copy"),
+    (
+        "layers.final_layer_norm.scale",
+        "layers.{i}.final_layer_norm.weight",
+        "esm.encoder.layer.{i}.LayerNorm.weight",
+        "copy",
+    ),
+    (
+        "layers.final_layer_norm.bias",
+        "layers.{i}.final_layer_norm.bias",
+        "esm.encoder.layer.{i}.LayerNorm.bias",
+        "copy",
+    ),
+    (
+        "emb_layer_norm_after.scale",
+        "emb_layer_norm_after.weight",
+        "esm.encoder.emb_layer_norm_after.weight",
+        "copy",
+    ),
+    (
+        "emb_layer_norm_after.bias",
+        "emb_layer_norm_after.bias",
+        "esm.encoder.emb_layer_norm_after.bias",
+        "copy",
+    ),
     ("lm_head.dense.kernel", "lm_head.dense.weight", "lm_head.dense.weight", "linear"),
     ("lm_head.dense.bias", "lm_head.dense.bias", "lm_head.dense.bias", "copy"),
     ("lm_head.layer_norm.scale", "lm_head.layer_norm.weight", "lm_head.layer_norm.weight", "copy"),
     ("lm_head.layer_norm.bias", "lm_head.layer_norm.bias", "lm_head.layer_norm.bias", "copy"),
     ("lm_head.bias", "lm_head.bias", "lm_head.bias", "copy"),
-    ("contact_head.regression.kernel", "contact_head.regression.weight", "esm.contact_head.regression.weight", "linear"),
-    ("contact_head.regression.bias", "contact_head.regression.bias", "esm.contact_head.regression.bias", "copy"),
-]  # fmt: skip
+    (
+        "contact_head.regression.kernel",
+        "contact_head.regression.weight",
+        "esm.contact_head.regression.weight",
+        "linear",
+    ),
+    (
+        "contact_head.regression.bias",
+        "contact_head.regression.bias",
+        "esm.contact_head.regression.bias",
+        "copy",
+    ),
+]
 _TIED = {"fair-esm": "lm_head.weight", "hf": "lm_head.decoder.weight"}
 _CONTACT_KEYS = ("contact_head.regression.kernel", "contact_head.regression.bias")
-# fair-esm .pt files keep the fairseq prefixes; fair-esm strips them with this regex (pretrained.upgrade_state_dict).
+# fair-esm .pt files keep the fairseq prefixes; fair-esm strips them with this regex
+# (pretrained.upgrade_state_dict).
 _FAIRSEQ_PREFIX = re.compile(r"^(encoder\.sentence_encoder\.|encoder\.)")
 
 
@@ -103,26 +211,46 @@ def _get(tree: dict[str, Any], dotted: str) -> Any:
 
 
 def _expected_shape(path: str, cfg: ESM2Config) -> tuple[int, ...]:
-    e, h, d, f, v, n = cfg.embed_dim, cfg.num_heads, cfg.head_dim, cfg.mlp_dim, cfg.vocab_size, cfg.num_layers
+    e, h, d, f, v, n = (
+        cfg.embed_dim,
+        cfg.num_heads,
+        cfg.head_dim,
+        cfg.mlp_dim,
+        cfg.vocab_size,
+        cfg.num_layers,
+    )
     leaf = path.removeprefix("layers.")
     table = {
         "embed_tokens.embedding": (v, e),
-        "self_attn.q_proj.kernel": (e, h, d), "self_attn.k_proj.kernel": (e, h, d), "self_attn.v_proj.kernel": (e, h, d),
-        "self_attn.q_proj.bias": (h, d), "self_attn.k_proj.bias": (h, d), "self_attn.v_proj.bias": (h, d),
-        "self_attn.out_proj.kernel": (h, d, e), "self_attn.out_proj.bias": (e,),
-        "self_attn.rot_emb.inv_freq": (d // 2,), "fc1.kernel": (e, f), "fc1.bias": (f,), "fc2.kernel": (f, e),
-        "fc2.bias": (e,), "lm_head.dense.kernel": (e, e), "lm_head.bias": (v,),
-        "contact_head.regression.kernel": (n * h, 1), "contact_head.regression.bias": (1,),
-    }  # fmt: skip
+        "self_attn.q_proj.kernel": (e, h, d),
+        "self_attn.k_proj.kernel": (e, h, d),
+        "self_attn.v_proj.kernel": (e, h, d),
+        "self_attn.q_proj.bias": (h, d),
+        "self_attn.k_proj.bias": (h, d),
+        "self_attn.v_proj.bias": (h, d),
+        "self_attn.out_proj.kernel": (h, d, e),
+        "self_attn.out_proj.bias": (e,),
+        "self_attn.rot_emb.inv_freq": (d // 2,),
+        "fc1.kernel": (e, f),
+        "fc1.bias": (f,),
+        "fc2.kernel": (f, e),
+        "fc2.bias": (e,),
+        "lm_head.dense.kernel": (e, e),
+        "lm_head.bias": (v,),
+        "contact_head.regression.kernel": (n * h, 1),
+        "contact_head.regression.bias": (1,),
+    }
     shape = table.get(leaf, (e,))
     return (n, *shape) if path.startswith("layers.") else shape
 
 
-def state_dict_to_params(sd: dict[str, np.ndarray], cfg: ESM2Config, source: str) -> tuple[dict[str, Any], list[str]]:
+def state_dict_to_params(
+    sd: dict[str, np.ndarray], cfg: ESM2Config, source: str
+) -> tuple[dict[str, Any], list[str]]:
     """fair-esm (``source="fair-esm"``) or HF (``"hf"``) state dict -> esmjax param tree.
 
-    Returns the tree and a list of warnings (e.g. missing contact regression). Missing or misshapen weights are a
-    ``ConversionError``; so are keys that belong to no known parameter.
+    Returns the tree and a list of warnings (e.g. missing contact regression). Missing or misshapen
+    weights are a ``ConversionError``; so are keys that belong to no known parameter.
     """
     col = 1 if source == "fair-esm" else 2
     if source == "fair-esm":
@@ -131,8 +259,14 @@ def state_dict_to_params(sd: dict[str, np.ndarray], cfg: ESM2Config, source: str
         sd = {k.removeprefix("model."): v for k, v in sd.items()}
         sd = {(k if k.startswith(("esm.", "lm_head.")) else "esm." + k): v for k, v in sd.items()}
         # transformers writes LayerNorm parameters under their legacy names gamma/beta.
-        sd = {re.sub(r"(?i)(layer_?norm[^.]*)\.gamma$", r"\1.weight", re.sub(r"(?i)(layer_?norm[^.]*)\.beta$", r"\1.bias", k)): v
-              for k, v in sd.items()}  # fmt: skip
+        sd = {
+            re.sub(
+                r"(?i)(layer_?norm[^.]*)\.gamma$",
+                r"\1.weight",
+                re.sub(r"(?i)(layer_?norm[^.]*)\.beta$", r"\1.bias", k),
+            ): v
+            for k, v in sd.items()
+        }
     used: set[str] = set()
     params: dict[str, Any] = {}
     warnings: list[str] = []
@@ -140,9 +274,16 @@ def state_dict_to_params(sd: dict[str, np.ndarray], cfg: ESM2Config, source: str
         ours, theirs, kind = row[0], row[col], row[3]
         if ours in _CONTACT_KEYS and theirs not in sd:
             n = cfg.num_layers * cfg.num_heads
-            params_value = np.zeros((n, 1), np.float32) if ours.endswith("kernel") else np.zeros((1,), np.float32)
+            params_value = (
+                np.zeros((n, 1), np.float32)
+                if ours.endswith("kernel")
+                else np.zeros((1,), np.float32)
+            )
             _set(params, ours, params_value)
-            warnings.append(f"no {theirs}: contact predictions will not be meaningful until a regression is fitted")
+            warnings.append(
+                f"no {theirs}: contact predictions will not be meaningful until a regression is "
+                "fitted"
+            )
             continue
         if "{i}" in theirs:
             layers = []
@@ -153,7 +294,9 @@ def state_dict_to_params(sd: dict[str, np.ndarray], cfg: ESM2Config, source: str
                     if key not in sd:
                         key = f"esm.encoder.layer.{i}.attention.self.rotary_embeddings.inv_freq"
                 if key not in sd:
-                    raise ConversionError(f"missing weight {key!r} for a {cfg.num_layers}-layer model")
+                    raise ConversionError(
+                        f"missing weight {key!r} for a {cfg.num_layers}-layer model"
+                    )
                 used.add(key)
                 layers.append(_to_ours(kind, np.asarray(sd[key]), cfg))
             value = np.stack(layers)
@@ -162,11 +305,15 @@ def state_dict_to_params(sd: dict[str, np.ndarray], cfg: ESM2Config, source: str
             if key not in sd and source == "hf" and "inv_freq" in key:
                 key = "esm.encoder.layer.0.attention.self.rotary_embeddings.inv_freq"
             if key not in sd and source == "hf" and "inv_freq" in key:
-                # transformers >= 5 does not save the buffer; recompute it in float32 from rope_theta.
+                # transformers >= 5 does not save the buffer; recompute it in float32 from
+                # rope_theta.
                 d = cfg.head_dim
                 inv = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float32) / d))
                 _set(params, ours, np.stack([inv.astype(np.float32)] * cfg.num_layers))
-                warnings.append("no stored rotary inv_freq: computed from rope_theta in float32 (released ESM-2 weights carry an fp16-rounded copy)")
+                warnings.append(
+                    "no stored rotary inv_freq: computed from rope_theta in float32 (released "
+                    "ESM-2 weights carry an fp16-rounded copy)"
+                )
                 continue
             if key not in sd:
                 raise ConversionError(f"missing weight {theirs!r}")
@@ -178,7 +325,9 @@ def state_dict_to_params(sd: dict[str, np.ndarray], cfg: ESM2Config, source: str
             value = _to_ours(kind, np.asarray(sd[key]), cfg)
         expected = _expected_shape(ours, cfg)
         if value.shape != expected:
-            raise ConversionError(f"{theirs}: shape {value.shape} after conversion, expected {expected}")
+            raise ConversionError(
+                f"{theirs}: shape {value.shape} after conversion, expected {expected}"
+            )
         _set(params, ours, value)
     tied = _TIED[source]
     if tied in sd:
@@ -192,8 +341,11 @@ def state_dict_to_params(sd: dict[str, np.ndarray], cfg: ESM2Config, source: str
     return params, warnings
 
 
-def params_to_state_dict(params: dict[str, Any], cfg: ESM2Config, target: str) -> dict[str, np.ndarray]:
-    """esmjax param tree -> fair-esm (unprefixed module keys) or HF ``EsmForMaskedLM`` state dict."""
+def params_to_state_dict(
+    params: dict[str, Any], cfg: ESM2Config, target: str
+) -> dict[str, np.ndarray]:
+    """esmjax param tree -> fair-esm (unprefixed module keys) or HF ``EsmForMaskedLM`` state
+    dict."""
     col = 1 if target == "fair-esm" else 2
     sd: dict[str, np.ndarray] = {}
     for row in _TABLE:
@@ -210,21 +362,29 @@ def params_to_state_dict(params: dict[str, Any], cfg: ESM2Config, target: str) -
     return sd
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Configs
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def config_from_fairesm(cfg_obj: Any, sd: dict[str, np.ndarray], name_hint: str = "") -> ESM2Config:
-    """The model config from a fair-esm checkpoint's ``cfg["model"]`` (Namespace or dict), else the preset table,
-    else the state dict's shapes."""
+    """The model config from a fair-esm checkpoint's ``cfg["model"]`` (Namespace or dict), else the
+    preset table, else the state dict's shapes."""
     get = (lambda k: getattr(cfg_obj, k, None)) if not isinstance(cfg_obj, dict) else cfg_obj.get
-    layers, dim, heads = get("encoder_layers"), get("encoder_embed_dim"), get("encoder_attention_heads")
+    layers, dim, heads = (
+        get("encoder_layers"),
+        get("encoder_embed_dim"),
+        get("encoder_attention_heads"),
+    )
     token_dropout = get("token_dropout")
     if layers and dim and heads:
-        return esm2_from_shape(int(layers), int(dim), int(heads), token_dropout=bool(token_dropout in (None, True)))
+        return esm2_from_shape(
+            int(layers), int(dim), int(heads), token_dropout=bool(token_dropout in (None, True))
+        )
     for name, preset in ESM2_PRESETS.items():
         if name and name in name_hint:
             return preset
-    raise ConversionError("the checkpoint has no model config and its file name matches no known preset")
+    raise ConversionError(
+        "the checkpoint has no model config and its file name matches no known preset"
+    )
 
 
 def fairesm_namespace(cfg: ESM2Config) -> argparse.Namespace:
@@ -288,11 +448,12 @@ def hf_config(cfg: ESM2Config) -> dict[str, Any]:
     }
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Files
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def read_fairesm(path: str | Path) -> tuple[ESM2Config, dict[str, Any], list[str]]:
-    """A fair-esm ``.pt`` (plus a co-located ``*-contact-regression.pt`` when present) -> (config, params, warnings)."""
+    """A fair-esm ``.pt`` (plus a co-located ``*-contact-regression.pt`` when present) ->
+    (config, params, warnings)."""
     from esmjax.io.torch_pt import load_pt
 
     p = Path(path)
@@ -306,14 +467,19 @@ def read_fairesm(path: str | Path) -> tuple[ESM2Config, dict[str, Any], list[str
         reg = load_pt(regression)
         sd.update(reg.get("model", reg) if isinstance(reg, dict) else {})
         notes.append(f"merged contact regression from {regression.name}")
-    cfg_obj = (data.get("cfg") or {}).get("model") if isinstance(data.get("cfg"), dict) else data.get("args")
+    cfg_obj = (
+        (data.get("cfg") or {}).get("model")
+        if isinstance(data.get("cfg"), dict)
+        else data.get("args")
+    )
     cfg = config_from_fairesm(cfg_obj or {}, sd, p.name)
     params, warnings = state_dict_to_params(sd, cfg, "fair-esm")
     return cfg, params, notes + warnings
 
 
 def read_hf_state_dict(folder: Path) -> dict[str, np.ndarray]:
-    """All tensors of a HuggingFace folder: ``*.safetensors`` shards, else ``pytorch_model.bin`` (read safely)."""
+    """All tensors of a HuggingFace folder: ``*.safetensors`` shards, else ``pytorch_model.bin``
+    (read safely)."""
     sd: dict[str, np.ndarray] = {}
     shards = sorted(folder.glob("*.safetensors"))
     if shards:
@@ -331,7 +497,8 @@ def read_hf_state_dict(folder: Path) -> dict[str, np.ndarray]:
 
 
 def read_hf(folder: str | Path) -> tuple[ESM2Config, dict[str, Any], list[str]]:
-    """A HuggingFace model folder (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``)."""
+    """A HuggingFace model folder (``config.json`` + ``model.safetensors`` or
+    ``pytorch_model.bin``)."""
     folder = Path(folder)
     cfg_path = folder / "config.json"
     if not cfg_path.exists():
@@ -355,8 +522,11 @@ def write_fairesm(params: dict[str, Any], cfg: ESM2Config, path: str | Path) -> 
     from esmjax.io.torch_pt import save_pt
 
     sd = params_to_state_dict(params, cfg, "fair-esm")
-    prefixed = {("encoder." if k.startswith("lm_head") else "encoder.sentence_encoder.") + k: v for k, v in sd.items()
-                if not k.startswith("contact_head")}  # fmt: skip
+    prefixed = {
+        ("encoder." if k.startswith("lm_head") else "encoder.sentence_encoder.") + k: v
+        for k, v in sd.items()
+        if not k.startswith("contact_head")
+    }
     save_pt({"cfg": {"model": fairesm_namespace(cfg)}, "model": prefixed}, path)
     p = Path(path)
     reg = {k: v for k, v in sd.items() if k.startswith("contact_head")}
@@ -370,6 +540,9 @@ def write_hf(params: dict[str, Any], cfg: ESM2Config, folder: str | Path) -> Non
     folder.mkdir(parents=True, exist_ok=True)
     sd = params_to_state_dict(params, cfg, "hf")
     sd.pop(_TIED["hf"])  # tied: safetensors stores shared tensors once
-    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sd.items()}, str(folder / "model.safetensors"),
-              metadata={"format": "pt"})  # fmt: skip
+    save_file(
+        {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sd.items()},
+        str(folder / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     (folder / "config.json").write_text(json.dumps(hf_config(cfg), indent=2))

@@ -1,15 +1,19 @@
 """ESMFold weights: fair-esm ``esmfold_3B_v1.pt`` (+ the ESM-2 it loads separately), HuggingFace
-``EsmForProteinFolding`` folders, and assembling an ESMFold from an esmjax ESM-2 plus a folding head.
+``EsmForProteinFolding`` folders, and assembling an ESMFold from an esmjax ESM-2 plus a folding
+head.
 
-The folding part's esmjax parameter paths are fair-esm's state-dict keys (HF uses the same non-LM keys), so the
-mapping is three rules, applied from our side so that every parameter is accounted for:
+The folding part's esmjax parameter paths are fair-esm's state-dict keys (HF uses the same non-LM
+keys), so the mapping is three rules, applied from our side so that every parameter is accounted
+for:
 
-* ``<path>.kernel`` <- ``<path>.weight`` transposed (torch Linear is ``[out, in]``); ``.scale`` (LayerNorm) and
-  ``.embedding`` (Embedding) <- ``.weight``; anything else (``bias``, ``head_weights``, ``esm_s_combine``) as is;
+* ``<path>.kernel`` <- ``<path>.weight`` transposed (torch Linear is ``[out, in]``); ``.scale``
+  (LayerNorm) and ``.embedding`` (Embedding) <- ``.weight``; anything else (``bias``,
+  ``head_weights``, ``esm_s_combine``) as is;
 * ``trunk.blocks.<leaf>`` <- ``trunk.blocks.{i}.<leaf>`` stacked on a leading axis;
 * ``esm.*`` (the stem) goes through ``esmjax.io.convert_esm2``'s ESM-2 table.
 
-Files are read with ``esmjax.io.torch_pt.load_pt`` / safetensors: no code from a checkpoint ever runs.
+Files are read with ``esmjax.io.torch_pt.load_pt`` / safetensors: no code from a checkpoint ever
+runs.
 """
 
 from __future__ import annotations
@@ -24,20 +28,20 @@ from typing import Any
 
 import numpy as np
 
-from esmjax.io import convert_esm2 as convert
 from esmjax.config import ESM2_PRESETS, ESM2Config, esm2_from_shape
+from esmjax.errors import InputError
+from esmjax.io import convert_esm2 as convert
 from esmjax.io import esmfold_checkpoint as fold_ckpt
 from esmjax.models.esmfold.config import ESMFoldConfig, StructureModuleConfig, TrunkConfig, from_hf
 from esmjax.models.esmfold.model import AF2_TO_ESM
-from esmjax.errors import InputError
 
 log = logging.getLogger("esmjax.io.convert_esm2")
 ConversionError = convert.ConversionError
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # State dict <-> parameter tree
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def _flatten(tree: dict, prefix: tuple = ()) -> dict[tuple, Any]:
     out = {}
     for k, v in tree.items():
@@ -59,7 +63,8 @@ def _unflatten(flat: dict[tuple, Any]) -> dict:
 
 
 def torch_key(path: tuple) -> tuple[str, bool]:
-    """Our parameter path -> (torch key, transpose?). ``trunk.blocks`` keys keep a ``{i}`` placeholder."""
+    """Our parameter path -> (torch key, transpose?). ``trunk.blocks`` keys keep a ``{i}``
+    placeholder."""
     *base, leaf = (str(k) for k in path)
     if base[:2] == ["trunk", "blocks"]:
         base.insert(2, "{i}")
@@ -69,8 +74,9 @@ def torch_key(path: tuple) -> tuple[str, bool]:
 
 
 def state_dict_to_params(sd: dict[str, np.ndarray], expected: dict, num_blocks: int) -> dict:
-    """Torch state dict (no ``esm.*`` keys) -> parameter tree shaped like ``expected`` (a pure dict of arrays or
-    ShapeDtypeStructs). Missing, misshapen or unknown weights are a ``ConversionError``."""
+    """Torch state dict (no ``esm.*`` keys) -> parameter tree shaped like ``expected`` (a pure dict
+    of arrays or ShapeDtypeStructs). Missing, misshapen or unknown weights are a
+    ``ConversionError``."""
     used, flat = set(), {}
     for path, ref in _flatten(expected).items():
         key, transpose = torch_key(path)
@@ -84,30 +90,39 @@ def state_dict_to_params(sd: dict[str, np.ndarray], expected: dict, num_blocks: 
             arrays.append(a.T if transpose else a)
         value = np.stack(arrays) if "{i}" in key else arrays[0]
         if value.shape != tuple(ref.shape):
-            raise ConversionError(f"{key.replace('{i}', '*')}: shape {value.shape}, the config expects {ref.shape}")
+            raise ConversionError(
+                f"{key.replace('{i}', '*')}: shape {value.shape}, the config expects {ref.shape}"
+            )
         flat[path] = value
     if "af2_to_esm" in sd:
         used.add("af2_to_esm")
         if not np.array_equal(np.asarray(sd["af2_to_esm"]), AF2_TO_ESM):
-            raise ConversionError("af2_to_esm differs from the ESM alphabet's; the model was built with another vocab")
+            raise ConversionError(
+                "af2_to_esm differs from the ESM alphabet's; the model was built with another vocab"
+            )
     extra = sorted(k for k in sd if k not in used)
     if extra:
-        raise ConversionError(f"unexpected weights (not ESMFold, or another configuration?): {extra[:8]}")
+        raise ConversionError(
+            f"unexpected weights (not ESMFold, or another configuration?): {extra[:8]}"
+        )
     return _unflatten(flat)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Configs
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def _shape(sd: dict, key: str) -> tuple[int, ...]:
     if key not in sd:
         raise ConversionError(f"missing weight {key!r}: not an ESMFold state dict")
     return tuple(np.shape(sd[key]))
 
 
-def config_from_state_dict(sd: dict, esm: ESM2Config, known: dict[str, Any] | None = None) -> ESMFoldConfig:
-    """Every width and count the weights determine, read from their shapes; the rest (structure-module
-    iterations, recycles, scale factors) from ``known`` (fair-esm / OpenFold names) or the published defaults."""
+def config_from_state_dict(
+    sd: dict, esm: ESM2Config, known: dict[str, Any] | None = None
+) -> ESMFoldConfig:
+    """Every width and count the weights determine, read from their shapes; the rest
+    (structure-module iterations, recycles, scale factors) from ``known`` (fair-esm / OpenFold
+    names) or the published defaults."""
     known = dict(known or {})
     trunk_k = dict(known.get("trunk") or {})
     sm_k = dict(trunk_k.get("structure_module") or {})
@@ -137,21 +152,31 @@ def config_from_state_dict(sd: dict, esm: ESM2Config, known: dict[str, Any] | No
     )
     relpos_rows = _shape(sd, "trunk.pairwise_positional_embedding.embedding.weight")[0]
     trunk = TrunkConfig(
-        num_blocks=num_blocks, single_dim=s, pair_dim=z, single_head_width=s // seq_heads,
-        pair_head_width=z // pair_heads, position_bins=(relpos_rows - 2) // 2,
-        max_recycles=int(trunk_k.get("max_recycles", 4)), structure_module=sm,
-    )  # fmt: skip
-    return ESMFoldConfig(esm=esm, trunk=trunk, lddt_head_hid_dim=_shape(sd, "lddt_head.1.weight")[0])
+        num_blocks=num_blocks,
+        single_dim=s,
+        pair_dim=z,
+        single_head_width=s // seq_heads,
+        pair_head_width=z // pair_heads,
+        position_bins=(relpos_rows - 2) // 2,
+        max_recycles=int(trunk_k.get("max_recycles", 4)),
+        structure_module=sm,
+    )
+    return ESMFoldConfig(
+        esm=esm, trunk=trunk, lddt_head_hid_dim=_shape(sd, "lddt_head.1.weight")[0]
+    )
 
 
 def _plain(obj: Any) -> Any:
-    """A fair-esm ``cfg`` (dict, argparse.Namespace, or an OmegaConf tree read as inert stand-ins) -> dict."""
+    """A fair-esm ``cfg`` (dict, argparse.Namespace, or an OmegaConf tree read as inert
+    stand-ins) -> dict."""
     if isinstance(obj, argparse.Namespace):
         obj = vars(obj)
     if isinstance(obj, dict):
         return {k: _plain(v) for k, v in obj.items()}
     state = getattr(obj, "state", None)
-    if isinstance(state, dict):  # an OmegaConf node: DictConfig keeps "_content", value nodes "_val"
+    if isinstance(
+        state, dict
+    ):  # an OmegaConf node: DictConfig keeps "_content", value nodes "_val"
         if "_content" in state:
             return _plain(state["_content"])
         if "_val" in state:
@@ -159,12 +184,12 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Readers
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def is_esmfold_source(src: str | Path) -> bool:
-    """An HF folder with ``is_folding_model``, an esmjax ESMFold folder, or a .pt whose pickle names ``trunk.``
-    weights (checked by scanning the pickle bytes, without loading tensors)."""
+    """An HF folder with ``is_folding_model``, an esmjax ESMFold folder, or a .pt whose pickle names
+    ``trunk.`` weights (checked by scanning the pickle bytes, without loading tensors)."""
     p = Path(src)
     if p.is_dir():
         cfg = p / "config.json"
@@ -180,7 +205,7 @@ def is_esmfold_source(src: str | Path) -> bool:
 
 
 def _split_esm(sd: dict[str, np.ndarray]) -> tuple[dict, dict]:
-    esm = {k[len("esm."):]: v for k, v in sd.items() if k.startswith("esm.")}
+    esm = {k[len("esm.") :]: v for k, v in sd.items() if k.startswith("esm.")}
     return esm, {k: v for k, v in sd.items() if not k.startswith("esm.")}
 
 
@@ -189,12 +214,17 @@ def _esm_config_from_hf(hf: dict[str, Any]) -> ESM2Config:
 
 
 def _stem_from_hf(esm_sd: dict[str, np.ndarray], cfg: ESM2Config) -> dict:
-    """HF ``EsmModel`` keys (``embeddings...``, ``encoder...``) -> ESM2 params. ESMFold has no masked-LM head
-    for the stem; it is stored as zeros (ESMFold never uses it)."""
+    """HF ``EsmModel`` keys (``embeddings...``, ``encoder...``) -> ESM2 params. ESMFold has no
+    masked-LM head for the stem; it is stored as zeros (ESMFold never uses it)."""
     e, v = cfg.embed_dim, cfg.vocab_size
     sd = {"esm." + k: val for k, val in esm_sd.items()}
-    zeros = {"lm_head.dense.weight": (e, e), "lm_head.dense.bias": (e,), "lm_head.layer_norm.weight": (e,),
-             "lm_head.layer_norm.bias": (e,), "lm_head.bias": (v,)}  # fmt: skip
+    zeros = {
+        "lm_head.dense.weight": (e, e),
+        "lm_head.dense.bias": (e,),
+        "lm_head.layer_norm.weight": (e,),
+        "lm_head.layer_norm.bias": (e,),
+        "lm_head.bias": (v,),
+    }
     sd.update({k: np.zeros(s, np.float32) for k, s in zeros.items()})
     params, warnings = convert.state_dict_to_params(sd, cfg, "hf")
     for w in warnings:
@@ -203,13 +233,16 @@ def _stem_from_hf(esm_sd: dict[str, np.ndarray], cfg: ESM2Config) -> dict:
 
 
 def read_hf(folder: str | Path) -> tuple[ESMFoldConfig, dict]:
-    """An HF ``EsmForProteinFolding`` folder (config.json + safetensors shards or pytorch_model.bin)."""
+    """An HF ``EsmForProteinFolding`` folder (config.json + safetensors shards or
+    pytorch_model.bin)."""
     folder = Path(folder)
     hf = json.loads((folder / "config.json").read_text())
     if not hf.get("is_folding_model"):
         raise ConversionError(f"{folder}/config.json is not an EsmForProteinFolding config")
     if (hf.get("esmfold_config") or {}).get("use_esm_attn_map"):
-        raise ConversionError("use_esm_attn_map=True models are not supported (no public model uses it)")
+        raise ConversionError(
+            "use_esm_attn_map=True models are not supported (no public model uses it)"
+        )
     esm_cfg = _esm_config_from_hf(hf)
     cfg = from_hf(esm_cfg, hf.get("esmfold_config") or {})
     esm_sd, fold_sd = _split_esm(convert.read_hf_state_dict(folder))
@@ -226,11 +259,16 @@ def _fold_params(fold_sd: dict, cfg: ESMFoldConfig) -> dict:
 
 
 def read_stem(src: str | Path) -> tuple[ESM2Config, dict]:
-    """The ESM-2 an ESMFold .pt needs: a fair-esm .pt, an HF ESM-2 folder, or an esmjax ESM-2 checkpoint."""
+    """The ESM-2 an ESMFold .pt needs: a fair-esm .pt, an HF ESM-2 folder, or an esmjax ESM-2
+    checkpoint."""
     p = Path(src)
     if not p.exists():
         raise InputError(f"{p}: no such file or folder")
-    if p.is_dir() and (p / "config.json").exists() and "model" in json.loads((p / "config.json").read_text()):
+    if (
+        p.is_dir()
+        and (p / "config.json").exists()
+        and "model" in json.loads((p / "config.json").read_text())
+    ):
         from esmjax.io import checkpoint
 
         model, _ = checkpoint.load_model(p)
@@ -242,16 +280,21 @@ def read_stem(src: str | Path) -> tuple[ESM2Config, dict]:
 
 
 def read_fairesm(path: str | Path, esm: str | Path | None = None) -> tuple[ESMFoldConfig, dict]:
-    """A fair-esm ESMFold ``.pt`` (``{"cfg": {"model": cfg}, "model": state_dict}``). Its ``esm.*`` weights are
-    used when present; fair-esm's own files leave them out and load the LM separately, which ``esm`` names."""
+    """A fair-esm ESMFold ``.pt`` (``{"cfg": {"model": cfg}, "model": state_dict}``). Its ``esm.*``
+    weights are used when present; fair-esm's own files leave them out and load the LM
+    separately, which ``esm`` names."""
     from esmjax.io.torch_pt import load_pt
 
     p = Path(path)
-    data = load_pt(p, opaque_modules=("omegaconf", "typing", "builtins", "__builtin__", "enum", "collections"))
+    data = load_pt(
+        p, opaque_modules=("omegaconf", "typing", "builtins", "__builtin__", "enum", "collections")
+    )
     if not isinstance(data, dict) or "model" not in data:
         raise ConversionError(f"{p}: not a fair-esm checkpoint (no 'model' state dict)")
     esm_sd, fold_sd = _split_esm(dict(data["model"]))
-    known = _plain((data.get("cfg") or {}).get("model") if isinstance(data.get("cfg"), dict) else None)
+    known = _plain(
+        (data.get("cfg") or {}).get("model") if isinstance(data.get("cfg"), dict) else None
+    )
     if esm is not None:
         esm_cfg, esm_params = read_stem(esm)
         if esm_sd:
@@ -260,17 +303,22 @@ def read_fairesm(path: str | Path, esm: str | Path | None = None) -> tuple[ESMFo
         # fair-esm stores no head count; a stem of a known shape (the ESM-2 presets) gives it.
         n = len({k.split(".")[1] for k in esm_sd if k.startswith("layers.")})
         e = np.shape(esm_sd["embed_tokens.weight"])[1]
-        preset = next((c for c in ESM2_PRESETS.values() if (c.num_layers, c.embed_dim) == (n, e)), None)
+        preset = next(
+            (c for c in ESM2_PRESETS.values() if (c.num_layers, c.embed_dim) == (n, e)), None
+        )
         if preset is None:
-            raise ConversionError(f"{p}: its language model (N={n}, E={e}) is no ESM-2 preset; pass --esm")
+            raise ConversionError(
+                f"{p}: its language model (N={n}, E={e}) is no ESM-2 preset; pass --esm"
+            )
         esm_cfg = esm2_from_shape(n, e, preset.num_heads)
         esm_params, warnings = convert.state_dict_to_params(esm_sd, esm_cfg, "fair-esm")
         for w in warnings:
             log.warning("%s", w)
     else:
         raise ConversionError(
-            f"{p} holds no language-model weights (fair-esm loads ESM-2 separately): pass --esm with the ESM-2 "
-            f"checkpoint (e.g. esm2_t36_3B_UR50D.pt for esm_type {(known or {}).get('esm_type', 'esm2_3B')!r})"
+            f"{p} holds no language-model weights (fair-esm loads ESM-2 separately): pass --esm "
+            "with the ESM-2 checkpoint (e.g. esm2_t36_3B_UR50D.pt for esm_type "
+            f"{(known or {}).get('esm_type', 'esm2_3B')!r})"
         )
     cfg = config_from_state_dict(fold_sd, esm_cfg, known if isinstance(known, dict) else None)
     check_fit(cfg, esm_cfg, str(esm or p))
@@ -280,12 +328,14 @@ def read_fairesm(path: str | Path, esm: str | Path | None = None) -> tuple[ESMFo
 
 
 def check_fit(cfg: ESMFoldConfig, esm: ESM2Config, where: str) -> None:
-    """The folding head reads N + 1 hidden states of width E; a stem of another shape cannot feed it."""
+    """The folding head reads N + 1 hidden states of width E; a stem of another shape cannot feed
+    it."""
     if (cfg.esm.num_layers, cfg.esm.embed_dim) != (esm.num_layers, esm.embed_dim):
         raise ConversionError(
-            f"the folding head expects an ESM-2 with {cfg.esm.num_layers} layers of width {cfg.esm.embed_dim} "
-            f"(esm_s_combine has {cfg.esm.num_layers + 1} weights, esm_s_mlp.0 takes {cfg.esm.embed_dim} features), "
-            f"but {where} has {esm.num_layers} layers of width {esm.embed_dim}"
+            f"the folding head expects an ESM-2 with {cfg.esm.num_layers} layers of width "
+            f"{cfg.esm.embed_dim} (esm_s_combine has {cfg.esm.num_layers + 1} weights, "
+            f"esm_s_mlp.0 takes {cfg.esm.embed_dim} features), but {where} has {esm.num_layers} "
+            f"layers of width {esm.embed_dim}"
         )
 
 
@@ -293,46 +343,60 @@ def read_any(src: str | Path, esm: str | Path | None = None) -> tuple[ESMFoldCon
     p = Path(src)
     if p.is_dir():
         if esm is not None:
-            raise InputError("--esm applies to fair-esm .pt files; an HF folder carries its language model")
+            raise InputError(
+                "--esm applies to fair-esm .pt files; an HF folder carries its language model"
+            )
         return read_hf(p)
     return read_fairesm(p, esm)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # CLI branches (called from esmjax.commands.convert)
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def convert_main(args: argparse.Namespace) -> int:
     """``esmjax convert SRC OUT [--esm ESM2]`` for an ESMFold source."""
     cfg, params = read_any(args.src, getattr(args, "esm", None))
     fold_ckpt.save(args.out, cfg, params, extra={"source": str(args.src)})
     t = cfg.trunk
     print(
-        f"wrote {args.out}: ESMFold with a {cfg.esm.num_layers}-layer ESM-2 (width {cfg.esm.embed_dim}), "
-        f"{t.num_blocks} trunk blocks (S={t.single_dim}, Z={t.pair_dim}), {t.structure_module.num_blocks} "
-        "structure-module iterations",
+        f"wrote {args.out}: ESMFold with a {cfg.esm.num_layers}-layer ESM-2 (width "
+        f"{cfg.esm.embed_dim}), {t.num_blocks} trunk blocks (S={t.single_dim}, Z={t.pair_dim}), "
+        f"{t.structure_module.num_blocks} structure-module iterations",
         file=sys.stderr,
     )
     return 0
 
 
 def export_main(args: argparse.Namespace) -> int:
-    """``esmjax export ESM2_CKPT --to esmfold OUT --folding-head HEAD``: the ESM-2 of an esmjax checkpoint (e.g.
-    one you trained) under the folding head of an ESMFold (esmjax folder, fair-esm .pt or HF folder)."""
+    """``esmjax export ESM2_CKPT --to esmfold OUT --folding-head HEAD``: the ESM-2 of an esmjax
+    checkpoint (e.g. one you trained) under the folding head of an ESMFold (esmjax folder,
+    fair-esm .pt or HF folder)."""
     from esmjax.io import checkpoint
 
     head = getattr(args, "folding_head", None)
     if not head:
-        raise InputError("--to esmfold needs --folding-head (an ESMFold checkpoint whose trunk and heads to use)")
+        raise InputError(
+            "--to esmfold needs --folding-head (an ESMFold checkpoint whose trunk and heads to use)"
+        )
     model, step = checkpoint.load_model(args.checkpoint, step=args.step)
     esm_params = checkpoint.params_numpy(model)
     if fold_ckpt.is_esmfold_folder(head):
         fold_model, _ = fold_ckpt.load(head)
         head_cfg, head_params = fold_model.cfg, fold_ckpt.params_numpy(fold_model)
     else:
-        head_cfg, head_params = read_any(head, esm=args.checkpoint if not Path(head).is_dir() else None)
+        head_cfg, head_params = read_any(
+            head, esm=args.checkpoint if not Path(head).is_dir() else None
+        )
     check_fit(head_cfg, model.cfg, str(args.checkpoint))
-    cfg = ESMFoldConfig(esm=model.cfg, trunk=head_cfg.trunk, lddt_head_hid_dim=head_cfg.lddt_head_hid_dim)
+    cfg = ESMFoldConfig(
+        esm=model.cfg, trunk=head_cfg.trunk, lddt_head_hid_dim=head_cfg.lddt_head_hid_dim
+    )
     params = {**head_params, "esm": esm_params}
-    fold_ckpt.save(args.out, cfg, params, extra={"source": f"{args.checkpoint} (step {step}) + {head}"})
-    print(f"wrote {args.out}: ESMFold with the ESM-2 of {args.checkpoint} (step {step})", file=sys.stderr)
+    fold_ckpt.save(
+        args.out, cfg, params, extra={"source": f"{args.checkpoint} (step {step}) + {head}"}
+    )
+    print(
+        f"wrote {args.out}: ESMFold with the ESM-2 of {args.checkpoint} (step {step})",
+        file=sys.stderr,
+    )
     return 0

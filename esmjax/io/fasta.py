@@ -1,10 +1,11 @@
 """A streaming, validating FASTA reader (plain or gzip).
 
-Records may span many lines; lower case reads as upper case; one trailing ``*`` (a stop codon mark) is dropped.
-Any other character outside the ESM alphabet is an error naming the file, line, record id and 1-based residue
-position, unless ``unknown_as_x`` maps it to ``X``. Empty records, files that are not FASTA (binary, HTML, no
-header) and truncated gzip files are errors too. With ``skip_invalid`` a bad record is skipped and counted instead.
-Memory stays bounded by the longest record.
+Records may span many lines; lower case reads as upper case; one trailing ``*`` (a stop codon mark)
+is dropped. Any other character outside the ESM alphabet is an error naming the file, line, record
+id and 1-based residue position, unless ``unknown_as_x`` maps it to ``X``. Empty records, files that
+are not FASTA (binary, HTML, no header) and truncated gzip files are errors too. With
+``skip_invalid`` a bad record is skipped and counted instead. Memory stays bounded by the longest
+record.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from esmjax.models.alphabet import RESIDUES
 from esmjax.errors import InputError
+from esmjax.models.alphabet import RESIDUES
 
 _ALLOWED = frozenset(RESIDUES)
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -26,7 +27,8 @@ _GZIP_MAGIC = b"\x1f\x8b"
 
 @dataclass(frozen=True)
 class Record:
-    """One FASTA record: ``id`` is the header's first word, ``line`` the header's 1-based line number."""
+    """One FASTA record: ``id`` is the header's first word, ``line`` the header's 1-based line
+    number."""
 
     id: str
     description: str
@@ -103,7 +105,12 @@ def open_text(path: str | Path) -> io.TextIOBase:
 
 
 def _check(
-    path: Path, rec_id: str, line: int, parts: list[tuple[int, str]], unknown_as_x: bool, stats: FastaStats,
+    path: Path,
+    rec_id: str,
+    line: int,
+    parts: list[tuple[int, str]],
+    unknown_as_x: bool,
+    stats: FastaStats,
     allowed: frozenset[str] = _ALLOWED,
 ) -> str:
     seq = "".join(s for _, s in parts).upper()
@@ -118,13 +125,14 @@ def _check(
         return "".join(c if c in allowed else "X" for c in seq)
     pos = next(i for i, c in enumerate(seq) if c not in allowed)
     start = 0
-    for lineno, chunk in parts:  # find the line holding residue `pos`
+    for lineno, chunk in parts:  # noqa: B007 (lineno is used below: the line holding `pos`)
         if pos < start + len(chunk):
             break
         start += len(chunk)
     raise _RecordError(
         "invalid character",
-        f"{path}:{lineno}: record {rec_id!r} has invalid character {seq[pos]!r} at residue {pos + 1} "
+        f"{path}:{lineno}: record {rec_id!r} has invalid character {seq[pos]!r} "
+        f"at residue {pos + 1} "
         f"(column {pos - start + 1}); use --unknown-as-x to read unknown residues as X",
     )
 
@@ -137,9 +145,11 @@ def read_fasta(
     stats: FastaStats | None = None,
     extra_chars: str = "",
 ) -> Iterator[Record]:
-    """Yields records from ``path``; raises ``FastaError`` (or skips and counts with ``skip_invalid``).
+    """Yields records from ``path``; raises ``FastaError`` (or skips and counts with
+    ``skip_invalid``).
 
-    ``extra_chars`` are accepted besides the alphabet (``esmjax fold`` allows ``:`` between multimer chains)."""
+    ``extra_chars`` are accepted besides the alphabet (``esmjax fold`` allows ``:`` between
+    multimer chains)."""
     allowed = _ALLOWED | frozenset(extra_chars)
     p = Path(path)
     if not p.exists():
@@ -184,13 +194,20 @@ def read_fasta(
                 if header is None:
                     if line.startswith(";"):  # old-style FASTA comment
                         continue
-                    what = "HTML" if line.lower().startswith(("<!doctype", "<html", "<?xml", "<")) else "text"
+                    what = (
+                        "HTML"
+                        if line.lower().startswith(("<!doctype", "<html", "<?xml", "<"))
+                        else "text"
+                    )
                     raise FastaError(
-                        f"{p}:{lineno}: not a FASTA file ({what} before the first '>' header): {line[:60]!r}"
+                        f"{p}:{lineno}: not a FASTA file ({what} before the first '>' header): "
+                        f"{line[:60]!r}"
                     )
                 parts.append((lineno, line))
         except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-            raise FastaError(f"{p}: gzip stream is corrupt or truncated after line {lineno} ({e})") from None
+            raise FastaError(
+                f"{p}: gzip stream is corrupt or truncated after line {lineno} ({e})"
+            ) from None
         except UnicodeDecodeError:
             raise FastaError(f"{p}:{lineno + 1}: not UTF-8 text, not a FASTA file") from None
     if header is not None and (rec := finish()) is not None:
@@ -200,16 +217,21 @@ def read_fasta(
 
 
 def sanitize_id(rec_id: str) -> str:
-    """A filesystem-safe version of a record id (``sp|P62593|BLAT_ECOLX`` -> ``sp_P62593_BLAT_ECOLX``)."""
+    """A filesystem-safe version of a record id (``sp|P62593|BLAT_ECOLX`` ->
+    ``sp_P62593_BLAT_ECOLX``)."""
     safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in rec_id).strip("._")
     return safe[:200] or "record"
 
 
 def check_unique_ids(records: list[Record], path: str | Path, suffix: str) -> None:
-    """Raises ``FastaError`` when two records would write the same ``<sanitized id><suffix>`` output file."""
+    """Raises ``FastaError`` when two records would write the same ``<sanitized id><suffix>``
+    output file."""
     seen: dict[str, str] = {}
     for r in records:
         safe = sanitize_id(r.id)
         if safe in seen:
-            raise FastaError(f"{path}:{r.line}: record id {r.id!r} collides with {seen[safe]!r} (output {safe}{suffix})")
+            raise FastaError(
+                f"{path}:{r.line}: record id {r.id!r} collides with {seen[safe]!r} (output "
+                f"{safe}{suffix})"
+            )
         seen[safe] = r.id

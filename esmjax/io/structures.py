@@ -1,23 +1,26 @@
 """Protein chains from PDB and mmCIF files for contact evaluation (biotite parser).
 
-One chain per file becomes a :class:`ChainStructure`: the sequence the model reads, and for each of its residues the
-coordinate that defines contacts, CB (CA for glycine), as in CASP and the ESM papers (Rao et al. 2021; Lin et al.
-2023). Conventions, each chosen to keep the map faithful to the deposited structure:
+One chain per file becomes a :class:`ChainStructure`: the sequence the model reads, and for each of
+its residues the coordinate that defines contacts, CB (CA for glycine), as in CASP and the ESM
+papers (Rao et al. 2021; Lin et al. 2023). Conventions, each chosen to keep the map faithful to the
+deposited structure:
 
 - Models: the first model of a multi-model (NMR) file.
 - Alternate locations: the highest-occupancy one per atom (biotite ``altloc="occupancy"``).
-- Residues: polymer amino acids, modified ones included (MSE reads as M through the Chemical Component Dictionary's
-  one-letter code; unknown ones as X). Insertion codes make separate residues (``52``, ``52A``, ...).
-- A non-glycine residue without a CB atom but with N, CA and C gets the ideal virtual CB of trRosetta (Yang et al.
-  2020); with none of these its contacts are unknown (-1).
-- Missing residues (``sequence="seqres"``, the default): the model reads the full deposited sequence, SEQRES in PDB
-  files, ``pdbx_poly_seq_scheme`` in mmCIF files. mmCIF maps observed residues by ``label_seq_id`` (exact); PDB
-  files carry no such index, so the observed residues are aligned to SEQRES (global alignment, BLOSUM62, affine
-  gaps, free end gaps: a missing run of identical residues is placed as one block, at a terminus when possible).
-  Unobserved residues are in the sequence, with unknown (-1) contacts. A file without SEQRES falls back to the
-  observed residues.
-- ``sequence="observed"``: the model reads only the residues present in the coordinates, in file order, chain
-  breaks closed up (what ESM's structure examples do).
+- Residues: polymer amino acids, modified ones included (MSE reads as M through the Chemical
+  Component Dictionary's one-letter code; unknown ones as X). Insertion codes make separate residues
+  (``52``, ``52A``, ...).
+- A non-glycine residue without a CB atom but with N, CA and C gets the ideal virtual CB of
+  trRosetta (Yang et al. 2020); with none of these its contacts are unknown (-1).
+- Missing residues (``sequence="seqres"``, the default): the model reads the full deposited
+  sequence, SEQRES in PDB files, ``pdbx_poly_seq_scheme`` in mmCIF files. mmCIF maps observed
+  residues by ``label_seq_id`` (exact); PDB files carry no such index, so the observed residues are
+  aligned to SEQRES (global alignment, BLOSUM62, affine gaps, free end gaps: a missing run of
+  identical residues is placed as one block, at a terminus when possible). Unobserved residues are
+  in the sequence, with unknown (-1) contacts. A file without SEQRES falls back to the observed
+  residues.
+- ``sequence="observed"``: the model reads only the residues present in the coordinates, in file
+  order, chain breaks closed up (what ESM's structure examples do).
 """
 
 from __future__ import annotations
@@ -71,7 +74,8 @@ class ChainStructure:
         return f"{Path(self.path).name}:{self.chain}"
 
     def contact_map(self, threshold: float = CONTACT_THRESHOLD) -> np.ndarray:
-        """[L, L] int8: 1 for CB-CB distance < threshold, 0 for farther, -1 where a coordinate is missing."""
+        """[L, L] int8: 1 for CB-CB distance < threshold, 0 for farther, -1 where a coordinate is
+        missing."""
         d = np.linalg.norm(self.coords[:, None, :] - self.coords[None, :, :], axis=-1)
         out = (d < threshold).astype(np.int8)
         out[np.isnan(d)] = -1
@@ -100,7 +104,9 @@ def _file_format(path: Path) -> str:
         return "pdb"
     if name.endswith(CIF_SUFFIXES):
         return "cif"
-    raise StructureError(f"{path}: unknown structure format (expected {', '.join(PDB_SUFFIXES + CIF_SUFFIXES)})")
+    raise StructureError(
+        f"{path}: unknown structure format (expected {', '.join(PDB_SUFFIXES + CIF_SUFFIXES)})"
+    )
 
 
 def _one_letter(res_name: str) -> str:
@@ -114,7 +120,8 @@ def _one_letter(res_name: str) -> str:
 
 
 def _representative_coords(atoms) -> tuple[list[str], np.ndarray, list]:
-    """Per residue of ``atoms`` (one chain): one-letter code, CB/CA coordinate [R, 3] and its residue id key."""
+    """Per residue of ``atoms`` (one chain): one-letter code, CB/CA coordinate [R, 3] and its
+    residue id key."""
     import biotite.structure as struc
 
     starts = struc.get_residue_starts(atoms, add_exclusive_stop=True)
@@ -124,7 +131,9 @@ def _representative_coords(atoms) -> tuple[list[str], np.ndarray, list]:
         name = str(res.res_name[0])
         letters.append(_one_letter(name))
         keys.append((int(res.res_id[0]), str(res.ins_code[0])))
-        atom = {str(n): c for n, c in zip(res.atom_name[::-1], res.coord[::-1])}  # first occurrence wins
+        atom = {
+            str(n): c for n, c in zip(res.atom_name[::-1], res.coord[::-1])
+        }  # first occurrence wins
         if name == "GLY" and "CA" in atom:
             coords[i] = atom["CA"]
         elif "CB" in atom:
@@ -155,13 +164,15 @@ def _pick_chain(path: Path, available: list[str], chain: str | None) -> str:
     if chain is None:
         return available[0]
     if chain not in available:
-        raise StructureError(f"{path}: no protein chain {chain!r}; protein chains: {', '.join(available)}")
+        raise StructureError(
+            f"{path}: no protein chain {chain!r}; protein chains: {', '.join(available)}"
+        )
     return chain
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # PDB
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def _seqres(lines: list[str]) -> dict[str, list[str]]:
     """SEQRES residue names per chain (PDB format columns: chain 12, names 20-70)."""
     out: dict[str, list[str]] = {}
@@ -171,7 +182,9 @@ def _seqres(lines: list[str]) -> dict[str, list[str]]:
     return out
 
 
-def align_to_seqres(path: Path, chain: str, seqres: str, observed: str, hetero: np.ndarray) -> np.ndarray:
+def align_to_seqres(
+    path: Path, chain: str, seqres: str, observed: str, hetero: np.ndarray
+) -> np.ndarray:
     """Index into ``seqres`` of each observed residue (-1: HETATM residue left out of SEQRES)."""
     import biotite.sequence as bseq
     import biotite.sequence.align as balign
@@ -180,9 +193,12 @@ def align_to_seqres(path: Path, chain: str, seqres: str, observed: str, hetero: 
     clean = lambda s: "".join(ch if ch in alphabet_ok else "X" for ch in s)  # noqa: E731
     matrix = balign.SubstitutionMatrix.std_protein_matrix()
     ali = balign.align_optimal(
-        bseq.ProteinSequence(clean(seqres)), bseq.ProteinSequence(clean(observed)), matrix,
-        gap_penalty=(-10, -1), terminal_penalty=False,
-    )[0]  # fmt: skip
+        bseq.ProteinSequence(clean(seqres)),
+        bseq.ProteinSequence(clean(observed)),
+        matrix,
+        gap_penalty=(-10, -1),
+        terminal_penalty=False,
+    )[0]
     index = np.full(len(observed), -1, np.int64)
     for i_ref, i_obs in ali.trace:
         if i_obs >= 0:
@@ -191,16 +207,19 @@ def align_to_seqres(path: Path, chain: str, seqres: str, observed: str, hetero: 
     if (~hetero[lost]).any():
         first = int(lost[~hetero[lost]][0])
         raise StructureError(
-            f"{path}: chain {chain}: observed residue {first + 1} ({observed[first]}) does not align to SEQRES; "
-            "the SEQRES records do not describe this chain"
+            f"{path}: chain {chain}: observed residue {first + 1} ({observed[first]}) does not "
+            "align to SEQRES; the SEQRES records do not describe this chain"
         )
     same = np.array([seqres[j] == observed[i] for i, j in enumerate(index) if j >= 0])
     if same.size and same.mean() < 0.9:
         raise StructureError(
-            f"{path}: chain {chain}: observed residues match SEQRES at only {same.mean():.0%} of aligned positions"
+            f"{path}: chain {chain}: observed residues match SEQRES at only {same.mean():.0%} of "
+            "aligned positions"
         )
     if lost.size:
-        log.warning("%s: chain %s: %d HETATM residue(s) outside SEQRES left out", path, chain, lost.size)
+        log.warning(
+            "%s: chain %s: %d HETATM residue(s) outside SEQRES left out", path, chain, lost.size
+        )
     return index
 
 
@@ -219,12 +238,22 @@ def _read_pdb(path: Path, chain: str | None, mode: str) -> ChainStructure:
     observed_seq = "".join(letters)
     seqres_names = _seqres(f.lines).get(chain)
     if mode == "observed" or not seqres_names:
-        return ChainStructure(str(path), chain, observed_seq, coords, np.ones(len(letters), bool), "observed", n_models)
+        return ChainStructure(
+            str(path),
+            chain,
+            observed_seq,
+            coords,
+            np.ones(len(letters), bool),
+            "observed",
+            n_models,
+        )
     seqres = "".join(_one_letter(n) for n in seqres_names)
     import biotite.structure as struc
 
     starts = struc.get_residue_starts(atoms)
-    index = align_to_seqres(path, chain, seqres, observed_seq, np.asarray(atoms.hetero[starts], bool))
+    index = align_to_seqres(
+        path, chain, seqres, observed_seq, np.asarray(atoms.hetero[starts], bool)
+    )
     full = np.full((len(seqres), 3), np.nan)
     seen = np.zeros(len(seqres), bool)
     keep = index >= 0
@@ -233,9 +262,9 @@ def _read_pdb(path: Path, chain: str | None, mode: str) -> ChainStructure:
     return ChainStructure(str(path), chain, seqres, full, seen, "seqres", n_models)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # mmCIF
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def _read_cif(path: Path, chain: str | None, mode: str) -> ChainStructure:
     import biotite.structure.io.pdbx as pdbx
 
@@ -244,8 +273,11 @@ def _read_cif(path: Path, chain: str | None, mode: str) -> ChainStructure:
     n_models = pdbx.get_model_count(f)
     if n_models == 0:
         raise StructureError(f"{path}: no atom_site records")
-    # label_* fields: res_id is label_seq_id, the index into the entity sequence; chain_id is label_asym_id.
-    atoms = _polymer_atoms(pdbx.get_structure(f, model=1, altloc="occupancy", use_author_fields=False))
+    # label_* fields: res_id is label_seq_id, the index into the entity sequence; chain_id is
+    # label_asym_id.
+    atoms = _polymer_atoms(
+        pdbx.get_structure(f, model=1, altloc="occupancy", use_author_fields=False)
+    )
     scheme = block["pdbx_poly_seq_scheme"] if "pdbx_poly_seq_scheme" in block else None
     if scheme is not None:
         asym = scheme["asym_id"].as_array(str)
@@ -263,14 +295,22 @@ def _read_cif(path: Path, chain: str | None, mode: str) -> ChainStructure:
         for a, s in zip(site["label_asym_id"].as_array(str), site["auth_asym_id"].as_array(str)):
             if a in present:
                 asym_to_author.setdefault(a, s)
-    author_chains = list(dict.fromkeys(asym_to_author[a] for a in dict.fromkeys(str(c) for c in atoms.chain_id)))
+    author_chains = list(
+        dict.fromkeys(asym_to_author[a] for a in dict.fromkeys(str(c) for c in atoms.chain_id))
+    )
     chain = _pick_chain(path, author_chains, chain)
     label = next(a for a, s in asym_to_author.items() if s == chain)
     atoms = atoms[atoms.chain_id == label]
     letters, coords, keys = _representative_coords(atoms)
     if mode == "observed" or scheme is None:
         return ChainStructure(
-            str(path), chain, "".join(letters), coords, np.ones(len(letters), bool), "observed", n_models
+            str(path),
+            chain,
+            "".join(letters),
+            coords,
+            np.ones(len(letters), bool),
+            "observed",
+            n_models,
         )
     rows = asym == label
     ids, names = seq_id[rows], mon[rows]
@@ -285,14 +325,18 @@ def _read_cif(path: Path, chain: str | None, mode: str) -> ChainStructure:
     seen = np.zeros(len(seqres), bool)
     for (res_id, _), xyz in zip(keys, coords):
         if not 1 <= res_id <= len(seqres):
-            raise StructureError(f"{path}: chain {chain}: label_seq_id {res_id} outside the sequence 1..{len(seqres)}")
+            raise StructureError(
+                f"{path}: chain {chain}: label_seq_id {res_id} outside the sequence "
+                f"1..{len(seqres)}"
+            )
         full[res_id - 1] = xyz
         seen[res_id - 1] = True
     return ChainStructure(str(path), chain, seqres, full, seen, "seqres", n_models)
 
 
 def read_chain(spec: str, chain: str | None = None, sequence: str = "seqres") -> ChainStructure:
-    """Reads one protein chain. ``spec`` is ``FILE`` or ``FILE:CHAIN``; the default chain is the first protein one.
+    """Reads one protein chain. ``spec`` is ``FILE`` or ``FILE:CHAIN``; the default chain is the
+    first protein one.
 
     Raises:
       StructureError: the file is missing, does not parse, or holds no such protein chain.

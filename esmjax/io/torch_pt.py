@@ -1,10 +1,12 @@
-"""Reads PyTorch ``.pt`` / ``.bin`` checkpoints without torch and without running code from the file.
+"""Reads PyTorch ``.pt`` / ``.bin`` checkpoints without torch and without running code from the
+file.
 
-A ``torch.save`` file is a zip holding ``data.pkl`` and one raw byte file per storage. Unpickling an arbitrary
-pickle can call any importable function, so ``load_pt`` uses an unpickler that resolves only an allow-list: the
-tensor-rebuild functions and storage types (turned into NumPy arrays), plain containers, and the
-``argparse.Namespace`` that fair-esm stores its config in. Anything else is refused with ``UnsafeCheckpointError``
-before it is called. Writing (``save_pt``) needs torch, an optional extra.
+A ``torch.save`` file is a zip holding ``data.pkl`` and one raw byte file per storage. Unpickling an
+arbitrary pickle can call any importable function, so ``load_pt`` uses an unpickler that resolves
+only an allow-list: the tensor-rebuild functions and storage types (turned into NumPy arrays), plain
+containers, and the ``argparse.Namespace`` that fair-esm stores its config in. Anything else is
+refused with ``UnsafeCheckpointError`` before it is called. Writing (``save_pt``) needs torch, an
+optional extra.
 """
 
 from __future__ import annotations
@@ -39,11 +41,22 @@ _STORAGE_DTYPES = {
     "BoolStorage": np.bool_,
 }
 _TORCH_DTYPES = {
-    "float32": np.float32, "float": np.float32, "float64": np.float64, "double": np.float64,
-    "float16": np.float16, "half": np.float16, "bfloat16": ml_dtypes.bfloat16, "int64": np.int64,
-    "long": np.int64, "int32": np.int32, "int": np.int32, "int16": np.int16, "int8": np.int8,
-    "uint8": np.uint8, "bool": np.bool_,
-}  # fmt: skip
+    "float32": np.float32,
+    "float": np.float32,
+    "float64": np.float64,
+    "double": np.float64,
+    "float16": np.float16,
+    "half": np.float16,
+    "bfloat16": ml_dtypes.bfloat16,
+    "int64": np.int64,
+    "long": np.int64,
+    "int32": np.int32,
+    "int": np.int32,
+    "int16": np.int16,
+    "int8": np.int8,
+    "uint8": np.uint8,
+    "bool": np.bool_,
+}
 
 
 class _StorageType:
@@ -56,7 +69,9 @@ class _TorchDtype:
         self.dtype = np.dtype(dtype)
 
 
-def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
+def _rebuild_tensor_v2(
+    storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None
+):
     arr = np.lib.stride_tricks.as_strided(
         storage[offset:], shape=tuple(size), strides=tuple(s * storage.itemsize for s in stride)
     )
@@ -79,8 +94,9 @@ _ALLOWED.update({("torch", name): _TorchDtype(dt) for name, dt in _TORCH_DTYPES.
 
 
 class Opaque:
-    """An inert stand-in for a class from an ``opaque_modules`` package (e.g. the OmegaConf config objects in
-    fair-esm ESMFold files): it records the constructor arguments and pickled state and runs no code of its own."""
+    """An inert stand-in for a class from an ``opaque_modules`` package (e.g. the OmegaConf config
+    objects in fair-esm ESMFold files): it records the constructor arguments and pickled state
+    and runs no code of its own."""
 
     qualname = ""
 
@@ -97,7 +113,9 @@ class Opaque:
 
 
 class _SafeUnpickler(pickle.Unpickler):
-    def __init__(self, file, archive: zipfile.ZipFile, prefix: str, opaque_modules: tuple[str, ...] = ()):
+    def __init__(
+        self, file, archive: zipfile.ZipFile, prefix: str, opaque_modules: tuple[str, ...] = ()
+    ):
         super().__init__(file)
         self._archive = archive
         self._prefix = prefix
@@ -110,8 +128,9 @@ class _SafeUnpickler(pickle.Unpickler):
             if module.split(".")[0] in self._opaque:
                 return type(name, (Opaque,), {"qualname": f"{module}.{name}"})
             raise UnsafeCheckpointError(
-                f"refusing to load: the checkpoint's pickle asks for {module}.{name}, which a weights file does "
-                "not need (only tensors, plain containers and argparse.Namespace are allowed)"
+                f"refusing to load: the checkpoint's pickle asks for {module}.{name}, which a "
+                "weights file does not need (only tensors, plain containers and "
+                "argparse.Namespace are allowed)"
             ) from None
 
     def persistent_load(self, pid: Any) -> np.ndarray:
@@ -131,15 +150,16 @@ class _SafeUnpickler(pickle.Unpickler):
 def load_pt(path: str | Path, opaque_modules: tuple[str, ...] = ()) -> Any:
     """Loads a ``torch.save`` zip file into NumPy arrays and plain Python objects, safely.
 
-    Classes from the packages named in ``opaque_modules`` load as inert ``Opaque`` records instead of being
-    refused (their code never runs); everything else outside the allow-list is refused."""
+    Classes from the packages named in ``opaque_modules`` load as inert ``Opaque`` records instead
+    of being refused (their code never runs); everything else outside the allow-list is refused."""
     p = Path(path)
     if not zipfile.is_zipfile(p):
         with open(p, "rb") as f:
             magic = f.read(2)
         if magic == b"\x80\x02" or magic[:1] == b"\x80":
             raise ValueError(
-                f"{p}: legacy (pre-1.6) torch serialization is not supported; re-save it with a current torch"
+                f"{p}: legacy (pre-1.6) torch serialization is not supported; re-save it with a "
+                "current torch"
             )
         raise ValueError(f"{p}: not a PyTorch checkpoint (not a zip archive)")
     with zipfile.ZipFile(p) as zf:
@@ -152,7 +172,8 @@ def load_pt(path: str | Path, opaque_modules: tuple[str, ...] = ()) -> Any:
 
 
 def save_pt(obj: Any, path: str | Path) -> None:
-    """Writes ``obj`` (NumPy arrays become torch tensors) with ``torch.save``; needs the ``torch`` extra."""
+    """Writes ``obj`` (NumPy arrays become torch tensors) with ``torch.save``; needs the
+    ``torch`` extra."""
     try:
         import torch
     except ImportError:

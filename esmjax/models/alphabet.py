@@ -1,8 +1,8 @@
 """The 33-token ESM alphabet (fair-esm ``Alphabet.from_architecture("ESM-1b")``) and batch encoding.
 
-Token order: ``<cls> <pad> <eos> <unk>``, the 25 residue letters and ``. -``, ``<null_1>``, ``<mask>``.
-``<cls>`` (0) serves as BOS. Special tokens written inside a sequence (``KAL<mask>TA``) read as one token, and
-whitespace is ignored, as in fair-esm's ``Alphabet.tokenize``.
+Token order: ``<cls> <pad> <eos> <unk>``, the 25 residue letters and ``. -``, ``<null_1>``,
+``<mask>``. ``<cls>`` (0) serves as BOS. Special tokens written inside a sequence (``KAL<mask>TA``)
+read as one token, and whitespace is ignored, as in fair-esm's ``Alphabet.tokenize``.
 """
 
 from __future__ import annotations
@@ -70,7 +70,8 @@ def decode(ids: Sequence[int]) -> str:
 
 
 def encode_with_specials(seq: str, truncation_seq_length: int | None = None) -> np.ndarray:
-    """``[BOS] + ids[:truncation] + [EOS]``; truncation applies to residues before BOS/EOS (fair-esm)."""
+    """``[BOS] + ids[:truncation] + [EOS]``; truncation applies to residues before BOS/EOS
+    (fair-esm)."""
     ids = encode(seq)
     if truncation_seq_length is not None:
         ids = ids[:truncation_seq_length]

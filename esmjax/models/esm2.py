@@ -1,16 +1,18 @@
-"""ESM-2 protein language model (Lin et al. 2023, "Evolutionary-scale prediction of atomic-level protein structure
-with a language model", Science 379:1123), numerically matching fair-esm ``esm.model.esm2.ESM2``.
+"""ESM-2 protein language model (Lin et al. 2023, "Evolutionary-scale prediction of atomic-level
+protein structure with a language model", Science 379:1123), numerically matching fair-esm
+``esm.model.esm2.ESM2``.
 
 Glossary: B batch, L tokens, E embed, H heads, D head_dim, F mlp, V vocab (33), N layers.
 
-Module and parameter names follow fair-esm's state dict (``embed_tokens``, ``layers.self_attn.q_proj``, ``fc1``,
-``final_layer_norm``, ``emb_layer_norm_after``, ``lm_head``, ``contact_head.regression``) so that checkpoint
-conversion is a name table plus layer stacking. The N layers are one stacked module run by ``lax.scan``: one
-compiled layer body whatever the depth.
+Module and parameter names follow fair-esm's state dict (``embed_tokens``,
+``layers.self_attn.q_proj``, ``fc1``, ``final_layer_norm``, ``emb_layer_norm_after``, ``lm_head``,
+``contact_head.regression``) so that checkpoint conversion is a name table plus layer stacking. The
+N layers are one stacked module run by ``lax.scan``: one compiled layer body whatever the depth.
 
-Packed rows: ``segment_ids`` [B, L] numbers the sequences in a row 1, 2, ... (0 = padding). Attention never crosses
-segments, rotary positions restart per segment, and the token-dropout rescaling uses each segment's own mask ratio,
-so a packed row computes exactly what its sequences compute alone.
+Packed rows: ``segment_ids`` [B, L] numbers the sequences in a row 1, 2, ... (0 = padding).
+Attention never crosses segments, rotary positions restart per segment, and the token-dropout
+rescaling uses each segment's own mask ratio, so a packed row computes exactly what its sequences
+compute alone.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from esmjax.models import layers as nn
 from esmjax.config import ESM2Config
+from esmjax.models import layers as nn
+from esmjax.models.alphabet import EOS, MASK, PAD
 from esmjax.parallel.sharding import (
     ACT_BATCH,
     ACT_EMBED,
@@ -37,7 +40,6 @@ from esmjax.parallel.sharding import (
     VOCAB,
     constrain,
 )
-from esmjax.models.alphabet import EOS, MASK, PAD
 
 # fair-esm: mask_ratio_train = 0.15 * 0.8, the masked fraction ESM-2 was trained with.
 MASK_RATIO_TRAIN = 0.15 * 0.8
@@ -48,7 +50,9 @@ class RotaryEmbedding(nnx.Module):
     ``convert_esm.py``), so recomputing it would shift every rotary phase."""
 
     def __init__(self, head_dim: int, theta: float):
-        self.inv_freq = nn.Buffer(nn.rope_inv_freq(head_dim, theta), out_sharding=(None,), eager_sharding=False)
+        self.inv_freq = nn.Buffer(
+            nn.rope_inv_freq(head_dim, theta), out_sharding=(None,), eager_sharding=False
+        )
 
 
 class MultiheadAttention(nnx.Module):
@@ -67,7 +71,8 @@ class MultiheadAttention(nnx.Module):
     def __call__(
         self, x: jax.Array, mask: jax.Array, positions: jax.Array, need_weights: bool = False
     ) -> tuple[jax.Array, jax.Array | None]:
-        """x [B, L, E], mask [B, 1, L, L], positions [B, L] -> ([B, L, E], weights [B, H, L, L] float32 or None)."""
+        """x [B, L, E], mask [B, 1, L, L], positions [B, L] -> ([B, L, E], weights [B, H, L, L]
+        float32 or None)."""
         inv_freq = self.rot_emb.inv_freq[...].astype(jnp.float32)
         # fair-esm scales q before the rotation (equivalent, since the rotation is linear).
         q = self.q_proj(x) * jnp.asarray(self.scaling, x.dtype)  # [B, L, H, D]
@@ -103,7 +108,8 @@ class TransformerLayer(nnx.Module):
 
 
 class RobertaLMHead(nnx.Module):
-    """``dense -> gelu -> layer_norm -> x @ embed_tokens^T + bias`` (output weights tied to the embedding)."""
+    """``dense -> gelu -> layer_norm -> x @ embed_tokens^T + bias`` (output weights tied to the
+    embedding)."""
 
     def __init__(self, cfg: ESM2Config, *, rngs: nnx.Rngs):
         e = cfg.embed_dim
@@ -118,17 +124,23 @@ class RobertaLMHead(nnx.Module):
 
 
 class ContactPredictionHead(nnx.Module):
-    """Logistic regression over symmetrised, APC-corrected attention maps (Rao et al. 2021, "Transformer protein
-    language models are unsupervised structure learners"; fair-esm ``ContactPredictionHead``)."""
+    """Logistic regression over symmetrised, APC-corrected attention maps (Rao et al. 2021,
+    "Transformer protein language models are unsupervised structure learners"; fair-esm
+    ``ContactPredictionHead``)."""
 
     def __init__(self, cfg: ESM2Config, *, rngs: nnx.Rngs):
         self.regression = nn.Dense(cfg.num_layers * cfg.num_heads, 1, (None, None), rngs=rngs)
 
     def features(self, tokens: jax.Array, attentions: jax.Array) -> jax.Array:
-        """tokens [B, L], attentions [B, N, H, L, L] (padding zeroed) -> features [B, L-2, L-2, N*H]."""
+        """tokens [B, L], attentions [B, N, H, L, L] (padding zeroed) -> features [B, L-2, L-2,
+        N*H]."""
         not_eos = (tokens != EOS).astype(attentions.dtype)
-        attentions = attentions * (not_eos[:, None, None, :, None] * not_eos[:, None, None, None, :])
-        attentions = attentions[..., 1:-1, 1:-1]  # drop BOS and the last column (EOS of the longest row)
+        attentions = attentions * (
+            not_eos[:, None, None, :, None] * not_eos[:, None, None, None, :]
+        )
+        attentions = attentions[
+            ..., 1:-1, 1:-1
+        ]  # drop BOS and the last column (EOS of the longest row)
         b, n, h, t, _ = attentions.shape
         x = attentions.reshape(b, n * h, t, t)
         x = x + jnp.swapaxes(x, -1, -2)  # symmetrize
@@ -169,7 +181,8 @@ def segments_from_tokens(tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def token_dropout_scale(tokens: jax.Array, segment_ids: jax.Array) -> jax.Array:
-    """[B, L] factor ``0.88 / (1 - n_mask / n_tokens)`` of each token's segment (BOS/EOS count as tokens).
+    """[B, L] factor ``0.88 / (1 - n_mask / n_tokens)`` of each token's segment (BOS/EOS count as
+    tokens).
 
     As in fair-esm, the 0.88 applies even when a sequence has no masks.
     """
@@ -210,15 +223,17 @@ class ESM2(nnx.Module):
 
         Args:
           tokens: [B, L] int token ids (BOS ... EOS, right-padded with PAD).
-          segment_ids: [B, L] int, 1.. per packed sequence, 0 for padding. Default: one sequence per row.
+          segment_ids: [B, L] int, 1.. per packed sequence, 0 for padding. Default: one sequence per
+            row.
           positions: [B, L] int rotary positions, restarting at 0 per segment. Default: 0..L-1.
-          repr_layers: which hidden states to return; 0 is the embedding, N the final (post-LayerNorm) output.
+          repr_layers: which hidden states to return; 0 is the embedding, N the final
+            (post-LayerNorm) output.
           need_head_weights: also return attention maps [B, N, H, L, L] (float32, padding zeroed).
           return_contacts: also return contact probabilities [B, L-2, L-2] (unpacked rows only).
           return_logits: compute the LM head.
         Returns:
-          dict with ``logits`` [B, L, V] float32, ``representations`` {layer: [B, L, E]}, and optionally
-          ``attentions`` and ``contacts``.
+          dict with ``logits`` [B, L, V] float32, ``representations`` {layer: [B, L, E]}, and
+          optionally ``attentions`` and ``contacts``.
         """
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)

@@ -1,10 +1,11 @@
-"""Shared primitives: parameters with logical axes, Dense, LayerNorm, Embed, rotary embedding, attention.
+"""Shared primitives: parameters with logical axes, Dense, LayerNorm, Embed, rotary embedding,
+attention.
 
 Glossary: B batch, L query tokens, M key tokens, E embed, H heads, D head_dim, F mlp, V vocab.
 
-Parameters are created with ``param``: an ``nnx.Param`` whose ``out_sharding`` metadata holds logical axis names
-(see ``esmjax.parallel.sharding``) and whose eager sharding is off, so a model can be built abstractly, on one device, or
-inside a jitted init with explicit output shardings.
+Parameters are created with ``param``: an ``nnx.Param`` whose ``out_sharding`` metadata holds
+logical axis names (see ``esmjax.parallel.sharding``) and whose eager sharding is off, so a model
+can be built abstractly, on one device, or inside a jitted init with explicit output shardings.
 """
 
 from __future__ import annotations
@@ -20,19 +21,27 @@ Init = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
 
 
 class Buffer(nnx.Variable):
-    """A non-trainable array that checkpoints carry (fair-esm ``register_buffer``), e.g. rotary ``inv_freq``."""
+    """A non-trainable array that checkpoints carry (fair-esm ``register_buffer``), e.g. rotary
+    ``inv_freq``."""
 
 
-def param(rngs: nnx.Rngs, init: Init, shape: Sequence[int], axes: Sequence[str | None], dtype=jnp.float32) -> nnx.Param:
+def param(
+    rngs: nnx.Rngs, init: Init, shape: Sequence[int], axes: Sequence[str | None], dtype=jnp.float32
+) -> nnx.Param:
     shape = tuple(shape)
     if len(axes) != len(shape):
         raise ValueError(f"axes {axes} do not match shape {shape}")
-    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=tuple(axes), eager_sharding=False)
+    return nnx.Param(
+        init(rngs.params(), shape, dtype), out_sharding=tuple(axes), eager_sharding=False
+    )
 
 
 def normal(stddev: float = 0.02) -> Init:
     """Normal(0, 0.02) for matrices and embeddings, as HF ``EsmPreTrainedModel._init_weights``."""
     return jax.nn.initializers.normal(stddev)
+
+
+DEFAULT_INIT = normal()
 
 
 zeros: Init = jax.nn.initializers.zeros
@@ -46,8 +55,9 @@ def _tuple(x: int | Sequence[int]) -> tuple[int, ...]:
 class Dense(nnx.Module):
     """A linear map whose kernel is ``[*in_shape, *out_shape]`` (``DenseGeneral``).
 
-    Contracting the trailing ``len(in_shape)`` axes of the input lets q/k/v live as ``[E, H, D]`` and the output
-    projection as ``[H, D, E]``, so head-parallel sharding is a rule on the ``heads`` axis.
+    Contracting the trailing ``len(in_shape)`` axes of the input lets q/k/v live as ``[E, H, D]``
+    and the output projection as ``[H, D, E]``, so head-parallel sharding is a rule on the ``heads``
+    axis.
     """
 
     def __init__(
@@ -60,7 +70,7 @@ class Dense(nnx.Module):
         use_bias: bool = True,
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
-        kernel_init: Init = normal(),
+        kernel_init: Init = DEFAULT_INIT,
     ):
         self.in_shape = _tuple(in_shape)
         self.out_shape = _tuple(out_shape)
@@ -73,7 +83,9 @@ class Dense(nnx.Module):
         n_in = len(self.in_shape)
         lhs = tuple(range(x.ndim - n_in, x.ndim))
         y = jax.lax.dot_general(
-            x.astype(self.dtype), self.kernel[...].astype(self.dtype), ((lhs, tuple(range(n_in))), ((), ()))
+            x.astype(self.dtype),
+            self.kernel[...].astype(self.dtype),
+            ((lhs, tuple(range(n_in))), ((), ())),
         )
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
@@ -81,9 +93,12 @@ class Dense(nnx.Module):
 
 
 class LayerNorm(nnx.Module):
-    """LayerNorm over the last axis, computed in float32 and returned in the input dtype (eps 1e-5 for ESM)."""
+    """LayerNorm over the last axis, computed in float32 and returned in the input dtype (eps
+    1e-5 for ESM)."""
 
-    def __init__(self, dim: int, *, eps: float = 1e-5, rngs: nnx.Rngs, param_dtype: jnp.dtype = jnp.float32):
+    def __init__(
+        self, dim: int, *, eps: float = 1e-5, rngs: nnx.Rngs, param_dtype: jnp.dtype = jnp.float32
+    ):
         self.eps = eps
         self.scale = param(rngs, ones, (dim,), ("norm",), param_dtype)
         self.bias = param(rngs, zeros, (dim,), ("norm",), param_dtype)
@@ -99,7 +114,9 @@ class LayerNorm(nnx.Module):
 class Embed(nnx.Module):
     """Token embedding ``[V, E]``; ``attend`` is the tied output projection."""
 
-    def __init__(self, num: int, dim: int, axes: Sequence[str], *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+    def __init__(
+        self, num: int, dim: int, axes: Sequence[str], *, rngs: nnx.Rngs, param_dtype=jnp.float32
+    ):
         self.embedding = param(rngs, normal(), (num, dim), axes, param_dtype)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
@@ -115,7 +132,8 @@ def gelu(x: jax.Array) -> jax.Array:
 
 
 def rope_inv_freq(head_dim: int, theta: float = 10000.0) -> jax.Array:
-    """``1 / theta ** (arange(0, D, 2) / D)``; only an initialiser, since checkpoints carry their own values."""
+    """``1 / theta ** (arange(0, D, 2) / D)``; only an initialiser, since checkpoints carry their
+    own values."""
     return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
 
 
@@ -136,7 +154,8 @@ def apply_rotary(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax
 
 
 def attention_mask(segment_ids: jax.Array) -> jax.Array:
-    """[B, 1, L, L] boolean: query i may attend key j when both are in the same non-padding segment (id > 0)."""
+    """[B, 1, L, L] boolean: query i may attend key j when both are in the same non-padding
+    segment (id > 0)."""
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
     return (same & (segment_ids[:, None, :] > 0))[:, None]
 
@@ -160,8 +179,11 @@ def _row_probs(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
     return jax.nn.softmax(jnp.where(mask, scores, _NEG), axis=-1)
 
 
-def _row_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """One batch row -> (out [L, H, D], weights [H, L, M]). Heads-major inside: XLA:CPU runs these faster."""
+def _row_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """One batch row -> (out [L, H, D], weights [H, L, M]). Heads-major inside: XLA:CPU runs
+    these faster."""
     qh, kh, vh = (jnp.swapaxes(x, 0, 1) for x in (q, k, v))  # [H, L, D]
     scores = jnp.einsum("hld,hmd->hlm", qh, kh, preferred_element_type=jnp.float32)
     weights = jax.nn.softmax(jnp.where(mask, scores, _NEG), axis=-1)
@@ -170,14 +192,17 @@ def _row_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) ->
 
 
 def _rows_per_chunk(batch: int) -> int:
-    # On a CPU one row at a time keeps the [H, L, M] scores in cache (3-5x faster than one batched op there);
+    # On a CPU one row at a time keeps the [H, L, M] scores in cache (3-5x faster than one batched
+    # op there);
     # accelerators take the whole batch at once.
     return 1 if jax.default_backend() == "cpu" else batch
 
 
 @jax.custom_vjp
 def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    return jax.lax.map(lambda a: _row_attention(*a)[0], (q, k, v, mask), batch_size=_rows_per_chunk(q.shape[0]))
+    return jax.lax.map(
+        lambda a: _row_attention(*a)[0], (q, k, v, mask), batch_size=_rows_per_chunk(q.shape[0])
+    )
 
 
 def _attention_fwd(q, k, v, mask):
@@ -186,7 +211,8 @@ def _attention_fwd(q, k, v, mask):
 
 
 def _attention_bwd(res, d_out):
-    """Recomputes the weights row by row (as flash attention does) instead of storing [B, H, L, M]."""
+    """Recomputes the weights row by row (as flash attention does) instead of storing [B, H, L,
+    M]."""
     q, k, v, mask, out = res
 
     def row(a):
@@ -201,7 +227,9 @@ def _attention_bwd(res, d_out):
         dk = jnp.einsum("hlm,lhd->mhd", ds, q.astype(jnp.float32))
         return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
-    dq, dk, dv = jax.lax.map(row, (q, k, v, mask, out, d_out), batch_size=_rows_per_chunk(q.shape[0]))
+    dq, dk, dv = jax.lax.map(
+        row, (q, k, v, mask, out, d_out), batch_size=_rows_per_chunk(q.shape[0])
+    )
     return dq, dk, dv, None
 
 
@@ -213,21 +241,27 @@ def dot_product_attention(
 ) -> tuple[jax.Array, jax.Array | None]:
     """Softmax attention with the softmax in float32 (fair-esm ``utils_softmax(dtype=float32)``).
 
-    ``q`` is expected pre-scaled. A query with no allowed key (a padding row) gets uniform weights instead of NaN.
-    Training (no weights returned) never stores the [B, H, L, M] weights: the backward pass recomputes them row by
-    row. On an NVIDIA GPU with 16-bit inputs the cuDNN flash-attention kernel computes the same function.
+    ``q`` is expected pre-scaled. A query with no allowed key (a padding row) gets uniform weights
+    instead of NaN. Training (no weights returned) never stores the [B, H, L, M] weights: the
+    backward pass recomputes them row by row. On an NVIDIA GPU with 16-bit inputs the cuDNN
+    flash-attention kernel computes the same function.
 
     Args:
       q, k, v: [B, L, H, D] (k, v: [B, M, H, D]).
       mask: [B, 1, L, M] boolean (packed segments and padding).
-      return_weights: also return the float32 weights [B, H, L, M] (for attention maps and contacts).
+      return_weights: also return the float32 weights [B, H, L, M] (for attention maps and
+        contacts).
     Returns:
       out [B, L, H, D] in q's dtype, and the weights or None.
     """
     if return_weights:
-        return jax.lax.map(lambda a: _row_attention(*a), (q, k, v, mask), batch_size=_rows_per_chunk(q.shape[0]))
+        return jax.lax.map(
+            lambda a: _row_attention(*a), (q, k, v, mask), batch_size=_rows_per_chunk(q.shape[0])
+        )
     if _cudnn_ok(q):
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0, implementation="cudnn"), None
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=mask, scale=1.0, implementation="cudnn"
+        ), None
     return _attention(q, k, v, mask), None
 
 

@@ -1,10 +1,11 @@
-"""Multi-process start-up: ``jax.distributed.initialize`` from flags, or detected from the cluster environment.
+"""Multi-process start-up: ``jax.distributed.initialize`` from flags, or detected from the cluster
+environment.
 
 Explicit ``--coordinator-address/--num-processes/--process-id`` (or the ``ESMJAX_COORDINATOR``,
-``ESMJAX_NUM_PROCESSES``, ``ESMJAX_PROCESS_ID`` variables that ``launch/local.sh`` sets; a Kubernetes indexed Job's
-``JOB_COMPLETION_INDEX`` serves as the process id) win. Otherwise JAX's own
-detection handles SLURM (``srun``), Cloud TPU pods and Kubernetes JobSets / indexed Jobs; a plain single process
-starts nothing.
+``ESMJAX_NUM_PROCESSES``, ``ESMJAX_PROCESS_ID`` variables that ``launch/local.sh`` sets; a
+Kubernetes indexed Job's ``JOB_COMPLETION_INDEX`` serves as the process id) win. Otherwise JAX's own
+detection handles SLURM (``srun``), Cloud TPU pods and Kubernetes JobSets / indexed Jobs; a plain
+single process starts nothing.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ log = logging.getLogger(__name__)
 
 def _cluster_detected() -> str | None:
     env = os.environ
-    if int(env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1")) or 1) > 1 and "SLURM_PROCID" in env:
+    if (
+        int(env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1")) or 1) > 1
+        and "SLURM_PROCID" in env
+    ):
         return "SLURM"
     if env.get("TPU_WORKER_HOSTNAMES") or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
         return "Cloud TPU"
@@ -28,10 +32,14 @@ def _cluster_detected() -> str | None:
     return None
 
 
-def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None) -> None:
+def initialize(
+    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> None:
     env = os.environ
     coordinator = coordinator or env.get("ESMJAX_COORDINATOR")
-    num_processes = num_processes if num_processes is not None else _int(env.get("ESMJAX_NUM_PROCESSES"))
+    num_processes = (
+        num_processes if num_processes is not None else _int(env.get("ESMJAX_NUM_PROCESSES"))
+    )
     process_id = process_id if process_id is not None else _int(env.get("ESMJAX_PROCESS_ID"))
     if process_id is None and coordinator:  # Kubernetes indexed Jobs number their pods
         process_id = _int(env.get("JOB_COMPLETION_INDEX"))
@@ -42,9 +50,12 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         jax.distributed.initialize()
     log.info(
         "process %d of %d: %d local / %d global devices (%s)",
-        jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
         jax.local_devices()[0].device_kind,
-    )  # fmt: skip
+    )
 
 
 def _int(v: str | None) -> int | None:

@@ -1,10 +1,11 @@
 """Logical axis names, rule presets and the device mesh.
 
-Parameters carry logical axis names where they are created (``nn.param``). A rule table maps each logical name to
-mesh axes of the ``(data, fsdp, tensor)`` mesh; the same table maps activation names (prefixed ``act_``) so that
-FSDP on ``embed`` weights leaves activations alone (the MaxText / big_vision convention). Rules are data, held in
-``MeshConfig.rules``. A dimension whose size the mesh axes do not divide stays replicated, and a mesh axis is used
-at most once per array (Flax semantics), so every rule table is valid for every model shape.
+Parameters carry logical axis names where they are created (``nn.param``). A rule table maps each
+logical name to mesh axes of the ``(data, fsdp, tensor)`` mesh; the same table maps activation names
+(prefixed ``act_``) so that FSDP on ``embed`` weights leaves activations alone (the MaxText /
+big_vision convention). Rules are data, held in ``MeshConfig.rules``. A dimension whose size the
+mesh axes do not divide stays replicated, and a mesh axis is used at most once per array (Flax
+semantics), so every rule table is valid for every model shape.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from esmjax.config import MeshConfig
 
@@ -67,7 +69,9 @@ def resolve_rules(rules: Any) -> Rules:
         try:
             return RULE_PRESETS[rules]
         except KeyError:
-            raise ValueError(f"unknown sharding rules {rules!r}; presets: {', '.join(RULE_PRESETS)}") from None
+            raise ValueError(
+                f"unknown sharding rules {rules!r}; presets: {', '.join(RULE_PRESETS)}"
+            ) from None
     out = []
     for item in rules:
         if len(item) != 2:
@@ -76,14 +80,16 @@ def resolve_rules(rules: Any) -> Rules:
         axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
         bad = [a for a in axes if a not in MESH_AXES]
         if bad:
-            raise ValueError(f"rule {name!r} names unknown mesh axes {bad}; mesh axes are {MESH_AXES}")
+            raise ValueError(
+                f"rule {name!r} names unknown mesh axes {bad}; mesh axes are {MESH_AXES}"
+            )
         out.append((str(name), axes))
     return tuple(out)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Mesh
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def mesh_shape(cfg: MeshConfig, num_devices: int, num_slices: int = 1) -> tuple[int, int, int]:
     """Resolves -1 and multiplies in the across-host (dcn) sizes; returns (data, fsdp, tensor)."""
     dcn = (cfg.dcn_data, cfg.dcn_fsdp, cfg.dcn_tensor)
@@ -116,19 +122,21 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
 
 
 def single_device_mesh() -> Mesh:
-    return Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    return Mesh(
+        np.asarray(jax.devices()[:1]).reshape(1, 1, 1), MESH_AXES, axis_types=(AxisType.Auto,) * 3
+    )
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Logical -> physical
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def logical_to_spec(
     axes: Sequence[str | None], shape: Sequence[int], rules: Rules, mesh_sizes: dict[str, int]
 ) -> P:
     """The PartitionSpec for an array with logical ``axes``.
 
-    A dimension is split over the rule's mesh axes that are not yet used by this array and whose product divides it;
-    otherwise it stays replicated.
+    A dimension is split over the rule's mesh axes that are not yet used by this array and whose
+    product divides it; otherwise it stays replicated.
     """
     table = dict(rules)
     used: set[str] = set()
@@ -152,7 +160,8 @@ def mesh_sizes(mesh: Mesh) -> dict[str, int]:
 
 
 def tree_shardings(abstract: Any, mesh: Mesh, rules: Rules) -> Any:
-    """NamedShardings for a pytree of ``nnx.Variable`` (from ``nnx.eval_shape``) by their logical axes."""
+    """NamedShardings for a pytree of ``nnx.Variable`` (from ``nnx.eval_shape``) by their logical
+    axes."""
     from flax import nnx
 
     sizes = mesh_sizes(mesh)
@@ -165,30 +174,45 @@ def tree_shardings(abstract: Any, mesh: Mesh, rules: Rules) -> Any:
 
 
 def spec_table(abstract: Any, mesh_axes_sizes: dict[str, int], rules: Rules) -> str:
-    """A text table ``path  shape  logical  spec`` of every parameter (device-free; golden-tested)."""
+    """A text table ``path  shape  logical  spec`` of every parameter (device-free;
+    golden-tested)."""
     from flax import nnx
 
     rows = []
     for path, v in nnx.to_flat_state(abstract):
         axes = v.get_metadata().get("out_sharding") or (None,) * len(v.shape)
         spec = logical_to_spec(axes, v.shape, rules, mesh_axes_sizes)
-        rows.append((".".join(map(str, path)), "x".join(map(str, v.shape)), ",".join(a or "-" for a in axes), str(spec)))
+        rows.append(
+            (
+                ".".join(map(str, path)),
+                "x".join(map(str, v.shape)),
+                ",".join(a or "-" for a in axes),
+                str(spec),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    return "\n".join(f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d}" for a, b, c, d in rows) + "\n"
+    return (
+        "\n".join(
+            f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d}" for a, b, c, d in rows
+        )
+        + "\n"
+    )
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Activation constraints
-# ---------------------------------------------------------------------------------------------------------------------
-_CONTEXT: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar("esmjax_sharding", default=None)
+# --------------------------------------------------------------------------------------------------
+_CONTEXT: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
+    "esmjax_sharding", default=None
+)
 
 
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh, rules: Rules) -> Iterator[None]:
     """Makes ``constrain`` active while tracing.
 
-    It deliberately does not call ``jax.set_mesh``: under a JAX mesh, Flax would read the parameters' logical
-    ``out_sharding`` names as mesh axes.
+    It deliberately does not call ``jax.set_mesh``: under a JAX mesh, Flax would read the
+    parameters' logical ``out_sharding`` names as mesh axes.
     """
     token = _CONTEXT.set((mesh, rules))
     try:

@@ -1,1 +1,2 @@
-"""ESM-2 masked-language-model pretraining: optimizer, sharded state, step, checkpoints and the loop."""
+"""ESM-2 masked-language-model pretraining: optimizer, sharded state, step, checkpoints and the
+loop."""

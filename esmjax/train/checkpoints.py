@@ -1,11 +1,13 @@
 """Training checkpoints: asynchronous Orbax saves of parameters, optimizer state and run metadata.
 
-Each step folder holds three items: ``params`` (the model's variables, readable by ``esmjax.io.checkpoint.load_model``
-and every other command), ``opt_state`` and ``meta`` (JSON: step, data-iterator state, the resolved config and its hash; the step itself consumes no random numbers, since ESM-2 has no
-dropout, so the data iterator's state is the run's whole random state). Orbax
-writes a step into a temporary folder and renames it when every process has finished, so a step that was not
-completely written is never listed; a listed step whose files are damaged is skipped with a warning on restore
-(``esmjax.io.checkpoint``). Retention: the last ``keep`` steps plus every ``keep_every``-th.
+Each step folder holds three items: ``params`` (the model's variables, readable by
+``esmjax.io.checkpoint.load_model`` and every other command), ``opt_state`` and ``meta`` (JSON:
+step, data-iterator state, the resolved config and its hash; the step itself consumes no random
+numbers, since ESM-2 has no dropout, so the data iterator's state is the run's whole random state).
+Orbax writes a step into a temporary folder and renames it when every process has finished, so a
+step that was not completely written is never listed; a listed step whose files are damaged is
+skipped with a warning on restore (``esmjax.io.checkpoint``). Retention: the last ``keep`` steps
+plus every ``keep_every``-th.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from esmjax.io import checkpoint as ckpt
 from esmjax.config import CheckpointConfig
+from esmjax.io import checkpoint as ckpt
 from esmjax.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -43,7 +45,8 @@ class TrainCheckpointer:
         return self.mngr.latest_step()
 
     def save(self, state: TrainState, meta: dict[str, Any]) -> None:
-        """Starts saving ``state`` at its step (returns before the write finishes when asynchronous)."""
+        """Starts saving ``state`` at its step (returns before the write finishes when
+        asynchronous)."""
         step = int(state.step)
         self.mngr.save(
             step,
@@ -56,7 +59,8 @@ class TrainCheckpointer:
         )
 
     def restore(self, target: TrainState) -> tuple[TrainState, dict[str, Any]] | None:
-        """The latest readable step restored into ``target``'s shardings, or None when there is none."""
+        """The latest readable step restored into ``target``'s shardings, or None when there is
+        none."""
         if not self.mngr.all_steps():
             return None
 
@@ -68,7 +72,9 @@ class TrainCheckpointer:
             )
 
         step, restored = ckpt.restore_latest(self.mngr, None, args)
-        state = TrainState(step=target.step, variables=restored["params"], opt_state=restored["opt_state"])
+        state = TrainState(
+            step=target.step, variables=restored["params"], opt_state=restored["opt_state"]
+        )
         meta = dict(restored["meta"])
         state.step = jax.device_put(jnp.asarray(meta["step"], jnp.int32), target.step.sharding)
         return state, meta

@@ -1,8 +1,9 @@
-"""The training loop, top to bottom: mesh -> state -> restore -> (step, log, evaluate, save)* -> final evaluation.
+"""The training loop, top to bottom: mesh -> state -> restore -> (step, log, evaluate, save)* ->
+final evaluation.
 
-A run started again in the same workdir resumes from its latest complete checkpoint: parameters, optimizer state,
-step and data-iterator state, so the loss trajectory continues exactly. SIGTERM (preemption) saves at the next
-step boundary and exits cleanly.
+A run started again in the same workdir resumes from its latest complete checkpoint: parameters,
+optimizer state, step and data-iterator state, so the loss trajectory continues exactly. SIGTERM
+(preemption) saves at the next step boundary and exits cleanly.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from esmjax.parallel import sharding as shd
-from esmjax.io.checkpoint import abstract_model
 from esmjax.config import ConfigError, TrainConfig, config_hash, from_dict, to_dict
 from esmjax.data.pipeline import eval_batches, train_batches
 from esmjax.errors import InputError
+from esmjax.io.checkpoint import abstract_model
+from esmjax.parallel import sharding as shd
 from esmjax.train import metrics as tm
 from esmjax.train.checkpoints import TrainCheckpointer
 from esmjax.train.optim import learning_rate, make_optimizer
@@ -36,34 +37,45 @@ log = logging.getLogger("esmjax.train")
 
 
 class Batching:
-    """How the global token budget of a step splits into devices, processes and accumulation steps."""
+    """How the global token budget of a step splits into devices, processes and accumulation
+    steps."""
 
     def __init__(self, cfg: TrainConfig, num_devices: int, num_processes: int):
         s = cfg.data.seq_len
         if cfg.data.tokens_per_step % s:
-            raise ConfigError(f"data.tokens_per_step={cfg.data.tokens_per_step} is not a multiple of seq_len={s}")
+            raise ConfigError(
+                f"data.tokens_per_step={cfg.data.tokens_per_step} is not a multiple of seq_len={s}"
+            )
         self.global_rows = cfg.data.tokens_per_step // s
         per_device = cfg.data.rows_per_device or max(1, self.global_rows // num_devices)
-        self.micro_rows = per_device * num_devices  # rows of one accumulation step, over all devices
+        self.micro_rows = (
+            per_device * num_devices
+        )  # rows of one accumulation step, over all devices
         if self.global_rows % self.micro_rows:
             raise ConfigError(
-                f"{self.global_rows} rows per step do not split into micro-batches of {per_device} rows x "
-                f"{num_devices} devices; change data.rows_per_device or data.tokens_per_step"
+                f"{self.global_rows} rows per step do not split into micro-batches of "
+                f"{per_device} rows x {num_devices} devices; change data.rows_per_device or "
+                "data.tokens_per_step"
             )
         self.accum = self.global_rows // self.micro_rows
         if self.micro_rows % num_processes:
-            raise ConfigError(f"{self.micro_rows} rows per micro-batch do not split over {num_processes} processes")
+            raise ConfigError(
+                f"{self.micro_rows} rows per micro-batch do not split over {num_processes} "
+                "processes"
+            )
         self.process_rows = self.global_rows // num_processes
         self.seq_len = s
 
     def __str__(self) -> str:
         return (
-            f"{self.global_rows} rows x {self.seq_len} tokens per step = {self.accum} accumulation step(s) of "
-            f"{self.micro_rows} rows"
+            f"{self.global_rows} rows x {self.seq_len} tokens per step = {self.accum} "
+            f"accumulation step(s) of {self.micro_rows} rows"
         )
 
 
-def _global_batch(local: dict[str, np.ndarray], accum: int, sharding: jax.sharding.NamedSharding) -> dict:
+def _global_batch(
+    local: dict[str, np.ndarray], accum: int, sharding: jax.sharding.NamedSharding
+) -> dict:
     """Process-local rows [r, S] -> global arrays [A, R, S] sharded over the batch axes."""
     out = {}
     for k, v in local.items():
@@ -79,12 +91,14 @@ def _check_workdir_config(workdir: Path, cfg: TrainConfig) -> None:
         old = json.loads(path.read_text())
         if old.get("model") != to_dict(cfg)["model"]:
             raise InputError(
-                f"{workdir} holds a run of another model ({old.get('model')}); use a new --workdir to start afresh"
+                f"{workdir} holds a run of another model ({old.get('model')}); use a new "
+                "--workdir to start afresh"
             )
 
 
 def _write_workdir_config(workdir: Path, cfg: TrainConfig) -> None:
-    """Written once the run has started (data opened, state created or restored), so bad input leaves nothing."""
+    """Written once the run has started (data opened, state created or restored), so bad input
+    leaves nothing."""
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
@@ -110,22 +124,34 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._old)
 
 
-def evaluate(cfg: TrainConfig, eval_step, variables, mesh, rules, micro_rows: int) -> dict[str, float]:
-    """Masked-LM loss on the held-out split with fixed masks; also its unigram (amino-acid frequency) baseline."""
+def evaluate(
+    cfg: TrainConfig, eval_step, variables, mesh, rules, micro_rows: int
+) -> dict[str, float]:
+    """Masked-LM loss on the held-out split with fixed masks; also its unigram (amino-acid
+    frequency) baseline."""
     sharding = shd.batch_sharding(mesh, rules, 2)
     totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
     hist = np.zeros(33)
     rows = micro_rows // jax.process_count()
-    for local in eval_batches(cfg.data, rows=rows, process_index=jax.process_index(), process_count=jax.process_count()):
+    for local in eval_batches(
+        cfg.data, rows=rows, process_index=jax.process_index(), process_count=jax.process_count()
+    ):
         batch = {
-            k: jax.make_array_from_process_local_data(sharding, v, (micro_rows, v.shape[1])) for k, v in local.items()
+            k: jax.make_array_from_process_local_data(sharding, v, (micro_rows, v.shape[1]))
+            for k, v in local.items()
         }
         sums = eval_step(variables, batch)
         for k in totals:
             totals[k] += float(sums[k])
-        hist += np.asarray(multihost_utils.process_allgather(
-            np.bincount(local["targets"][local["loss_mask"]], minlength=33)[None]
-        )).reshape(-1, 33).sum(0)  # fmt: skip
+        hist += (
+            np.asarray(
+                multihost_utils.process_allgather(
+                    np.bincount(local["targets"][local["loss_mask"]], minlength=33)[None]
+                )
+            )
+            .reshape(-1, 33)
+            .sum(0)
+        )
     if totals["count"] == 0:
         return {}
     loss = totals["loss_sum"] / totals["count"]
@@ -144,7 +170,8 @@ def run(
 ) -> dict[str, Any]:
     """Trains (or resumes) ``cfg`` in ``workdir``; returns the final metrics.
 
-    ``stop_after``: leave (with a checkpoint) after this many steps of this invocation, e.g. to fit a scheduler's
+    ``stop_after``: leave (with a checkpoint) after this many steps of this invocation, e.g. to fit
+      a scheduler's
     time slot; the next invocation resumes.
     """
     workdir = Path(workdir).absolute()
@@ -160,7 +187,10 @@ def run(
     lr = learning_rate(cfg.optim, cfg.num_steps)
     shardings = state_shardings(cfg.model, tx, mesh, rules)
     data = train_batches(
-        cfg.data, rows=batching.process_rows, process_index=jax.process_index(), process_count=jax.process_count()
+        cfg.data,
+        rows=batching.process_rows,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
     )
     ckptr = TrainCheckpointer(workdir, cfg.checkpoint)
     with shd.use_mesh(mesh, rules):
@@ -175,11 +205,17 @@ def run(
             data.set_state(meta["data"])
             log.info("resumed from step %d", start)
             if start >= cfg.num_steps:
-                log.info("the run is complete (%d of %d steps); evaluating the final checkpoint", start, cfg.num_steps)
+                log.info(
+                    "the run is complete (%d of %d steps); evaluating the final checkpoint",
+                    start,
+                    cfg.num_steps,
+                )
 
         row_spec = shd.batch_sharding(mesh, rules, 2).spec
         _write_workdir_config(workdir, cfg)
-        batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *row_spec))
+        batch_sharding = jax.sharding.NamedSharding(
+            mesh, jax.sharding.PartitionSpec(None, *row_spec)
+        )
         train_step = jax.jit(
             make_train_step(graphdef, tx, lr),
             in_shardings=(shardings, batch_sharding),
@@ -193,8 +229,15 @@ def run(
         flops_per_token = tm.train_flops_per_token(cfg.model, cfg.data.seq_len)
         tokens_per_step = batching.global_rows * batching.seq_len
         preemption = _Preemption()
-        bar = tqdm(total=cfg.num_steps, initial=start, desc="train", unit="step", file=sys.stderr,
-                   disable=not progress or jax.process_index() != 0, dynamic_ncols=True)  # fmt: skip
+        bar = tqdm(
+            total=cfg.num_steps,
+            initial=start,
+            desc="train",
+            unit="step",
+            file=sys.stderr,
+            disable=not progress or jax.process_index() != 0,
+            dynamic_ncols=True,
+        )
         last: dict[str, Any] = {}
         t_last, steps_since = time.perf_counter(), 0
         step = start
@@ -220,7 +263,9 @@ def run(
                         step_seconds=dt / steps_since,
                     )
                     writer.write(step, m)
-                    bar.set_postfix(loss=f"{m['loss']:.3f}", ppl=f"{m['perplexity']:.2f}", lr=f"{m['lr']:.1e}")
+                    bar.set_postfix(
+                        loss=f"{m['loss']:.3f}", ppl=f"{m['perplexity']:.2f}", lr=f"{m['lr']:.1e}"
+                    )
                     last = m
                     t_last, steps_since = time.perf_counter(), 0
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.num_steps:
@@ -231,9 +276,18 @@ def run(
                 if stop_after is not None and step - start >= stop_after:
                     stop = True
                 if step % cfg.checkpoint.every == 0 or step == cfg.num_steps or stop:
-                    ckptr.save(state, {"data": data.get_state(), "config_hash": config_hash(cfg), "config": to_dict(cfg)})
+                    ckptr.save(
+                        state,
+                        {
+                            "data": data.get_state(),
+                            "config_hash": config_hash(cfg),
+                            "config": to_dict(cfg),
+                        },
+                    )
                 if stop:
-                    log.warning("stopping at step %d: checkpoint written; run again to resume", step)
+                    log.warning(
+                        "stopping at step %d: checkpoint written; run again to resume", step
+                    )
                     break
         finally:
             bar.close()
@@ -247,8 +301,9 @@ def run(
             if ev and jax.process_index() == 0:
                 below = 100 * (1 - ev["eval_perplexity"] / ev["eval_unigram_perplexity"])
                 print(
-                    f"held-out masked-LM perplexity {ev['eval_perplexity']:.2f} vs amino-acid unigram baseline "
-                    f"{ev['eval_unigram_perplexity']:.2f} ({below:.1f}% below), {ev['eval_masked_tokens']} masked tokens",
+                    f"held-out masked-LM perplexity {ev['eval_perplexity']:.2f} vs amino-acid "
+                    f"unigram baseline {ev['eval_unigram_perplexity']:.2f} ({below:.1f}% below), "
+                    f"{ev['eval_masked_tokens']} masked tokens",
                     flush=True,
                 )
         writer.close()
@@ -257,7 +312,8 @@ def run(
 
 
 def load_run_config(path: str | Path | None, overrides: list[str], workdir: Path) -> TrainConfig:
-    """The config for ``esmjax train``: the file plus overrides, or the workdir's saved config when resuming."""
+    """The config for ``esmjax train``: the file plus overrides, or the workdir's saved config
+    when resuming."""
     from esmjax.config import load_config
 
     if path is None:

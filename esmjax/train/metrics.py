@@ -1,7 +1,10 @@
-"""Throughput accounting (FLOPs, MFU) and the metrics sinks: ``metrics.jsonl`` and TensorBoard event files.
+"""Throughput accounting (FLOPs, MFU) and the metrics sinks: ``metrics.jsonl`` and TensorBoard event
+files.
 
-Training FLOPs per token follow the PaLM/Megatron accounting without causal halving, since ESM-2 attention is
-bidirectional: ``6 * (matmul weights) + 12 * N * E * S`` (forward + backward of the weight matmuls, and of the
+Training FLOPs per token follow the PaLM/Megatron accounting without causal halving, since ESM-2
+attention is
+bidirectional: ``6 * (matmul weights) + 12 * N * E * S`` (forward + backward of the weight matmuls,
+  and of the
 S x S attention scores and values), counting full padded rows as BioNeMo does.
 """
 
@@ -32,7 +35,8 @@ PEAK_FLOPS = {
     "tpu v6 lite": 918e12,
     "tpu v6e": 918e12,
 }
-# Host CPU, per core: AVX-512 fp32, 2 FMA units x 16 lanes x 2 FLOP x ~2.5 GHz. A CPU device's peak is this times
+# Host CPU, per core: AVX-512 fp32, 2 FMA units x 16 lanes x 2 FLOP x ~2.5 GHz. A CPU device's peak
+# is this times
 # the cores it shares; MFU on a CPU is only a rough indication.
 CPU_CORE_PEAK_FLOPS = 160e9
 
@@ -47,7 +51,8 @@ def train_flops_per_token(cfg: ESM2Config, seq_len: int) -> float:
 
 
 def device_peak_flops(accelerator: str = "") -> float | None:
-    """Peak FLOP/s of one device, from ``accelerator`` or the local device kind; None when unknown."""
+    """Peak FLOP/s of one device, from ``accelerator`` or the local device kind; None when
+    unknown."""
     if not accelerator and jax.local_devices()[0].platform == "cpu":
         return CPU_CORE_PEAK_FLOPS * (os.cpu_count() or 1) / jax.local_device_count()
     kind = (accelerator or jax.local_devices()[0].device_kind).lower()
@@ -66,20 +71,31 @@ class MetricsWriter:
         self.tb = None
         if not enabled:
             return
-        if self.path.exists():  # drop lines past the restored step: the resumed run writes them again
-            kept = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= resume_step]
+        if (
+            self.path.exists()
+        ):  # drop lines past the restored step: the resumed run writes them again
+            kept = [
+                l
+                for l in self.path.read_text().splitlines()
+                if l.strip() and json.loads(l)["step"] <= resume_step
+            ]
             self.path.write_text("".join(k + "\n" for k in kept))
         try:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+            self.tb = SummaryWriter(
+                str(workdir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None
+            )
         except ImportError:
             self.tb = None
 
     def write(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
+        clean = {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in values.items()
+        }
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **clean}) + "\n")
         if self.tb is not None:

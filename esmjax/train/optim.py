@@ -1,9 +1,10 @@
 """AdamW and the ESM-2 learning-rate schedule (Lin et al. 2023, supplement A.1.2).
 
 Warm-up is linear from 0 to the peak over ``warmup_steps``; the rate then decays linearly to
-``final_lr_ratio * peak`` at ``decay_fraction`` of the run and holds there. Gradients are clipped by global norm.
-Weight decay applies to matrices and embeddings only, not to biases or LayerNorm parameters (the usual BERT/ESM
-practice); non-trainable buffers (rotary ``inv_freq``) are never updated.
+``final_lr_ratio * peak`` at ``decay_fraction`` of the run and holds there. Gradients are clipped by
+global norm. Weight decay applies to matrices and embeddings only, not to biases or LayerNorm
+parameters (the usual BERT/ESM practice); non-trainable buffers (rotary ``inv_freq``) are never
+updated.
 """
 
 from __future__ import annotations
@@ -23,28 +24,36 @@ def learning_rate(cfg: OptimConfig, num_steps: int) -> optax.Schedule:
     return optax.join_schedules(
         [
             optax.linear_schedule(cfg.peak_lr / warmup, cfg.peak_lr, warmup - 1),
-            optax.linear_schedule(cfg.peak_lr, cfg.peak_lr * cfg.final_lr_ratio, decay_end - warmup),
+            optax.linear_schedule(
+                cfg.peak_lr, cfg.peak_lr * cfg.final_lr_ratio, decay_end - warmup
+            ),
         ],
         boundaries=[warmup - 1],
     )
 
 
 def trainable(path: tuple, leaf: Any) -> str:
-    """Label of a variable by its path in the model's pure dict: ``frozen``, ``decay`` or ``no_decay``."""
+    """Label of a variable by its path in the model's pure dict: ``frozen``, ``decay`` or
+    ``no_decay``."""
     names = [getattr(k, "key", getattr(k, "name", "")) for k in path]
     if names[-1] == "inv_freq":
         return "frozen"
     if names[-2:] == ["k_proj", "bias"]:
-        # A key bias adds the same q.b_k to every score of a query row, which softmax cancels: its true gradient
-        # is exactly zero, so Adam would only amplify rounding noise into full-size steps. Kept, never updated.
+        # A key bias adds the same q.b_k to every score of a query row, which softmax cancels: its
+        # true gradient
+        # is exactly zero, so Adam would only amplify rounding noise into full-size steps. Kept,
+        # never updated.
         return "frozen"
     if names[-1] in ("kernel", "embedding"):
         return "decay"
     return "no_decay"
 
 
-def make_optimizer(cfg: OptimConfig, num_steps: int, variables: Any) -> optax.GradientTransformation:
-    """The optimizer for a model's variables pure dict (structure only is read from ``variables``)."""
+def make_optimizer(
+    cfg: OptimConfig, num_steps: int, variables: Any
+) -> optax.GradientTransformation:
+    """The optimizer for a model's variables pure dict (structure only is read from
+    ``variables``)."""
     labels = jax.tree_util.tree_map_with_path(trainable, variables)
     schedule = learning_rate(cfg, num_steps)
 
@@ -54,6 +63,11 @@ def make_optimizer(cfg: OptimConfig, num_steps: int, variables: Any) -> optax.Gr
     return optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity(),
         optax.multi_transform(
-            {"decay": adamw(cfg.weight_decay), "no_decay": adamw(0.0), "frozen": optax.set_to_zero()}, labels
+            {
+                "decay": adamw(cfg.weight_decay),
+                "no_decay": adamw(0.0),
+                "frozen": optax.set_to_zero(),
+            },
+            labels,
         ),
     )

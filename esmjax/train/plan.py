@@ -1,11 +1,12 @@
-"""``esmjax plan``: compile the full train step ahead of time for a config and mesh, and report memory per device.
+"""``esmjax plan``: compile the full train step ahead of time for a config and mesh, and report
+memory per device.
 
-The step is lowered and compiled on N host CPU devices standing in for the accelerators (no accelerator is
-needed), with the same shardings, accumulation and remat policy as the real run. XLA's memory analysis of that
-executable is reported next to an analytic estimate: the two differ because XLA:CPU fuses differently from the GPU
-and TPU compilers, so the analytic column is the one to trust for activations, XLA's for parameters and
-optimizer state (it sees the exact shardings). FLOPs per step come from the analytic count
-(``esmjax.train.metrics``) and from XLA's cost analysis.
+The step is lowered and compiled on N host CPU devices standing in for the accelerators (no
+accelerator is needed), with the same shardings, accumulation and remat policy as the real run.
+XLA's memory analysis of that executable is reported next to an analytic estimate: the two differ
+because XLA:CPU fuses differently from the GPU and TPU compilers, so the analytic column is the one
+to trust for activations, XLA's for parameters and optimizer state (it sees the exact shardings).
+FLOPs per step come from the analytic count (``esmjax.train.metrics``) and from XLA's cost analysis.
 
     esmjax plan --config configs/esm2_15b.yaml --mesh data=1,fsdp=16,tensor=4
 """
@@ -48,21 +49,38 @@ def _bytes_per_device(tree: Any) -> int:
 
 
 def activation_estimate(cfg, rows: int, seq_len: int, tensor: int) -> int:
-    """Bytes of activations kept for the backward pass on one device, plus the transient peak of one layer.
+    """Bytes of activations kept for the backward pass on one device, plus the transient peak of one
+    layer.
 
-    ``rows`` are the packed rows of one micro-batch that this device's (data x fsdp) shard processes. Attention
-    never keeps its [rows, H, S, S] weights between passes (``esmjax.models.layers`` recomputes them in the backward), so they
-    count once, in the transient peak.
+    ``rows`` are the packed rows of one micro-batch that this device's (data x fsdp) shard
+    processes. Attention never keeps its [rows, H, S, S] weights between passes
+    (``esmjax.models.layers`` recomputes them in the backward), so they count once, in the transient
+    peak.
     """
     m = cfg.model
     c = 2 if m.dtype == "bfloat16" else 4
-    b, s, e, f, h, n = rows, seq_len, m.embed_dim, m.mlp_dim // tensor, max(m.num_heads // tensor, 1), m.num_layers
+    b, s, e, f, h, n = (
+        rows,
+        seq_len,
+        m.embed_dim,
+        m.mlp_dim // tensor,
+        max(m.num_heads // tensor, 1),
+        m.num_layers,
+    )
     hd = h * m.head_dim
-    weights_out = (3 * b * s * hd + b * s * e + b * s * f + b * s * e) * c  # q k v, out_proj, fc1, fc2 outputs
-    everything = weights_out + (b * s * hd + 4 * b * s * e + b * s * f) * c  # + attention out, LNs, residual, gelu
+    weights_out = (
+        3 * b * s * hd + b * s * e + b * s * f + b * s * e
+    ) * c  # q k v, out_proj, fc1, fc2 outputs
+    everything = (
+        weights_out + (b * s * hd + 4 * b * s * e + b * s * f) * c
+    )  # + attention out, LNs, residual, gelu
     per_layer = {"none": everything, "dots": weights_out, "dots_no_batch": weights_out, "full": 0}
-    carried = n * (b * s * e * c + per_layer[m.remat])  # layer inputs (scan carry) + what the policy keeps
-    attention_peak = 3 * b * h * s * s * 4  # fp32 weights, their gradient and the score gradient of one layer
+    carried = n * (
+        b * s * e * c + per_layer[m.remat]
+    )  # layer inputs (scan carry) + what the policy keeps
+    attention_peak = (
+        3 * b * h * s * s * 4
+    )  # fp32 weights, their gradient and the score gradient of one layer
     recompute_peak = (everything if m.remat != "none" else 0) + attention_peak
     logits = 3 * b * s * m.vocab_size * 4
     return carried + recompute_peak + logits
@@ -71,10 +89,11 @@ def activation_estimate(cfg, rows: int, seq_len: int, tensor: int) -> int:
 def plan(cfg, sizes: dict[str, int], device_memory_gb: float) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
-    from esmjax.parallel import sharding as shd
     from esmjax.io.checkpoint import abstract_model
+    from esmjax.parallel import sharding as shd
     from esmjax.train import metrics as tm
     from esmjax.train.loop import Batching
     from esmjax.train.optim import learning_rate, make_optimizer
@@ -83,11 +102,18 @@ def plan(cfg, sizes: dict[str, int], device_memory_gb: float) -> dict[str, Any]:
 
     n_dev = math.prod(sizes.values())
     if jax.device_count() < n_dev:
-        raise ValueError(f"the mesh needs {n_dev} devices but only {jax.device_count()} are present")
+        raise ValueError(
+            f"the mesh needs {n_dev} devices but only {jax.device_count()} are present"
+        )
     mesh_cfg = dataclasses.replace(
-        cfg.mesh, ici_data=sizes["data"], ici_fsdp=sizes["fsdp"], ici_tensor=sizes["tensor"],
-        dcn_data=1, dcn_fsdp=1, dcn_tensor=1,
-    )  # fmt: skip
+        cfg.mesh,
+        ici_data=sizes["data"],
+        ici_fsdp=sizes["fsdp"],
+        ici_tensor=sizes["tensor"],
+        dcn_data=1,
+        dcn_fsdp=1,
+        dcn_tensor=1,
+    )
     mesh = shd.make_mesh(mesh_cfg, jax.devices()[:n_dev])
     rules = shd.resolve_rules(cfg.mesh.rules)
     batching = Batching(cfg, n_dev, 1)
@@ -103,8 +129,10 @@ def plan(cfg, sizes: dict[str, int], device_memory_gb: float) -> dict[str, Any]:
     }
     step = jax.jit(
         make_train_step(model_graphdef(cfg.model), tx, learning_rate(cfg.optim, cfg.num_steps)),
-        in_shardings=(shardings, bs), out_shardings=(shardings, None), donate_argnums=0,
-    )  # fmt: skip
+        in_shardings=(shardings, bs),
+        out_shardings=(shardings, None),
+        donate_argnums=0,
+    )
     t0 = time.perf_counter()
     with shd.use_mesh(mesh, rules):
         compiled = step.lower(target, batch).compile()
@@ -120,7 +148,12 @@ def plan(cfg, sizes: dict[str, int], device_memory_gb: float) -> dict[str, Any]:
     grads_b = params_b  # fp32 gradients (and their accumulator) live in the step
     act_b = activation_estimate(cfg, rows_per_shard, batching.seq_len, sizes["tensor"])
     analytic_total = params_b + opt_b + 2 * grads_b + act_b
-    xla_total = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+    xla_total = (
+        mem.argument_size_in_bytes
+        + mem.output_size_in_bytes
+        - mem.alias_size_in_bytes
+        + mem.temp_size_in_bytes
+    )
     tokens = batching.global_rows * batching.seq_len
     flops = tm.train_flops_per_token(cfg.model, batching.seq_len) * tokens
     return {
@@ -136,13 +169,19 @@ def plan(cfg, sizes: dict[str, int], device_memory_gb: float) -> dict[str, Any]:
         "accumulation_steps": batching.accum,
         "compile_seconds": round(compile_s, 1),
         "analytic_gb": {
-            "params": params_b / GB, "optimizer": opt_b / GB, "gradients": 2 * grads_b / GB,
-            "activations": act_b / GB, "total": analytic_total / GB,
-        },  # fmt: skip
+            "params": params_b / GB,
+            "optimizer": opt_b / GB,
+            "gradients": 2 * grads_b / GB,
+            "activations": act_b / GB,
+            "total": analytic_total / GB,
+        },
         "xla_gb": {
-            "arguments": mem.argument_size_in_bytes / GB, "outputs": mem.output_size_in_bytes / GB,
-            "aliased": mem.alias_size_in_bytes / GB, "temp": mem.temp_size_in_bytes / GB, "total": xla_total / GB,
-        },  # fmt: skip
+            "arguments": mem.argument_size_in_bytes / GB,
+            "outputs": mem.output_size_in_bytes / GB,
+            "aliased": mem.alias_size_in_bytes / GB,
+            "temp": mem.temp_size_in_bytes / GB,
+            "total": xla_total / GB,
+        },
         "flops_per_step_analytic": flops,
         "flops_per_step_per_device_xla": float(cost.get("flops", float("nan"))) if cost else None,
         "device_memory_gb": device_memory_gb,
@@ -153,19 +192,23 @@ def plan(cfg, sizes: dict[str, int], device_memory_gb: float) -> dict[str, Any]:
 def format_plan(p: dict[str, Any]) -> str:
     a, x = p["analytic_gb"], p["xla_gb"]
     lines = [
-        f"ESM-2 {p['params'] / 1e9:.2f}B params | mesh {p['mesh']} rules {p['rules']} | remat {p['remat']} "
-        f"| {p['dtype']}",
-        f"batch: {p['global_tokens_per_step']:,} tokens/step = {p['accumulation_steps']} accumulation step(s) x "
-        f"{p['micro_rows_global']} rows ({p['rows_per_batch_shard']} per batch shard)",
+        f"ESM-2 {p['params'] / 1e9:.2f}B params | mesh {p['mesh']} rules {p['rules']} | remat "
+        f"{p['remat']} | {p['dtype']}",
+        f"batch: {p['global_tokens_per_step']:,} tokens/step = {p['accumulation_steps']} "
+        f"accumulation step(s) x {p['micro_rows_global']} rows ({p['rows_per_batch_shard']} per "
+        "batch shard)",
         "memory per device (GB)      analytic      XLA (CPU-compiled)",
         f"  parameters                {a['params']:8.2f}      arguments {x['arguments']:8.2f}",
-        f"  optimizer state           {a['optimizer']:8.2f}      outputs   {x['outputs']:8.2f} (aliased {x['aliased']:.2f})",
+        f"  optimizer state           {a['optimizer']:8.2f}      outputs   {x['outputs']:8.2f} "
+        f"(aliased {x['aliased']:.2f})",
         f"  gradients (+accumulator)  {a['gradients']:8.2f}      temp      {x['temp']:8.2f}",
         f"  activations               {a['activations']:8.2f}",
         f"  total                     {a['total']:8.2f}      total     {x['total']:8.2f}",
-        f"FLOPs/step: {p['flops_per_step_analytic']:.3e} analytic (all devices); XLA cost analysis per device "
-        f"{p['flops_per_step_per_device_xla']:.3e} (counts each loop body once)",
-        f"fits {p['device_memory_gb']:.0f} GB devices: {'YES' if p['fits'] else 'NO'} (compiled in {p['compile_seconds']} s)",
+        f"FLOPs/step: {p['flops_per_step_analytic']:.3e} analytic (all devices); XLA cost "
+        f"analysis per device {p['flops_per_step_per_device_xla']:.3e} (counts each loop body "
+        "once)",
+        f"fits {p['device_memory_gb']:.0f} GB devices: {'YES' if p['fits'] else 'NO'} (compiled "
+        f"in {p['compile_seconds']} s)",
     ]
     return "\n".join(lines)
 
@@ -173,8 +216,12 @@ def format_plan(p: dict[str, Any]) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="training YAML config")
     p.add_argument("--mesh", required=True, help="mesh sizes, e.g. data=1,fsdp=16,tensor=4")
-    p.add_argument("--devices", type=int, help="host CPU devices to create (default: the mesh size)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument(
+        "--devices", type=int, help="host CPU devices to create (default: the mesh size)"
+    )
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
+    )
     p.add_argument("--device-memory-gb", type=float, default=80.0, help="memory of one accelerator")
     p.add_argument("--json", help="also write the plan as JSON here")
 
@@ -187,8 +234,13 @@ def main(args: argparse.Namespace) -> int:
     try:
         jax.config.update("jax_num_cpu_devices", n)
         jax.config.update("jax_platforms", "cpu")
-    except RuntimeError:  # the backend is already up (e.g. inside tests): plan on the devices it has
-        print(f"JAX is already initialised; planning on its {jax.device_count()} devices", file=sys.stderr)
+    except (
+        RuntimeError
+    ):  # the backend is already up (e.g. inside tests): plan on the devices it has
+        print(
+            f"JAX is already initialised; planning on its {jax.device_count()} devices",
+            file=sys.stderr,
+        )
     from esmjax.config import load_config
 
     cfg = load_config(args.config, args.set)

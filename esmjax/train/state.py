@@ -1,9 +1,11 @@
-"""The sharded train state, created inside one jitted init so no host ever holds the full parameters.
+"""The sharded train state, created inside one jitted init so no host ever holds the full
+parameters.
 
-``TrainState`` holds the step, the model's variables as a nested dict (the same pure dict ``esmjax.io.checkpoint``
-saves as ``params``, rotary buffers included) and the optax state. Shardings come from the parameters' logical
-axes and the mesh rules; each optimizer-state leaf takes the sharding of the parameter whose path it ends with
-(Adam's ``mu``/``nu``), scalars are replicated.
+``TrainState`` holds the step, the model's variables as a nested dict (the same pure dict
+``esmjax.io.checkpoint`` saves as ``params``, rotary buffers included) and the optax state.
+Shardings come from the parameters' logical axes and the mesh rules; each optimizer-state leaf takes
+the sharding of the parameter whose path it ends with (Adam's ``mu``/``nu``), scalars are
+replicated.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from esmjax.parallel import sharding as shd
-from esmjax.io.checkpoint import abstract_model
 from esmjax.config import ESM2Config
+from esmjax.io.checkpoint import abstract_model
 from esmjax.models.esm2 import ESM2
+from esmjax.parallel import sharding as shd
 
 
 @jax.tree_util.register_dataclass
@@ -35,17 +38,24 @@ def _path_keys(path: tuple) -> tuple[str, ...]:
     return tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
 
 
-def state_shardings(cfg: ESM2Config, tx: optax.GradientTransformation, mesh: Mesh, rules: shd.Rules) -> TrainState:
+def state_shardings(
+    cfg: ESM2Config, tx: optax.GradientTransformation, mesh: Mesh, rules: shd.Rules
+) -> TrainState:
     """Shardings of every leaf of the train state (a ``TrainState`` of NamedShardings)."""
     _, abstract = abstract_model(cfg)
     var_shardings = nnx.State(shd.tree_shardings(abstract, mesh, rules)).to_pure_dict()
     by_path = {
-        _path_keys(p): s for p, s in jax.tree_util.tree_leaves_with_path(var_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+        _path_keys(p): s
+        for p, s in jax.tree_util.tree_leaves_with_path(
+            var_shardings, is_leaf=lambda x: isinstance(x, NamedSharding)
+        )
     }
     abstract_vars = abstract.to_pure_dict()
     abstract_opt = jax.eval_shape(tx.init, abstract_vars)
     replicated = NamedSharding(mesh, P())
-    abstract_by_path = {_path_keys(p): v for p, v in jax.tree_util.tree_leaves_with_path(abstract_vars)}
+    abstract_by_path = {
+        _path_keys(p): v for p, v in jax.tree_util.tree_leaves_with_path(abstract_vars)
+    }
 
     def for_opt_leaf(path: tuple, leaf: jax.ShapeDtypeStruct) -> NamedSharding:
         keys = _path_keys(path)
@@ -66,19 +76,27 @@ def create_state(
 
     def init() -> TrainState:
         variables = nnx.state(ESM2(cfg, rngs=nnx.Rngs(seed))).to_pure_dict()
-        return TrainState(step=jnp.zeros((), jnp.int32), variables=variables, opt_state=tx.init(variables))
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), variables=variables, opt_state=tx.init(variables)
+        )
 
     return jax.jit(init, out_shardings=shardings)()
 
 
-def abstract_state(cfg: ESM2Config, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
+def abstract_state(
+    cfg: ESM2Config, tx: optax.GradientTransformation, shardings: TrainState
+) -> TrainState:
     """ShapeDtypeStructs with shardings: the Orbax restore target."""
     _, abstract = abstract_model(cfg)
     variables = abstract.to_pure_dict()
     shapes = TrainState(
-        step=jax.ShapeDtypeStruct((), jnp.int32), variables=variables, opt_state=jax.eval_shape(tx.init, variables)
+        step=jax.ShapeDtypeStruct((), jnp.int32),
+        variables=variables,
+        opt_state=jax.eval_shape(tx.init, variables),
     )
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings
+    )
 
 
 def model_graphdef(cfg: ESM2Config) -> nnx.GraphDef:

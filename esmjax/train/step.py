@@ -1,8 +1,9 @@
-"""Masked-LM loss, the train step (with gradient accumulation) and the eval step: pure functions, jitted once.
+"""Masked-LM loss, the train step (with gradient accumulation) and the eval step: pure functions,
+jitted once.
 
-The loss of a step is the cross-entropy summed over every selected position of every micro-batch, divided by the
-number of selected positions of the whole step, so the update does not depend on how the global batch is split
-over devices, processes or accumulation steps.
+The loss of a step is the cross-entropy summed over every selected position of every micro-batch,
+divided by the number of selected positions of the whole step, so the update does not depend on how
+the global batch is split over devices, processes or accumulation steps.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from flax import nnx
 from esmjax.train.optim import trainable
 from esmjax.train.state import TrainState
 
-Batch = dict[str, jax.Array]  # tokens, targets, loss_mask, segment_ids, positions: [R, S] (or [A, R, S])
+Batch = dict[
+    str, jax.Array
+]  # tokens, targets, loss_mask, segment_ids, positions: [R, S] (or [A, R, S])
 
 
 def _freeze_buffers(variables: dict[str, Any]) -> dict[str, Any]:
@@ -27,18 +30,30 @@ def _freeze_buffers(variables: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def mlm_sums(graphdef: nnx.GraphDef, variables: dict[str, Any], batch: Batch) -> dict[str, jax.Array]:
-    """Summed cross-entropy, correct predictions and the count over the selected positions of one micro-batch."""
+def mlm_sums(
+    graphdef: nnx.GraphDef, variables: dict[str, Any], batch: Batch
+) -> dict[str, jax.Array]:
+    """Summed cross-entropy, correct predictions and the count over the selected positions of one
+    micro-batch."""
     model = nnx.merge(graphdef, nnx.State(_freeze_buffers(variables)))
-    logits = model(batch["tokens"], batch["segment_ids"], batch["positions"])["logits"]  # [R, S, V] float32
+    logits = model(batch["tokens"], batch["segment_ids"], batch["positions"])[
+        "logits"
+    ]  # [R, S, V] float32
     weights = batch["loss_mask"].astype(jnp.float32)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     correct = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
-    return {"loss_sum": (ce * weights).sum(), "correct": (correct * weights).sum(), "count": weights.sum()}
+    return {
+        "loss_sum": (ce * weights).sum(),
+        "correct": (correct * weights).sum(),
+        "count": weights.sum(),
+    }
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lr: optax.Schedule) -> Callable:
-    """``train_step(state, batch) -> (state, metrics)`` where batch arrays are [A, R, S] (A accumulation steps)."""
+def make_train_step(
+    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lr: optax.Schedule
+) -> Callable:
+    """``train_step(state, batch) -> (state, metrics)`` where batch arrays are [A, R, S] (A
+    accumulation steps)."""
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         def loss_fn(variables, micro):

@@ -1,9 +1,10 @@
-"""Typed, frozen configuration of ESMFold (Lin et al. 2023): language-model stem, folding trunk, structure module.
+"""Typed, frozen configuration of ESMFold (Lin et al. 2023): language-model stem, folding trunk,
+structure module.
 
-Field names follow the esmjax style (``num_*`` counts, ``*_dim`` widths); the docstrings give the fair-esm /
-OpenFold / HuggingFace names each field corresponds to, and ``from_hf``/``to_hf`` translate HF's
-``esmfold_config`` dict. Defaults are the published ``esmfold_3B_v1`` values (fair-esm ``trunk.py``,
-``FoldingTrunkConfig`` and OpenFold ``StructureModule`` kwargs).
+Field names follow the esmjax style (``num_*`` counts, ``*_dim`` widths); the docstrings give the
+fair-esm / OpenFold / HuggingFace names each field corresponds to, and ``from_hf``/``to_hf``
+translate HF's ``esmfold_config`` dict. Defaults are the published ``esmfold_3B_v1`` values
+(fair-esm ``trunk.py``, ``FoldingTrunkConfig`` and OpenFold ``StructureModule`` kwargs).
 """
 
 from __future__ import annotations
@@ -97,8 +98,8 @@ class ESMFoldConfig:
     """The whole model: ESM-2 stem (frozen), trunk and heads.
 
     Attributes:
-      esm: the language model. Its ``dtype`` is the stem's compute dtype (``fold --dtype``); trunk, structure
-        module and heads always compute in float32.
+      esm: the language model. Its ``dtype`` is the stem's compute dtype (``fold --dtype``); trunk,
+        structure module and heads always compute in float32.
       trunk: folding trunk and structure module.
       lddt_head_hid_dim: width of the pLDDT head, 128.
     """
@@ -116,11 +117,12 @@ ESMFOLD_PRESETS: dict[str, ESMFoldConfig] = {
 }
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # config.json (esmjax checkpoint folder) and HF EsmFoldConfig
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def to_json(cfg: ESMFoldConfig) -> dict[str, Any]:
-    """The ``esmfold`` section of an esmjax checkpoint's config.json (the ``model`` section holds the stem)."""
+    """The ``esmfold`` section of an esmjax checkpoint's config.json (the ``model`` section holds
+    the stem)."""
     d = to_dict(cfg)
     d.pop("esm")
     return d
@@ -131,29 +133,48 @@ def from_json(model: dict[str, Any], esmfold: dict[str, Any]) -> ESMFoldConfig:
 
 
 _SM_HF = {  # ours -> HF StructureModuleConfig
-    "single_dim": "sequence_dim", "pair_dim": "pairwise_dim", "ipa_dim": "ipa_dim", "resnet_dim": "resnet_dim",
-    "num_heads": "num_heads_ipa", "num_qk_points": "num_qk_points", "num_v_points": "num_v_points",
-    "num_blocks": "num_blocks", "num_transition_layers": "num_transition_layers",
-    "num_resnet_blocks": "num_resnet_blocks", "num_angles": "num_angles",
-    "trans_scale_factor": "trans_scale_factor", "epsilon": "epsilon", "inf": "inf",
-}  # fmt: skip
+    "single_dim": "sequence_dim",
+    "pair_dim": "pairwise_dim",
+    "ipa_dim": "ipa_dim",
+    "resnet_dim": "resnet_dim",
+    "num_heads": "num_heads_ipa",
+    "num_qk_points": "num_qk_points",
+    "num_v_points": "num_v_points",
+    "num_blocks": "num_blocks",
+    "num_transition_layers": "num_transition_layers",
+    "num_resnet_blocks": "num_resnet_blocks",
+    "num_angles": "num_angles",
+    "trans_scale_factor": "trans_scale_factor",
+    "epsilon": "epsilon",
+    "inf": "inf",
+}
 _TRUNK_HF = {
-    "num_blocks": "num_blocks", "single_dim": "sequence_state_dim", "pair_dim": "pairwise_state_dim",
-    "single_head_width": "sequence_head_width", "pair_head_width": "pairwise_head_width",
-    "position_bins": "position_bins", "max_recycles": "max_recycles",
-}  # fmt: skip
+    "num_blocks": "num_blocks",
+    "single_dim": "sequence_state_dim",
+    "pair_dim": "pairwise_state_dim",
+    "single_head_width": "sequence_head_width",
+    "pair_head_width": "pairwise_head_width",
+    "position_bins": "position_bins",
+    "max_recycles": "max_recycles",
+}
 
 
 def from_hf(esm: ESM2Config, esmfold_config: dict[str, Any]) -> ESMFoldConfig:
-    """From HF ``config.json``'s ``esmfold_config`` (missing keys take HF's defaults, which equal ours)."""
+    """From HF ``config.json``'s ``esmfold_config`` (missing keys take HF's defaults, which equal
+    ours)."""
     trunk = dict(esmfold_config.get("trunk") or {})
     sm = dict(trunk.get("structure_module") or {})
-    sm_cfg = StructureModuleConfig(**{ours: sm[theirs] for ours, theirs in _SM_HF.items() if theirs in sm})
+    sm_cfg = StructureModuleConfig(
+        **{ours: sm[theirs] for ours, theirs in _SM_HF.items() if theirs in sm}
+    )
     trunk_cfg = TrunkConfig(
-        structure_module=sm_cfg, **{ours: trunk[theirs] for ours, theirs in _TRUNK_HF.items() if theirs in trunk}
+        structure_module=sm_cfg,
+        **{ours: trunk[theirs] for ours, theirs in _TRUNK_HF.items() if theirs in trunk},
     )
     return ESMFoldConfig(
-        esm=esm, trunk=trunk_cfg, lddt_head_hid_dim=int(esmfold_config.get("lddt_head_hid_dim", 128))
+        esm=esm,
+        trunk=trunk_cfg,
+        lddt_head_hid_dim=int(esmfold_config.get("lddt_head_hid_dim", 128)),
     )
 
 
@@ -161,9 +182,18 @@ def to_hf(cfg: ESMFoldConfig) -> dict[str, Any]:
     """HF ``esmfold_config`` for ``cfg`` (fp32 stem, no chunking)."""
     sm = {theirs: getattr(cfg.trunk.structure_module, ours) for ours, theirs in _SM_HF.items()}
     trunk = {theirs: getattr(cfg.trunk, ours) for ours, theirs in _TRUNK_HF.items()}
-    trunk.update(structure_module=sm, dropout=0.0, layer_drop=0.0, chunk_size=None, cpu_grad_checkpoint=False)
+    trunk.update(
+        structure_module=sm, dropout=0.0, layer_drop=0.0, chunk_size=None, cpu_grad_checkpoint=False
+    )
     return {
-        "esm_type": None, "fp16_esm": False, "use_esm_attn_map": False, "esm_ablate_pairwise": False,
-        "esm_ablate_sequence": False, "esm_input_dropout": 0, "embed_aa": True, "bypass_lm": False,
-        "lddt_head_hid_dim": cfg.lddt_head_hid_dim, "trunk": trunk,
-    }  # fmt: skip
+        "esm_type": None,
+        "fp16_esm": False,
+        "use_esm_attn_map": False,
+        "esm_ablate_pairwise": False,
+        "esm_ablate_sequence": False,
+        "esm_input_dropout": 0,
+        "embed_aa": True,
+        "bypass_lm": False,
+        "lddt_head_hid_dim": cfg.lddt_head_hid_dim,
+        "trunk": trunk,
+    }

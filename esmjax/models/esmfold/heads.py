@@ -1,12 +1,15 @@
-"""ESMFold output heads and confidence metrics (fair-esm ``esmfold.py``; OpenFold ``utils/loss.py``).
+"""ESMFold output heads and confidence metrics (fair-esm ``esmfold.py``; OpenFold
+``utils/loss.py``).
 
 Glossary: B batch, L residues, Z pair channels, N structure-module iterations, A atoms (37).
 
 * distogram: ``Linear(Z, 64)`` on the trunk pair state, symmetrised.
-* pTM / PAE: ``Linear(Z, 64)`` logits over aligned-error bins of 0.5 Angstrom up to 31 (+ one overflow bin).
-  pTM is computed per sequence over its own residues (fair-esm; HF computes one value over the padded batch).
-* pLDDT: ``LayerNorm -> Linear -> Linear -> Linear`` (no activations between them, as in the reference) on every
-  iteration's state, 50 bins per atom37 slot; pLDDT is the expected bin centre of the last iteration, x100.
+* pTM / PAE: ``Linear(Z, 64)`` logits over aligned-error bins of 0.5 Angstrom up to 31 (+ one
+  overflow bin). pTM is computed per sequence over its own residues (fair-esm; HF computes one value
+  over the padded batch).
+* pLDDT: ``LayerNorm -> Linear -> Linear -> Linear`` (no activations between them, as in the
+  reference) on every iteration's state, 50 bins per atom37 slot; pLDDT is the expected bin centre
+  of the last iteration, x100.
 """
 
 from __future__ import annotations
@@ -25,12 +28,14 @@ PAE_MAX_BIN = 31.0
 
 def lddt_head(single_dim: int, hidden: int, *, rngs: nnx.Rngs) -> nnx.List:
     """Keys ``lddt_head.{0,1,2,3}``: LayerNorm and three Linears with no nonlinearity in between."""
-    return nnx.List([
-        nn.LayerNorm(single_dim, rngs=rngs),
-        dense(single_dim, hidden, rngs),
-        dense(hidden, hidden, rngs),
-        dense(hidden, 37 * LDDT_BINS, rngs),
-    ])  # fmt: skip
+    return nnx.List(
+        [
+            nn.LayerNorm(single_dim, rngs=rngs),
+            dense(single_dim, hidden, rngs),
+            dense(hidden, hidden, rngs),
+            dense(hidden, 37 * LDDT_BINS, rngs),
+        ]
+    )
 
 
 def apply_lddt_head(layers: nnx.List, states: jax.Array) -> jax.Array:
@@ -42,7 +47,8 @@ def apply_lddt_head(layers: nnx.List, states: jax.Array) -> jax.Array:
 
 
 def plddt(logits: jax.Array) -> jax.Array:
-    """Expected lDDT on 0..100 from [..., 50] logits (bin centres (i + 0.5) / 50, fair-esm ``categorical_lddt``)."""
+    """Expected lDDT on 0..100 from [..., 50] logits (bin centres (i + 0.5) / 50, fair-esm
+    ``categorical_lddt``)."""
     edges = jnp.linspace(0.0, 1.0, LDDT_BINS + 1, dtype=jnp.float32)
     centres = (edges[:-1] + edges[1:]) / 2
     return 100.0 * (jax.nn.softmax(logits, axis=-1) @ centres)
@@ -70,7 +76,8 @@ def predicted_tm(logits: jax.Array, mask: jax.Array, eps: float = 1e-8) -> jax.A
     """pTM of each sequence over its own residues (AF2 Suppl. 1.9.7, OpenFold ``compute_tm``).
 
     Args:
-      logits: [B, L, L, 64]; mask: [B, L] float, 1 on residues (its sum is each sequence's length N).
+      logits: [B, L, L, 64]; mask: [B, L] float, 1 on residues (its sum is each sequence's length
+        N).
     Returns:
       [B]: ``max_i sum_j p(i, j) f(e_ij) / N`` with ``f(e) = 1 / (1 + (e / d0)^2)``,
       ``d0 = 1.24 (max(N, 19) - 15)^(1/3) - 1.8``.
@@ -79,7 +86,9 @@ def predicted_tm(logits: jax.Array, mask: jax.Array, eps: float = 1e-8) -> jax.A
     d0 = 1.24 * (jnp.maximum(n, 19.0) - 15.0) ** (1.0 / 3) - 1.8
     centres = _aligned_error_bin_centres()
     tm_per_bin = 1.0 / (1.0 + centres**2 / d0[:, None] ** 2)  # [B, 64]
-    term = jnp.sum(jax.nn.softmax(logits, axis=-1) * tm_per_bin[:, None, None, :], axis=-1)  # [B, L, L]
+    term = jnp.sum(
+        jax.nn.softmax(logits, axis=-1) * tm_per_bin[:, None, None, :], axis=-1
+    )  # [B, L, L]
     weights = mask / (eps + n[:, None])
     per_alignment = jnp.sum(term * weights[:, None, :], axis=-1)  # [B, L]
     return jnp.max(jnp.where(mask > 0, per_alignment, -jnp.inf), axis=-1).clip(min=0.0)

@@ -1,12 +1,15 @@
-"""The structure module (Jumper et al. 2021, Suppl. Alg. 20), as OpenFold implements it and ESMFold uses it.
+"""The structure module (Jumper et al. 2021, Suppl. Alg. 20), as OpenFold implements it and ESMFold
+uses it.
 
-Glossary: B batch, L residues, S single channels (c_s), Z pair channels, H heads, C scalar head channels,
+Glossary: B batch, L residues, S single channels (c_s), Z pair channels, H heads, C scalar head
+  channels,
 P points, G rigid groups (8), A atoms (14).
 
-The ``num_blocks`` iterations share one set of weights and run as one ``lax.scan``. Backbone frames are carried as
-unit quaternions plus translations in nm (OpenFold's quaternion ``Rigid``) and turned into rotation matrices where
-they are used; all geometry is float32. Rotations pass through ``stop_gradient`` between iterations
-(``stop_rot_gradient``), and every iteration's outputs are stacked, as in the reference.
+The ``num_blocks`` iterations share one set of weights and run as one ``lax.scan``. Backbone frames
+are carried as unit quaternions plus translations in nm (OpenFold's quaternion ``Rigid``) and turned
+into rotation matrices where they are used; all geometry is float32. Rotations pass through
+``stop_gradient`` between iterations (``stop_rot_gradient``), and every iteration's outputs are
+stacked, as in the reference.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from esmjax.models.geometry.rigid import Rigid3, Rot3, Vec3, compose_quat_update
 
 
 def _points(flat: jax.Array) -> Vec3:
-    """OpenFold's point layout: the last axis is [x-block | y-block | z-block], each of H * P values."""
+    """OpenFold's point layout: the last axis is [x-block | y-block | z-block], each of H * P
+    values."""
     x, y, z = jnp.split(flat, 3, axis=-1)
     return Vec3(x, y, z)
 
@@ -33,8 +37,9 @@ def _points(flat: jax.Array) -> Vec3:
 class InvariantPointAttention(nnx.Module):
     """Invariant point attention (Suppl. Alg. 22), with OpenFold's Linear biases.
 
-    logits = sqrt(1/3C) q.k + sqrt(1/3) b_ij - 1/2 softplus(w_h) sqrt(1/(3 * 9P/2)) sum_p |T_i q_p - T_j k_p|^2
-    + inf (mask_ij - 1): the three terms are weighted so each has unit variance at initialisation.
+    logits = sqrt(1/3C) q.k + sqrt(1/3) b_ij - 1/2 softplus(w_h) sqrt(1/(3 * 9P/2)) sum_p |T_i q_p -
+    T_j k_p|^2 + inf (mask_ij - 1): the three terms are weighted so each has unit variance at
+    initialisation.
     """
 
     def __init__(self, cfg: StructureModuleConfig, *, rngs: nnx.Rngs):
@@ -59,26 +64,36 @@ class InvariantPointAttention(nnx.Module):
 
         local = frames.map(lambda t: t[..., None])  # broadcast over points
         q_pts = local.apply(_points(self.linear_q_points(s))).map(lambda t: t.reshape(b, l, h, pq))
-        kv_pts = local.apply(_points(self.linear_kv_points(s))).map(lambda t: t.reshape(b, l, h, pq + pv))
+        kv_pts = local.apply(_points(self.linear_kv_points(s))).map(
+            lambda t: t.reshape(b, l, h, pq + pv)
+        )
         k_pts = kv_pts.map(lambda t: t[..., :pq])
         v_pts = kv_pts.map(lambda t: t[..., pq:])  # [B, L, H, Pv]
 
         a = jnp.einsum("bqhc,bkhc->bhqk", q, k) * math.sqrt(1.0 / (3 * c))
         a = a + math.sqrt(1.0 / 3) * jnp.moveaxis(self.linear_b(z), -1, 1)
-        diff = q_pts.map(lambda t: t[:, :, None]) - k_pts.map(lambda t: t[:, None, :])  # [B, Lq, Lk, H, Pq]
+        diff = q_pts.map(lambda t: t[:, :, None]) - k_pts.map(
+            lambda t: t[:, None, :]
+        )  # [B, Lq, Lk, H, Pq]
         d2 = diff.x**2 + diff.y**2 + diff.z**2
         w = jax.nn.softplus(self.head_weights[...]) * math.sqrt(1.0 / (3 * (pq * 9.0 / 2)))
         pt = jnp.sum(d2 * w[:, None], axis=-1) * -0.5  # [B, Lq, Lk, H]
         square_mask = cfg.inf * (mask[:, :, None] * mask[:, None, :] - 1.0)
-        a = jax.nn.softmax(a + jnp.moveaxis(pt, -1, 1) + square_mask[:, None], axis=-1)  # [B, H, Lq, Lk]
+        a = jax.nn.softmax(
+            a + jnp.moveaxis(pt, -1, 1) + square_mask[:, None], axis=-1
+        )  # [B, H, Lq, Lk]
 
         o = jnp.einsum("bhqk,bkhc->bqhc", a, v).reshape(b, l, h * c)
-        o_pt = v_pts.map(lambda t: jnp.einsum("bhqk,bkhp->bqhp", a, t))  # [B, L, H, Pv], global frame
+        o_pt = v_pts.map(
+            lambda t: jnp.einsum("bhqk,bkhp->bqhp", a, t)
+        )  # [B, L, H, Pv], global frame
         o_pt = frames.map(lambda t: t[..., None, None]).apply_inverse(o_pt)
         o_pt_norm = jnp.sqrt(o_pt.norm_sq() + cfg.epsilon).reshape(b, l, h * pv)
         o_pt = o_pt.map(lambda t: t.reshape(b, l, h * pv))
         o_pair = jnp.einsum("bhqk,bqkz->bqhz", a, z).reshape(b, l, -1)
-        return self.linear_out(jnp.concatenate([o, o_pt.x, o_pt.y, o_pt.z, o_pt_norm, o_pair], axis=-1))
+        return self.linear_out(
+            jnp.concatenate([o, o_pt.x, o_pt.y, o_pt.z, o_pt_norm, o_pair], axis=-1)
+        )
 
 
 class TransitionLayer(nnx.Module):
@@ -93,7 +108,9 @@ class TransitionLayer(nnx.Module):
 
 class Transition(nnx.Module):
     def __init__(self, cfg: StructureModuleConfig, *, rngs: nnx.Rngs):
-        self.layers = nnx.List([TransitionLayer(cfg.single_dim, rngs=rngs) for _ in range(cfg.num_transition_layers)])
+        self.layers = nnx.List(
+            [TransitionLayer(cfg.single_dim, rngs=rngs) for _ in range(cfg.num_transition_layers)]
+        )
         self.layer_norm = nn.LayerNorm(cfg.single_dim, rngs=rngs)
 
     def __call__(self, s: jax.Array) -> jax.Array:
@@ -121,13 +138,16 @@ class AngleResnetBlock(nnx.Module):
 
 
 class AngleResnet(nnx.Module):
-    """Torsion angles from the single state (Suppl. Alg. 20 lines 11-14; the input ReLUs follow the AF2 code)."""
+    """Torsion angles from the single state (Suppl. Alg. 20 lines 11-14; the input ReLUs follow
+    the AF2 code)."""
 
     def __init__(self, cfg: StructureModuleConfig, *, rngs: nnx.Rngs):
         self.eps = cfg.epsilon
         self.linear_in = dense(cfg.single_dim, cfg.resnet_dim, rngs)
         self.linear_initial = dense(cfg.single_dim, cfg.resnet_dim, rngs)
-        self.layers = nnx.List([AngleResnetBlock(cfg.resnet_dim, rngs=rngs) for _ in range(cfg.num_resnet_blocks)])
+        self.layers = nnx.List(
+            [AngleResnetBlock(cfg.resnet_dim, rngs=rngs) for _ in range(cfg.num_resnet_blocks)]
+        )
         self.linear_out = dense(cfg.resnet_dim, cfg.num_angles * 2, rngs)
 
     def __call__(self, s: jax.Array, s_initial: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -142,7 +162,8 @@ class AngleResnet(nnx.Module):
 
 
 class StructureModule(nnx.Module):
-    """Suppl. Alg. 20 with shared weights across ``num_blocks`` iterations (OpenFold ``StructureModule``)."""
+    """Suppl. Alg. 20 with shared weights across ``num_blocks`` iterations (OpenFold
+    ``StructureModule``)."""
 
     def __init__(self, cfg: StructureModuleConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -156,15 +177,18 @@ class StructureModule(nnx.Module):
         self.bb_update = BackboneUpdate(s, rngs=rngs)
         self.angle_resnet = AngleResnet(cfg, rngs=rngs)
 
-    def __call__(self, single: jax.Array, pair: jax.Array, aatype: jax.Array, mask: jax.Array) -> dict:
+    def __call__(
+        self, single: jax.Array, pair: jax.Array, aatype: jax.Array, mask: jax.Array
+    ) -> dict:
         """Folds one batch.
 
         Args:
           single: [B, L, S]; pair: [B, L, L, Z]; aatype: [B, L] AF2 types; mask: [B, L] float.
         Returns:
-          per-iteration stacks (leading axis ``num_blocks``): ``frames`` [.., B, L, 7] (quaternion, translation in
-          Angstrom), ``sidechain_frames`` [.., B, L, 8, 4, 4], ``unnormalized_angles`` / ``angles`` [.., B, L, 7, 2],
-          ``positions`` [.., B, L, 14, 3] (Angstrom), ``states`` [.., B, L, S]; and ``single`` [B, L, S].
+          per-iteration stacks (leading axis ``num_blocks``): ``frames`` [.., B, L, 7] (quaternion,
+          translation in Angstrom), ``sidechain_frames`` [.., B, L, 8, 4, 4],
+          ``unnormalized_angles`` / ``angles`` [.., B, L, 7, 2], ``positions`` [.., B, L, 14, 3]
+          (Angstrom), ``states`` [.., B, L, S]; and ``single`` [B, L, S].
         """
         cfg = self.cfg
         s_initial = self.layer_norm_s(single)

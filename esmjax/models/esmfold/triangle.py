@@ -1,12 +1,15 @@
-"""Pair-representation updates of the ESMFold trunk: triangle multiplication, triangle attention, and the
-sequence <-> pair couplings (Jumper et al. 2021, Suppl. Alg. 11-14; Lin et al. 2023, "folding trunk").
+"""Pair-representation updates of the ESMFold trunk: triangle multiplication, triangle attention,
+and the sequence <-> pair couplings (Jumper et al. 2021, Suppl. Alg. 11-14; Lin et al. 2023,
+"folding trunk").
 
-Glossary: B batch, L residues (I, J, K index them), S single channels, Z pair channels, H heads, D head width.
+Glossary: B batch, L residues (I, J, K index them), S single channels, Z pair channels, H heads, D
+  head width.
 
-Every Linear keeps the torch layout's meaning with a ``[in, out]`` kernel, and parameter names are those of
-OpenFold / fair-esm (``linear_a_p``, ``layer_norm_in``, ``mha.linear_q``, ...), so weight conversion is a name
-table. Masked positions enter exactly as in the reference: ``mask * sigmoid(gate) * proj`` in the
-multiplicative update, and an additive ``inf * (mask - 1)`` bias in triangle attention.
+Every Linear keeps the torch layout's meaning with a ``[in, out]`` kernel, and parameter names are
+those of OpenFold / fair-esm (``linear_a_p``, ``layer_norm_in``, ``mha.linear_q``, ...), so weight
+conversion is a name table. Masked positions enter exactly as in the reference: ``mask *
+sigmoid(gate) * proj`` in the multiplicative update, and an additive ``inf * (mask - 1)`` bias in
+triangle attention.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from esmjax.models import layers as nn
 
 
 def dense(in_dim: int, out_dim: int, rngs: nnx.Rngs, use_bias: bool = True) -> nn.Dense:
-    """A float32 Linear with a ``[in, out]`` kernel (no sharding axes: the trunk runs replicated)."""
+    """A float32 Linear with a ``[in, out]`` kernel (no sharding axes: the trunk runs
+    replicated)."""
     return nn.Dense(in_dim, out_dim, (None, None), rngs=rngs, use_bias=use_bias)
 
 
@@ -31,7 +35,14 @@ class TriangleMultiplication(nnx.Module):
 
     def __init__(self, dim: int, *, outgoing: bool, rngs: nnx.Rngs):
         self.outgoing = outgoing
-        for name in ("linear_a_p", "linear_a_g", "linear_b_p", "linear_b_g", "linear_g", "linear_z"):
+        for name in (
+            "linear_a_p",
+            "linear_a_g",
+            "linear_b_p",
+            "linear_b_g",
+            "linear_g",
+            "linear_z",
+        ):
             setattr(self, name, dense(dim, dim, rngs))
         self.layer_norm_in = nn.LayerNorm(dim, rngs=rngs)
         self.layer_norm_out = nn.LayerNorm(dim, rngs=rngs)
@@ -50,8 +61,9 @@ class TriangleMultiplication(nnx.Module):
 
 
 class GatedAttention(nnx.Module):
-    """OpenFold ``Attention`` with gating (AF2 Suppl. Alg. 13/14 inner attention): per-head q/k/v without bias,
-    ``q / sqrt(D)``, additive biases, sigmoid gate from the query input, output Linear with bias."""
+    """OpenFold ``Attention`` with gating (AF2 Suppl. Alg. 13/14 inner attention): per-head q/k/v
+    without bias, ``q / sqrt(D)``, additive biases, sigmoid gate from the query input, output
+    Linear with bias."""
 
     def __init__(self, dim: int, head_width: int, num_heads: int, *, rngs: nnx.Rngs):
         self.num_heads, self.head_width = num_heads, head_width
@@ -63,7 +75,8 @@ class GatedAttention(nnx.Module):
         self.linear_g = dense(dim, hd, rngs)
 
     def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
-        """x [..., J, C] (rows of the pair map), bias broadcastable to [..., H, J, K] -> [..., J, C]."""
+        """x [..., J, C] (rows of the pair map), bias broadcastable to [..., H, J, K] -> [..., J,
+        C]."""
         heads = lambda t: t.reshape(t.shape[:-1] + (self.num_heads, self.head_width))  # noqa: E731
         q = heads(self.linear_q(x)) / jnp.sqrt(jnp.float32(self.head_width))
         k, v = heads(self.linear_k(x)), heads(self.linear_v(x))
@@ -74,16 +87,25 @@ class GatedAttention(nnx.Module):
 
 
 class TriangleAttention(nnx.Module):
-    """Triangle self-attention around the starting node (Suppl. Alg. 13) or the ending node (Alg. 14, the same
-    computation on the transposed pair map).
+    """Triangle self-attention around the starting node (Suppl. Alg. 13) or the ending node (Alg.
+    14, the same computation on the transposed pair map).
 
-    ``chunk_size`` splits the rows (the batch-like axis of the axial attention) into groups of that many, run one
-    after another with ``lax.map``: the [H, L, L] logits then exist for ``chunk_size`` rows at a time instead of
-    all L, the same memory saving as OpenFold's ``chunk_layer``; results are identical.
+    ``chunk_size`` splits the rows (the batch-like axis of the axial attention) into groups of that
+    many, run one after another with ``lax.map``: the [H, L, L] logits then exist for ``chunk_size``
+    rows at a time instead of all L, the same memory saving as OpenFold's ``chunk_layer``; results
+    are identical.
     """
 
-    def __init__(self, dim: int, head_width: int, num_heads: int, *, starting: bool, rngs: nnx.Rngs,
-                 inf: float = 1e9):  # fmt: skip
+    def __init__(
+        self,
+        dim: int,
+        head_width: int,
+        num_heads: int,
+        *,
+        starting: bool,
+        rngs: nnx.Rngs,
+        inf: float = 1e9,
+    ):
         self.starting, self.inf = starting, inf
         self.layer_norm = nn.LayerNorm(dim, rngs=rngs)
         self.linear = dense(dim, num_heads, rngs, use_bias=False)
@@ -102,8 +124,11 @@ class TriangleAttention(nnx.Module):
             return self.mha(xr, mr[:, None, None, :] + tri_bias)
 
         xs = (jnp.moveaxis(x, 1, 0), jnp.moveaxis(mask_bias, 1, 0))
-        # lax.map with batch_size vmaps ``row`` over chunk_size rows at a time (the last chunk may be shorter).
-        out = jax.vmap(row)(xs) if chunk_size is None else jax.lax.map(row, xs, batch_size=chunk_size)
+        # lax.map with batch_size vmaps ``row`` over chunk_size rows at a time (the last chunk may
+        # be shorter).
+        out = (
+            jax.vmap(row)(xs) if chunk_size is None else jax.lax.map(row, xs, batch_size=chunk_size)
+        )
         out = jnp.moveaxis(out, 0, 1)  # [B, I, J, Z]
         return jnp.swapaxes(out, 1, 2) if not self.starting else out
 
@@ -125,7 +150,8 @@ class SequenceToPair(nnx.Module):
 
 
 class PairToSequence(nnx.Module):
-    """Per-head attention bias for the sequence attention from the pair state (fair-esm ``PairToSequence``)."""
+    """Per-head attention bias for the sequence attention from the pair state (fair-esm
+    ``PairToSequence``)."""
 
     def __init__(self, pair_dim: int, num_heads: int, *, rngs: nnx.Rngs):
         self.layernorm = nn.LayerNorm(pair_dim, rngs=rngs)

@@ -1,13 +1,16 @@
-"""The ESMFold folding trunk (Lin et al. 2023; fair-esm ``esm/esmfold/v1/{trunk,tri_self_attn_block}.py``).
+"""The ESMFold folding trunk (Lin et al. 2023; fair-esm
+``esm/esmfold/v1/{trunk,tri_self_attn_block}.py``).
 
 Glossary: B batch, L residues, S single channels, Z pair channels, H heads, D head width, N blocks.
 
-``N`` ``TriangularSelfAttentionBlock``s are one stacked module (leading ``blocks`` axis) run by ``lax.scan``: one
-compiled block body whatever the depth. ``FoldingTrunk.__call__`` is the recycling loop: a ``lax.fori_loop``
-whose carry is the previous pass's trunk states and structure, passed back through ``stop_gradient`` so that,
-as in the reference (every pass but the last under ``torch.no_grad``), only the last pass carries gradients.
-On the first pass the recycled states are zeros, and the recycling LayerNorms turn them into their bias vectors,
-not zeros; the recycled distogram bins are 0 (``recycle_disto`` row 0, used as stored).
+``N`` ``TriangularSelfAttentionBlock``s are one stacked module (leading ``blocks`` axis) run by
+``lax.scan``: one compiled block body whatever the depth. ``FoldingTrunk.__call__`` is the recycling
+  loop: a ``lax.fori_loop``
+whose carry is the previous pass's trunk states and structure, passed back through ``stop_gradient``
+so that, as in the reference (every pass but the last under ``torch.no_grad``), only the last pass
+carries gradients. On the first pass the recycled states are zeros, and the recycling LayerNorms
+turn them into their bias vectors, not zeros; the recycled distogram bins are 0 (``recycle_disto``
+row 0, used as stored).
 """
 
 from __future__ import annotations
@@ -28,17 +31,20 @@ from esmjax.models.esmfold.triangle import (
 )
 from esmjax.models.geometry.rigid import Vec3
 
-# Recycled distogram: squared-distance boundaries linspace(3.375, 21.375, 14)^2 on the virtual C-beta (15 bins).
+# Recycled distogram: squared-distance boundaries linspace(3.375, 21.375, 14)^2 on the virtual
+# C-beta (15 bins).
 RECYCLE_BINS = 15
 RECYCLE_MIN, RECYCLE_MAX = 3.375, 21.375
 
 
 class ResidueMLP(nnx.Module):
-    """``x + Linear(ReLU(Linear(LayerNorm(x))))`` with a 4x hidden width (fair-esm ``ResidueMLP``, keys
-    ``mlp.{0,1,3}``; index 2 is the parameter-free ReLU)."""
+    """``x + Linear(ReLU(Linear(LayerNorm(x))))`` with a 4x hidden width (fair-esm ``ResidueMLP``,
+    keys ``mlp.{0,1,3}``; index 2 is the parameter-free ReLU)."""
 
     def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs):
-        self.mlp = nnx.List([nn.LayerNorm(dim, rngs=rngs), dense(dim, hidden, rngs), None, dense(hidden, dim, rngs)])
+        self.mlp = nnx.List(
+            [nn.LayerNorm(dim, rngs=rngs), dense(dim, hidden, rngs), None, dense(hidden, dim, rngs)]
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return x + self.mlp[3](jax.nn.relu(self.mlp[1](self.mlp[0](x))))
@@ -47,9 +53,9 @@ class ResidueMLP(nnx.Module):
 class SequenceAttention(nnx.Module):
     """Gated self-attention over residues with a pair bias (fair-esm ``misc.Attention``, gated).
 
-    ``proj`` maps to 3E channels read as ``[H, 3D]`` per head and split on the last axis, so q, k and v are
-    interleaved per head, not stacked as [Q | K | V]; converting the torch weight needs no reordering because
-    this module reads it the same way.
+    ``proj`` maps to 3E channels read as ``[H, 3D]`` per head and split on the last axis, so q, k
+    and v are interleaved per head, not stacked as [Q | K | V]; converting the torch weight needs no
+    reordering because this module reads it the same way.
     """
 
     def __init__(self, dim: int, num_heads: int, head_width: int, *, rngs: nnx.Rngs):
@@ -65,7 +71,8 @@ class SequenceAttention(nnx.Module):
         q, k, v = jnp.split(t, 3, axis=-1)  # [B, L, H, D] each
         q = q * self.head_width**-0.5
         a = jnp.einsum("bqhd,bkhd->bhqk", q, k) + jnp.moveaxis(bias, -1, 1)
-        # A finite "minus infinity": the same softmax as -inf for any row with a valid key, and no NaN for the
+        # A finite "minus infinity": the same softmax as -inf for any row with a valid key, and no
+        # NaN for the
         # all-padding rows that fill up a fixed-size batch.
         a = jnp.where(mask[:, None, None, :] > 0, a, jnp.finfo(a.dtype).min)
         y = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(a, axis=-1), v).reshape(b, l, -1)
@@ -75,8 +82,9 @@ class SequenceAttention(nnx.Module):
 class TriangularSelfAttentionBlock(nnx.Module):
     """One trunk block (fair-esm ``TriangularSelfAttentionBlock``), in the reference's exact order:
 
-    sequence attention with pair bias, sequence MLP, sequence->pair, triangle multiplication outgoing then
-    incoming, triangle attention starting then ending node, pair MLP. (Dropout is 0 in the released model.)
+    sequence attention with pair bias, sequence MLP, sequence->pair, triangle multiplication
+    outgoing then incoming, triangle attention starting then ending node, pair MLP. (Dropout is 0 in
+    the released model.)
     """
 
     def __init__(self, cfg: TrunkConfig, *, rngs: nnx.Rngs):
@@ -84,11 +92,17 @@ class TriangularSelfAttentionBlock(nnx.Module):
         self.layernorm_1 = nn.LayerNorm(s, rngs=rngs)
         self.sequence_to_pair = SequenceToPair(s, z // 2, z, rngs=rngs)
         self.pair_to_sequence = PairToSequence(z, cfg.single_heads, rngs=rngs)
-        self.seq_attention = SequenceAttention(s, cfg.single_heads, cfg.single_head_width, rngs=rngs)
+        self.seq_attention = SequenceAttention(
+            s, cfg.single_heads, cfg.single_head_width, rngs=rngs
+        )
         self.tri_mul_out = TriangleMultiplication(z, outgoing=True, rngs=rngs)
         self.tri_mul_in = TriangleMultiplication(z, outgoing=False, rngs=rngs)
-        self.tri_att_start = TriangleAttention(z, cfg.pair_head_width, cfg.pair_heads, starting=True, rngs=rngs)
-        self.tri_att_end = TriangleAttention(z, cfg.pair_head_width, cfg.pair_heads, starting=False, rngs=rngs)
+        self.tri_att_start = TriangleAttention(
+            z, cfg.pair_head_width, cfg.pair_heads, starting=True, rngs=rngs
+        )
+        self.tri_att_end = TriangleAttention(
+            z, cfg.pair_head_width, cfg.pair_heads, starting=False, rngs=rngs
+        )
         self.mlp_seq = ResidueMLP(s, 4 * s, rngs=rngs)
         self.mlp_pair = ResidueMLP(z, 4 * z, rngs=rngs)
 
@@ -109,8 +123,8 @@ class TriangularSelfAttentionBlock(nnx.Module):
 
 
 class RelativePosition(nnx.Module):
-    """Relative position embedding: ``clip(residx_j - residx_i, -bins, bins) + bins + 1``; index 0 is reserved
-    for pairs where either residue is padding (fair-esm ``RelativePosition``)."""
+    """Relative position embedding: ``clip(residx_j - residx_i, -bins, bins) + bins + 1``; index 0
+    is reserved for pairs where either residue is padding (fair-esm ``RelativePosition``)."""
 
     def __init__(self, bins: int, pair_dim: int, *, rngs: nnx.Rngs):
         self.bins = bins
@@ -118,18 +132,23 @@ class RelativePosition(nnx.Module):
 
     def __call__(self, residx: jax.Array, mask: jax.Array) -> jax.Array:
         """residx [B, L] int, mask [B, L] -> [B, L, L, Z]."""
-        diff = jnp.clip(residx[:, None, :] - residx[:, :, None], -self.bins, self.bins) + self.bins + 1
+        diff = (
+            jnp.clip(residx[:, None, :] - residx[:, :, None], -self.bins, self.bins) + self.bins + 1
+        )
         diff = jnp.where((mask[:, None, :] * mask[:, :, None]) > 0, diff, 0)
         return self.embedding(diff)
 
 
 def recycle_bins(atom14: jax.Array) -> jax.Array:
-    """Distogram bins [B, L, L] of the virtual C-beta placed from N, CA, C (atom14 slots 0..2) [B, L, 14, 3]."""
+    """Distogram bins [B, L, L] of the virtual C-beta placed from N, CA, C (atom14 slots 0..2)
+    [B, L, 14, 3]."""
     n, ca, c = (Vec3.from_array(atom14[..., i, :]) for i in range(3))
     b, c = ca - n, c - ca
     a = b.cross(c)
     cb = a * -0.58273431 + b * 0.56802827 - c * 0.54067466 + ca
-    d2 = (cb.map(lambda t: t[..., None, :]) - cb.map(lambda t: t[..., :, None])).norm_sq()  # [B, L, L]
+    d2 = (
+        cb.map(lambda t: t[..., None, :]) - cb.map(lambda t: t[..., :, None])
+    ).norm_sq()  # [B, L, L]
     bounds = jnp.linspace(RECYCLE_MIN, RECYCLE_MAX, RECYCLE_BINS - 1, dtype=jnp.float32) ** 2
     return jnp.sum(d2[..., None] > bounds, axis=-1)
 
@@ -158,7 +177,9 @@ class FoldingTrunk(nnx.Module):
         self.trunk2sm_s = dense(s, cfg.structure_module.single_dim, rngs)
         self.trunk2sm_z = dense(z, cfg.structure_module.pair_dim, rngs)
 
-    def run_blocks(self, s: jax.Array, z: jax.Array, mask: jax.Array, chunk_size: int | None = None):
+    def run_blocks(
+        self, s: jax.Array, z: jax.Array, mask: jax.Array, chunk_size: int | None = None
+    ):
         """All N blocks, scanned: s [B, L, S], z [B, L, L, Z] -> (s, z)."""
         graphdef, stacked = nnx.split(self.blocks)
 
@@ -183,7 +204,8 @@ class FoldingTrunk(nnx.Module):
 
         Args:
           s0: [B, L, S] single features; z0: [B, L, L, Z] pair features.
-          aatype: [B, L] AF2 residue types; residx: [B, L] residue indices; mask: [B, L] float, 1 = residue.
+          aatype: [B, L] AF2 residue types; residx: [B, L] residue indices; mask: [B, L] float, 1 =
+            residue.
           num_passes: total passes (fair-esm: ``num_recycles + 1``; ``max_recycles`` when None).
           chunk_size: row chunk of the triangle attentions (memory only; identical results).
         Returns:
@@ -208,5 +230,7 @@ class FoldingTrunk(nnx.Module):
         bins0 = jnp.zeros(z0.shape[:-1], jnp.int32)
         shapes = jax.eval_shape(lambda: one_pass(zeros_s, zeros_z, bins0)[2])
         structure0 = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
-        s, z, _, structure = jax.lax.fori_loop(0, num_passes, body, (zeros_s, zeros_z, bins0, structure0))
+        s, z, _, structure = jax.lax.fori_loop(
+            0, num_passes, body, (zeros_s, zeros_z, bins0, structure0)
+        )
         return {**structure, "s_s": s, "s_z": z}

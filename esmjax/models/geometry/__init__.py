@@ -1,1 +1,2 @@
-"""Float32 struct-of-arrays geometry (rigid frames, quaternions), residue constants and all-atom placement."""
+"""Float32 struct-of-arrays geometry (rigid frames, quaternions), residue constants and all-atom
+placement."""

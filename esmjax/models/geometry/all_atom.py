@@ -3,10 +3,11 @@
 
 Glossary: B batch, L residues, A atoms (14 or 37), G rigid groups (8).
 
-``torsion_angles_to_frames`` builds the 8 rigid-group frames of every residue (backbone, pre-omega, phi, psi,
-chi1..chi4) from the backbone frame and 7 (sin, cos) torsions; ``frames_to_atom14`` places each residue's atoms at
-their literature positions in their group's frame; ``atom14_to_atom37`` scatters the compact layout into the PDB
-atom order. All in float32, following OpenFold's ``utils/feats.py`` operation for operation.
+``torsion_angles_to_frames`` builds the 8 rigid-group frames of every residue (backbone, pre-omega,
+phi, psi, chi1..chi4) from the backbone frame and 7 (sin, cos) torsions; ``frames_to_atom14`` places
+each residue's atoms at their literature positions in their group's frame; ``atom14_to_atom37``
+scatters the compact layout into the PDB atom order. All in float32, following OpenFold's
+``utils/feats.py`` operation for operation.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def torsion_angles_to_frames(backbone: Rigid3, angles: jax.Array, aatype: jax.Ar
     alpha = jnp.concatenate([bb, angles], axis=-2)  # [B, L, G, 2]
     sin, cos = alpha[..., 0], alpha[..., 1]
     one, zero = jnp.ones_like(sin), jnp.zeros_like(sin)
-    # Rotation about x by the torsion: [[1, 0, 0], [0, cos, -sin], [0, sin, cos]] (AF2 code, not the supplement).
+    # Rotation about x by the torsion: [[1, 0, 0], [0, cos, -sin], [0, sin, cos]] (AF2 code, not the
+    # supplement).
     rot_x = Rot3(one, zero, zero, zero, cos, -sin, zero, sin, cos)
     frames = Rigid3(default.rot @ rot_x, default.trans)  # group -> parent, [B, L, G]
 
@@ -51,18 +53,27 @@ def torsion_angles_to_frames(backbone: Rigid3, angles: jax.Array, aatype: jax.Ar
     chi4 = chi3 @ group(7)
     first = frames.map(lambda a: a[..., :5])
     to_bb = jax.tree.map(
-        lambda f, c2, c3, c4: jnp.concatenate([f, c2[..., None], c3[..., None], c4[..., None]], axis=-1),
-        first, chi2, chi3, chi4,
-    )  # fmt: skip
+        lambda f, c2, c3, c4: jnp.concatenate(
+            [f, c2[..., None], c3[..., None], c4[..., None]], axis=-1
+        ),
+        first,
+        chi2,
+        chi3,
+        chi4,
+    )
     return backbone.map(lambda a: a[..., None]) @ to_bb
 
 
 def frames_to_atom14(frames: Rigid3, aatype: jax.Array) -> jax.Array:
-    """Atom14 coordinates [B, L, 14, 3] from group frames [B, L, 8] (Suppl. Alg. 24 line 11); absent atoms are 0."""
+    """Atom14 coordinates [B, L, 14, 3] from group frames [B, L, 8] (Suppl. Alg. 24 line 11);
+    absent atoms are 0."""
     group = _lookup(rc.RESTYPE_ATOM14_TO_GROUP, aatype)  # [B, L, 14]
-    # One gather of all 12 frame components at once (12 separate gathers compile much slower on XLA:CPU).
+    # One gather of all 12 frame components at once (12 separate gathers compile much slower on
+    # XLA:CPU).
     leaves, treedef = jax.tree.flatten(frames)
-    picked = jnp.take_along_axis(jnp.stack(leaves, axis=-1), group[..., None], axis=-2)  # [B, L, 14, 12]
+    picked = jnp.take_along_axis(
+        jnp.stack(leaves, axis=-1), group[..., None], axis=-2
+    )  # [B, L, 14, 12]
     atom_frames = jax.tree.unflatten(treedef, list(jnp.moveaxis(picked, -1, 0)))
     lit = Vec3.from_array(_lookup(rc.RESTYPE_ATOM14_POSITIONS, aatype))
     mask = _lookup(rc.RESTYPE_ATOM14_MASK, aatype)[..., None]
@@ -75,7 +86,8 @@ def atom14_mask(aatype: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def atom37_mask(aatype: jax.Array, mask: jax.Array) -> jax.Array:
-    """[B, L, 37] 1 where the residue has that atom and is not padding (OpenFold ``atom37_atom_exists``)."""
+    """[B, L, 37] 1 where the residue has that atom and is not padding (OpenFold
+    ``atom37_atom_exists``)."""
     return _lookup(rc.RESTYPE_ATOM37_MASK, aatype) * mask[..., None]
 
 

@@ -1,14 +1,18 @@
-"""Residue constants as data: the 20 amino acids' heavy atoms, their idealised positions in the 8 rigid groups,
-the atom14 / atom37 layouts and the default group frames (Jumper et al. 2021, Suppl. 1.8; values as published
-in AlphaFold's ``common/residue_constants.py`` and used by OpenFold and ESMFold).
+"""Residue constants as data: the 20 amino acids' heavy atoms, their idealised positions in the 8
+rigid groups, the atom14 / atom37 layouts and the default group frames (Jumper et al. 2021, Suppl.
+1.8; values as published in AlphaFold's ``common/residue_constants.py`` and used by OpenFold and
+ESMFold).
 
 The tables below are text data; the arrays are derived from them once at import:
 
-* ``RESTYPE_DEFAULT_FRAMES`` [21, 8, 4, 4]: each rigid group's frame in its parent (backbone, pre-omega, phi, psi,
-  chi1..chi4). Row 20 (unknown, X) is all zeros, exactly as in OpenFold, so X residues place no side chain.
-* ``RESTYPE_ATOM14_TO_GROUP`` [21, 14], ``RESTYPE_ATOM14_MASK`` [21, 14], ``RESTYPE_ATOM14_POSITIONS``
-  [21, 14, 3]: the compact atom14 layout and each atom's literature position in its group.
-* ``RESTYPE_ATOM37_TO_ATOM14`` [21, 37], ``RESTYPE_ATOM14_TO_ATOM37`` [21, 14], ``RESTYPE_ATOM37_MASK`` [21, 37].
+* ``RESTYPE_DEFAULT_FRAMES`` [21, 8, 4, 4]: each rigid group's frame in its parent (backbone,
+  pre-omega, phi, psi, chi1..chi4). Row 20 (unknown, X) is all zeros, exactly as in OpenFold, so X
+  residues place no side chain.
+* ``RESTYPE_ATOM14_TO_GROUP`` [21, 14], ``RESTYPE_ATOM14_MASK`` [21, 14],
+  ``RESTYPE_ATOM14_POSITIONS`` [21, 14, 3]: the compact atom14 layout and each atom's literature
+  position in its group.
+* ``RESTYPE_ATOM37_TO_ATOM14`` [21, 37], ``RESTYPE_ATOM14_TO_ATOM37`` [21, 14],
+  ``RESTYPE_ATOM37_MASK`` [21, 37].
 
 Amino-acid order (AF2 ``restype_order``): A R N D C Q E G H I L K M F P S T W Y V, then X = 20.
 """
@@ -22,21 +26,25 @@ RESTYPES_WITH_X = RESTYPES + ("X",)
 RESTYPE_ORDER = {r: i for i, r in enumerate(RESTYPES_WITH_X)}
 UNK = RESTYPE_ORDER["X"]
 NUM_RESTYPES = 20
-RESTYPE_1TO3 = dict(zip(RESTYPES, (
-    "ALA ARG ASN ASP CYS GLN GLU GLY HIS ILE LEU LYS MET PHE PRO SER THR TRP TYR VAL".split()
-)))  # fmt: skip
+RESTYPE_1TO3 = dict(
+    zip(
+        RESTYPES,
+        ("ALA ARG ASN ASP CYS GLN GLU GLY HIS ILE LEU LYS MET PHE PRO SER THR TRP TYR VAL".split()),
+    )
+)
 RESTYPE_3TO1 = {v: k for k, v in RESTYPE_1TO3.items()}
 
 ATOM_TYPES = tuple(
-    "N CA C CB O CG CG1 CG2 OG OG1 SG CD CD1 CD2 ND1 ND2 OD1 OD2 SD CE CE1 CE2 CE3 NE NE1 NE2 OE1 OE2 CH2 NH1 NH2 "
-    "OH CZ CZ2 CZ3 NZ OXT".split()
+    "N CA C CB O CG CG1 CG2 OG OG1 SG CD CD1 CD2 ND1 ND2 OD1 OD2 SD CE CE1 CE2 CE3 NE NE1 NE2 "
+    "OE1 OE2 CH2 NH1 NH2 OH CZ CZ2 CZ3 NZ OXT".split()
 )
 ATOM_ORDER = {a: i for i, a in enumerate(ATOM_TYPES)}
 NUM_ATOM37 = len(ATOM_TYPES)  # 37
 NUM_ATOM14 = 14
 NUM_GROUPS = 8
 
-# residue, atom, rigid group (0 backbone, 3 psi, 4-7 chi1-4), position in that group's frame (Angstrom).
+# residue, atom, rigid group (0 backbone, 3 psi, 4-7 chi1-4), position in that group's frame
+# (Angstrom).
 # PRO CD carries AlphaFold's manual adjustment (ring angle 2 degrees larger).
 _RIGID_GROUP_POSITIONS = """
 ALA N   0  -0.525   1.363   0.000
@@ -234,14 +242,14 @@ VAL N CA C O CB CG1 CG2
 
 # The four atoms defining each chi dihedral, chi1 first.
 _CHI_ANGLES_ATOMS = """
-ALA 
+ALA
 ARG N,CA,CB,CG CA,CB,CG,CD CB,CG,CD,NE CG,CD,NE,CZ
 ASN N,CA,CB,CG CA,CB,CG,OD1
 ASP N,CA,CB,CG CA,CB,CG,OD1
 CYS N,CA,CB,SG
 GLN N,CA,CB,CG CA,CB,CG,CD CB,CG,CD,OE1
 GLU N,CA,CB,CG CA,CB,CG,CD CB,CG,CD,OE1
-GLY 
+GLY
 HIS N,CA,CB,CG CA,CB,CG,ND1
 ILE N,CA,CB,CG1 CA,CB,CG1,CD1
 LEU N,CA,CB,CG CA,CB,CG,CD1
@@ -281,8 +289,8 @@ CHI_ANGLES_ATOMS: dict[str, list[tuple[str, ...]]] = {
 
 
 def _frame(ex: np.ndarray, ey: np.ndarray, origin: np.ndarray) -> np.ndarray:
-    """4x4 frame whose x axis is along ``ex``, y in the (ex, ey) plane, z = x cross y, origin ``origin``
-    (Gram-Schmidt; AF2 Suppl. Alg. 21 builds the backbone frame the same way)."""
+    """4x4 frame whose x axis is along ``ex``, y in the (ex, ey) plane, z = x cross y, origin
+    ``origin`` (Gram-Schmidt; AF2 Suppl. Alg. 21 builds the backbone frame the same way)."""
     x = ex / np.linalg.norm(ex)
     y = ey - np.dot(ey, x) * x
     y = y / np.linalg.norm(y)
@@ -318,11 +326,20 @@ def _build() -> dict[str, np.ndarray]:
         if chis:  # chi1 in the backbone frame
             a, b, c = (pos[n] for n in chis[0][:3])
             frames[r, 4] = _frame(c - b, a - b, c)
-        for k in range(1, len(chis)):  # chi(k+1) in chi(k)'s frame; each axis starts at the previous origin
+        for k in range(
+            1, len(chis)
+        ):  # chi(k+1) in chi(k)'s frame; each axis starts at the previous origin
             end = pos[chis[k][2]]
             frames[r, 4 + k] = _frame(end, np.array([-1.0, 0.0, 0.0]), end)
-    return dict(frames=frames, a14_group=a14_group, a14_mask=a14_mask, a14_pos=a14_pos, a14_to_37=a14_to_37,
-                a37_to_14=a37_to_14, a37_mask=a37_mask)  # fmt: skip
+    return dict(
+        frames=frames,
+        a14_group=a14_group,
+        a14_mask=a14_mask,
+        a14_pos=a14_pos,
+        a14_to_37=a14_to_37,
+        a37_to_14=a37_to_14,
+        a37_mask=a37_mask,
+    )
 
 
 _T = _build()

@@ -1,12 +1,15 @@
-"""Struct-of-arrays 3D geometry in float32: ``Vec3``, ``Rot3``, ``Rigid3`` pytrees and quaternion helpers.
+"""Struct-of-arrays 3D geometry in float32: ``Vec3``, ``Rot3``, ``Rigid3`` pytrees and quaternion
+helpers.
 
-Each object holds one array per component (``Vec3(x, y, z)``, ``Rot3(xx, ..., zz)``) of any common broadcastable
-shape, as AlphaFold's ``r3.py`` / ``geometry`` package does: rotations and point maps are written out as
-elementwise products and sums, so they never become low-precision matmuls on an accelerator's matrix unit, and
-every operation broadcasts like plain arrays (``frames[..., None]`` applied to ``points[..., P]``).
+Each object holds one array per component (``Vec3(x, y, z)``, ``Rot3(xx, ..., zz)``) of any common
+broadcastable shape, as AlphaFold's ``r3.py`` / ``geometry`` package does: rotations and point maps
+are written out as elementwise products and sums, so they never become low-precision matmuls on an
+accelerator's matrix unit, and every operation broadcasts like plain arrays (``frames[..., None]``
+applied to ``points[..., P]``).
 
-Quaternions are ``[..., 4]`` arrays ``(w, x, y, z)``; OpenFold's structure module (ESMFold's) keeps its backbone
-rotations as quaternions and converts them to matrices on use, which ``Rot3.from_quaternion`` mirrors.
+Quaternions are ``[..., 4]`` arrays ``(w, x, y, z)``; OpenFold's structure module (ESMFold's) keeps
+its backbone rotations as quaternions and converts them to matrices on use, which
+``Rot3.from_quaternion`` mirrors.
 """
 
 from __future__ import annotations
@@ -63,7 +66,9 @@ class Vec3:
         return self.x * o.x + self.y * o.y + self.z * o.z
 
     def cross(self, o: Vec3) -> Vec3:
-        return Vec3(self.y * o.z - self.z * o.y, self.z * o.x - self.x * o.z, self.x * o.y - self.y * o.x)
+        return Vec3(
+            self.y * o.z - self.z * o.y, self.z * o.x - self.x * o.z, self.x * o.y - self.y * o.x
+        )
 
     def norm_sq(self) -> jax.Array:
         return self.x * self.x + self.y * self.y + self.z * self.z
@@ -90,19 +95,32 @@ class Rot3:
         return cls(*(m[..., i, j] for i in range(3) for j in range(3)))
 
     def to_array(self) -> jax.Array:
-        rows = [jnp.stack(r, axis=-1) for r in ((self.xx, self.xy, self.xz), (self.yx, self.yy, self.yz),
-                                                (self.zx, self.zy, self.zz))]  # fmt: skip
+        rows = [
+            jnp.stack(r, axis=-1)
+            for r in (
+                (self.xx, self.xy, self.xz),
+                (self.yx, self.yy, self.yz),
+                (self.zx, self.zy, self.zz),
+            )
+        ]
         return jnp.stack(rows, axis=-2)
 
     @classmethod
     def from_quaternion(cls, q: jax.Array) -> Rot3:
-        """Rotation of quaternion ``q`` ``[..., 4]`` = (w, x, y, z), assumed unit (OpenFold ``quat_to_rot``)."""
+        """Rotation of quaternion ``q`` ``[..., 4]`` = (w, x, y, z), assumed unit (OpenFold
+        ``quat_to_rot``)."""
         a, b, c, d = q[..., 0], q[..., 1], q[..., 2], q[..., 3]
         return cls(
-            a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c),
-            2 * (b * c + a * d), a * a - b * b + c * c - d * d, 2 * (c * d - a * b),
-            2 * (b * d - a * c), 2 * (c * d + a * b), a * a - b * b - c * c + d * d,
-        )  # fmt: skip
+            a * a + b * b - c * c - d * d,
+            2 * (b * c - a * d),
+            2 * (b * d + a * c),
+            2 * (b * c + a * d),
+            a * a - b * b + c * c - d * d,
+            2 * (c * d - a * b),
+            2 * (b * d - a * c),
+            2 * (c * d + a * b),
+            a * a - b * b - c * c + d * d,
+        )
 
     def apply(self, v: Vec3) -> Vec3:
         return Vec3(
@@ -140,8 +158,12 @@ class Rigid3:
         return cls(Rot3.from_array(m[..., :3, :3]), Vec3.from_array(m[..., :3, 3]))
 
     def to_tensor_4x4(self) -> jax.Array:
-        top = jnp.concatenate([self.rot.to_array(), self.trans.to_array()[..., None]], axis=-1)  # [..., 3, 4]
-        bottom = jnp.broadcast_to(jnp.array([0.0, 0.0, 0.0, 1.0], top.dtype), top.shape[:-2] + (1, 4))
+        top = jnp.concatenate(
+            [self.rot.to_array(), self.trans.to_array()[..., None]], axis=-1
+        )  # [..., 3, 4]
+        bottom = jnp.broadcast_to(
+            jnp.array([0.0, 0.0, 0.0, 1.0], top.dtype), top.shape[:-2] + (1, 4)
+        )
         return jnp.concatenate([top, bottom], axis=-2)
 
     def apply(self, v: Vec3) -> Vec3:
@@ -158,9 +180,9 @@ class Rigid3:
         return Rigid3(self.rot.map(fn), self.trans.map(fn))
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Quaternions (w, x, y, z)
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def quat_identity(shape: tuple[int, ...]) -> jax.Array:
     return jnp.zeros(shape + (4,), jnp.float32).at[..., 0].set(1.0)
 
@@ -169,14 +191,24 @@ def quat_multiply_by_vec(q: jax.Array, v: jax.Array) -> jax.Array:
     """Hamilton product ``q * (0, v)`` for ``q`` [..., 4], ``v`` [..., 3]."""
     a, b, c, d = q[..., 0], q[..., 1], q[..., 2], q[..., 3]
     x, y, z = v[..., 0], v[..., 1], v[..., 2]
-    return jnp.stack([-b * x - c * y - d * z, a * x + c * z - d * y, a * y - b * z + d * x, a * z + b * y - c * x], -1)
+    return jnp.stack(
+        [
+            -b * x - c * y - d * z,
+            a * x + c * z - d * y,
+            a * y - b * z + d * x,
+            a * z + b * y - c * x,
+        ],
+        -1,
+    )
 
 
 def compose_quat_update(q: jax.Array, t: Vec3, update: jax.Array) -> tuple[jax.Array, Vec3]:
-    """AF2 Suppl. Alg. 23 lines 2-3: compose frames (q, t) with the update ``(b, c, d, t')`` [..., 6].
+    """AF2 Suppl. Alg. 23 lines 2-3: compose frames (q, t) with the update ``(b, c, d, t')`` [...,
+    6].
 
-    The update rotation is the non-unit quaternion (1, b, c, d): ``q' = normalise(q + q * (0, b, c, d))``; the
-    translation ``t'`` is rotated by the *old* rotation (OpenFold ``Rigid.compose_q_update_vec``).
+    The update rotation is the non-unit quaternion (1, b, c, d): ``q' = normalise(q + q * (0, b, c,
+    d))``; the translation ``t'`` is rotated by the *old* rotation (OpenFold
+    ``Rigid.compose_q_update_vec``).
     """
     new_q = q + quat_multiply_by_vec(q, update[..., :3])
     new_q = new_q / jnp.sqrt(jnp.sum(new_q * new_q, axis=-1, keepdims=True))
