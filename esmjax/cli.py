@@ -1,8 +1,8 @@
-"""The ``esmjax`` console script.
+"""The ``esmjax`` console script: the command table only.
 
-Each subcommand lives in the module that implements it; that module defines
-``add_arguments(parser)`` and ``main(args) -> int``. Modules are imported only when their subcommand
-runs, so ``esmjax --help`` stays fast.
+Each command is the module ``esmjax.commands.<name>``, which defines ``add_arguments(parser)`` and
+``main(args) -> int`` (argv -> config -> one library call). A module is imported only when its
+command runs, so ``esmjax --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -15,42 +15,22 @@ import sys
 
 from esmjax.errors import InputError
 
-# name -> (module, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("esmjax.commands.train", "pretrain or resume ESM-2 (masked LM) on one or many hosts"),
-    "convert": (
-        "esmjax.commands.convert",
-        "convert fair-esm .pt / HuggingFace weights into an esmjax checkpoint",
-    ),
-    "export": (
-        "esmjax.commands.convert",
-        "export an esmjax checkpoint to fair-esm .pt or a HuggingFace folder",
-    ),
-    "plan": (
-        "esmjax.train.plan",
-        "compile the train step ahead of time and report memory and FLOPs per device",
-    ),
-    "embed": (
-        "esmjax.inference.embed",
-        "per-residue / mean embeddings, logits and contacts for a FASTA file",
-    ),
-    "fold": (
-        "esmjax.inference.fold",
-        "ESMFold structures (PDB) and confidences (pLDDT, pTM, PAE) for a FASTA file",
-    ),
-    "data": (
-        "esmjax.commands.data",
-        "build a training dataset from FASTA (+ cluster TSV), inspect it",
-    ),
-    "evaluate": (
-        "esmjax.commands.evaluate",
-        "perplexity, contact precision and variant effects of a saved checkpoint",
-    ),
-    "plot": (
-        "esmjax.evaluate.plot",
-        "loss and perplexity curves of a training workdir (metrics.jsonl)",
-    ),
+# name -> one-line help; the command lives in ``esmjax.commands.<name>`` (``-`` -> ``_``).
+COMMANDS: dict[str, str] = {
+    "train": "pretrain or resume ESM-2 (masked LM) on one or many hosts",
+    "convert": "convert fair-esm .pt / HuggingFace weights into an esmjax checkpoint",
+    "export": "export an esmjax checkpoint to fair-esm .pt, a HuggingFace folder or ESMFold",
+    "plan": "compile the train step ahead of time and report memory and FLOPs per device",
+    "embed": "per-residue / mean embeddings, logits and contacts for a FASTA file",
+    "fold": "ESMFold structures (PDB) and confidences (pLDDT, pTM, PAE) for a FASTA file",
+    "data": "build a training dataset from FASTA (+ cluster TSV), inspect it",
+    "evaluate": "perplexity, contact precision and variant effects of a saved checkpoint",
+    "plot": "loss and perplexity curves of a training workdir (metrics.jsonl)",
 }
+
+
+def command_module(name: str):
+    return importlib.import_module(f"esmjax.commands.{name.replace('-', '_')}")
 
 
 def _setup_logging() -> None:
@@ -68,11 +48,10 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     """The parser; only the chosen subcommand's module is imported to add its options."""
     parser = argparse.ArgumentParser(prog="esmjax", description="ESM-2 / ESMFold in JAX")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_text) in COMMANDS.items():
+    for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == command:
-            mod = importlib.import_module(module)
-            getattr(mod, f"add_{name}_arguments", getattr(mod, "add_arguments", None))(p)
+            command_module(name).add_arguments(p)
     return parser
 
 
@@ -85,10 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     _setup_logging()
-    mod = importlib.import_module(COMMANDS[args.command][0])
-    entry = getattr(mod, f"{args.command}_main", None) or mod.main
     try:
-        return int(entry(args) or 0)
+        return int(command_module(args.command).main(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

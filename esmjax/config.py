@@ -367,3 +367,20 @@ def load_config(
 def config_hash(cfg: Any) -> str:
     """A short stable hash of a config, recorded in reports."""
     return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def load_run_config(
+    path: str | Path | None, overrides: list[str], workdir: str | Path
+) -> TrainConfig:
+    """The config for ``esmjax train``: the file plus overrides, or the workdir's saved config
+    when resuming."""
+    if path is None:
+        saved = Path(workdir) / "config.json"
+        if not saved.exists():
+            raise ConfigError("--config is required for a new workdir")
+        tree = json.loads(saved.read_text())
+        cfg = from_dict(TrainConfig, tree)
+        if overrides:
+            raise ConfigError("--set needs --config")
+        return cfg
+    return load_config(path, overrides)

@@ -9,11 +9,11 @@ import numpy as np
 import torch
 from flax import nnx
 
-from esmjax.io import esmfold_checkpoint as fold_ckpt
 from esmjax.io.convert_esm2 import config_from_hf
 from esmjax.io.convert_esmfold import _fold_params, _split_esm, _stem_from_hf, state_dict_to_params
 from esmjax.models.alphabet import TOKENS
 from esmjax.models.esmfold.config import from_hf
+from esmjax.models.esmfold.model import abstract_model as esmfold_abstract_model
 
 # (name, LM layers/width/heads, trunk, structure module). "small" is the default test shape; "wide"
 # has 3 trunk
@@ -161,7 +161,7 @@ def converted(name: str = "small", seed: int = 0):
     esm_sd, fold_sd = _split_esm(numpy_state_dict(ref))
     params = _fold_params(fold_sd, cfg)
     params["esm"] = _stem_from_hf(esm_sd, esm_cfg)
-    graphdef, state = fold_ckpt.abstract_model(cfg)
+    graphdef, state = esmfold_abstract_model(cfg)
     nnx.replace_by_pure_dict(state, params)
     return cfg, nnx.merge(graphdef, state)
 

@@ -6,13 +6,8 @@ from flax import nnx
 
 from esmjax.cli import main as cli
 from esmjax.config import ESM2_PRESETS, MeshConfig
-from esmjax.inference.embed import (
-    Embedder,
-    embed_records,
-    length_buckets,
-    make_batches,
-    parse_layers,
-)
+from esmjax.inference.embed import embed_records, make_batches, parse_layers
+from esmjax.inference.engine import Engine, length_buckets
 from esmjax.io import checkpoint
 from esmjax.io.fasta import Record
 from esmjax.models.esm2 import ESM2
@@ -38,7 +33,7 @@ def test_compiles_once_per_bucket(ckpt, tmp_path):
     mesh = shd.make_mesh(MeshConfig(ici_fsdp=-1))
     rules = shd.resolve_rules("fsdp")
     model, _ = checkpoint.load_model(ckpt, mesh=mesh, rules=rules)
-    emb = Embedder(model, mesh, rules)
+    emb = Engine(model, mesh, rules)
     # 12 records, lengths spread over 2 buckets (padded widths 32 and 48), several batches per
     # bucket.
     recs = [

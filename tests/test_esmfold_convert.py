@@ -14,7 +14,6 @@ from esmfold_reference import converted, hf_model, numpy_state_dict
 from esmjax import cli
 from esmjax.io import checkpoint
 from esmjax.io import convert_esm2 as convert
-from esmjax.io import esmfold_checkpoint as fold_ckpt
 from esmjax.io.convert_esmfold import ConversionError, read_fairesm, read_hf
 from esmjax.io.torch_pt import UnsafeCheckpointError
 
@@ -34,7 +33,7 @@ def _tree_equal(a, b, skip_lm_head=False):
 @pytest.fixture(scope="module")
 def reference_params():
     cfg, model = converted("small")
-    return cfg, fold_ckpt.params_numpy(model)
+    return cfg, checkpoint.params_numpy(model)
 
 
 def test_hf_safetensors_and_bin_folders(tmp_path, reference_params):
@@ -105,11 +104,11 @@ def test_fairesm_pt_with_separate_language_model(tmp_path, reference_params):
         )
         == 0
     )
-    model, step = fold_ckpt.load(tmp_path / "out")
+    model, step = checkpoint.load_esmfold(tmp_path / "out")
     assert (
         step == 0 and model.cfg.trunk == cfg.trunk
     )  # num_blocks / max_recycles from cfg, widths from shapes
-    _tree_equal(fold_ckpt.params_numpy(model), params)
+    _tree_equal(checkpoint.params_numpy(model), params)
     with pytest.raises(ConversionError, match="pass --esm"):
         read_fairesm(tmp_path / "esmfold_tiny.pt")
 
@@ -125,7 +124,7 @@ def test_fairesm_pt_holding_its_language_model(tmp_path, reference_params):
 
 def test_export_to_esmfold_and_dimension_check(tmp_path, reference_params):
     cfg, params = reference_params
-    fold_ckpt.save(tmp_path / "head", cfg, params)
+    checkpoint.save_converted(tmp_path / "head", cfg, params)
     # An "esmjax-trained" ESM-2 of the same shape, with different weights.
     esm_params = jax.tree.map(lambda x: x * 1.5, params["esm"])
     checkpoint.save_converted(tmp_path / "lm", cfg.esm, esm_params)
@@ -143,8 +142,8 @@ def test_export_to_esmfold_and_dimension_check(tmp_path, reference_params):
         )
         == 0
     )
-    model, _ = fold_ckpt.load(tmp_path / "out")
-    got = fold_ckpt.params_numpy(model)
+    model, _ = checkpoint.load_esmfold(tmp_path / "out")
+    got = checkpoint.params_numpy(model)
     _tree_equal(got["esm"], esm_params)
     _tree_equal(got["trunk"], params["trunk"])
     # A stem of another width cannot feed this head: a clear, one-line error.

@@ -13,7 +13,8 @@ from esmfold_reference import converted, hf_model, rel_err
 
 from esmjax import cli
 from esmjax.errors import InputError
-from esmjax.inference.fold import Folder, encode, fold_records, load_records, make_batches
+from esmjax.inference.engine import Engine
+from esmjax.inference.fold import encode, fold_records, load_records, make_batches
 from esmjax.io.fasta import Record
 from esmjax.models.geometry import residue_constants as rc
 
@@ -30,7 +31,7 @@ RECORDS = [
 @pytest.fixture(scope="module")
 def folded(tmp_path_factory):
     _, model = converted("small")
-    folder = Folder(model)
+    folder = Engine(model)
     out = tmp_path_factory.mktemp("fold")
     results = fold_records(folder, RECORDS, out, max_tokens=2048, mmcif=True, progress=False)
     return folder, out, {r["id"]: r for r in results}

@@ -8,8 +8,8 @@ import numpy as np
 
 from esmjax.config import ESM2_PRESETS, MeshConfig, OptimConfig
 from esmjax.data.masking import mask_tokens
-from esmjax.io.checkpoint import abstract_model
 from esmjax.models.alphabet import batch_encode
+from esmjax.models.esm2 import abstract_model
 from esmjax.parallel import sharding as shd
 from esmjax.train.optim import learning_rate, make_optimizer
 from esmjax.train.state import create_state, model_graphdef, state_shardings

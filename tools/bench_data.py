@@ -1,10 +1,11 @@
 """Input-pipeline throughput: packed, masked training tokens per second that one host's process
 produces.
 
-    python tools/bench_data.py                       # builds the bundled CATH S20 sample into a
-    temp folder python tools/bench_data.py --data DIR --rows 2048 --process-count 1 --workers 0 2 4
-    python tools/bench_data.py --synthetic 300000   # UniRef-like lengths (log-normal, median 250),
-    random residues
+    # the bundled CATH S20 sample, built into a temp folder:
+    python tools/bench_data.py
+    python tools/bench_data.py --data DIR --rows 2048 --process-count 1 --workers 0 2 4
+    # UniRef-like lengths (log-normal, median 250), random residues:
+    python tools/bench_data.py --synthetic 300000
 
 Each configuration runs ``esmjax.data.pipeline.train_batches`` as the trainer does (``rows`` = this
 process's rows per optimizer step, ``process_count`` processes planning the same global batch) and

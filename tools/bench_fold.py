@@ -85,10 +85,10 @@ def main() -> int:
     from flax import nnx
     from transformers import EsmForProteinFolding
 
-    from esmjax.io import esmfold_checkpoint as fold_ckpt
     from esmjax.io.convert_esm2 import config_from_hf
     from esmjax.io.convert_esmfold import _fold_params, _split_esm, _stem_from_hf
     from esmjax.models.esmfold.config import from_hf
+    from esmjax.models.esmfold.model import abstract_model as esmfold_abstract_model
     from esmjax.models.geometry import residue_constants as rc
 
     if args.threads:
@@ -102,7 +102,7 @@ def main() -> int:
     esm_sd, fold_sd = _split_esm(sd)
     params = _fold_params(fold_sd, cfg)
     params["esm"] = _stem_from_hf(esm_sd, esm_cfg)
-    graphdef, state = fold_ckpt.abstract_model(cfg)
+    graphdef, state = esmfold_abstract_model(cfg)
     nnx.replace_by_pure_dict(state, params)
     fold = jax.jit(lambda st, a, m, r: nnx.merge(graphdef, st)(a, m, r)["positions"][-1])
     n_params = sum(v.numel() for k, v in ref.state_dict().items() if not k.startswith("esm."))

@@ -39,7 +39,7 @@ def make_batch(rows: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
 def bench_jax(cfg_model, batch, steps: int) -> float:
     """Seconds per train step."""
     from esmjax.config import MeshConfig, OptimConfig
-    from esmjax.io.checkpoint import abstract_model
+    from esmjax.models.esm2 import abstract_model
     from esmjax.parallel import sharding as shd
     from esmjax.train.optim import learning_rate, make_optimizer
     from esmjax.train.state import create_state, model_graphdef, state_shardings

@@ -1,9 +1,10 @@
 """Prints the per-parameter sharding table (path, shape, logical axes, PartitionSpec) for a config
 and mesh.
 
-    python tools/dump_sharding.py --config configs/esm2_650m.yaml --mesh data=2,fsdp=8,tensor=1
-    [--rules fsdp_tp] python tools/dump_sharding.py --write-golden        # regenerates
-    tests/golden/ (review the diff!)
+    python tools/dump_sharding.py --config configs/esm2_650m.yaml \
+        --mesh data=2,fsdp=8,tensor=1 [--rules fsdp_tp]
+    # regenerates tests/golden/ (review the diff!):
+    python tools/dump_sharding.py --write-golden
 
 Device-free: the model is built abstractly and the rules are applied to the mesh sizes given.
 """
@@ -18,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from esmjax.config import esm2_preset, load_config  # noqa: E402
-from esmjax.io.checkpoint import abstract_model  # noqa: E402
+from esmjax.models.esm2 import abstract_model  # noqa: E402
 from esmjax.parallel import sharding as shd  # noqa: E402
 
 # (golden file stem, preset, mesh sizes, rules)

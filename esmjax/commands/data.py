@@ -4,16 +4,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-import numpy as np
-
 from esmjax.data import source
-from esmjax.data.sampling import ClusterSampler
 
 # Residue-length histogram edges for `inspect` (the last bin holds what a 1,024-token crop cuts).
-HIST_EDGES = (1, 50, 100, 200, 300, 500, 750, 1023)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -103,56 +98,10 @@ def build_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def length_histogram(lengths: np.ndarray) -> list[tuple[str, int]]:
-    """(label, count) per residue-length bin."""
-    counts = np.zeros(len(HIST_EDGES), np.int64)
-    for lo in range(0, len(lengths), 1 << 22):  # chunked: the array may be memory-mapped and huge
-        bins = np.searchsorted(HIST_EDGES, lengths[lo : lo + (1 << 22)], "right")
-        counts += np.bincount(bins, minlength=len(counts) + 1)[1:]
-    labels = [f"{a}-{b - 1}" for a, b in zip(HIST_EDGES[:-1], HIST_EDGES[1:])] + [
-        f">={HIST_EDGES[-1]}"
-    ]
-    return list(zip(labels, counts.tolist()))
-
-
 def inspect_main(args: argparse.Namespace) -> int:
-    if not source.is_dataset_dir(args.dataset):
-        raise source.DatasetError(
-            f"{args.dataset}: not a dataset folder made by `esmjax data build`"
-        )
-    meta = source.read_meta(args.dataset)
-    out = sys.stdout
-    print(f"# dataset {args.dataset}: built from {', '.join(meta['fasta'])}", file=out)
-    if meta["clusters"]:
-        print(f"# clusters from {meta['clusters']}", file=out)
-    print(f"# {meta['stats']['summary']}", file=out)
-    for name in source.SPLITS:
-        s = meta["splits"][name]
-        role = " (held out)" if name == "validation" else ""
-        print(
-            f"# {name}{role}: {s['records']} records, {s['clusters']} clusters, {s['residues']} "
-            "residues",
-            file=out,
-        )
-    split = source.open_split(args.dataset, args.split)
-    lengths = split.lengths
-    sizes = np.diff(np.asarray(split.offsets))
-    print(
-        f"# {args.split} lengths: min {int(lengths.min())}, median {int(np.median(lengths))}, max "
-        f"{int(lengths.max())}; cluster sizes: min {int(sizes.min())}, median "
-        f"{int(np.median(sizes))}, max {int(sizes.max())}",
-        file=out,
+    from esmjax.data.inspect import inspect_dataset
+
+    inspect_dataset(
+        args.dataset, args.split, args.sample, args.seed, args.cluster_exponent, out=sys.stdout
     )
-    print(f"# {args.split} length histogram (residues):", file=out)
-    for label, n in length_histogram(lengths):
-        print(f"#   {label:>9}: {n:>10} ({100.0 * n / len(lengths):5.1f}%)", file=out)
-    if args.sample > 0:
-        sampler = ClusterSampler(split.offsets, lengths, 1 << 30, args.seed, args.cluster_exponent)
-        draws = sampler.draws(0, args.sample)
-        for lo in range(0, args.sample, 4096):
-            recs = draws.record[lo : lo + 4096]
-            for (rec_id, cluster), r in zip(split.describe(recs), recs.tolist()):
-                out.write(
-                    json.dumps({"id": rec_id, "cluster": cluster, "length": int(lengths[r])}) + "\n"
-                )
     return 0

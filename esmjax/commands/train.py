@@ -32,7 +32,8 @@ def main(args: argparse.Namespace) -> int:
     from esmjax.parallel import distributed
 
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-    from esmjax.train.loop import load_run_config, run
+    from esmjax.config import load_run_config
+    from esmjax.train.loop import run
 
     workdir = Path(args.workdir)
     cfg = load_run_config(args.config, args.set, workdir)

@@ -21,8 +21,13 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from esmjax.errors import InputError
 from esmjax.inference.engine import Engine, MaskedQuery, masked_logprobs
 from esmjax.models.alphabet import VOCAB_SIZE, encode
+
+
+class NoMaskedTokens(InputError):
+    """The evaluation data selected no position to score (e.g. an empty held-out split)."""
 
 
 def masked_lm(
@@ -57,7 +62,7 @@ def masked_lm(
         bar.update(1)
     bar.close()
     if count == 0:
-        raise ValueError("no masked tokens in the evaluation data")
+        raise NoMaskedTokens("no masked tokens in the evaluation data")
     loss = nll / count
     p = hist[hist > 0] / hist.sum()
     return {

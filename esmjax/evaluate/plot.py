@@ -11,7 +11,6 @@ or killed job is skipped with a warning; any other unreadable line is an error n
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -206,23 +205,20 @@ def plot_variant_scatter(
 # --------------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------------
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "workdir", help=f"training workdir (holding {METRICS_FILE}) or a {METRICS_FILE} file"
-    )
-    p.add_argument("--out", help="output PNG [default: W/plots/training.png]")
 
 
-def main(args: argparse.Namespace) -> int:
-    src = Path(args.workdir)
+def plot_workdir(src: str | Path, out: str | Path | None = None) -> Path:
+    """``esmjax plot``: the training curves of a workdir (or a ``metrics.jsonl``) as a PNG, with a
+    first/last table of every metric on stdout; returns the PNG's path."""
+    src = Path(src)
     rows = read_metrics(src)
     if not rows:
         raise InputError(f"{src}: no metrics yet")
     workdir = src if src.is_dir() else src.parent
-    out = Path(args.out) if args.out else workdir / "plots" / "training.png"
+    out = Path(out) if out else workdir / "plots" / "training.png"
     path = plot_training(rows, out, title=str(workdir.absolute().name))
     print(f"{'metric':<18} {'first':>12} {'last':>12} {'at step':>8}")
     for key, first, last, step in summary_rows(rows):
         print(f"{key:<18} {first:>12.4g} {last:>12.4g} {step:>8d}")
     print(f"wrote {path}")
-    return 0
+    return path

@@ -8,7 +8,6 @@ record's arrays are written to ``<id>.npz`` with BOS and EOS removed.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -16,42 +15,20 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from tqdm import tqdm
 
 from esmjax.config import MeshConfig
 from esmjax.errors import InputError
+from esmjax.inference.engine import Engine, bucketed
 from esmjax.io import checkpoint
 from esmjax.io.fasta import Record, check_unique_ids, read_fasta, sanitize_id
 from esmjax.models.alphabet import PAD, batch_encode
-from esmjax.models.esm2 import ESM2
 from esmjax.parallel import sharding as shd
 
 log = logging.getLogger("esmjax.inference.embed")
 
 INCLUDE_CHOICES = ("per_tok", "mean", "logits", "contacts")
-
-
-def length_buckets(max_len: int) -> list[int]:
-    """Padded token lengths 16, 32, 48, 64, 96, 128, 192, 256, 384, ... (powers of two and 1.5x),
-    up to max_len."""
-    out, b = [], 16
-    while True:
-        for v in (b, b * 3 // 2):
-            out.append(v)
-            if v >= max_len:
-                return sorted(set(out))
-        b *= 2
-
-
-def bucket_for(length: int, buckets: Sequence[int]) -> int:
-    for b in buckets:
-        if b >= length:
-            return b
-    raise ValueError(f"length {length} exceeds the largest bucket {buckets[-1]}")
 
 
 @dataclass(frozen=True)
@@ -64,52 +41,13 @@ def make_batches(
     records: Sequence[Record], max_tokens: int, truncation: int | None, row_multiple: int = 1
 ) -> Iterator[Batch]:
     """Groups length-sorted records into fixed-shape batches: one row count per length bucket."""
-    if not records:
-        return
     lengths = [min(len(r.sequence), truncation or len(r.sequence)) + 2 for r in records]
-    buckets = length_buckets(max(lengths))
-    order = sorted(range(len(records)), key=lambda i: lengths[i])
-    groups: dict[int, list[int]] = {}
-    for i in order:
-        groups.setdefault(bucket_for(lengths[i], buckets), []).append(i)
-    for width, idx in groups.items():
-        rows = max(row_multiple, (max_tokens // width) // row_multiple * row_multiple)
-        for start in range(0, len(idx), rows):
-            chunk = [records[i] for i in idx[start : start + rows]]
-            tokens = batch_encode([r.sequence for r in chunk], truncation, pad_to=width)
-            full = np.full((rows, width), PAD, np.int32)
-            full[: len(chunk)] = tokens
-            yield Batch(chunk, full)
-
-
-class Embedder:
-    """A restored model and one jitted forward per padded shape."""
-
-    def __init__(self, model: ESM2, mesh: jax.sharding.Mesh, rules: shd.Rules):
-        self.cfg = model.cfg
-        self.mesh, self.rules = mesh, rules
-        self.graphdef, self.state = nnx.split(model)
-        self.traces = 0  # how many times the forward was traced (compilations), for tests and logs
-
-        def forward(state, tokens, repr_layers, contacts, logits):
-            self.traces += 1
-            m = nnx.merge(self.graphdef, state)
-            out = m(tokens, repr_layers=repr_layers, return_contacts=contacts, return_logits=logits)
-            out["representations"] = {
-                k: v.astype(jnp.float32) for k, v in out["representations"].items()
-            }
-            out.pop("attentions", None)
-            return out
-
-        self._forward = jax.jit(forward, static_argnums=(2, 3, 4))
-
-    def __call__(
-        self, tokens: np.ndarray, repr_layers: tuple[int, ...], contacts: bool, logits: bool
-    ) -> dict:
-        with shd.use_mesh(self.mesh, self.rules):
-            x = jax.device_put(tokens, shd.batch_sharding(self.mesh, self.rules, 2))
-            out = self._forward(self.state, x, repr_layers, contacts, logits)
-        return jax.device_get(out)
+    for width, rows, idx in bucketed(lengths, max_tokens, row_multiple):
+        chunk = [records[i] for i in idx]
+        tokens = batch_encode([r.sequence for r in chunk], truncation, pad_to=width)
+        full = np.full((rows, width), PAD, np.int32)
+        full[: len(chunk)] = tokens
+        yield Batch(chunk, full)
 
 
 def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
@@ -146,7 +84,7 @@ def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def embed_records(
-    embedder: Embedder,
+    engine: Engine,
     records: Sequence[Record],
     out_dir: Path,
     layers: tuple[int, ...],
@@ -158,15 +96,14 @@ def embed_records(
     include = set(include)
     want_repr = bool(include & {"per_tok", "mean"})
     repr_layers = layers if want_repr else ()
-    n_dev = embedder.mesh.devices.size
     out_dir.mkdir(parents=True, exist_ok=True)
     for r in records:
         if truncation is not None and len(r.sequence) > truncation:
             log.warning("%s: %d residues truncated to %d", r.id, len(r.sequence), truncation)
     bar = tqdm(total=len(records), desc="embed", unit="seq", file=sys.stderr, disable=not progress)
     done = 0
-    for batch in make_batches(records, max_tokens, truncation, row_multiple=n_dev):
-        out = embedder(batch.tokens, repr_layers, "contacts" in include, "logits" in include)
+    for batch in make_batches(records, max_tokens, truncation, engine.row_multiple):
+        out = engine.embed(batch.tokens, repr_layers, "contacts" in include, "logits" in include)
         for row, rec in enumerate(batch.records):
             n = min(len(rec.sequence), truncation or len(rec.sequence))
             arrays: dict[str, np.ndarray] = {}
@@ -187,59 +124,38 @@ def embed_records(
     return done
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--checkpoint", required=True, help="esmjax checkpoint folder or training workdir"
-    )
-    p.add_argument("--fasta", required=True, help="input FASTA (plain or gzip)")
-    p.add_argument("--out", required=True, help="output folder for <id>.npz files")
-    p.add_argument("--step", type=int, default=None, help="training step (default: latest)")
-    p.add_argument(
-        "--layers",
-        default="-1",
-        help="layer indices (negatives from the end) or 'all' [default: -1]",
-    )
-    p.add_argument(
-        "--include", nargs="+", default=["mean"], choices=INCLUDE_CHOICES, help="what to write"
-    )
-    p.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype"
-    )
-    p.add_argument("--max-tokens-per-batch", type=int, default=4096, help="padded tokens per batch")
-    p.add_argument(
-        "--truncation-seq-length", type=int, default=1022, help="residues kept per record (0 = all)"
-    )
-    p.add_argument(
-        "--unknown-as-x", action="store_true", help="read characters outside the alphabet as X"
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def main(args: argparse.Namespace) -> int:
-    records = load_records(args.fasta, args.unknown_as_x)
+def embed_fasta(
+    checkpoint_path: str,
+    fasta: str,
+    out: str,
+    *,
+    step: int | None = None,
+    layers: str = "-1",
+    include: Sequence[str] = ("mean",),
+    dtype: str = "float32",
+    max_tokens: int = 4096,
+    truncation: int | None = 1022,
+    unknown_as_x: bool = False,
+    progress: bool = True,
+) -> int:
+    """``esmjax embed``: every record of ``fasta`` through the checkpoint's model, sharded over all
+    local devices (fsdp); writes ``<out>/<id>.npz`` and returns the record count."""
+    records = load_records(fasta, unknown_as_x)
     mesh = shd.make_mesh(MeshConfig(ici_fsdp=-1))
     rules = shd.resolve_rules("fsdp")
-    model, step = checkpoint.load_model(
-        args.checkpoint, step=args.step, mesh=mesh, rules=rules, dtype=args.dtype
+    model, restored = checkpoint.load_model(
+        checkpoint_path, step=step, mesh=mesh, rules=rules, dtype=dtype
     )
-    layers = parse_layers(args.layers, model.cfg.num_layers)
-    embedder = Embedder(model, mesh, rules)
-    truncation = args.truncation_seq_length or None
+    engine = Engine(model, mesh, rules)
+    repr_layers = parse_layers(layers, model.cfg.num_layers)
     n = embed_records(
-        embedder,
-        records,
-        Path(args.out),
-        layers,
-        args.include,
-        args.max_tokens_per_batch,
-        truncation,
-        progress=not args.no_progress,
+        engine, records, Path(out), repr_layers, include, max_tokens, truncation, progress
     )
     log.info(
         "wrote %d records to %s (checkpoint step %d, %d compilations)",
         n,
-        args.out,
-        step,
-        embedder.traces,
+        out,
+        restored,
+        engine.traces,
     )
-    return 0
+    return n

@@ -1,19 +1,22 @@
-"""A restored ESM2 on a device mesh and the jitted forward passes that evaluation needs.
+"""The one inference engine: a restored model on a device mesh, length buckets, jitted forwards.
 
-Every pass puts a *global* batch on the mesh (rows split over the ``act_batch`` axes, parameters
-sharded by the rules) and returns small per-row results replicated on every device, so each process
-reads the same numbers whatever the device and process count. Host-side sums then run in float64 in
-row order.
+``esmjax embed``, ``fold`` and ``evaluate`` (and fine-tuning predictions) all run through
+``Engine``. It splits the model once into a graph and a state placed on the mesh; ``forward`` turns
+a function of ``(model, *arrays)`` into a jitted pass over *global* batches (rows split over the
+``act_batch`` axes, parameters sharded by the rules) whose small results are replicated on every
+device, so each process reads the same numbers whatever the device and process count. ``traces``
+counts compilations: with the length buckets below a pass compiles once per bucket.
 
-Two ways in: ``put_global`` for batches every process builds identically (pseudo-perplexity, variant
-and contact scoring), ``put_local`` for batches a data pipeline shards by process (masked-LM
-perplexity).
+Two ways in: ``put_global`` for batches every process builds identically (embedding, folding,
+pseudo-perplexity, variant and contact scoring), ``put_local`` for batches a data pipeline shards by
+process (masked-LM perplexity).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,44 +25,99 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from esmjax.inference.embed import bucket_for, length_buckets
 from esmjax.models.alphabet import MASK, PAD, encode_with_specials
 from esmjax.models.esm2 import ESM2
 from esmjax.parallel import sharding as shd
 
 
+# --------------------------------------------------------------------------------------------------
+# Length buckets
+# --------------------------------------------------------------------------------------------------
+def length_buckets(max_len: int) -> list[int]:
+    """Padded token lengths 16, 24, 32, 48, 64, 96, 128, ... (powers of two and 1.5x), up to
+    ``max_len``."""
+    out, b = [], 16
+    while True:
+        for v in (b, b * 3 // 2):
+            out.append(v)
+            if v >= max_len:
+                return sorted(set(out))
+        b *= 2
+
+
+def bucket_for(length: int, buckets: Sequence[int]) -> int:
+    for b in buckets:
+        if b >= length:
+            return b
+    raise ValueError(f"length {length} exceeds the largest bucket {buckets[-1]}")
+
+
 def length_bucket(length: int) -> int:
-    """The padded width for ``length`` tokens: 16, 24, 32, 48, 64, 96, ... (``esmjax embed``'s
-    buckets)."""
+    """The padded width for ``length`` tokens: 16, 24, 32, 48, 64, 96, ..."""
     return bucket_for(length, length_buckets(length))
 
 
-class Engine:
-    """Jitted evaluation passes of one model on one mesh."""
+def bucketed(
+    lengths: Sequence[int], max_tokens: int, row_multiple: int = 1, fit_rows: bool = False
+) -> Iterator[tuple[int, int, list[int]]]:
+    """Groups items by padded length: yields ``(width, rows, indices)`` chunks, shortest first.
 
-    def __init__(self, model: ESM2, mesh: jax.sharding.Mesh, rules: shd.Rules | str = "fsdp"):
+    Every chunk of one bucket has the same ``rows`` (about ``max_tokens / width``, a multiple of
+    ``row_multiple``), so a jitted pass compiles once per bucket; the last chunk's extra rows are
+    padding. ``fit_rows`` caps ``rows`` at the bucket's item count (folding, where a padded row
+    costs a whole trunk pass).
+    """
+    if not lengths:
+        return
+    buckets = length_buckets(max(lengths))
+    groups: dict[int, list[int]] = {}
+    for i in sorted(range(len(lengths)), key=lambda i: (lengths[i], i)):
+        groups.setdefault(bucket_for(lengths[i], buckets), []).append(i)
+    for width, idx in groups.items():
+        rows = max(row_multiple, (max_tokens // width) // row_multiple * row_multiple)
+        if fit_rows:
+            rows = max(1, min(rows, len(idx)))
+        for start in range(0, len(idx), rows):
+            yield width, rows, idx[start : start + rows]
+
+
+# --------------------------------------------------------------------------------------------------
+# The engine
+# --------------------------------------------------------------------------------------------------
+class Engine:
+    """A model on a mesh and its jitted passes.
+
+    Args:
+      model: any NNX model (ESM2, ESMFold); ESM-2 passes below need an ESM2.
+      mesh: the device mesh; ``None`` runs on one device (ESMFold's replicated trunk).
+      rules: logical-axis rules (a preset name or a rule table).
+    """
+
+    def __init__(
+        self, model: nnx.Module, mesh: jax.sharding.Mesh | None = None, rules: Any = "fsdp"
+    ):
         self.cfg = model.cfg
-        self.mesh = mesh
+        self.mesh = mesh if mesh is not None else shd.single_device_mesh()
         self.rules = shd.resolve_rules(rules)
         self.graphdef, self.state = nnx.split(model)
-        batch_axes = self._batch_spec(2)[0]
-        names = (
-            ()
-            if batch_axes is None
-            else (batch_axes,)
-            if isinstance(batch_axes, str)
-            else batch_axes
-        )
-        sizes = shd.mesh_sizes(mesh)
+        self.traces = 0  # compilations of every pass, for tests and logs
+        spec = self._batch_spec(2)[0]
+        names = () if spec is None else (spec,) if isinstance(spec, str) else spec
+        sizes = shd.mesh_sizes(self.mesh)
         self.row_multiple = int(np.prod([sizes[a] for a in names])) if names else 1
-        replicated = NamedSharding(mesh, P())
-        self._mlm = jax.jit(self._mlm_rows, out_shardings=replicated)
-        self._logprobs = jax.jit(self._logprobs_at, out_shardings=replicated)
-        self._contacts = jax.jit(self._contact_maps, out_shardings=replicated)
-        self._features = jax.jit(self._contact_features, out_shardings=replicated)
+        self._passes: dict[str, Callable] = {}
+
+    @property
+    def model(self) -> nnx.Module:
+        """The model with the engine's current state (e.g. after ``set_contact_regression``)."""
+        return nnx.merge(self.graphdef, self.state)
+
+    def set_variables(self, variables: Any) -> None:
+        """Points the engine at new parameter values of the same structure and shardings (e.g. a
+        training run's current state): the passes run on them without recompiling."""
+        nnx.replace_by_pure_dict(self.state, variables)
 
     # -- placement
-    # ----------------------------------------------------------------------------------------------
     def _batch_spec(self, ndim: int) -> P:
         return shd.batch_sharding(self.mesh, self.rules, ndim).spec
 
@@ -70,8 +128,7 @@ class Engine:
         return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
     def put_local(self, x: np.ndarray) -> jax.Array:
-        """This process's rows -> the global array (rows of process 0 first, then process 1,
-        ...)."""
+        """This process's rows -> the global array (process 0's rows first, then process 1's...)."""
         sharding = shd.batch_sharding(self.mesh, self.rules, x.ndim)
         return jax.make_array_from_process_local_data(sharding, x)
 
@@ -82,72 +139,78 @@ class Engine:
             return x
         return np.concatenate([x, np.full((extra, *x.shape[1:]), fill, x.dtype)])
 
-    # -- jitted bodies
-    # -------------------------------------------------------------------------------------------
-    def _model(self, state) -> ESM2:
-        return nnx.merge(self.graphdef, state)
+    # -- passes
+    def forward(self, fn: Callable, static_argnums: Sequence[int] = ()) -> Callable:
+        """``fn(model, *args)`` -> a host callable ``call(*args, local=False)``.
 
-    def _mlm_rows(self, state, tokens, targets, loss_mask, segment_ids, positions):
-        """Per row: summed NLL, masked-token count and correct argmax predictions over
-        ``loss_mask``."""
-        out = self._model(state)(tokens, segment_ids, positions)
-        logp = jax.nn.log_softmax(out["logits"], axis=-1)  # [B, L, V]
-        nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # [B, L]
-        correct = jnp.argmax(out["logits"], axis=-1) == targets
-        m = loss_mask.astype(bool)
-        return (
-            jnp.where(m, nll, 0.0).sum(-1),
-            m.sum(-1).astype(jnp.int32),
-            (m & correct).sum(-1).astype(jnp.int32),
+        Array arguments (NumPy) are placed as global batches (``local=True``: this process's rows);
+        arguments at ``static_argnums`` (counted in ``args``) are compile-time constants. Results
+        come back as host NumPy trees, replicated on every process.
+        """
+        statics = tuple(static_argnums)
+
+        def body(state, *args):
+            self.traces += 1
+            return fn(nnx.merge(self.graphdef, state), *args)
+
+        replicated = NamedSharding(self.mesh, P())
+        jitted = jax.jit(
+            body, static_argnums=tuple(i + 1 for i in statics), out_shardings=replicated
         )
 
-    def _logprobs_at(self, state, tokens, at):
-        """[B, V] log-probabilities at position ``at[b]`` of each row."""
-        logits = self._model(state)(tokens)["logits"]  # [B, L, V]
-        row = jnp.take_along_axis(logits, at[:, None, None], axis=1)[:, 0]  # [B, V]
-        return jax.nn.log_softmax(row, axis=-1)
+        def call(*args, local: bool = False):
+            put = self.put_local if local else self.put_global
+            placed = [a if i in statics else put(np.asarray(a)) for i, a in enumerate(args)]
+            with shd.use_mesh(self.mesh, self.rules):
+                out = jitted(self.state, *placed)
+            return jax.device_get(out)
 
-    def _contact_maps(self, state, tokens):
-        return self._model(state)(tokens, return_contacts=True, return_logits=False)["contacts"]
+        return call
 
-    def _contact_features(self, state, tokens):
-        model = self._model(state)
-        out = model(tokens, need_head_weights=True, return_logits=False)
-        return model.contact_head.features(tokens, out["attentions"])
+    def cached_forward(
+        self, name: str, fn: Callable, static_argnums: Sequence[int] = ()
+    ) -> Callable:
+        """``forward`` built once per engine under ``name`` (compiled once per input shape)."""
+        if name not in self._passes:
+            self._passes[name] = self.forward(fn, static_argnums)
+        return self._passes[name]
 
-    # -- host entry points
-    # ---------------------------------------------------------------------------------------
+    # -- ESM-2 passes
+    def embed(
+        self, tokens: np.ndarray, repr_layers: tuple[int, ...], contacts: bool, logits: bool
+    ) -> dict:
+        """Representations (float32) of ``repr_layers``, logits and contacts of a [R, T] batch."""
+        return self.cached_forward("embed", _embed, static_argnums=(1, 2, 3))(
+            tokens, repr_layers, contacts, logits
+        )
+
     def mlm_rows(self, batch: dict[str, np.ndarray], local: bool = True) -> tuple[np.ndarray, ...]:
         """Per-row (nll_sum float32, count, correct) of a masked batch; ``local``: rows are this
         process's share."""
-        put = self.put_local if local else self.put_global
         keys = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
-        args = [put(np.asarray(batch[k]).astype(np.int32)) for k in keys]
-        with shd.use_mesh(self.mesh, self.rules):
-            out = self._mlm(self.state, *args)
-        return tuple(np.asarray(jax.device_get(o)) for o in out)
+        args = [np.asarray(batch[k]).astype(np.int32) for k in keys]
+        return tuple(
+            np.asarray(o) for o in self.cached_forward("mlm", _mlm_rows)(*args, local=local)
+        )
 
     def logprobs_at(self, tokens: np.ndarray, at: np.ndarray) -> np.ndarray:
         """[R, V] log-probabilities at one position per row (rows identical on every process)."""
         r = len(tokens)
         tokens, at = self.pad_rows(tokens, PAD), self.pad_rows(at, 0)
-        with shd.use_mesh(self.mesh, self.rules):
-            out = self._logprobs(self.state, self.put_global(tokens), self.put_global(at))
-        return np.asarray(jax.device_get(out))[:r]
+        return np.asarray(self.cached_forward("logprobs", _logprobs_at)(tokens, at))[:r]
 
     def contacts(self, tokens: np.ndarray) -> np.ndarray:
         """[R, T-2, T-2] contact probabilities from the model's contact head."""
         r = len(tokens)
-        with shd.use_mesh(self.mesh, self.rules):
-            out = self._contacts(self.state, self.put_global(self.pad_rows(tokens, PAD)))
-        return np.asarray(jax.device_get(out))[:r]
+        return np.asarray(
+            self.cached_forward("contacts", _contact_maps)(self.pad_rows(tokens, PAD))
+        )[:r]
 
     def contact_features(self, tokens: np.ndarray) -> np.ndarray:
         """[R, T-2, T-2, N*H] the contact head's symmetrised, APC-corrected attention features."""
         r = len(tokens)
-        with shd.use_mesh(self.mesh, self.rules):
-            out = self._features(self.state, self.put_global(self.pad_rows(tokens, PAD)))
-        return np.asarray(jax.device_get(out))[:r]
+        feats = self.cached_forward("features", _contact_features)(self.pad_rows(tokens, PAD))
+        return np.asarray(feats)[:r]
 
     def set_contact_regression(self, kernel: np.ndarray, bias: np.ndarray) -> None:
         """Replaces the contact head's logistic regression ([N*H, 1] kernel, [1] bias)."""
@@ -157,6 +220,44 @@ class Engine:
             reg[name].value = jax.device_put(
                 np.asarray(value, old.dtype).reshape(old.shape), old.sharding
             )
+
+
+# -- ESM-2 pass bodies: (model, *arrays) -> small results
+def _embed(model: ESM2, tokens, repr_layers, contacts, logits):
+    out = model(tokens, repr_layers=repr_layers, return_contacts=contacts, return_logits=logits)
+    out["representations"] = {k: v.astype(jnp.float32) for k, v in out["representations"].items()}
+    out.pop("attentions", None)
+    return out
+
+
+def _mlm_rows(model: ESM2, tokens, targets, loss_mask, segment_ids, positions):
+    """Per row: summed NLL, masked-token count and correct argmax predictions over ``loss_mask``."""
+    out = model(tokens, segment_ids, positions)
+    logp = jax.nn.log_softmax(out["logits"], axis=-1)  # [B, L, V]
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # [B, L]
+    correct = jnp.argmax(out["logits"], axis=-1) == targets
+    m = loss_mask.astype(bool)
+    return (
+        jnp.where(m, nll, 0.0).sum(-1),
+        m.sum(-1).astype(jnp.int32),
+        (m & correct).sum(-1).astype(jnp.int32),
+    )
+
+
+def _logprobs_at(model: ESM2, tokens, at):
+    """[B, V] log-probabilities at position ``at[b]`` of each row."""
+    logits = model(tokens)["logits"]  # [B, L, V]
+    row = jnp.take_along_axis(logits, at[:, None, None], axis=1)[:, 0]  # [B, V]
+    return jax.nn.log_softmax(row, axis=-1)
+
+
+def _contact_maps(model: ESM2, tokens):
+    return model(tokens, return_contacts=True, return_logits=False)["contacts"]
+
+
+def _contact_features(model: ESM2, tokens):
+    out = model(tokens, need_head_weights=True, return_logits=False)
+    return model.contact_head.features(tokens, out["attentions"])
 
 
 @dataclass(frozen=True)
@@ -183,26 +284,17 @@ def masked_logprobs(
     """
     encoded = [encode_with_specials(s) for s in sequences]
     out = np.zeros((len(queries), engine.cfg.vocab_size), np.float32)
-    groups: dict[int, list[int]] = {}
-    for qi in sorted(range(len(queries)), key=lambda i: (len(encoded[queries[i].seq]), i)):
-        groups.setdefault(length_bucket(len(encoded[queries[qi].seq])), []).append(qi)
-    for width, idx in groups.items():
-        rows = max(
-            engine.row_multiple, (max_tokens // width) // engine.row_multiple * engine.row_multiple
-        )
-        for start in range(0, len(idx), rows):
-            chunk = idx[start : start + rows]
-            tokens = np.full(
-                (rows, width), PAD, np.int32
-            )  # fixed shape per bucket: one compilation
-            at = np.zeros(rows, np.int32)
-            for r, qi in enumerate(chunk):
-                q = queries[qi]
-                enc = encoded[q.seq]
-                tokens[r, : len(enc)] = enc
-                tokens[r, q.position + 1] = MASK  # +1: BOS
-                at[r] = q.position + 1
-            out[chunk] = engine.logprobs_at(tokens, at)[: len(chunk)]
-            if progress is not None:
-                progress.update(len(chunk))
+    lengths = [len(encoded[q.seq]) for q in queries]
+    for width, rows, chunk in bucketed(lengths, max_tokens, engine.row_multiple):
+        tokens = np.full((rows, width), PAD, np.int32)  # fixed shape per bucket: one compilation
+        at = np.zeros(rows, np.int32)
+        for r, qi in enumerate(chunk):
+            q = queries[qi]
+            enc = encoded[q.seq]
+            tokens[r, : len(enc)] = enc
+            tokens[r, q.position + 1] = MASK  # +1: BOS
+            at[r] = q.position + 1
+        out[chunk] = engine.logprobs_at(tokens, at)[: len(chunk)]
+        if progress is not None:
+            progress.update(len(chunk))
     return out

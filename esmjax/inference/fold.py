@@ -12,7 +12,6 @@ over the shown residues, ``max_pae``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -21,15 +20,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from tqdm import tqdm
 
 from esmjax.errors import InputError
-from esmjax.inference.embed import bucket_for, length_buckets
-from esmjax.io import esmfold_checkpoint as fold_ckpt
+from esmjax.inference.engine import Engine, bucketed
+from esmjax.io import checkpoint
 from esmjax.io.fasta import Record, check_unique_ids, read_fasta, sanitize_id
 from esmjax.io.structure_writer import Structure, to_mmcif, to_pdb
 from esmjax.models.esmfold.heads import max_predicted_aligned_error
@@ -84,30 +80,23 @@ def encode(sequence: str) -> Encoded:
     )
 
 
-class Folder:
-    """A restored ESMFold and one jitted fold per padded shape; ``traces`` counts compilations."""
+def _fold(model: ESMFold, aatype, mask, residx, num_recycles, chunk_size):
+    out = model(aatype, mask, residx, num_recycles=num_recycles, chunk_size=chunk_size)
+    keys = ("atom37", "atom37_exists", "plddt", "ptm", "predicted_aligned_error")
+    return {k: out[k] for k in keys}
 
-    def __init__(
-        self, model: ESMFold, num_recycles: int | None = None, chunk_size: int | None = None
-    ):
-        self.cfg = model.cfg
-        self.graphdef, self.state = nnx.split(model)
-        self.traces = 0
 
-        def fold(state, aatype, mask, residx):
-            self.traces += 1
-            m = nnx.merge(self.graphdef, state)
-            out = m(aatype, mask, residx, num_recycles=num_recycles, chunk_size=chunk_size)
-            keys = ("atom37", "atom37_exists", "plddt", "ptm", "predicted_aligned_error")
-            return {k: out[k] for k in keys}
-
-        self._fold = jax.jit(fold)
-
-    def __call__(
-        self, aatype: np.ndarray, mask: np.ndarray, residx: np.ndarray
-    ) -> dict[str, np.ndarray]:
-        out = self._fold(self.state, jnp.asarray(aatype), jnp.asarray(mask), jnp.asarray(residx))
-        return jax.device_get(out)
+def fold_batch(
+    engine: Engine,
+    aatype: np.ndarray,
+    mask: np.ndarray,
+    residx: np.ndarray,
+    num_recycles: int | None = None,
+    chunk_size: int | None = None,
+) -> dict[str, np.ndarray]:
+    """One jitted ESMFold pass over a padded batch (compiled once per shape)."""
+    fold = engine.cached_forward("fold", _fold, static_argnums=(3, 4))
+    return fold(aatype, mask, residx, num_recycles, chunk_size)
 
 
 @dataclass(frozen=True)
@@ -122,31 +111,16 @@ class Batch:
 def make_batches(records: Sequence[Record], max_tokens: int) -> Iterator[Batch]:
     """Length-sorted records grouped by bucket; each bucket's batches have ``min(max_tokens //
     bucket, n)`` rows."""
-    if not records:
-        return
     encoded = [encode(r.sequence) for r in records]
     lengths = [len(e.aatype) for e in encoded]
-    buckets = length_buckets(max(lengths))
-    groups: dict[int, list[int]] = {}
-    for i in sorted(range(len(records)), key=lambda i: lengths[i]):
-        groups.setdefault(bucket_for(lengths[i], buckets), []).append(i)
-    for width, idx in groups.items():
-        rows = max(1, min(max_tokens // width, len(idx)))
-        for start in range(0, len(idx), rows):
-            chunk = idx[start : start + rows]
-            aatype = np.zeros((rows, width), np.int32)
-            mask = np.zeros((rows, width), np.float32)
-            residx = np.zeros((rows, width), np.int32)
-            for r, i in enumerate(chunk):
-                n = lengths[i]
-                aatype[r, :n], mask[r, :n], residx[r, :n] = (
-                    encoded[i].aatype,
-                    1.0,
-                    encoded[i].residx,
-                )
-            yield Batch(
-                [records[i] for i in chunk], [encoded[i] for i in chunk], aatype, mask, residx
-            )
+    for width, rows, chunk in bucketed(lengths, max_tokens, fit_rows=True):
+        aatype = np.zeros((rows, width), np.int32)
+        mask = np.zeros((rows, width), np.float32)
+        residx = np.zeros((rows, width), np.int32)
+        for r, i in enumerate(chunk):
+            n = lengths[i]
+            aatype[r, :n], mask[r, :n], residx[r, :n] = encoded[i].aatype, 1.0, encoded[i].residx
+        yield Batch([records[i] for i in chunk], [encoded[i] for i in chunk], aatype, mask, residx)
 
 
 def record_outputs(
@@ -186,12 +160,14 @@ def _write(path: Path, text: str) -> None:
 
 
 def fold_records(
-    folder: Folder,
+    engine: Engine,
     records: Sequence[Record],
     out_dir: Path,
     max_tokens: int,
     mmcif: bool = False,
     progress: bool = True,
+    num_recycles: int | None = None,
+    chunk_size: int | None = None,
 ) -> list[dict]:
     """Folds every record and writes ``<id>.pdb`` / ``<id>.json`` (and ``<id>.cif``); returns the
     JSON dicts."""
@@ -199,7 +175,7 @@ def fold_records(
     bar = tqdm(total=len(records), desc="fold", unit="seq", file=sys.stderr, disable=not progress)
     results = []
     for batch in make_batches(records, max_tokens):
-        out = folder(batch.aatype, batch.mask, batch.residx)
+        out = fold_batch(engine, batch.aatype, batch.mask, batch.residx, num_recycles, chunk_size)
         for row, (rec, enc) in enumerate(zip(batch.records, batch.encoded)):
             structure, info = record_outputs(rec, enc, out, row)
             stem = out_dir / sanitize_id(rec.id)
@@ -233,64 +209,30 @@ def load_records(path: str, unknown_as_x: bool, max_length: int) -> list[Record]
     return records
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--checkpoint",
-        required=True,
-        help="esmjax ESMFold checkpoint folder (from `esmjax convert`)",
-    )
-    p.add_argument(
-        "--fasta", required=True, help="input FASTA; ':' inside a record separates multimer chains"
-    )
-    p.add_argument("--out", required=True, help="output folder for <id>.pdb and <id>.json")
-    p.add_argument(
-        "--num-recycles",
-        type=int,
-        default=None,
-        help="extra trunk passes (default: the model's max_recycles passes in all, 4 for "
-        "esmfold_v1)",
-    )
-    p.add_argument(
-        "--chunk-size",
-        type=int,
-        default=None,
-        help="row chunk of the triangle attentions: less memory for long sequences (e.g. 128, "
-        "64, 32)",
-    )
-    p.add_argument(
-        "--max-tokens-per-batch", type=int, default=1024, help="padded residues per batch [1024]"
-    )
-    p.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["float32", "bfloat16"],
-        help="compute dtype of the language model (the trunk is always float32)",
-    )
-    p.add_argument("--mmcif", action="store_true", help="also write <id>.cif")
-    p.add_argument(
-        "--max-length", type=int, default=4096, help="refuse longer records (linkers included)"
-    )
-    p.add_argument(
-        "--unknown-as-x", action="store_true", help="read characters outside the alphabet as X"
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def main(args: argparse.Namespace) -> int:
-    if args.num_recycles is not None and args.num_recycles < 0:
+def fold_fasta(
+    checkpoint_path: str,
+    fasta: str,
+    out: str,
+    *,
+    num_recycles: int | None = None,
+    chunk_size: int | None = None,
+    max_tokens: int = 1024,
+    dtype: str = "float32",
+    mmcif: bool = False,
+    max_length: int = 4096,
+    unknown_as_x: bool = False,
+    progress: bool = True,
+) -> list[dict]:
+    """``esmjax fold``: folds every record of ``fasta`` with the ESMFold checkpoint into ``out``."""
+    if num_recycles is not None and num_recycles < 0:
         raise InputError("--num-recycles must be >= 0")
-    if args.chunk_size is not None and args.chunk_size < 1:
+    if chunk_size is not None and chunk_size < 1:
         raise InputError("--chunk-size must be positive")
-    records = load_records(args.fasta, args.unknown_as_x, args.max_length)
-    model, _ = fold_ckpt.load(args.checkpoint, dtype=args.dtype)
-    folder = Folder(model, num_recycles=args.num_recycles, chunk_size=args.chunk_size)
+    records = load_records(fasta, unknown_as_x, max_length)
+    model, _ = checkpoint.load_esmfold(checkpoint_path, dtype=dtype)
+    engine = Engine(model)
     results = fold_records(
-        folder,
-        records,
-        Path(args.out),
-        args.max_tokens_per_batch,
-        args.mmcif,
-        progress=not args.no_progress,
+        engine, records, Path(out), max_tokens, mmcif, progress, num_recycles, chunk_size
     )
-    log.info("folded %d records into %s (%d compilations)", len(results), args.out, folder.traces)
-    return 0
+    log.info("folded %d records into %s (%d compilations)", len(results), out, engine.traces)
+    return results

@@ -1,10 +1,12 @@
 """Checkpoint folders: Orbax ``CheckpointManager`` steps plus the resolved config as JSON.
 
-One layout serves converted weights and training runs::
+One layout serves converted ESM-2 and ESMFold weights and training runs::
 
-    DIR/config.json                 {"model": {...}, ...}   (a training run stores its whole
-    TrainConfig) DIR/checkpoints/<step>/params   model variables (Orbax, sharded, restorable onto
-    any mesh) DIR/checkpoints/<step>/opt_state, meta                   (training runs only)
+    DIR/config.json              {"model": {...}, ...}  (a training run: its whole TrainConfig;
+                                 ESMFold: "model" is the ESM-2 stem, plus an "esmfold" section)
+    DIR/checkpoints/<step>/params            model variables (Orbax, sharded, restorable
+                                             onto any mesh)
+    DIR/checkpoints/<step>/opt_state, meta   (training runs only)
 
 A converted checkpoint is step 0 with only ``params``. Restoring takes abstract targets with
 shardings, so a checkpoint saved on one mesh or process count restores onto another (Orbax
@@ -30,12 +32,17 @@ from flax import nnx
 from esmjax.config import ESM2Config, from_dict, to_dict
 from esmjax.errors import InputError
 from esmjax.models.esm2 import ESM2
+from esmjax.models.esm2 import abstract_model as esm2_abstract
+from esmjax.models.esmfold.config import ESMFoldConfig, from_json, to_json
+from esmjax.models.esmfold.model import ESMFold
+from esmjax.models.esmfold.model import abstract_model as esmfold_abstract
 from esmjax.parallel import sharding as shd
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 STEPS_DIR = "checkpoints"
+ESMFOLD_SECTION = "esmfold"  # config.json section that makes a folder an ESMFold checkpoint
 
 
 class CheckpointError(InputError):
@@ -50,7 +57,22 @@ def read_config(path: str | Path) -> dict[str, Any]:
 
 
 def model_config(path: str | Path) -> ESM2Config:
+    """The ESM-2 config of a checkpoint (for an ESMFold folder: its language-model stem)."""
     return from_dict(ESM2Config, read_config(path)["model"], "model")
+
+
+def is_esmfold(path: str | Path) -> bool:
+    p = Path(path) / CONFIG_FILE
+    return p.exists() and ESMFOLD_SECTION in json.loads(p.read_text())
+
+
+def esmfold_config(path: str | Path) -> ESMFoldConfig:
+    raw = read_config(path)
+    if ESMFOLD_SECTION not in raw:
+        raise CheckpointError(
+            f"{path}: an ESM-2 checkpoint, not ESMFold (config.json has no '{ESMFOLD_SECTION}')"
+        )
+    return from_json(raw["model"], raw[ESMFOLD_SECTION])
 
 
 def manager(
@@ -61,12 +83,6 @@ def manager(
         item_names=item_names,
         options=ocp.CheckpointManagerOptions(read_only=read_only, create=not read_only, **options),
     )
-
-
-def abstract_model(cfg: ESM2Config) -> tuple[nnx.GraphDef, nnx.State]:
-    """Shapes, dtypes and logical axes of an ESM2, without allocating it."""
-    abstract = nnx.eval_shape(lambda: ESM2(cfg, rngs=nnx.Rngs(0)))
-    return nnx.split(abstract)
 
 
 def restore_target(state: nnx.State, mesh: jax.sharding.Mesh, rules: shd.Rules) -> dict[str, Any]:
@@ -140,8 +156,22 @@ def load_model(
     if dtype is not None:
         cfg = from_dict(ESM2Config, {**to_dict(cfg), "dtype": dtype})
     mesh = mesh if mesh is not None else shd.single_device_mesh()
-    graphdef, state = abstract_model(cfg)
+    graphdef, state = esm2_abstract(cfg)
     return restore_params(path, graphdef, state, step, mesh, shd.resolve_rules(rules))
+
+
+def load_esmfold(
+    path: str | Path, *, dtype: str | None = None, step: int | None = None
+) -> tuple[ESMFold, int]:
+    """Restores the ESMFold in ``path`` onto one device (the trunk runs replicated); ``dtype`` sets
+    the language model's compute dtype."""
+    cfg = esmfold_config(path)
+    if dtype is not None:
+        cfg = cfg.with_esm_dtype(dtype)
+    graphdef, state = esmfold_abstract(cfg)
+    return restore_params(
+        path, graphdef, state, step, shd.single_device_mesh(), shd.resolve_rules("dp")
+    )
 
 
 def write_params(
@@ -184,13 +214,21 @@ def write_params(
 
 
 def save_converted(
-    path: str | Path, cfg: ESM2Config, params: dict[str, Any], extra: dict[str, Any] | None = None
+    path: str | Path,
+    cfg: ESM2Config | ESMFoldConfig,
+    params: dict[str, Any],
+    extra: dict[str, Any] | None = None,
 ) -> None:
-    """Writes converted ESM-2 weights as a checkpoint folder (step 0)."""
-    write_params(path, {"model": to_dict(cfg), **(extra or {})}, params, abstract_model(cfg)[1])
+    """Writes converted ESM-2 or ESMFold weights as a checkpoint folder (step 0)."""
+    if isinstance(cfg, ESMFoldConfig):
+        config = {"model": to_dict(cfg.esm), ESMFOLD_SECTION: to_json(cfg)}
+        expected = esmfold_abstract(cfg)[1]
+    else:
+        config, expected = {"model": to_dict(cfg)}, esm2_abstract(cfg)[1]
+    write_params(path, {**config, **(extra or {})}, params, expected)
 
 
-def params_numpy(model: ESM2) -> dict[str, Any]:
+def params_numpy(model: ESM2 | ESMFold) -> dict[str, Any]:
     """The model's variables as a nested dict of host NumPy arrays (gathered from every device)."""
     state = nnx.state(model).to_pure_dict()
     return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), state)

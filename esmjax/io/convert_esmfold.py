@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -30,10 +29,11 @@ import numpy as np
 
 from esmjax.config import ESM2_PRESETS, ESM2Config, esm2_from_shape
 from esmjax.errors import InputError
+from esmjax.io import checkpoint
 from esmjax.io import convert_esm2 as convert
-from esmjax.io import esmfold_checkpoint as fold_ckpt
 from esmjax.models.esmfold.config import ESMFoldConfig, StructureModuleConfig, TrunkConfig, from_hf
 from esmjax.models.esmfold.model import AF2_TO_ESM
+from esmjax.models.esmfold.model import abstract_model as esmfold_abstract_model
 
 log = logging.getLogger("esmjax.io.convert_esm2")
 ConversionError = convert.ConversionError
@@ -196,7 +196,7 @@ def is_esmfold_source(src: str | Path) -> bool:
         if not cfg.exists():
             return False
         raw = json.loads(cfg.read_text())
-        return bool(raw.get("is_folding_model")) or fold_ckpt.SECTION in raw
+        return bool(raw.get("is_folding_model")) or checkpoint.ESMFOLD_SECTION in raw
     if p.suffix in (".pt", ".pth", ".bin") and zipfile.is_zipfile(p):
         with zipfile.ZipFile(p) as zf:
             pkl = [n for n in zf.namelist() if n.endswith("data.pkl")]
@@ -252,7 +252,7 @@ def read_hf(folder: str | Path) -> tuple[ESMFoldConfig, dict]:
 
 
 def _fold_params(fold_sd: dict, cfg: ESMFoldConfig) -> dict:
-    _, state = fold_ckpt.abstract_model(cfg)
+    _, state = esmfold_abstract_model(cfg)
     expected = state.to_pure_dict()
     expected.pop("esm")
     return state_dict_to_params(fold_sd, expected, cfg.trunk.num_blocks)
@@ -269,8 +269,6 @@ def read_stem(src: str | Path) -> tuple[ESM2Config, dict]:
         and (p / "config.json").exists()
         and "model" in json.loads((p / "config.json").read_text())
     ):
-        from esmjax.io import checkpoint
-
         model, _ = checkpoint.load_model(p)
         return model.cfg, checkpoint.params_numpy(model)
     cfg, params, notes = convert.read_any(p)
@@ -353,50 +351,47 @@ def read_any(src: str | Path, esm: str | Path | None = None) -> tuple[ESMFoldCon
 # --------------------------------------------------------------------------------------------------
 # CLI branches (called from esmjax.commands.convert)
 # --------------------------------------------------------------------------------------------------
-def convert_main(args: argparse.Namespace) -> int:
-    """``esmjax convert SRC OUT [--esm ESM2]`` for an ESMFold source."""
-    cfg, params = read_any(args.src, getattr(args, "esm", None))
-    fold_ckpt.save(args.out, cfg, params, extra={"source": str(args.src)})
+
+
+def convert_source(src: str | Path, out: str | Path, esm: str | Path | None = None) -> str:
+    """An ESMFold source (fair-esm ``.pt`` + ``esm``, or an HF folder) -> an esmjax checkpoint;
+    returns a one-line summary."""
+    cfg, params = read_any(src, esm)
+    checkpoint.save_converted(out, cfg, params, extra={"source": str(src)})
     t = cfg.trunk
-    print(
-        f"wrote {args.out}: ESMFold with a {cfg.esm.num_layers}-layer ESM-2 (width "
+    return (
+        f"wrote {out}: ESMFold with a {cfg.esm.num_layers}-layer ESM-2 (width "
         f"{cfg.esm.embed_dim}), {t.num_blocks} trunk blocks (S={t.single_dim}, Z={t.pair_dim}), "
-        f"{t.structure_module.num_blocks} structure-module iterations",
-        file=sys.stderr,
+        f"{t.structure_module.num_blocks} structure-module iterations"
     )
-    return 0
 
 
-def export_main(args: argparse.Namespace) -> int:
-    """``esmjax export ESM2_CKPT --to esmfold OUT --folding-head HEAD``: the ESM-2 of an esmjax
-    checkpoint (e.g. one you trained) under the folding head of an ESMFold (esmjax folder,
-    fair-esm .pt or HF folder)."""
-    from esmjax.io import checkpoint
-
-    head = getattr(args, "folding_head", None)
-    if not head:
+def assemble(
+    esm2_checkpoint: str | Path,
+    out: str | Path,
+    folding_head: str | Path | None,
+    step: int | None = None,
+) -> str:
+    """The ESM-2 of an esmjax checkpoint (e.g. one you trained) under the folding head of an
+    ESMFold (esmjax folder, fair-esm .pt or HF folder), written as an ESMFold checkpoint."""
+    if not folding_head:
         raise InputError(
             "--to esmfold needs --folding-head (an ESMFold checkpoint whose trunk and heads to use)"
         )
-    model, step = checkpoint.load_model(args.checkpoint, step=args.step)
+    model, step = checkpoint.load_model(esm2_checkpoint, step=step)
     esm_params = checkpoint.params_numpy(model)
-    if fold_ckpt.is_esmfold_folder(head):
-        fold_model, _ = fold_ckpt.load(head)
-        head_cfg, head_params = fold_model.cfg, fold_ckpt.params_numpy(fold_model)
+    if checkpoint.is_esmfold(folding_head):
+        fold_model, _ = checkpoint.load_esmfold(folding_head)
+        head_cfg, head_params = fold_model.cfg, checkpoint.params_numpy(fold_model)
     else:
         head_cfg, head_params = read_any(
-            head, esm=args.checkpoint if not Path(head).is_dir() else None
+            folding_head, esm=esm2_checkpoint if not Path(folding_head).is_dir() else None
         )
-    check_fit(head_cfg, model.cfg, str(args.checkpoint))
+    check_fit(head_cfg, model.cfg, str(esm2_checkpoint))
     cfg = ESMFoldConfig(
         esm=model.cfg, trunk=head_cfg.trunk, lddt_head_hid_dim=head_cfg.lddt_head_hid_dim
     )
     params = {**head_params, "esm": esm_params}
-    fold_ckpt.save(
-        args.out, cfg, params, extra={"source": f"{args.checkpoint} (step {step}) + {head}"}
-    )
-    print(
-        f"wrote {args.out}: ESMFold with the ESM-2 of {args.checkpoint} (step {step})",
-        file=sys.stderr,
-    )
-    return 0
+    source = f"{esm2_checkpoint} (step {step}) + {folding_head}"
+    checkpoint.save_converted(out, cfg, params, extra={"source": source})
+    return f"wrote {out}: ESMFold with the ESM-2 of {esm2_checkpoint} (step {step})"

@@ -288,3 +288,8 @@ class ESM2(nnx.Module):
             if return_contacts:
                 out["contacts"] = self.contact_head(tokens, attentions)
         return out
+
+
+def abstract_model(cfg: ESM2Config) -> tuple[nnx.GraphDef, nnx.State]:
+    """Shapes, dtypes and logical axes of an ESM2, without allocating it."""
+    return nnx.split(nnx.eval_shape(lambda: ESM2(cfg, rngs=nnx.Rngs(0))))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import signal
 import sys
 import time
@@ -19,58 +18,25 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from esmjax.config import ConfigError, TrainConfig, config_hash, from_dict, to_dict
+from esmjax.config import TrainConfig, config_hash, to_dict
 from esmjax.data.pipeline import eval_batches, train_batches
 from esmjax.errors import InputError
-from esmjax.io.checkpoint import abstract_model
+from esmjax.evaluate.perplexity import NoMaskedTokens, masked_lm
+from esmjax.inference.engine import Engine
+from esmjax.models.esm2 import abstract_model
 from esmjax.parallel import sharding as shd
 from esmjax.train import metrics as tm
+from esmjax.train.batching import Batching
 from esmjax.train.checkpoints import TrainCheckpointer
 from esmjax.train.optim import learning_rate, make_optimizer
 from esmjax.train.state import abstract_state, create_state, model_graphdef, state_shardings
-from esmjax.train.step import make_eval_step, make_train_step
+from esmjax.train.step import make_train_step
 
 log = logging.getLogger("esmjax.train")
-
-
-class Batching:
-    """How the global token budget of a step splits into devices, processes and accumulation
-    steps."""
-
-    def __init__(self, cfg: TrainConfig, num_devices: int, num_processes: int):
-        s = cfg.data.seq_len
-        if cfg.data.tokens_per_step % s:
-            raise ConfigError(
-                f"data.tokens_per_step={cfg.data.tokens_per_step} is not a multiple of seq_len={s}"
-            )
-        self.global_rows = cfg.data.tokens_per_step // s
-        per_device = cfg.data.rows_per_device or max(1, self.global_rows // num_devices)
-        self.micro_rows = (
-            per_device * num_devices
-        )  # rows of one accumulation step, over all devices
-        if self.global_rows % self.micro_rows:
-            raise ConfigError(
-                f"{self.global_rows} rows per step do not split into micro-batches of "
-                f"{per_device} rows x {num_devices} devices; change data.rows_per_device or "
-                "data.tokens_per_step"
-            )
-        self.accum = self.global_rows // self.micro_rows
-        if self.micro_rows % num_processes:
-            raise ConfigError(
-                f"{self.micro_rows} rows per micro-batch do not split over {num_processes} "
-                "processes"
-            )
-        self.process_rows = self.global_rows // num_processes
-        self.seq_len = s
-
-    def __str__(self) -> str:
-        return (
-            f"{self.global_rows} rows x {self.seq_len} tokens per step = {self.accum} "
-            f"accumulation step(s) of {self.micro_rows} rows"
-        )
 
 
 def _global_batch(
@@ -124,44 +90,26 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._old)
 
 
-def evaluate(
-    cfg: TrainConfig, eval_step, variables, mesh, rules, micro_rows: int
-) -> dict[str, float]:
-    """Masked-LM loss on the held-out split with fixed masks; also its unigram (amino-acid
-    frequency) baseline."""
-    sharding = shd.batch_sharding(mesh, rules, 2)
-    totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
-    hist = np.zeros(33)
-    rows = micro_rows // jax.process_count()
-    for local in eval_batches(
-        cfg.data, rows=rows, process_index=jax.process_index(), process_count=jax.process_count()
-    ):
-        batch = {
-            k: jax.make_array_from_process_local_data(sharding, v, (micro_rows, v.shape[1]))
-            for k, v in local.items()
-        }
-        sums = eval_step(variables, batch)
-        for k in totals:
-            totals[k] += float(sums[k])
-        hist += (
-            np.asarray(
-                multihost_utils.process_allgather(
-                    np.bincount(local["targets"][local["loss_mask"]], minlength=33)[None]
-                )
-            )
-            .reshape(-1, 33)
-            .sum(0)
-        )
-    if totals["count"] == 0:
+def evaluate(cfg: TrainConfig, engine: Engine, variables: Any, micro_rows: int) -> dict:
+    """Held-out masked-LM loss on fixed masks and its unigram baseline, by the one implementation
+    that ``esmjax evaluate perplexity`` runs (``esmjax.evaluate.perplexity.masked_lm``)."""
+    engine.set_variables(variables)
+    batches = eval_batches(
+        cfg.data,
+        rows=micro_rows // jax.process_count(),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    try:
+        ml = masked_lm(engine, batches, local=True)
+    except NoMaskedTokens:
         return {}
-    loss = totals["loss_sum"] / totals["count"]
-    p = hist[hist > 0] / hist.sum()
     return {
-        "eval_loss": loss,
-        "eval_perplexity": math.exp(loss),
-        "eval_masked_accuracy": totals["correct"] / totals["count"],
-        "eval_unigram_perplexity": float(np.exp(-(p * np.log(p)).sum())),
-        "eval_masked_tokens": int(totals["count"]),
+        "eval_loss": ml["loss"],
+        "eval_perplexity": ml["perplexity"],
+        "eval_masked_accuracy": ml["masked_accuracy"],
+        "eval_unigram_perplexity": ml["unigram_perplexity"],
+        "eval_masked_tokens": ml["masked_tokens"],
     }
 
 
@@ -222,7 +170,7 @@ def run(
             out_shardings=(shardings, None),
             donate_argnums=0,
         )
-        eval_step = jax.jit(make_eval_step(graphdef))
+        engine = Engine(nnx.merge(graphdef, nnx.State(state.variables)), mesh, rules)
 
         writer = tm.MetricsWriter(workdir, start, enabled=jax.process_index() == 0)
         peak = tm.device_peak_flops(cfg.accelerator)
@@ -269,7 +217,7 @@ def run(
                     last = m
                     t_last, steps_since = time.perf_counter(), 0
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.num_steps:
-                    ev = evaluate(cfg, eval_step, state.variables, mesh, rules, batching.micro_rows)
+                    ev = evaluate(cfg, engine, state.variables, batching.micro_rows)
                     writer.write(step, ev)
                     t_last = time.perf_counter()
                 stop = boundary and preemption.agreed()
@@ -295,7 +243,7 @@ def run(
             ckptr.close()
         final: dict[str, Any] = dict(last)
         if step >= cfg.num_steps:
-            ev = evaluate(cfg, eval_step, state.variables, mesh, rules, batching.micro_rows)
+            ev = evaluate(cfg, engine, state.variables, batching.micro_rows)
             writer.write(step, ev)
             final.update(ev)
             if ev and jax.process_index() == 0:
@@ -309,20 +257,3 @@ def run(
         writer.close()
         final["step"] = step
         return final
-
-
-def load_run_config(path: str | Path | None, overrides: list[str], workdir: Path) -> TrainConfig:
-    """The config for ``esmjax train``: the file plus overrides, or the workdir's saved config
-    when resuming."""
-    from esmjax.config import load_config
-
-    if path is None:
-        saved = workdir / "config.json"
-        if not saved.exists():
-            raise ConfigError("--config is required for a new workdir")
-        tree = json.loads(saved.read_text())
-        cfg = from_dict(TrainConfig, tree)
-        if overrides:
-            raise ConfigError("--set needs --config")
-        return cfg
-    return load_config(path, overrides)

@@ -13,7 +13,6 @@ FLOPs per step come from the analytic count (``esmjax.train.metrics``) and from 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -92,10 +91,10 @@ def plan(cfg, sizes: dict[str, int], device_memory_gb: float) -> dict[str, Any]:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from esmjax.io.checkpoint import abstract_model
+    from esmjax.models.esm2 import abstract_model
     from esmjax.parallel import sharding as shd
     from esmjax.train import metrics as tm
-    from esmjax.train.loop import Batching
+    from esmjax.train.batching import Batching
     from esmjax.train.optim import learning_rate, make_optimizer
     from esmjax.train.state import abstract_state, model_graphdef, state_shardings
     from esmjax.train.step import make_train_step
@@ -213,44 +212,37 @@ def format_plan(p: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="training YAML config")
-    p.add_argument("--mesh", required=True, help="mesh sizes, e.g. data=1,fsdp=16,tensor=4")
-    p.add_argument(
-        "--devices", type=int, help="host CPU devices to create (default: the mesh size)"
-    )
-    p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
-    )
-    p.add_argument("--device-memory-gb", type=float, default=80.0, help="memory of one accelerator")
-    p.add_argument("--json", help="also write the plan as JSON here")
+def plan_run(
+    config: str,
+    overrides: list[str],
+    mesh: str,
+    devices: int | None = None,
+    device_memory_gb: float = 80.0,
+    json_out: str | None = None,
+) -> dict[str, Any]:
+    """``esmjax plan``: compiles the train step of ``config`` for ``mesh`` (e.g.
+    ``data=1,fsdp=16,tensor=4``) on that many host CPU devices, prints the plan and returns it.
 
-
-def main(args: argparse.Namespace) -> int:
-    sizes = parse_mesh(args.mesh)
+    The CPU devices are created here, before JAX's backend starts; inside a process whose backend
+    is already up (tests) the plan runs on the devices it has.
+    """
     import jax
 
-    n = args.devices or math.prod(sizes.values())
+    sizes = parse_mesh(mesh)
+    n = devices or math.prod(sizes.values())
     try:
         jax.config.update("jax_num_cpu_devices", n)
         jax.config.update("jax_platforms", "cpu")
-    except (
-        RuntimeError
-    ):  # the backend is already up (e.g. inside tests): plan on the devices it has
+    except RuntimeError:
         print(
             f"JAX is already initialised; planning on its {jax.device_count()} devices",
             file=sys.stderr,
         )
     from esmjax.config import load_config
 
-    cfg = load_config(args.config, args.set)
-    result = plan(cfg, sizes, args.device_memory_gb)
+    result = plan(load_config(config, overrides), sizes, device_memory_gb)
     print(format_plan(result))
-    if args.json:
-        with open(args.json, "w") as f:
+    if json_out:
+        with open(json_out, "w") as f:
             json.dump(result, f, indent=2)
-    return 0 if result["fits"] else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main(argparse.Namespace()))
+    return result

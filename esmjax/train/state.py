@@ -21,8 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from esmjax.config import ESM2Config
-from esmjax.io.checkpoint import abstract_model
-from esmjax.models.esm2 import ESM2
+from esmjax.models.esm2 import ESM2, abstract_model
 from esmjax.parallel import sharding as shd
 
 

@@ -1,4 +1,4 @@
-"""Masked-LM loss, the train step (with gradient accumulation) and the eval step: pure functions,
+"""Masked-LM loss, the train step (with gradient accumulation): pure functions,
 jitted once.
 
 The loss of a step is the cross-entropy summed over every selected position of every micro-batch,
@@ -89,12 +89,3 @@ def make_train_step(
         return TrainState(step=state.step + 1, variables=variables, opt_state=opt_state), metrics
 
     return train_step
-
-
-def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
-    """``eval_step(variables, batch) -> sums`` for one [R, S] batch; callers add the sums up."""
-
-    def eval_step(variables: dict[str, Any], batch: Batch) -> dict[str, jax.Array]:
-        return mlm_sums(graphdef, variables, batch)
-
-    return eval_step

@@ -140,3 +140,8 @@ class ESMFold(nnx.Module):
         out["atom37_exists"] = all_atom.atom37_mask(aatype, mask)
         out["atom14_exists"] = all_atom.atom14_mask(aatype, mask)
         return out
+
+
+def abstract_model(cfg: ESMFoldConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    """Shapes, dtypes and logical axes of an ESMFold, without allocating it."""
+    return nnx.split(nnx.eval_shape(lambda: ESMFold(cfg, rngs=nnx.Rngs(0))))

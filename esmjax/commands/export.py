@@ -1,0 +1,33 @@
+"""``esmjax export CKPT --to fair-esm|hf|esmfold OUT``: an esmjax checkpoint in other formats."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from esmjax.io.convert import export
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="esmjax checkpoint folder or training workdir")
+    p.add_argument("out", help="output: a .pt file (fair-esm) or a folder (hf)")
+    p.add_argument(
+        "--to", required=True, choices=["fair-esm", "hf", "esmfold"], help="target format"
+    )
+    p.add_argument(
+        "--folding-head",
+        default=None,
+        help="--to esmfold: the ESMFold (esmjax folder, fair-esm .pt or HF folder) whose trunk "
+        "and heads fold with this checkpoint's ESM-2",
+    )
+    p.add_argument(
+        "--step", type=int, default=None, help="training step to export (default: latest)"
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    print(
+        export(args.checkpoint, args.out, args.to, step=args.step, folding_head=args.folding_head),
+        file=sys.stderr,
+    )
+    return 0

@@ -1,0 +1,374 @@
+"""``esmjax evaluate {perplexity,contacts,variants}``: what a saved checkpoint is worth, without the
+training job.
+
+Each evaluation restores one step (default: the latest complete one) of a training workdir or a
+converted checkpoint onto every device present (Orbax reshards), writes a JSON report to ``out``
+(default ``<checkpoint>/eval/step_<N>/``) and prints a table; ``plot`` adds PNG figures next to the
+report. In multi-process runs (started by the command) process 0 writes the files.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from esmjax.errors import InputError
+
+log = logging.getLogger("esmjax.evaluate")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Options:
+    """What every evaluation restores and where it reports."""
+
+    checkpoint: str
+    step: int | None = None
+    out: str | None = None
+    plot: bool = False
+    dtype: str = "float32"
+    rules: str = "fsdp"
+    progress: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class PerplexityOptions:
+    data: str | None = None  # dataset folder (validation split) or FASTA; None: the run's held-out
+    rows: int = 32  # global packed rows per batch (rounded up to the devices)
+    seq_len: int | None = None
+    eval_tokens: int | None = None
+    pseudo: bool = False  # also pseudo-perplexity (FASTA data only)
+    max_sequences: int = 0
+    max_tokens_per_batch: int = 8192
+
+
+@dataclass(frozen=True, kw_only=True)
+class ContactsOptions:
+    structures: tuple[str, ...]
+    fit: tuple[str, ...] | None = None  # fit the contact regression on these first
+    save: str | None = None  # where a fitted head's checkpoint goes
+    fit_c: float | None = None
+    sequence: str = "seqres"  # or "observed"
+
+
+@dataclass(frozen=True, kw_only=True)
+class VariantsOptions:
+    dms: str
+    wt_sequence: str | None = None
+    offset: int = 1
+    mutant_column: str = "mutant"
+    score_column: str = "score"
+    sample: int = 0
+    max_tokens_per_batch: int = 8192
+
+
+def restore(opts: Options):
+    """Distributed start-up, mesh, model and provenance."""
+    from esmjax.config import MeshConfig
+    from esmjax.evaluate import report
+    from esmjax.inference.engine import Engine
+    from esmjax.io import checkpoint
+    from esmjax.parallel import sharding as shd
+
+    mesh = shd.make_mesh(MeshConfig(ici_fsdp=-1))
+    model, step = checkpoint.load_model(
+        opts.checkpoint, step=opts.step, mesh=mesh, rules=opts.rules, dtype=opts.dtype
+    )
+    info = report.checkpoint_info(opts.checkpoint, step)
+    out = Path(opts.out) if opts.out else report.default_out_dir(opts.checkpoint, step)
+    log.info("restored step %d of %s onto %d devices", step, opts.checkpoint, mesh.size)
+    return Engine(model, mesh, opts.rules), info, out
+
+
+def is_main() -> bool:
+    import jax
+
+    return jax.process_index() == 0
+
+
+def finish(name: str, out: Path, rep: dict, text: str) -> None:
+    from esmjax.evaluate import report
+
+    path = report.write(rep, out / f"{name}.json")
+    if is_main():
+        print(report.header(rep))
+        print(text)
+        print(f"report: {path}")
+
+
+def perplexity(opts: Options, cmd: PerplexityOptions) -> dict:
+    from esmjax.config import DataConfig, from_dict
+    from esmjax.evaluate import perplexity, report
+    from esmjax.io import checkpoint
+
+    raw = checkpoint.read_config(opts.checkpoint)
+    run_data = (
+        from_dict(DataConfig, raw["data"], "data") if isinstance(raw.get("data"), dict) else None
+    )
+    if cmd.data is None and run_data is None:
+        raise InputError(
+            f"{opts.checkpoint} is not a training workdir: name the evaluation data with --data"
+        )
+    overrides: dict = {}
+    if cmd.data is not None:
+        data = Path(cmd.data)
+        if not data.exists():
+            raise InputError(f"--data {data}: no such dataset folder or FASTA file")
+        overrides["eval"] = str(
+            data.absolute()
+        )  # a folder's validation split, or a whole FASTA file
+    if cmd.pseudo and (cmd.data is None or Path(cmd.data).is_dir()):
+        raise InputError("--pseudo needs a FASTA file as --data")
+    for key, value in (("seq_len", cmd.seq_len), ("eval_tokens", cmd.eval_tokens)):
+        if value is not None:
+            overrides[key] = value
+    data_cfg = dataclasses.replace(run_data or DataConfig(seq_len=1024), **overrides)
+
+    engine, info, out = restore(opts)
+    import jax
+
+    from esmjax.data.pipeline import EVAL_SEED, eval_batches
+
+    rows = -(-max(cmd.rows, 1) // engine.row_multiple) * engine.row_multiple
+    batches = eval_batches(
+        data_cfg,
+        rows=rows // jax.process_count(),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    results = {
+        "masked_lm": perplexity.masked_lm(engine, batches, local=True, progress=opts.progress)
+    }
+    ml = results["masked_lm"]
+    table_rows = [("masked-LM", ml["perplexity"], ml["loss"], ml["masked_tokens"])]
+    if cmd.pseudo:
+        seqs = _fasta_sequences(Path(cmd.data), cmd.max_sequences)
+        pp = perplexity.pseudo_perplexity(
+            engine, seqs, cmd.max_tokens_per_batch, progress=opts.progress
+        )
+        results["pseudo"] = pp
+        table_rows.append(("pseudo", pp["pseudo_perplexity"], pp["loss"], pp["residues"]))
+    rep = report.build(
+        "perplexity",
+        info,
+        results,
+        data=data_cfg.eval or f"{data_cfg.train} (held-out part)",
+        rows=rows,
+        seq_len=data_cfg.seq_len,
+        eval_tokens=data_cfg.eval_tokens,
+        masking_seed=EVAL_SEED,
+        mask_prob=data_cfg.mask_prob,
+        dtype=opts.dtype,
+        rules=opts.rules,
+    )
+    text = report.table(("metric", "perplexity", "loss (nats)", "tokens"), table_rows, digits=4)
+    text += (
+        f"\nmasked accuracy {ml['masked_accuracy']:.4f}; "
+        f"unigram baseline perplexity {ml['unigram_perplexity']:.3f}"
+    )
+    finish("perplexity", out, rep, text)
+    return rep
+
+
+def _fasta_sequences(path: Path, limit: int) -> list[str]:
+    from esmjax.io.fasta import read_fasta
+
+    seqs = []
+    for rec in read_fasta(path):
+        seqs.append(rec.sequence)
+        if limit and len(seqs) >= limit:
+            break
+    if not seqs:
+        raise InputError(f"{path}: no FASTA records")
+    return seqs
+
+
+def contacts(opts: Options, cmd: ContactsOptions) -> dict:
+    from esmjax.evaluate import contacts as ct
+    from esmjax.evaluate import report
+    from esmjax.io import checkpoint
+    from esmjax.io.structures import read_chain
+
+    if cmd.fit_c is not None and not cmd.fit:
+        raise InputError("--fit-c is only used with --fit")
+    test = [read_chain(s, sequence=cmd.sequence) for s in cmd.structures]
+    train = [read_chain(s, sequence=cmd.sequence) for s in (cmd.fit or [])]
+    overlap = {c.name for c in test} & {c.name for c in train}
+    if overlap:
+        log.warning(
+            "structures both fitted on and evaluated (precision will be optimistic): %s",
+            sorted(overlap),
+        )
+    engine, info, out = restore(opts)
+    import jax
+
+    if train and jax.process_count() > 1:
+        raise InputError(
+            "--fit runs in a single process (the fit and its checkpoint are written by one host)"
+        )
+    if not train and info["config_kind"] == "train":
+        log.warning(
+            "a training run never trains the contact head: these precisions use its initial "
+            "(random) regression; fit it first with --fit STRUCTURES (ESM fitted on about 20 "
+            "proteins)"
+        )
+    results: dict = {}
+    if train:
+        c = cmd.fit_c if cmd.fit_c is not None else ct.DEFAULT_C
+        fit = ct.fit_contact_head(engine, train, c)
+        fit_info = {
+            "structures": [f"{ch.path}:{ch.chain}" for ch in train],
+            "C": c,
+            "pairs": fit.num_pairs,
+            "contacts": fit.num_contacts,
+            "nonzero_weights": fit.nonzero,
+            "train_logloss": fit.loss,
+            "converged": fit.converged,
+        }
+        save = (
+            Path(cmd.save)
+            if cmd.save
+            else Path(opts.checkpoint) / "contact_head" / f"step_{info['step']}"
+        )
+        params = checkpoint.params_numpy(engine.model)
+        source = {
+            "checkpoint": info["checkpoint"],
+            "step": info["step"],
+            "config_hash": info["config_hash"],
+        }
+        checkpoint.save_converted(
+            save,
+            checkpoint.model_config(opts.checkpoint),
+            params,
+            extra={"source": source, "contact_regression": fit_info},
+        )
+        fit_info["saved_to"] = str(save.absolute())
+        results["fit"] = fit_info
+    per, rows = [], []
+    for chain in tqdm(
+        test, desc="contacts", unit="chain", file=sys.stderr, disable=not opts.progress
+    ):
+        pred = ct.predict_contacts(engine, chain)
+        target = chain.contact_map()
+        m = ct.evaluate_map(pred, target)
+        per.append(
+            {
+                "file": chain.path,
+                "chain": chain.chain,
+                "length": len(chain.sequence),
+                "observed": int(chain.observed.sum()),
+                "sequence_source": chain.source,
+                "models": chain.num_models,
+                "contacts": ct.contact_counts(target),
+                "precision": m,
+            }
+        )
+        rows.append(
+            (
+                chain.name,
+                len(chain.sequence),
+                *(m[r][k] for r, _, _ in ct.RANGES for k, _ in ct.DIVISORS),
+            )
+        )
+        if opts.plot and is_main():
+            from esmjax.evaluate.plot import plot_contact_map
+
+            plot_contact_map(
+                pred,
+                target,
+                out / f"contacts_{Path(chain.path).stem}_{chain.chain}.png",
+                chain.name,
+            )
+    mean = ct.mean_metrics([p["precision"] for p in per])
+    rows.append(("mean", None, *(mean[r][k] for r, _, _ in ct.RANGES for k, _ in ct.DIVISORS)))
+    results.update({"mean": mean, "structures": per})
+    rep = report.build(
+        "contacts", info, results, sequence=cmd.sequence, threshold_angstrom=8.0, dtype=opts.dtype
+    )
+    headers = ("structure", "L", *(f"{r} {k}" for r, _, _ in ct.RANGES for k, _ in ct.DIVISORS))
+    text = report.table(headers, rows)
+    if train:
+        saved = results["fit"]["saved_to"]
+        text += f"\ncontact head fitted on {len(train)} structure(s), saved to {saved}"
+    finish("contacts", out, rep, text)
+    return rep
+
+
+def variants(opts: Options, cmd: VariantsOptions) -> dict:
+    from esmjax.evaluate import report
+    from esmjax.evaluate import variants as vr
+
+    wt = vr.read_wt_sequence(cmd.wt_sequence) if cmd.wt_sequence else None
+    dms = vr.read_dms(cmd.dms, wt, cmd.offset, cmd.mutant_column, cmd.score_column)
+    chosen = dms.variants
+    if (
+        0 < cmd.sample < len(chosen)
+    ):  # scans are often sorted (P62593 by fitness): spread the sample
+        chosen = [
+            chosen[i] for i in np.linspace(0, len(chosen) - 1, cmd.sample).round().astype(int)
+        ]
+    engine, info, out = restore(opts)
+    positions = len({m.position for v in chosen for m in v.mutations})
+    bar = tqdm(
+        total=positions, desc="variants", unit="pos", file=sys.stderr, disable=not opts.progress
+    )
+    scores = vr.masked_marginal_scores(
+        engine, dms.wild_type, chosen, cmd.max_tokens_per_batch, progress=bar
+    )
+    bar.close()
+    fitness = np.array([v.fitness for v in chosen])
+    rho = vr.spearman(scores, fitness)
+    results = {
+        "spearman": rho,
+        "variants": len(chosen),
+        "positions": positions,
+        "skipped": dms.skipped,
+        "wild_type": dms.wild_type,
+        "wild_type_source": dms.wild_type_source,
+        "wild_type_length": len(dms.wild_type),
+        "multi_mutants": sum(len(v.mutations) > 1 for v in chosen),
+    }
+    if is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "variants_scores.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["mutant", "fitness", "score"])
+            w.writerows((v.name, v.fitness, f"{s:.6f}") for v, s in zip(chosen, scores))
+        if opts.plot:
+            from esmjax.evaluate.plot import plot_variant_scatter
+
+            plot_variant_scatter(
+                scores, fitness, out / "variants_scatter.png", Path(cmd.dms).name, rho
+            )
+    rep = report.build(
+        "variants",
+        info,
+        results,
+        dms=str(Path(cmd.dms).absolute()),
+        offset=cmd.offset,
+        sample=cmd.sample,
+        dtype=opts.dtype,
+        scores_csv=str((out / "variants_scores.csv").absolute()),
+    )
+    skipped = ", ".join(f"{n} {why}" for why, n in dms.skipped.items()) or "none"
+    text = report.table(
+        ("dms", "variants", "positions", "spearman"),
+        [(Path(cmd.dms).name, len(chosen), positions, rho)],
+        digits=4,
+    )
+    text += (
+        f"\nwild type: {len(dms.wild_type)} residues ({dms.wild_type_source}); skipped: {skipped}"
+    )
+    if not np.isfinite(rho):
+        text += (
+            "\nSpearman is undefined: the scores or the fitness values are all equal "
+            "(e.g. only synonymous mutants)"
+        )
+    finish("variants", out, rep, text)
+    return rep

@@ -1,0 +1,67 @@
+"""Conversions in and out of esmjax checkpoints: the one entry point for ``esmjax convert`` and
+``esmjax export``, dispatching on the source kind (ESM-2: ``convert_esm2``; ESMFold:
+``convert_esmfold``)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from esmjax.errors import InputError
+from esmjax.io import checkpoint, convert_esm2, convert_esmfold
+
+log = logging.getLogger("esmjax.io.convert")
+
+EXPORT_FORMATS = ("fair-esm", "hf", "esmfold")
+
+
+def convert(src: str | Path, out: str | Path, esm: str | Path | None = None) -> str:
+    """fair-esm ``.pt`` / HF folder (ESM-2 or ESMFold) -> an esmjax checkpoint folder; returns a
+    one-line summary. ``esm`` is the ESM-2 that a fair-esm ESMFold ``.pt`` folds with."""
+    src = Path(src)
+    if not src.exists():
+        raise InputError(f"{src}: no such file or folder")
+    if convert_esmfold.is_esmfold_source(src):
+        return convert_esmfold.convert_source(src, out, esm)
+    if esm is not None:
+        raise InputError("--esm applies to ESMFold checkpoints only")
+    cfg, params, notes = convert_esm2.read_any(src)
+    for n in notes:
+        log.warning("%s", n)
+    checkpoint.save_converted(out, cfg, params, extra={"source": str(src)})
+    return (
+        f"wrote {out}: ESM-2 with {cfg.num_layers} layers, width {cfg.embed_dim}, "
+        f"{cfg.num_heads} heads ({cfg.num_params() / 1e6:.2f}M parameters)"
+    )
+
+
+def export(
+    ckpt: str | Path,
+    out: str | Path,
+    to: str,
+    step: int | None = None,
+    folding_head: str | Path | None = None,
+) -> str:
+    """An esmjax checkpoint (or a training workdir's step) -> fair-esm ``.pt``, an HF folder, or
+    an ESMFold checkpoint with ``folding_head``'s trunk; returns a one-line summary."""
+    out = Path(out)
+    if to not in EXPORT_FORMATS:
+        raise InputError(f"--to {to!r}: one of {', '.join(EXPORT_FORMATS)}")
+    if out.exists() and (out.is_file() or any(out.iterdir())):
+        raise InputError(f"{out} exists; refusing to overwrite")
+    if to == "esmfold":
+        return convert_esmfold.assemble(ckpt, out, folding_head, step)
+    if to == "fair-esm" and out.suffix != ".pt":
+        raise InputError("a fair-esm export is a .pt file; name it e.g. esm2_t6_8M_mine.pt")
+    model, step = checkpoint.load_model(ckpt, step=step)
+    params = checkpoint.params_numpy(model)
+    if to == "fair-esm":
+        if not out.name.startswith("esm2"):
+            log.warning(
+                "fair-esm loads a local file as ESM-2 only when its name starts with 'esm2'"
+            )
+        out.parent.mkdir(parents=True, exist_ok=True)
+        convert_esm2.write_fairesm(params, model.cfg, out)
+    else:
+        convert_esm2.write_hf(params, model.cfg, out)
+    return f"wrote {out} from step {step}"

@@ -1,0 +1,42 @@
+"""How a step's global token budget splits into devices, processes and accumulation steps."""
+
+from __future__ import annotations
+
+from esmjax.config import ConfigError, TrainConfig
+
+
+class Batching:
+    """How the global token budget of a step splits into devices, processes and accumulation
+    steps."""
+
+    def __init__(self, cfg: TrainConfig, num_devices: int, num_processes: int):
+        s = cfg.data.seq_len
+        if cfg.data.tokens_per_step % s:
+            raise ConfigError(
+                f"data.tokens_per_step={cfg.data.tokens_per_step} is not a multiple of seq_len={s}"
+            )
+        self.global_rows = cfg.data.tokens_per_step // s
+        per_device = cfg.data.rows_per_device or max(1, self.global_rows // num_devices)
+        self.micro_rows = (
+            per_device * num_devices
+        )  # rows of one accumulation step, over all devices
+        if self.global_rows % self.micro_rows:
+            raise ConfigError(
+                f"{self.global_rows} rows per step do not split into micro-batches of "
+                f"{per_device} rows x {num_devices} devices; change data.rows_per_device or "
+                "data.tokens_per_step"
+            )
+        self.accum = self.global_rows // self.micro_rows
+        if self.micro_rows % num_processes:
+            raise ConfigError(
+                f"{self.micro_rows} rows per micro-batch do not split over {num_processes} "
+                "processes"
+            )
+        self.process_rows = self.global_rows // num_processes
+        self.seq_len = s
+
+    def __str__(self) -> str:
+        return (
+            f"{self.global_rows} rows x {self.seq_len} tokens per step = {self.accum} "
+            f"accumulation step(s) of {self.micro_rows} rows"
+        )
