@@ -115,8 +115,9 @@ def features() -> tfds.features.FeaturesDict:
 
 @dataclass(frozen=True)
 class BuildPlan:
-    """What the builder reads, made once by ``build``; the back-end's ``prepare`` settles ``splits``
-    (the splits to write) and its own fields: ``db``, the local validation pass's SQLite file."""
+    """What the builder reads, made once by ``build`` (``work_dir``: the temporary build folder).
+    The back-end's ``prepare`` settles ``splits`` (those to write) and its own fields (``db``: the
+    local validation pass's SQLite file)."""
 
     fastas: tuple[str, ...]
     clusters: str | None
