@@ -31,9 +31,9 @@ from esmjax.data.builder import (
     BuildStats,
     EsmjaxProteinClusters,
     example,
-    parse_tsv_line,
+    read_tsv,
 )
-from esmjax.io.fasta import FastaStats, open_text, read_fasta
+from esmjax.io.fasta import FastaStats, read_fasta
 
 try:
     import apache_beam as beam
@@ -73,23 +73,12 @@ def _read_fasta_file(
 
 def _read_tsv(path: str, skip_invalid: bool) -> Iterator[Any]:
     """(member id, (cluster, line)) per membership row."""
-    p = Path(path)
-    bad = good = 0
-    with open_text(p) as f:
-        for lineno, line in enumerate(f, 1):
-            try:
-                parsed = parse_tsv_line(p, lineno, line)
-            except BuildError:
-                if not skip_invalid:
-                    raise
-                bad += 1
-                continue
-            if parsed is not None:
-                good += 1
-                yield parsed[1], (parsed[0], lineno)
-    yield beam.pvalue.TaggedOutput(SKIPPED, (_ROWS, good))
-    if bad:
-        yield beam.pvalue.TaggedOutput(SKIPPED, ("malformed membership rows", bad))
+    stats = BuildStats()
+    for line, cluster, member in read_tsv(Path(path), skip_invalid, stats):
+        stats.tsv_rows += 1
+        yield member, (cluster, line)
+    for reason, n in {_ROWS: stats.tsv_rows, **stats.skipped}.items():
+        yield beam.pvalue.TaggedOutput(SKIPPED, (reason, n))
 
 
 def _join(

@@ -32,9 +32,9 @@ from esmjax.data.builder import (
     BuildStats,
     EsmjaxProteinClusters,
     example,
-    parse_tsv_line,
+    read_tsv,
 )
-from esmjax.io.fasta import FastaError, open_text, read_fasta
+from esmjax.io.fasta import read_fasta
 
 _BATCH = 4096
 _DB = ".registry.sqlite"
@@ -94,33 +94,16 @@ class Registry:
             stats.skip("membership rows repeating a member")
 
         rows: list[tuple] = []
-        try:
-            with (
-                open_text(path) as f,
-                tqdm(desc="reading clusters", unit=" rows", file=sys.stderr) as bar,
-            ):
-                for lineno, line in enumerate(f, 1):
-                    try:
-                        parsed = parse_tsv_line(path, lineno, line)
-                    except BuildError:
-                        if not skip_invalid:
-                            raise
-                        stats.skip("malformed membership rows")
-                        continue
-                    if parsed is None:
-                        continue
-                    rows.append((parsed[1], parsed[0], lineno))
-                    if len(rows) == _BATCH:
-                        self._insert("membership", rows, "line", lambda r: (r[2],), duplicate)
-                        bar.update(len(rows))
-                        rows = []
-                if rows:
+        with tqdm(desc="reading clusters", unit=" rows", file=sys.stderr) as bar:
+            for lineno, cluster, member in read_tsv(path, skip_invalid, stats):
+                rows.append((member, cluster, lineno))
+                if len(rows) == _BATCH:
                     self._insert("membership", rows, "line", lambda r: (r[2],), duplicate)
                     bar.update(len(rows))
-        except FastaError as e:  # open_text's binary / gzip errors
-            raise BuildError(str(e).replace("not a FASTA file", "not a membership TSV")) from None
-        except UnicodeDecodeError:
-            raise BuildError(f"{path}: not UTF-8 text, not a membership TSV") from None
+                    rows = []
+            if rows:
+                self._insert("membership", rows, "line", lambda r: (r[2],), duplicate)
+                bar.update(len(rows))
         stats.tsv_rows = self.db.execute("SELECT COUNT(*) FROM membership").fetchone()[0]
         if stats.tsv_rows == 0:
             raise BuildError(f"{path}: no membership rows")

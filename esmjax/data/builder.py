@@ -4,7 +4,7 @@ ArrayRecord dataset grouped by cluster.
 A build has four steps; a back-end (``Backend``) does steps 1-3 and this module the rest:
 
 1. The membership TSV (``cluster_id<TAB>member_id``, e.g. UniRef50 -> UniRef90 members or MMseqs2
-   ``createtsv``; rows parsed by ``parse_tsv_line``) is read. Without a TSV every record is its own
+   ``createtsv``; ``read_tsv``) is read. Without a TSV every record is its own
    cluster.
 2. Every FASTA record is validated (``esmjax.io.fasta.read_fasta``: plain or gzip,
    binary/HTML/truncated files refused); duplicate ids, records the TSV does not place, members
@@ -34,7 +34,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -44,7 +44,7 @@ import tensorflow_datasets as tfds
 from tqdm import tqdm
 
 from esmjax.data import source
-from esmjax.io.fasta import FastaStats
+from esmjax.io.fasta import FastaError, FastaStats, open_text
 from esmjax.models.alphabet import encode
 
 _BATCH = 4096
@@ -82,19 +82,31 @@ class BuildStats:
         return text
 
 
-def parse_tsv_line(path: Path, lineno: int, line: str) -> tuple[str, str] | None:
-    """(cluster, member) of a TSV line, None for blank or ``#`` lines; raises BuildError if
-    malformed."""
-    text = line.rstrip("\r\n")
-    if not text.strip() or text.startswith("#"):
-        return None
-    fields = text.split("\t")
-    if len(fields) != 2 or not fields[0].strip() or not fields[1].strip():
-        raise BuildError(
-            f"{path}:{lineno}: malformed membership row {text[:80]!r}: expected "
-            "'cluster_id<TAB>member_id'"
-        )
-    return fields[0].strip(), fields[1].strip()
+def read_tsv(path: Path, skip_invalid: bool, stats: BuildStats) -> Iterator[tuple[int, str, str]]:
+    """(line, cluster, member) per row of the membership TSV ``cluster_id<TAB>member_id``, streamed;
+    blank and ``#`` lines are ignored. A malformed row, or a file that is not UTF-8 text (binary,
+    truncated gzip), raises BuildError naming the file (and line); with ``skip_invalid`` malformed
+    rows are counted in ``stats`` instead."""
+    try:
+        with open_text(path) as f:
+            for lineno, line in enumerate(f, 1):
+                text = line.rstrip("\r\n")
+                if not text.strip() or text.startswith("#"):
+                    continue
+                fields = text.split("\t")
+                if len(fields) == 2 and fields[0].strip() and fields[1].strip():
+                    yield lineno, fields[0].strip(), fields[1].strip()
+                elif skip_invalid:
+                    stats.skip("malformed membership rows")
+                else:
+                    raise BuildError(
+                        f"{path}:{lineno}: malformed membership row {text[:80]!r}: expected "
+                        "'cluster_id<TAB>member_id'"
+                    )
+    except FastaError as e:  # open_text's binary / gzip errors
+        raise BuildError(str(e).replace("not a FASTA file", "not a membership TSV")) from None
+    except UnicodeDecodeError:
+        raise BuildError(f"{path}: not UTF-8 text, not a membership TSV") from None
 
 
 # --------------------------------------------------------------------------------------------------
