@@ -1,5 +1,5 @@
-"""The local back-end of ``esmjax data build``: one process, memory bounded by the longest record
-plus SQLite's page cache, for inputs up to a few tens of millions of records.
+"""The local back-end of ``esmjax data build`` (the default): one process, memory bounded by the
+longest record plus SQLite's page cache.
 
 Steps 1-2 of ``esmjax.data.builder`` run before TFDS, streaming:
 
