@@ -5,6 +5,7 @@ import gzip
 import io
 import json
 import re
+import subprocess
 import sys
 from contextlib import redirect_stdout
 from pathlib import Path
@@ -218,3 +219,20 @@ def test_beam_direct_runner_matches_the_local_build(tmp_path):
     with pytest.raises(BuildError, match=r"dup\.fa:7: duplicate record id 'b'"):
         build_dataset([dup], tmp_path / "x", val_fraction=0.0, beam_runner="DirectRunner")
     assert not (tmp_path / "x").exists()
+
+
+def test_builder_imports_neither_back_end():
+    """The layering of the build: ``builder`` imports no back-end, the local back-end not the Beam
+    one, and a local build does not import Apache Beam (optional, slow to import)."""
+    check = (
+        "import sys\n"
+        "import esmjax.data.builder\n"
+        "assert not {'esmjax.data.build_local', 'esmjax.data.build_beam'} & set(sys.modules)\n"
+        "import esmjax.data.build_local\n"
+        "assert 'esmjax.data.build_beam' not in sys.modules\n"
+        "from esmjax.data.build import backend\n"
+        "assert type(backend()).__name__ == 'LocalBackend'\n"
+        "assert not {'esmjax.data.build_beam', 'apache_beam'} & set(sys.modules)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -1,14 +1,14 @@
-"""The Apache Beam form of ``esmjax data build``, for UniRef-scale inputs on a distributed runner.
+"""The Apache Beam back-end of ``esmjax data build``, for UniRef-scale inputs on a distributed
+runner.
 
-TFDS runs the pipeline (``DownloadConfig(beam_runner=...)``) and writes the same ArrayRecord splits
-as the local
-build: each FASTA file is parsed and validated by one worker (``read_fasta``; split a huge FASTA
-  into several files
-to read them in parallel), the membership TSV likewise, and the two are joined by member id with
-``CoGroupByKey``, where duplicate ids, records in no cluster, members listed twice and TSV rows
-naming unknown members are detected. Without ``skip_invalid`` the first such problem fails the
-pipeline with a message naming the file and line; with it, the problems are counted, and the counts
-are written next to the dataset and merged into the build summary.
+Steps 1-3 of ``esmjax.data.builder`` are one pipeline that TFDS runs
+(``DownloadConfig(beam_runner=...)``) and that writes the same ArrayRecord splits as the local
+back-end: each FASTA file is parsed and validated by one worker (``read_fasta``; split a huge FASTA
+into several files to read them in parallel), the membership TSV likewise, and the two are joined
+by member id with ``CoGroupByKey``, where duplicate ids, records in no cluster, members listed twice
+and TSV rows naming unknown members are detected. Without ``skip_invalid`` the first such problem
+fails the pipeline with a message naming the file and line; with it, the problems are counted, and
+the counts are written next to the dataset and merged into the build summary.
 
 Requires the ``beam`` extra (``pip install esmjax[beam]``). Tested with the DirectRunner
 (tests/test_data_build.py).
@@ -18,19 +18,22 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import tensorflow_datasets as tfds
+
 from esmjax.data import source
-from esmjax.data.build import (
+from esmjax.data.builder import (
     BuildError,
     BuildPlan,
     BuildStats,
     EsmjaxProteinClusters,
     example,
-    parse_tsv_line,
+    read_tsv,
 )
-from esmjax.io.fasta import FastaStats, open_text, read_fasta
+from esmjax.io.fasta import FastaStats, read_fasta
 
 try:
     import apache_beam as beam
@@ -54,35 +57,6 @@ def _require_beam() -> None:
         raise BuildError("--beam-runner needs Apache Beam: pip install 'esmjax[beam]'")
 
 
-def options(flags: Sequence[str]) -> Any:
-    _require_beam()
-    return PipelineOptions(list(flags))
-
-
-def prepare(
-    tmp: Path,
-    fastas: Sequence[Path],
-    clusters: str | Path | None,
-    val_fraction: float,
-    unknown_as_x: bool,
-    skip_invalid: bool,
-) -> tuple[BuildStats, dict[str, int], BuildPlan]:
-    """The Beam build validates inside the pipeline; nothing to do beforehand but check that Beam
-    is there."""
-    _require_beam()
-    plan = BuildPlan(
-        fastas=tuple(str(f) for f in fastas),
-        clusters=str(clusters) if clusters else None,
-        val_fraction=val_fraction,
-        unknown_as_x=unknown_as_x,
-        skip_invalid=skip_invalid,
-        splits=source.SPLITS if val_fraction > 0 else ("train",),
-        work_dir=str(tmp),
-    )
-    # Split sizes are known only after the pipeline ran; build_dataset re-reads them from TFDS.
-    return BuildStats(), {s: -1 for s in source.SPLITS}, plan
-
-
 def _read_fasta_file(
     item: tuple[int, str], unknown_as_x: bool, skip_invalid: bool
 ) -> Iterator[Any]:
@@ -99,23 +73,12 @@ def _read_fasta_file(
 
 def _read_tsv(path: str, skip_invalid: bool) -> Iterator[Any]:
     """(member id, (cluster, line)) per membership row."""
-    p = Path(path)
-    bad = good = 0
-    with open_text(p) as f:
-        for lineno, line in enumerate(f, 1):
-            try:
-                parsed = parse_tsv_line(p, lineno, line)
-            except BuildError:
-                if not skip_invalid:
-                    raise
-                bad += 1
-                continue
-            if parsed is not None:
-                good += 1
-                yield parsed[1], (parsed[0], lineno)
-    yield beam.pvalue.TaggedOutput(SKIPPED, (_ROWS, good))
-    if bad:
-        yield beam.pvalue.TaggedOutput(SKIPPED, ("malformed membership rows", bad))
+    stats = BuildStats()
+    for line, cluster, member in read_tsv(Path(path), skip_invalid, stats):
+        stats.tsv_rows += 1
+        yield member, (cluster, line)
+    for reason, n in {_ROWS: stats.tsv_rows, **stats.skipped}.items():
+        yield beam.pvalue.TaggedOutput(SKIPPED, (reason, n))
 
 
 def _join(
@@ -167,7 +130,7 @@ def _join(
     else:
         cluster = member
     split = "validation" if source.held_out(cluster, val_fraction) else "train"
-    yield split, (source.record_key(cluster, member), example(member, cluster, sequence))
+    yield split, example(member, cluster, sequence)
 
 
 class BeamBuilder(EsmjaxProteinClusters, skip_registration=True):
@@ -220,43 +183,64 @@ class BeamBuilder(EsmjaxProteinClusters, skip_registration=True):
             for s in plan.splits
         }
 
+    def _generate_examples(self, split: str) -> Any:
+        """Unused (abstract in TFDS): ``_split_generators`` returns the pipeline's collections."""
+        raise NotImplementedError
 
-def run(builder: Any, download_dir: Path, download_config: Any) -> None:
-    """``download_and_prepare`` with TFDS's empty-split failure turned into a build error."""
-    try:
-        builder.download_and_prepare(
-            download_dir=str(download_dir), download_config=download_config
+    def download_and_prepare(self, *args: Any, **kwargs: Any) -> None:
+        """TFDS's, with its failure on an empty split turned into a build error."""
+        try:
+            super().download_and_prepare(*args, **kwargs)
+        except ValueError as e:
+            if "This should be >0" not in str(e) or isinstance(e, BuildError):
+                raise
+            split = "validation" if "split validation" in str(e) else "train"
+            raise BuildError(
+                f"the Beam build produced no {split} records (with few clusters a small "
+                "--val-fraction may hold out none: raise it, or use 0 for no validation split)"
+            ) from None
+
+
+class BeamBackend:
+    """``esmjax.data.builder.Backend`` that validates and generates in one Beam pipeline on
+    ``runner`` (``DirectRunner``, ``DataflowRunner``, ...) with extra pipeline ``flags``."""
+
+    builder_class = BeamBuilder
+
+    def __init__(self, runner: str, flags: Sequence[str] = ()):
+        self.runner, self.flags = runner, tuple(flags)
+
+    def prepare(self, plan: BuildPlan, stats: BuildStats) -> BuildPlan:
+        """Nothing to do beforehand but check that Beam is there; split sizes are known only after
+        the pipeline ran."""
+        _require_beam()
+        return replace(plan, splits=source.SPLITS if plan.val_fraction > 0 else ("train",))
+
+    def download_config(self) -> tfds.download.DownloadConfig:
+        return tfds.download.DownloadConfig(
+            beam_runner=self.runner, beam_options=PipelineOptions(list(self.flags))
         )
-    except ValueError as e:
-        if "This should be >0" not in str(e) or isinstance(e, BuildError):
-            raise
-        split = "validation" if "split validation" in str(e) else "train"
-        raise BuildError(
-            f"the Beam build produced no {split} records (with few clusters a small "
-            "--val-fraction may hold out none: raise it, or use 0 for no validation split)"
-        ) from None
 
-
-def read_skipped(folder: Path, stats: BuildStats) -> None:
-    """Merges the pipeline's skip counts into ``stats`` and removes their file."""
-    p = folder / _COUNTS_FILE
-    if not p.exists():
-        return
-    for line in p.read_text().splitlines():
-        reason, n = json.loads(line)
-        if reason == _READ:
-            stats.fasta.records += n
-        elif reason == _RESIDUES:
-            stats.fasta.residues += n
-        elif reason == _ROWS:
-            stats.tsv_rows += n
-        elif reason == _AS_X:
-            stats.fasta.mapped_to_x += n
-        elif reason.startswith(_FASTA):
-            stats.fasta.skipped += n
-            stats.fasta.reasons[reason[len(_FASTA) :]] = n + stats.fasta.reasons.get(
-                reason[len(_FASTA) :], 0
-            )
-        else:
-            stats.skip(reason, n)
-    p.unlink()
+    def finish(self, plan: BuildPlan, stats: BuildStats) -> None:
+        """Merges the pipeline's skip counts into ``stats`` and removes their file."""
+        p = Path(plan.work_dir) / _COUNTS_FILE
+        if not p.exists():
+            return
+        for line in p.read_text().splitlines():
+            reason, n = json.loads(line)
+            if reason == _READ:
+                stats.fasta.records += n
+            elif reason == _RESIDUES:
+                stats.fasta.residues += n
+            elif reason == _ROWS:
+                stats.tsv_rows += n
+            elif reason == _AS_X:
+                stats.fasta.mapped_to_x += n
+            elif reason.startswith(_FASTA):
+                stats.fasta.skipped += n
+                stats.fasta.reasons[reason[len(_FASTA) :]] = n + stats.fasta.reasons.get(
+                    reason[len(_FASTA) :], 0
+                )
+            else:
+                stats.skip(reason, n)
+        p.unlink()
