@@ -77,3 +77,18 @@ def test_tpu_pod_variables(tmp_path):
     assert expected_accelerator(env, tmp_path) == ("tpu", "a Cloud TPU VM")
     tpu = [SimpleNamespace(platform="tpu", device_kind="TPU v5 lite")] * 4
     assert report(tpu, env=env, sys_root=tmp_path)[1] == []
+
+
+def test_multi_process_detection_still_needs_the_pod_variables(monkeypatch):
+    # A single-host TPU VM (chip on the PCI bus, no pod variables) must not start jax.distributed.
+    for var in (
+        "TPU_WORKER_HOSTNAMES",
+        "MEGASCALE_COORDINATOR_ADDRESS",
+        "SLURM_NTASKS",
+        "SLURM_NPROCS",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.delenv("JOB_COMPLETION_INDEX", raising=False)
+    assert distributed._cluster_detected() is None
+    monkeypatch.setenv("MEGASCALE_COORDINATOR_ADDRESS", "10.0.0.2:8080")
+    assert distributed._cluster_detected() == "Cloud TPU"
