@@ -6,12 +6,13 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: venv lint format test train clean
 
-# (Re)install when pyproject.toml changes. The test extra pins a CPU build of torch
-# (an unpinned torch would pull a multi-GB CUDA build).
+# (Re)install when pyproject.toml changes. The CPU build of JAX (extra cpu) and the test extra, which
+# pins a CPU build of torch (an unpinned torch would pull a multi-GB CUDA build). On a GPU node or TPU
+# VM install '.[cuda12]' / '.[tpu]' instead (README "Install on a GPU cluster / a TPU VM").
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[cpu,test]"
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -235,7 +235,8 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 1000
     seed: int = 0
-    accelerator: str = ""  # peak-FLOPs table key for MFU; empty = detect from the device kind
+    # a device kind of esmjax.train.metrics.PEAK_BF16_FLOPS (the MFU peak); empty = the local device
+    accelerator: str = ""
 
 
 # --------------------------------------------------------------------------------------------------

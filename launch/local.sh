@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # N JAX processes on this machine (127.0.0.1), CPU collectives (gloo): for tests and small runs.
+# Needs the CPU build of JAX: pip install -e '.[cpu]' (make venv installs it).
 #
 #   launch/local.sh NUM_PROCESSES DEVICES_PER_PROCESS COMMAND [ARGS...]
 #   launch/local.sh 2 2 esmjax train --config configs/demo.yaml --workdir runs/mp
@@ -9,7 +10,7 @@
 # others are stopped and the script exits with that process's status. SIGTERM/SIGINT are forwarded to all.
 set -uo pipefail
 if [ $# -lt 3 ]; then
-  sed -n '2,9p' "$0" >&2
+  sed -n '2,10p' "$0" >&2
   exit 2
 fi
 nproc_=$1; ndev=$2; shift 2

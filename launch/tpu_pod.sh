@@ -4,7 +4,8 @@
 #   TPU_NAME=esm-v5p-128 ZONE=us-east5-a launch/tpu_pod.sh configs/esm2_3b.yaml gs://bucket/runs/3b \
 #       --set data.train=gs://bucket/data/uniref50_ds
 #
-# Installs esmjax on every host, then starts the same command on all of them; jax.distributed.initialize()
+# Installs esmjax with its `tpu` extra (jax[tpu]==0.10.2 + libtpu; README "Install on a GPU cluster /
+# a TPU VM") on every host, then starts the same command on all of them; jax.distributed.initialize()
 # detects the pod (coordinator, process ids) by itself. The workdir and dataset must be on storage every host can
 # read (GCS via gcsfs/tensorstore). Preemptible/spot slices: SIGTERM triggers a checkpoint; re-run the same
 # command after the slice is back and it resumes.
@@ -15,6 +16,6 @@ repo=${ESMJAX_REPO:-https://github.com/esmjax/esmjax.git}
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command "
   set -e
   test -d esmjax || git clone $repo esmjax
-  cd esmjax && python3 -m venv .venv && .venv/bin/pip install -q -e . 'jax[tpu]==0.10.2'
+  cd esmjax && python3 -m venv .venv && .venv/bin/pip install -q -e '.[tpu]'
   .venv/bin/esmjax train --config $config --workdir $workdir --no-progress $*
 "

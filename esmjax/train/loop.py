@@ -12,7 +12,6 @@ import json
 import logging
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from esmjax.errors import InputError
 from esmjax.evaluate.perplexity import NoMaskedTokens, masked_lm
 from esmjax.inference.engine import Engine
 from esmjax.models.esm2 import abstract_model
+from esmjax.parallel import platform as plat
 from esmjax.parallel import sharding as shd
 from esmjax.train import metrics as tm
 from esmjax.train.batching import Batching
@@ -124,6 +124,8 @@ def run(
     """
     workdir = Path(workdir).absolute()
     _check_workdir_config(workdir, cfg)
+    plat.log_startup(cfg.model.dtype)
+    peak = tm.device_peak_flops(cfg.accelerator)  # per device, for MFU; None when unknown
     mesh = shd.make_mesh(cfg.mesh)
     rules = shd.resolve_rules(cfg.mesh.rules)
     batching = Batching(cfg, mesh.size, jax.process_count())
@@ -173,7 +175,6 @@ def run(
         engine = Engine(nnx.merge(graphdef, nnx.State(state.variables)), mesh, rules)
 
         writer = tm.MetricsWriter(workdir, start, enabled=jax.process_index() == 0)
-        peak = tm.device_peak_flops(cfg.accelerator)
         flops_per_token = tm.train_flops_per_token(cfg.model, cfg.data.seq_len)
         tokens_per_step = batching.global_rows * batching.seq_len
         preemption = _Preemption()
@@ -187,39 +188,36 @@ def run(
             dynamic_ncols=True,
         )
         last: dict[str, Any] = {}
-        t_last, steps_since = time.perf_counter(), 0
+        window = tm.ThroughputWindow()  # steps and time since the last log line, eval excluded
         step = start
         try:
             while step < cfg.num_steps:
                 local = next(data)
-                nonpad = float((local["segment_ids"] > 0).mean())
                 state, m = train_step(state, _global_batch(local, batching.accum, batch_sharding))
                 step += 1
-                steps_since += 1
+                window.add_step(float((local["segment_ids"] > 0).mean()))
                 bar.update(1)
                 boundary = step % cfg.log_every == 0 or step == cfg.num_steps
                 if boundary:
-                    m = {k: float(v) for k, v in jax.device_get(m).items()}
-                    dt = time.perf_counter() - t_last
-                    tps = tokens_per_step * steps_since / dt
+                    m = {k: float(v) for k, v in jax.device_get(m).items()}  # waits for the step
                     m.update(
-                        tokens_per_second=tps,
-                        tokens_per_second_per_device=tps / mesh.size,
-                        nonpad_fraction=nonpad,
-                        tflops_per_device=flops_per_token * tps / mesh.size / 1e12,
-                        mfu=(flops_per_token * tps / mesh.size / peak) if peak else None,
-                        step_seconds=dt / steps_since,
+                        window.summary(
+                            tokens_per_step=tokens_per_step,
+                            num_devices=mesh.size,
+                            flops_per_token=flops_per_token,
+                            peak_flops=peak,
+                        )
                     )
                     writer.write(step, m)
                     bar.set_postfix(
                         loss=f"{m['loss']:.3f}", ppl=f"{m['perplexity']:.2f}", lr=f"{m['lr']:.1e}"
                     )
                     last = m
-                    t_last, steps_since = time.perf_counter(), 0
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.num_steps:
-                    ev = evaluate(cfg, engine, state.variables, batching.micro_rows)
-                    writer.write(step, ev)
-                    t_last = time.perf_counter()
+                    jax.block_until_ready(m)  # the steps before belong to the training window
+                    with window.excluded():
+                        ev = evaluate(cfg, engine, state.variables, batching.micro_rows)
+                        writer.write(step, ev)
                 stop = boundary and preemption.agreed()
                 if stop_after is not None and step - start >= stop_after:
                     stop = True

@@ -1,44 +1,69 @@
-"""Throughput accounting (FLOPs, MFU) and the metrics sinks: ``metrics.jsonl`` and TensorBoard event
-files.
+"""Throughput accounting (FLOPs, MFU, a windowed throughput meter) and the metrics sinks:
+``metrics.jsonl`` and TensorBoard event files.
 
 Training FLOPs per token follow the PaLM/Megatron accounting without causal halving, since ESM-2
-attention is
-bidirectional: ``6 * (matmul weights) + 12 * N * E * S`` (forward + backward of the weight matmuls,
-  and of the
-S x S attention scores and values), counting full padded rows as BioNeMo does.
+attention is bidirectional: ``6 * (matmul weights) + 12 * N * E * S`` (forward + backward of the
+weight matmuls, and of the S x S attention scores and values), counting full padded rows as BioNeMo
+does. MFU divides the achieved FLOP/s of one device by its dense bf16 peak from ``PEAK_BF16_FLOPS``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
 
-from esmjax.config import ESM2Config
+from esmjax.config import ConfigError, ESM2Config
 
-# Dense bf16 peak FLOP/s per device (vendor data sheets, dense not sparse).
-PEAK_FLOPS = {
-    "h100": 989e12,
-    "h200": 989e12,
-    "b200": 2250e12,
-    "a100": 312e12,
-    "l4": 121e12,
-    "v100": 125e12,
-    "tpu v4": 275e12,
-    "tpu v5 lite": 197e12,
-    "tpu v5e": 197e12,
-    "tpu v5p": 459e12,
-    "tpu v6 lite": 918e12,
-    "tpu v6e": 918e12,
+log = logging.getLogger(__name__)
+
+# Dense (not 2:4-sparse) bf16 peak FLOP/s of one device, keyed by ``jax.Device.device_kind`` exactly
+# as JAX reports it; a kind is looked up whole (no substring match: "NVIDIA L4" is not "NVIDIA
+# L40S").
+# - GPU kinds are the CUDA device name (cuDeviceGetName, the same string `nvidia-smi
+#   --query-gpu=name` prints). Peaks are NVIDIA's data-sheet "BF16 Tensor Core" figures, which are
+#   quoted with sparsity, halved: H100 SXM 1,979 -> 989.4, H100 PCIe 1,513 -> 756, H100/H200 NVL
+#   1,671 -> 835, H200 SXM 1,979 -> 989.4, HGX B200 4.5 PFLOP/s -> 2,250, A100 (all four) 624 ->
+#   312, L40S 733 -> 362, L40 362 -> 181, L4 242 -> 121 TFLOP/s. Some drivers name an H200 NVL
+#   "NVIDIA H200"; set ``accelerator: NVIDIA H200 NVL`` in the config for the right peak.
+# - TPU kinds are those of jax-ml/jax tests/pallas/tpu_info_test.py and openxla/xla
+#   xla/python/ifrt/ir/utils.cc: v5e reports "TPU v5 lite", v5p "TPU v5" (newer runtimes may say
+#   "TPU v5p"), v6e "TPU v6 lite". Peaks per chip from the Cloud TPU system-architecture pages:
+#   v4 275, v5e 197, v5p 459, v6e 918 TFLOP/s.
+PEAK_BF16_FLOPS: dict[str, float] = {
+    "NVIDIA H100 80GB HBM3": 989.4e12,  # H100 SXM5
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H200": 989.4e12,  # H200 SXM
+    "NVIDIA H200 NVL": 835e12,
+    "NVIDIA GH200 480GB": 989.4e12,
+    "NVIDIA B200": 2250e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA L40S": 362e12,
+    "NVIDIA L40": 181e12,
+    "NVIDIA L4": 121e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5": 459e12,  # v5p
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,  # v6e (Trillium)
 }
 # Host CPU, per core: AVX-512 fp32, 2 FMA units x 16 lanes x 2 FLOP x ~2.5 GHz. A CPU device's peak
-# is this times
-# the cores it shares; MFU on a CPU is only a rough indication.
+# is this times the cores it shares; MFU on a CPU is only a rough indication.
 CPU_CORE_PEAK_FLOPS = 160e9
+
+_warned_kinds: set[str] = set()
 
 
 def matmul_params(cfg: ESM2Config) -> int:
@@ -50,16 +75,101 @@ def train_flops_per_token(cfg: ESM2Config, seq_len: int) -> float:
     return 6.0 * matmul_params(cfg) + 12.0 * cfg.num_layers * cfg.embed_dim * seq_len
 
 
-def device_peak_flops(accelerator: str = "") -> float | None:
-    """Peak FLOP/s of one device, from ``accelerator`` or the local device kind; None when
-    unknown."""
-    if not accelerator and jax.local_devices()[0].platform == "cpu":
-        return CPU_CORE_PEAK_FLOPS * (os.cpu_count() or 1) / jax.local_device_count()
-    kind = (accelerator or jax.local_devices()[0].device_kind).lower()
-    for key in sorted(PEAK_FLOPS, key=len, reverse=True):
-        if key in kind:
-            return PEAK_FLOPS[key]
+def peak_flops_of_kind(kind: str) -> float | None:
+    """Dense bf16 peak FLOP/s of a device kind, matched whole (case and outer spaces ignored)."""
+    key = " ".join(kind.split()).casefold()
+    for name, peak in PEAK_BF16_FLOPS.items():
+        if name.casefold() == key:
+            return peak
     return None
+
+
+def device_peak_flops(accelerator: str = "", device: Any = None) -> float | None:
+    """Peak FLOP/s of one device: of ``accelerator`` (a ``PEAK_BF16_FLOPS`` kind, the config's
+    ``accelerator`` field) when given, else of ``device`` (default: the first local device).
+
+    A CPU device gets the rough per-core estimate times the cores it shares. An accelerator kind not
+    in the table gives None (``mfu: null`` in the metrics) and one warning per kind and process; an
+    ``accelerator`` value not in the table is a config error.
+    """
+    if accelerator:
+        peak = peak_flops_of_kind(accelerator)
+        if peak is None:
+            raise ConfigError(
+                f"accelerator={accelerator!r} is not a device kind of the peak-FLOPs table; use "
+                f"one of {', '.join(PEAK_BF16_FLOPS)} (or leave it empty to detect the device)"
+            )
+        return peak
+    device = device if device is not None else jax.local_devices()[0]
+    if device.platform == "cpu":
+        return CPU_CORE_PEAK_FLOPS * (os.cpu_count() or 1) / jax.local_device_count()
+    peak = peak_flops_of_kind(device.device_kind)
+    if peak is None and device.device_kind not in _warned_kinds:
+        _warned_kinds.add(device.device_kind)
+        log.warning(
+            "no peak FLOP/s known for device kind %r: mfu is logged as null (set the config's "
+            "`accelerator` to a kind of esmjax.train.metrics.PEAK_BF16_FLOPS to choose one)",
+            device.device_kind,
+        )
+    return peak
+
+
+class ThroughputWindow:
+    """Training throughput over one logging window: the steps since the last log line and the
+    wall time they took, with evaluation (``with window.excluded(): ...``) left out.
+
+    The caller marks every step with ``add_step(nonpad_fraction)`` and, at a log line, takes
+    ``summary(...)``, which also starts the next window. Steps are dispatched asynchronously, so the
+    caller must have waited for the window's last step (reading its metrics does) before
+    ``summary`` and before entering ``excluded``. The window keeps checkpoint saves and data loading
+    (costs of training); the first window of an invocation also holds the compilation.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+        self._clock = clock
+        self._start = clock()
+        self._excluded = 0.0
+        self.steps = 0
+        self._nonpad_sum = 0.0
+
+    def add_step(self, nonpad_fraction: float) -> None:
+        self.steps += 1
+        self._nonpad_sum += nonpad_fraction
+
+    @contextlib.contextmanager
+    def excluded(self) -> Iterator[None]:
+        """Time spent inside does not count (evaluation)."""
+        t0 = self._clock()
+        try:
+            yield
+        finally:
+            self._excluded += self._clock() - t0
+
+    def summary(
+        self,
+        *,
+        tokens_per_step: int,
+        num_devices: int,
+        flops_per_token: float,
+        peak_flops: float | None,
+    ) -> dict[str, float | None]:
+        """Throughput of the window; starts the next one. ``tokens_per_step`` is global (padding
+        included), ``peak_flops`` per device (None: ``mfu`` is None)."""
+        now = self._clock()
+        seconds = max(now - self._start - self._excluded, 1e-9)
+        steps = max(self.steps, 1)
+        tps = tokens_per_step * self.steps / seconds
+        tflops = flops_per_token * tps / num_devices
+        out = {
+            "tokens_per_second": tps,
+            "tokens_per_second_per_device": tps / num_devices,
+            "nonpad_fraction": self._nonpad_sum / steps,
+            "tflops_per_device": tflops / 1e12,
+            "mfu": tflops / peak_flops if peak_flops else None,
+            "step_seconds": seconds / steps,
+        }
+        self._start, self._excluded, self.steps, self._nonpad_sum = now, 0.0, 0, 0.0
+        return out
 
 
 class MetricsWriter:
