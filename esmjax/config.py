@@ -157,7 +157,9 @@ class DataConfig:
     Attributes:
       train: a dataset folder built by ``esmjax data build`` or a FASTA file.
       eval: held-out data; empty means the dataset folder's validation split.
-      seq_len: tokens per packed row, BOS and EOS included (ESM-2 crops at 1,024).
+      seq_len: tokens per packed row, BOS and EOS included (ESM-2 crops at 1,024): a longer
+        protein is cut to a window of ``seq_len`` tokens of ``BOS seq EOS``, keeping BOS/EOS only
+        where the window reaches its real start/end.
       tokens_per_step: global tokens per optimizer step (ESM-2: about 2M = 2,048 x 1,024).
       rows_per_device: packed rows each device processes per micro-step; accumulation covers the
         rest.

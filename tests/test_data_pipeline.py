@@ -29,14 +29,16 @@ def same(a, b):
     return all(np.array_equal(a[k], b[k]) for k in BATCH_KEYS)
 
 
-def test_batch_contract_and_row_invariants(cath_dir, cath_seqs):
-    cfg = DataConfig(train=str(cath_dir), seq_len=1024, max_segments=16)
+@pytest.mark.parametrize("seq_len", [1024, 256])
+def test_batch_contract_and_row_invariants(cath_dir, cath_seqs, seq_len):
+    cfg = DataConfig(train=str(cath_dir), seq_len=seq_len, max_segments=16)
     [b] = take(train_batches(cfg, rows=24), 1)
     assert set(b) == set(BATCH_KEYS)
     for k, dt in [("tokens", np.int32), ("targets", np.int32), ("loss_mask", np.bool_)]:
-        assert b[k].shape == (24, 1024) and b[k].dtype == dt
+        assert b[k].shape == (24, seq_len) and b[k].dtype == dt
     assert b["segment_ids"].dtype == np.int32 and b["positions"].dtype == np.int32
-    long_seqs = [s for s in cath_seqs if len(s) > 1022]
+    long_seqs = [s for s in cath_seqs if len(s) > seq_len - 2]
+    crops = 0
     for r in range(24):
         seg, pos, tgt = b["segment_ids"][r], b["positions"][r], b["targets"][r]
         k = seg.max()
@@ -49,14 +51,22 @@ def test_batch_contract_and_row_invariants(cath_dir, cath_seqs):
         )
         for s in range(1, k + 1):
             cols = np.flatnonzero(seg == s)
-            assert pos[cols].tolist() == list(range(len(cols)))  # positions restart at each BOS
-            assert tgt[cols[0]] == BOS and tgt[cols[-1]] == EOS
-            residues = decode(tgt[cols[1:-1]])
-            assert BOS not in tgt[cols[1:-1]] and EOS not in tgt[cols[1:-1]]
-            # Each segment is a whole CATH sequence, or a 1,022-residue window of a longer one.
-            assert residues in cath_seqs or (
-                len(residues) == 1022 and any(residues in x for x in long_seqs)
-            )
+            assert pos[cols].tolist() == list(range(len(cols)))  # positions restart per segment
+            has_bos, has_eos = tgt[cols[0]] == BOS, tgt[cols[-1]] == EOS
+            body = tgt[cols[int(has_bos) : len(cols) - int(has_eos)]]
+            assert BOS not in body and EOS not in body
+            residues = decode(body)
+            if has_bos and has_eos and residues in cath_seqs:
+                continue  # a whole CATH sequence
+            # Or a seq_len-token window of a longer one, alone in its row, BOS only at its start
+            # and EOS only at its end.
+            assert len(cols) == seq_len and k == 1
+            (full,) = [x for x in long_seqs if residues in x]
+            assert not has_bos or full.index(residues) == 0
+            assert not has_eos or full.endswith(residues)
+            assert len(residues) == seq_len - has_bos - has_eos
+            crops += 1
+    assert crops >= 1 or seq_len == 1024  # 5 of 14,942 CATH sequences are longer than 1,022
 
 
 def test_masking_rate_and_80_10_10_split(cath_dir):
@@ -103,6 +113,11 @@ def test_state_restores_the_identical_continuation(cath_dir):
     with pytest.raises(DatasetError, match="seed"):
         other.set_state(state)
     other.close()
+    # So is one saved before ESM-2 crops (state version 1): its stream was cropped otherwise.
+    old = train_batches(cfg, rows=16)
+    with pytest.raises(DatasetError, match="version 1"):
+        old.set_state({**state, "version": 1})
+    old.close()
 
 
 @pytest.mark.parametrize("count", [2, 4])
@@ -220,9 +235,10 @@ def test_eval_on_a_fasta_file_covers_every_record_once(tmp_path, cath_dir):
     cfg = DataConfig(train=str(cath_dir), eval=str(fasta), seq_len=1024, eval_tokens=0)
     batches = list(eval_batches(cfg, rows=16))
     segments = sum(int(x["segment_ids"].max(axis=1).sum()) for x in batches)
-    residues = sum(int((x["segment_ids"] > 0).sum()) for x in batches) - 2 * segments
+    nonpad = sum(int((x["segment_ids"] > 0).sum()) for x in batches)
     assert segments == 300
-    assert residues == sum(min(len(r.sequence), 1022) for r in records)
+    # Whole sequences take their residues + 2 tokens, longer ones a window of 1,024 tokens.
+    assert nonpad == sum(min(len(r.sequence) + 2, 1024) for r in records)
 
 
 def test_a_fasta_file_can_be_the_training_set(tmp_path):

@@ -38,22 +38,22 @@ def test_uniform_hash_moments():
 def test_each_epoch_draws_every_cluster_once_in_a_new_order():
     sizes = np.array([1, 500, 3, 50, 1, 1, 20, 7] * 25)
     lengths = np.full(sizes.sum(), 100)
-    s = ClusterSampler(_offsets(sizes), lengths, 1022, seed=3)
+    s = ClusterSampler(_offsets(sizes), lengths, 1024, seed=3)
     c = s.clusters(0, 3 * len(sizes)).reshape(3, -1)
     for epoch in c:
         assert sorted(epoch.tolist()) == list(range(len(sizes)))
     assert (c[0] != c[1]).mean() > 0.9 and (c[1] != c[2]).mean() > 0.9
     # Same seed, same stream; any window of the stream equals the whole stream's slice.
-    again = ClusterSampler(_offsets(sizes), lengths, 1022, seed=3)
+    again = ClusterSampler(_offsets(sizes), lengths, 1024, seed=3)
     assert (again.draws(0, 600).record == s.draws(0, 600).record).all()
     assert (again.draws(123, 50).record == s.draws(0, 600).record[123:173]).all()
-    other = ClusterSampler(_offsets(sizes), lengths, 1022, seed=4)
+    other = ClusterSampler(_offsets(sizes), lengths, 1024, seed=4)
     assert (other.clusters(0, 200) != c[0]).mean() > 0.9
 
 
 def test_members_uniform_within_clusters():
     sizes = np.array([1, 10, 100, 3, 7])
-    s = ClusterSampler(_offsets(sizes), np.full(sizes.sum(), 50), 1022, seed=0)
+    s = ClusterSampler(_offsets(sizes), np.full(sizes.sum(), 50), 1024, seed=0)
     d = s.draws(0, 50_000)
     offs = _offsets(sizes)
     for c in (1, 2, 4):
@@ -66,22 +66,50 @@ def test_members_uniform_within_clusters():
 def test_exponent_one_is_size_proportional_and_half_is_between():
     sizes = np.array([1, 4, 16, 64])
     lengths = np.full(sizes.sum(), 50)
-    s1 = ClusterSampler(_offsets(sizes), lengths, 1022, seed=0, exponent=1.0)
+    s1 = ClusterSampler(_offsets(sizes), lengths, 1024, seed=0, exponent=1.0)
     assert s1.epoch_size == sizes.sum()
     assert np.bincount(s1.clusters(0, s1.epoch_size), minlength=4).tolist() == sizes.tolist()
-    s_half = ClusterSampler(_offsets(sizes), lengths, 1022, seed=0, exponent=0.5)
+    s_half = ClusterSampler(_offsets(sizes), lengths, 1024, seed=0, exponent=0.5)
     assert np.bincount(s_half.clusters(0, s_half.epoch_size), minlength=4).tolist() == [1, 2, 4, 8]
 
 
-def test_crop_windows_are_uniform_and_inside_the_sequence():
+def test_crop_windows_are_uniform_token_windows_with_bos_eos_only_at_the_ends():
+    """ESM-2 crops: a window of 1,024 tokens of ``BOS seq EOS``, its first token uniform over the
+    5,002 - 1,024 + 1 possible ones; BOS only at the start, EOS only at the end."""
     lengths = np.array([5000] * 1 + [30])
-    s = ClusterSampler(_offsets([1, 1]), lengths, 1022, seed=0)
+    s = ClusterSampler(_offsets([1, 1]), lengths, 1024, seed=0)
     d = s.members(np.zeros(20_000, np.int64), np.arange(20_000))
-    assert (d.kept == 1022).all() and d.start.min() >= 0 and (d.start + d.kept).max() <= 5000
-    hist = np.bincount(d.start * 10 // (5000 - 1022 + 1), minlength=10)
+    assert (d.size == 1024).all() and d.start.min() >= 0 and (d.start + d.kept).max() <= 5000
+    first = np.where(d.bos, 0, d.start + 1)  # first token of the window in BOS r_1 .. r_n EOS
+    room = 5002 - 1024 + 1
+    assert first.min() == 0 and first.max() == room - 1  # both end windows come up
+    assert ((first + 1024 == 5002) == d.eos).all() and ((first == 0) == d.bos).all()
+    assert (d.kept == 1024 - d.bos - d.eos).all() and not (d.bos & d.eos).any()
+    hist = np.bincount(first * 10 // room, minlength=10)
     assert stats.chisquare(hist).pvalue > 1e-3
     short = s.members(np.ones(100, np.int64), np.arange(100))
     assert (short.start == 0).all() and (short.kept == 30).all()
+    assert short.bos.all() and short.eos.all() and (short.size == 32).all()
+
+
+@pytest.mark.parametrize("n", [5, 6, 7, 10])
+def test_every_crop_window_is_drawn_with_its_exact_layout(n):
+    """With a 7-token crop, every one of the n + 3 - 7 windows of ``BOS r_1 .. r_n EOS`` comes up,
+    each exactly as that token string's slice; n = 5 fits whole, n = 6 has only the start and end
+    windows."""
+    s = ClusterSampler(_offsets([1]), np.array([n]), 7, seed=2)
+    d = s.members(np.zeros(2000, np.int64), np.arange(2000))
+    string = ["BOS"] + [f"r{i}" for i in range(n)] + ["EOS"]
+    seen = set()
+    for start, kept, bos, eos in zip(*(x.tolist() for x in (d.start, d.kept, d.bos, d.eos))):
+        window = ["BOS"] * bos + [f"r{i}" for i in range(start, start + kept)] + ["EOS"] * eos
+        assert len(window) == min(n + 2, 7)
+        first = string.index(window[0])
+        assert string[first : first + len(window)] == window
+        seen.add(first)
+    assert seen == set(range(max(n + 2 - 7, 0) + 1))
+    with pytest.raises(ValueError, match="at least 3"):
+        ClusterSampler(_offsets([1]), np.array([n]), 2, seed=2)
 
 
 def test_inspect_sample_is_cluster_uniform_on_skewed_scope_families(scope_dir):
@@ -112,7 +140,7 @@ def test_members_uniform_within_scope_families(scope_dir):
     split = open_split(scope_dir, "train")
     offsets = np.asarray(split.offsets)
     sizes = np.diff(offsets)
-    s = ClusterSampler(offsets, np.asarray(split.lengths), 1022, seed=11)
+    s = ClusterSampler(offsets, np.asarray(split.lengths), 1024, seed=11)
     d = s.draws(0, 300 * split.num_clusters)
     member = d.record - offsets[d.cluster]
     assert (member >= 0).all() and (member < sizes[d.cluster]).all()

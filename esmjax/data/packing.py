@@ -1,15 +1,18 @@
 """Packing cropped sequences into fixed-shape rows, and assembling the rows.
 
 A block of draws is packed by best-fit decreasing (Johnson 1973; Coffman, Garey & Johnson 1996,
-"Approximation algorithms for bin packing: a survey"): items (BOS + residues + EOS) are taken
-longest first and each goes into the open row with the least room that still fits it, a new row when
-none does. A row closes when it holds ``max_segments`` items or has no room for a 1-residue item. On
-UniProt-like lengths this fills over 97% of the tokens (see BENCHMARKS.md). The rows of a block are
-then put in a seeded random order so that a batch taken from part of a block mixes long and short
-sequences.
+"Approximation algorithms for bin packing: a survey"): items (``Draws.size`` tokens: the residues
+plus BOS and EOS where the window keeps the sequence's ends) are taken longest first and each goes
+into the open row with the least room that still fits it, a new row when none does. A row closes
+when it holds ``max_segments`` items or has no room for a 1-residue item. On UniProt-like lengths
+this fills over 97% of the tokens (see BENCHMARKS.md). The rows of a block are then put in a seeded
+random order so that a batch taken from part of a block mixes long and short sequences.
 
-``assemble`` writes the rows: ``BOS seq EOS`` per segment, PAD after the last one, ``segment_ids``
-1..k (0 on padding) and rotary ``positions`` restarting at 0 on each BOS, all [R, L] int32.
+``assemble`` writes the rows: per segment ``BOS seq EOS`` for a whole sequence, and for a crop
+(ESM-2, see ``esmjax.data.sampling``) BOS only when the window is the start of ``BOS seq EOS`` and
+EOS only when it is its end; PAD after the last segment, ``segment_ids`` 1..k (0 on padding) and
+rotary ``positions`` restarting at 0 at the first token of each segment (BOS or not: what fair-esm
+computes on that cropped input alone), all [R, L] int32.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import numpy as np
 from esmjax.data.sampling import TAG_ROWS, Draws, derive_key, permute
 from esmjax.models.alphabet import BOS, EOS, PAD
 
-MIN_ITEM = 3  # BOS, one residue, EOS
+MIN_ITEM = 3  # the smallest item: a whole 1-residue sequence (BOS, residue, EOS); crops fill a row
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,7 @@ def best_fit_decreasing(
 
 def pack_block(draws: Draws, capacity: int, max_segments: int, seed: int, block: int) -> Packed:
     """Packs one block of draws into rows of ``capacity`` tokens, rows in a seeded order."""
-    sizes = np.asarray(draws.kept, np.int64) + 2
+    sizes = np.asarray(draws.size, np.int64)
     bin_of, num_rows = best_fit_decreasing(sizes, capacity, max_segments)
     row_of = permute(bin_of, num_rows, derive_key(seed, TAG_ROWS, block))
     item = np.lexsort((np.arange(len(sizes)), row_of))
@@ -106,6 +109,8 @@ def assemble(
     row: np.ndarray,
     col: np.ndarray,
     pieces: Sequence[np.ndarray],
+    bos: np.ndarray,
+    eos: np.ndarray,
 ) -> dict[str, np.ndarray]:
     """Writes packed rows.
 
@@ -114,6 +119,8 @@ def assemble(
       seq_len: L tokens per row.
       row, col: [I] placement of each segment (sorted by row, then col).
       pieces: I residue-id arrays (already cropped), one per segment.
+      bos, eos: [I] bool, whether each segment starts with BOS / ends with EOS (False for a window
+        that does not reach that end of its sequence).
 
     Returns:
       ``tokens``, ``segment_ids``, ``positions``, all [R, L] int32.
@@ -124,15 +131,17 @@ def assemble(
     if not len(row):
         return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
     n = np.fromiter((len(p) for p in pieces), np.int64, len(pieces))
-    size = n + 2
+    bos = np.asarray(bos, bool)
+    eos = np.asarray(eos, bool)
+    size = n + bos + eos
     flat = tokens.reshape(-1)
     base = np.asarray(row, np.int64) * seq_len + np.asarray(col, np.int64)
     body = np.concatenate([np.asarray(p, np.int32) for p in pieces])
-    # Flat indices of every residue: base + 1 + (0 .. n - 1) per segment.
+    # Flat indices of every residue: base + bos + (0 .. n - 1) per segment.
     offs = np.arange(len(body), dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)
-    flat[np.repeat(base + 1, n) + offs] = body
-    flat[base] = BOS
-    flat[base + 1 + n] = EOS
+    flat[np.repeat(base + bos, n) + offs] = body
+    flat[base[bos]] = BOS
+    flat[(base + bos + n)[eos]] = EOS
     # Segment numbers 1..k within each row and positions 0..size-1 within each segment.
     first = np.r_[True, row[1:] != row[:-1]]
     idx = np.arange(len(row))

@@ -14,10 +14,14 @@ global batch. The iterator state is the stream position ``(block, offset)`` (plu
 must match on restore): any process count, or even another batch size, resumes at exactly the next
 unread row, repeating and skipping nothing.
 
+Sequences longer than a row are cropped as ESM-2 did (``esmjax.data.sampling``): a window of
+``seq_len`` tokens of ``BOS seq EOS``, so BOS/EOS appear only where the window reaches the real
+start/end of the protein, and a middle window holds ``seq_len`` residues.
+
 Evaluation reads the held-out split with a fixed seed (``EVAL_SEED``, independent of
-``DataConfig.seed``): each held-out cluster once (one member, fixed crop) in a fixed order until
-``eval_tokens`` tokens, packed the same way; the last global batch is padded with empty rows. The
-result is identical for any process count.
+``DataConfig.seed``): each held-out cluster once (one member, fixed crop, same crop rule) in a fixed
+order until ``eval_tokens`` tokens, packed the same way; the last global batch is padded with empty
+rows. The result is identical for any process count.
 
 Work runs ahead of the consumer: a planner thread walks the stream (cheap: index arrays only) and
 hands each batch's rows to a pool that reads and assembles them, ``num_workers`` processes or, with
@@ -46,7 +50,9 @@ from esmjax.data.source import DatasetError, Split, open_split
 
 BLOCK_DRAWS = 4096
 EVAL_SEED = 0x5EED
-STATE_VERSION = 1
+# 2: ESM-2 crops (BOS/EOS only at a protein's real ends). A version-1 state belongs to a stream
+# cropped otherwise, so resuming from it would not continue the same stream: it is refused.
+STATE_VERSION = 2
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
 
@@ -59,6 +65,8 @@ class Job:
     record: np.ndarray  # [I] record index of each segment
     start: np.ndarray  # [I] first residue kept
     kept: np.ndarray  # [I] residues kept
+    bos: np.ndarray  # [I] bool, BOS written before the residues
+    eos: np.ndarray  # [I] bool, EOS written after them
     row: np.ndarray  # [I] destination row
     col: np.ndarray  # [I] destination column
     row_keys: np.ndarray  # [R, 2] (block, row in block) of each row, -1 for padding rows
@@ -73,7 +81,7 @@ def materialise(split: Split, job: Job) -> dict[str, np.ndarray]:
     ``BATCH_KEYS``)."""
     raw = split.read(job.record)
     pieces = [r[s : s + k] for r, s, k in zip(raw, job.start.tolist(), job.kept.tolist())]
-    packed = assemble(job.num_rows, job.seq_len, job.row, job.col, pieces)
+    packed = assemble(job.num_rows, job.seq_len, job.row, job.col, pieces, job.bos, job.eos)
     tokens = np.empty_like(packed["tokens"])
     loss_mask = np.zeros(tokens.shape, bool)
     for j, (block, r) in enumerate(job.row_keys.tolist()):
@@ -95,8 +103,8 @@ def materialise(split: Split, job: Job) -> dict[str, np.ndarray]:
     }
 
 
-def _cat(arrays: list[np.ndarray]) -> np.ndarray:
-    return np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
+def _cat(arrays: list[np.ndarray], dtype: type = np.int64) -> np.ndarray:
+    return np.concatenate(arrays) if arrays else np.zeros(0, dtype)
 
 
 _WORKER_SPLIT: Split | None = None
@@ -199,7 +207,7 @@ class BatchIterator:
         self.split, self.cfg, self.rows = split, cfg, rows
         self.process_index, self.process_count = process_index, process_count
         self.kind, self.seed = kind, seed
-        sampler = ClusterSampler(split.offsets, split.lengths, cfg.seq_len - 2, seed, exponent)
+        sampler = ClusterSampler(split.offsets, split.lengths, cfg.seq_len, seed, exponent)
         self.stream = RowStream(split, sampler, cfg.seq_len, cfg.max_segments, seed, num_draws)
         self._fixed = {
             "kind": kind,
@@ -242,7 +250,8 @@ class BatchIterator:
     def set_state(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
             raise DatasetError(
-                f"data iterator state has version {state.get('version')}, expected {STATE_VERSION}"
+                f"data iterator state has version {state.get('version')}, expected {STATE_VERSION} "
+                "(saved by an esmjax whose batches differ); start a new workdir"
             )
         for k, v in self._fixed.items():
             if state.get(k) != v:
@@ -295,7 +304,7 @@ class BatchIterator:
         return batch
 
     def _job(self, pieces: list[tuple]) -> Job:
-        rec, start, kept, row, col = [], [], [], [], []
+        rec, start, kept, bos, eos, row, col = [], [], [], [], [], [], []
         row_keys = np.full((self.rows, 2), -1, np.int64)
         for block, first, count, dest in pieces:
             draws, packed = self.stream.block(block)
@@ -304,6 +313,8 @@ class BatchIterator:
             rec.append(draws.record[items])
             start.append(draws.start[items])
             kept.append(draws.kept[items])
+            bos.append(draws.bos[items])
+            eos.append(draws.eos[items])
             row.append(packed.row[a:z] - first + dest)
             col.append(packed.col[a:z])
             row_keys[dest : dest + count, 0] = block
@@ -315,6 +326,8 @@ class BatchIterator:
             record=_cat(rec),
             start=_cat(start),
             kept=_cat(kept),
+            bos=_cat(bos, bool),
+            eos=_cat(eos, bool),
             row=_cat(row),
             col=_cat(col),
             row_keys=row_keys,
@@ -432,11 +445,11 @@ def eval_split(cfg: DataConfig) -> Split:
 def eval_draws(split: Split, cfg: DataConfig) -> int:
     """How many evaluation draws (one per held-out cluster, in the fixed order) cover
     ``cfg.eval_tokens``."""
-    sampler = ClusterSampler(split.offsets, split.lengths, cfg.seq_len - 2, EVAL_SEED)
+    sampler = ClusterSampler(split.offsets, split.lengths, cfg.seq_len, EVAL_SEED)
     n = split.num_clusters
     if cfg.eval_tokens <= 0:
         return n
-    sizes = sampler.draws(0, n).kept + 2
+    sizes = sampler.draws(0, n).size
     return int(min(n, np.searchsorted(np.cumsum(sizes), cfg.eval_tokens) + 1))
 
 

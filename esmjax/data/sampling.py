@@ -16,6 +16,17 @@ processes or re-read at any point without replaying it.
 * The member is uniform within the cluster and a sequence longer than the crop is cut at a uniform
   window, both from a splitmix64 hash of ``(seed, d)`` (Steele, Lea & Flood 2014, "Fast splittable
   pseudorandom number generators").
+
+Crops are ESM-2's (Lin et al. 2023, Methods: "We used BOS and EOS tokens to signal the beginning and
+end of a real protein, to allow the model to separate a full-sized protein from a cropped one"): a
+sequence of ``n`` residues is the token string ``BOS r_1 .. r_n EOS`` (``n + 2`` tokens); when that
+exceeds the crop of ``C`` tokens, the crop is a window of exactly ``C`` consecutive tokens of it,
+its first token uniform over the ``n + 3 - C`` possible ones. So only a window at the start keeps
+BOS (BOS + ``C - 1`` residues), only one at the end keeps EOS (``C - 1`` residues + EOS), and a
+middle window is ``C`` residues: the freed positions hold residues, and a crop fills a row by
+itself. BOS/EOS mark the token string's ends, not the residues': the middle window that begins one
+token after BOS (residues 1..C) has no BOS, as a crop of the tokenized sequence gives. A sequence of
+``C - 1`` residues has exactly two windows, BOS + all residues and all residues + EOS.
 """
 
 from __future__ import annotations
@@ -102,16 +113,24 @@ def permute(index: np.ndarray, n: int, key: int | np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Draws:
-    """A run of draws: which record, where its crop starts and how many residues it keeps, and
-    its cluster."""
+    """A run of draws: which record, where its crop starts, how many residues it keeps, whether
+    it keeps the sequence's BOS and EOS, and its cluster."""
 
     cluster: np.ndarray  # int64
     record: np.ndarray  # int64
     start: np.ndarray  # int64, first residue kept
-    kept: np.ndarray  # int64, residues kept (<= max_residues)
+    kept: np.ndarray  # int64, residues kept
+    bos: np.ndarray  # bool, the window starts at the first residue (BOS written before it)
+    eos: np.ndarray  # bool, the window ends at the last residue (EOS written after it)
 
     def __len__(self) -> int:
         return len(self.record)
+
+    @property
+    def size(self) -> np.ndarray:
+        """[I] int64 tokens of each item: residues plus its BOS and EOS when kept (<= the
+        crop)."""
+        return self.kept + self.bos + self.eos
 
 
 class ClusterSampler:
@@ -120,7 +139,7 @@ class ClusterSampler:
     Args:
       offsets: [C + 1] int, cluster ``c`` owns records ``offsets[c] .. offsets[c + 1] - 1``.
       lengths: [N] int, residues per record.
-      max_residues: the crop (``seq_len - 2``: room for BOS and EOS).
+      crop: the most tokens an item may have, BOS and EOS included (``seq_len``); at least 3.
       seed: stream seed.
       exponent: cluster weight ``size ** exponent`` (0 = uniform over clusters, as ESM-2).
     """
@@ -129,13 +148,17 @@ class ClusterSampler:
         self,
         offsets: np.ndarray,
         lengths: np.ndarray,
-        max_residues: int,
+        crop: int,
         seed: int,
         exponent: float = 0.0,
     ):
+        if crop < 3:
+            raise ValueError(
+                f"the crop must hold at least 3 tokens (BOS, residue, EOS), got {crop}"
+            )
         self.offsets = offsets
         self.lengths = lengths
-        self.max_residues = int(max_residues)
+        self.crop = int(crop)
         self.seed = int(seed)
         self.num_clusters = len(offsets) - 1
         if self.num_clusters < 1:
@@ -174,7 +197,13 @@ class ClusterSampler:
         u = uniform(self._member_key, counter)
         record = lo + np.minimum((u * size).astype(np.int64), size - 1)
         length = np.asarray(self.lengths[record], np.int64)
-        kept = np.minimum(length, self.max_residues)
-        room = length - kept + 1
-        start = np.minimum((uniform(self._crop_key, counter) * room).astype(np.int64), room - 1)
-        return Draws(cluster=cluster, record=record, start=start, kept=kept)
+        # Windows over the token string BOS r_1 .. r_n EOS: token t is residue t - 1.
+        total = length + 2
+        width = np.minimum(total, self.crop)  # tokens kept
+        room = total - width + 1  # possible first tokens (1 when the whole sequence fits)
+        first = np.minimum((uniform(self._crop_key, counter) * room).astype(np.int64), room - 1)
+        bos = first == 0
+        eos = first + width == total
+        start = np.maximum(first - 1, 0)
+        kept = width - bos - eos
+        return Draws(cluster=cluster, record=record, start=start, kept=kept, bos=bos, eos=eos)

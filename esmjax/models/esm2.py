@@ -181,10 +181,12 @@ def segments_from_tokens(tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def token_dropout_scale(tokens: jax.Array, segment_ids: jax.Array) -> jax.Array:
-    """[B, L] factor ``0.88 / (1 - n_mask / n_tokens)`` of each token's segment (BOS/EOS count as
-    tokens).
+    """[B, L] factor ``0.88 / (1 - n_mask / n_tokens)`` of each token's segment.
 
-    As in fair-esm, the 0.88 applies even when a sequence has no masks.
+    ``n_tokens`` counts every token of the segment: BOS and EOS where the segment has them, and only
+    residues for a cropped middle window, which is what fair-esm's ``(~padding_mask).sum(-1)``
+    counts on that segment run alone. As in fair-esm, the 0.88 applies even when a sequence has no
+    masks.
     """
     num_seg = segment_ids.shape[1] + 1
 
@@ -222,7 +224,8 @@ class ESM2(nnx.Module):
         """Runs the model.
 
         Args:
-          tokens: [B, L] int token ids (BOS ... EOS, right-padded with PAD).
+          tokens: [B, L] int token ids (BOS ... EOS, right-padded with PAD; a packed segment
+            cropped from a longer protein lacks BOS and/or EOS, see ``esmjax.data.sampling``).
           segment_ids: [B, L] int, 1.. per packed sequence, 0 for padding. Default: one sequence per
             row.
           positions: [B, L] int rotary positions, restarting at 0 per segment. Default: 0..L-1.
