@@ -31,6 +31,8 @@ SUBCOMMANDS = {
     "contact head)",
     "variants": "zero-shot variant effects (masked marginals) and Spearman with a deep "
     "mutational scan",
+    "proteingym": "zero-shot fitness on ProteinGym substitution assays (Spearman, AUC, MCC, NDCG, "
+    "top-10% recall)",
 }
 
 
@@ -145,6 +147,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         help="score N variants evenly spaced through the file (0 = all)",
+    )
+    p.add_argument(
+        "--max-tokens-per-batch", type=int, default=8192, help="padded tokens per forward batch"
+    )
+
+    _add_suite_parsers(sub)
+
+
+def _add_suite_parsers(sub) -> None:
+    """``proteingym``, ``structures``, ``all`` and ``compare`` (benchmark suites)."""
+    p = sub.add_parser(
+        "proteingym", help=SUBCOMMANDS["proteingym"], description=SUBCOMMANDS["proteingym"]
+    )
+    _common(p)
+    p.add_argument("--folder", required=True, help="folder of ProteinGym assay CSVs")
+    p.add_argument(
+        "--reference", help="DMS_substitutions.csv [default: <folder>/DMS_substitutions.csv]"
+    )
+    p.add_argument("--assays", nargs="+", metavar="DMS_ID", help="score only these assays")
+    p.add_argument(
+        "--method",
+        default="masked-marginals",
+        choices=["masked-marginals", "wt-marginals", "pll"],
+        help="variant score [masked-marginals]",
+    )
+    p.add_argument(
+        "--window",
+        type=int,
+        default=1022,
+        help="residues the model sees at once (longer targets "
+        "are cropped around each position, as ProteinGym) [1022]",
+    )
+    p.add_argument(
+        "--skip-invalid", action="store_true", help="skip and count bad rows instead of stopping"
     )
     p.add_argument(
         "--max-tokens-per-batch", type=int, default=8192, help="padded tokens per forward batch"
@@ -471,7 +507,50 @@ def variants_main(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------------
+def proteingym_main(args: argparse.Namespace) -> int:
+    from esmjax.evaluate import proteingym as pg
+    from esmjax.evaluate import report
+
+    folder = Path(args.folder)
+    reference = Path(args.reference) if args.reference else folder / "DMS_substitutions.csv"
+    infos = pg.read_reference(reference, folder, args.assays)
+    if args.window < 16:
+        raise InputError(f"--window {args.window}: at least 16 residues")
+    engine, info, out = _restore(args)
+    settings = {
+        "method": args.method,
+        "window": args.window,
+        "max_tokens": args.max_tokens_per_batch,
+        "dtype": args.dtype,
+        "checkpoint": info["checkpoint"],
+        "step": info["step"],
+        "config_hash": info["config_hash"],
+    }
+    results = pg.run(engine, infos, settings, out, args.skip_invalid, not args.no_progress)
+    if _is_main():
+        pg.write_assay_table(results["per_assay"], out / "proteingym_assays.csv")
+        if args.plot:
+            pg.plot_spearman(results["per_assay"], out / "proteingym_spearman.png", args.method)
+    rep = report.build(
+        "proteingym",
+        info,
+        results,
+        reference=str(reference.absolute()),
+        folder=str(folder.absolute()),
+        method=args.method,
+        window=args.window,
+        dtype=args.dtype,
+        skip_invalid=args.skip_invalid,
+    )
+    _finish("proteingym", out, rep, pg.summary_text(results))
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
-    return {"perplexity": perplexity_main, "contacts": contacts_main, "variants": variants_main}[
-        args.what
-    ](args)
+    return {
+        "perplexity": perplexity_main,
+        "contacts": contacts_main,
+        "variants": variants_main,
+        "proteingym": proteingym_main,
+    }[args.what](args)
