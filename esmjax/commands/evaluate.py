@@ -33,6 +33,8 @@ SUBCOMMANDS = {
     "mutational scan",
     "proteingym": "zero-shot fitness on ProteinGym substitution assays (Spearman, AUC, MCC, NDCG, "
     "top-10% recall)",
+    "structures": "predicted vs experimental structures: lDDT, TM-score, GDT-TS, RMSD, pLDDT "
+    "calibration",
 }
 
 
@@ -185,6 +187,23 @@ def _add_suite_parsers(sub) -> None:
     p.add_argument(
         "--max-tokens-per-batch", type=int, default=8192, help="padded tokens per forward batch"
     )
+
+    p = sub.add_parser(
+        "structures", help=SUBCOMMANDS["structures"], description=SUBCOMMANDS["structures"]
+    )
+    p.add_argument(
+        "--predicted", nargs="+", metavar="FILE[:CHAIN]|DIR", help="predicted structures"
+    )
+    p.add_argument(
+        "--reference",
+        nargs="+",
+        metavar="FILE[:CHAIN]|DIR",
+        help="experimental structures, matched to the predictions by file name without extension",
+    )
+    p.add_argument("--pairs", help="TSV 'predicted<TAB>reference' per line instead of matching")
+    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--plot", action="store_true", help="also write PNG figures")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -547,8 +566,39 @@ def proteingym_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def structures_main(args: argparse.Namespace) -> int:
+    from esmjax.evaluate import report
+    from esmjax.evaluate import structure_scores as ss
+
+    if not args.pairs and not (args.predicted and args.reference):
+        raise InputError("give --predicted and --reference, or --pairs TSV")
+    pairs = ss.match_pairs(args.predicted or [], args.reference, args.pairs)
+    results = ss.run(pairs, progress=not args.no_progress)
+    out = Path(args.out)
+    ss.write_table(results["per_target"], out / "structures.csv")
+    if args.plot:
+        ss.plot(results["per_target"], out)
+    rep = {
+        "command": "evaluate structures",
+        "settings": {"pairs": args.pairs, "inclusion_radius": 15.0, "thresholds": [0.5, 1, 2, 4]},
+        "results": results,
+    }
+    rows = [
+        (t["predicted"], t["reference"], t["coverage"], *(t[m] for m in ss.METRICS))
+        for t in results["per_target"]
+    ]
+    rows.append(
+        ("mean", "", results["mean"]["coverage"], *(results["mean"][m] for m in ss.METRICS))
+    )
+    path = report.write(rep, out / "structures.json")
+    print(report.table(("predicted", "reference", "coverage", *ss.METRICS), rows))
+    print(f"report: {path}")
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
     return {
+        "structures": structures_main,
         "perplexity": perplexity_main,
         "contacts": contacts_main,
         "variants": variants_main,
