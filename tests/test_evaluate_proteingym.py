@@ -1,6 +1,7 @@
 """ProteinGym zero-shot fitness: the metric functions against ProteinGym's own scoring code, the
 three scores against direct computations with the model, windowing, the command end to end on a
-ProteinGym-layout folder built from the TEM-1 scan (ProteinGym's BLAT_ECOLX), resuming, bad input."""
+ProteinGym-layout folder built from the TEM-1 scan (ProteinGym's BLAT_ECOLX), resuming, bad
+input."""
 
 import csv
 import importlib.metadata
@@ -59,7 +60,8 @@ def test_metrics_equal_proteingym_reference():
         got = fm.assay_metrics(true, b, score)
         # Exactly the reference's expressions (performance_DMS_benchmarks.main).
         s = pd.Series(score)
-        pred = s.map(lambda x: 1 if x >= s.median() else 0)
+        cutoff = s.median()
+        pred = s.map(lambda x, c=cutoff: 1 if x >= c else 0)
         want = {
             "spearman": ref.spearmanr(true, score)[0],
             "auc": roc_auc_score(y_true=b, y_score=score),

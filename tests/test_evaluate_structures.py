@@ -1,5 +1,6 @@
 """Structure scores (biotite): lDDT against the SWISS-MODEL server's values for 1L2Y, TM-scores
-against USalign's (biotite's ``tm_scores.json``), residue alignment when numbering differs, the pLDDT
+against USalign's (biotite's ``tm_scores.json``), residue alignment when numbering differs, the
+pLDDT
 calibration, and the command (matching by name or TSV, bad input)."""
 
 import json

@@ -1,8 +1,10 @@
-"""ProteinGym's zero-shot fitness metrics (Notin et al. 2023, "ProteinGym: Large-Scale Benchmarks for
+"""ProteinGym's zero-shot fitness metrics (Notin et al. 2023, "ProteinGym: Large-Scale Benchmarks
+for
 Protein Design and Fitness Prediction", NeurIPS Datasets and Benchmarks).
 
 Each function follows ``proteingym/performance_DMS_benchmarks.py`` of the ``proteingym`` 1.3 package
-(the reference scoring code; ``tests/test_evaluate_proteingym.py`` checks every function against it on
+(the reference scoring code; ``tests/test_evaluate_proteingym.py`` checks every function against it
+on
 the same inputs):
 
 - Spearman: ``scipy.stats.spearmanr(DMS_score, model_score)``.
@@ -10,9 +12,11 @@ the same inputs):
   the Mann-Whitney form with average ranks for ties, which is the same number).
 - MCC: the model score binarised at its own median (``>= median`` is 1) against ``DMS_score_bin``
   (``sklearn.metrics.matthews_corrcoef``, 0 when a margin of the confusion table is empty).
-- NDCG: at the top 10% (``k = floor(0.1 n)``), gains are the min-max scaled ``DMS_score``, ranks of the
+- NDCG: at the top 10% (``k = floor(0.1 n)``), gains are the min-max scaled ``DMS_score``, ranks of
+  the
   model score (ties broken by position, as ``np.argsort``), zero gains dropped (``calc_ndcg``).
-- Top-10% recall: of the variants at or above the 90th percentile of ``DMS_score``, the fraction also at
+- Top-10% recall: of the variants at or above the 90th percentile of ``DMS_score``, the fraction
+  also at
   or above the 90th percentile of the model score (``calc_toprecall``; NumPy's linear percentile).
 
 Aggregation (``aggregate``) as ProteinGym's summary: assays are averaged per (UniProt id, coarse
@@ -107,7 +111,8 @@ def _mean(values: Sequence[float]) -> float:
 def aggregate(rows: Sequence[Mapping]) -> dict:
     """ProteinGym's summary of per-assay rows (``metrics``, ``selection_type``, ``uniprot_id``).
 
-    Returns ``{"by_selection_type": {type: {metric: mean}}, "overall": {metric: mean of the types}}``;
+    Returns ``{"by_selection_type": {type: {metric: mean}}, "overall": {metric: mean of the
+    types}}``;
     NaN metrics are left out of means (pandas' ``mean`` skips them too).
     """
     by_protein: dict[tuple[str, str], list[Mapping]] = {}

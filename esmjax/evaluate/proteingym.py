@@ -8,20 +8,24 @@ with one CSV per assay (``mutant``, ``mutated_sequence``, ``DMS_score``, ``DMS_s
 
 Scores (higher = fitter), per variant:
 
-- ``masked-marginals`` (default; Meier et al. 2021, eq. 1): ``sum_i log p(mt_i | x_\\i) - log p(wt_i |
+- ``masked-marginals`` (default; Meier et al. 2021, eq. 1): ``sum_i log p(mt_i | x_\\i) - log
+  p(wt_i |
   x_\\i)``, position i masked in the wild type; one forward pass per distinct mutated position.
-- ``wt-marginals`` (Meier et al. 2021): the same log-odds read from one unmasked pass of the wild type.
+- ``wt-marginals`` (Meier et al. 2021): the same log-odds read from one unmasked pass of the wild
+  type.
 - ``pll``: pseudo-log-likelihood of the mutated sequence minus that of the wild type (Salazar et al.
   2020): every position masked in turn, L passes per variant (slow).
 
 Long proteins: the model sees at most ``window`` residues (default 1022, ESM-2's 1024-token crop).
 Longer targets are scored as ProteinGym/ESM-1v do (``get_optimal_window``): for each masked position
-a ``window``-residue crop centred on it, shifted inside the sequence at the ends; wild-type marginals
+a ``window``-residue crop centred on it, shifted inside the sequence at the ends; wild-type
+marginals
 use the crop around each position too, PLL the crop around the mean mutated position. The report
 records whether any crop was used.
 
 Bad rows (a mutant that does not parse or does not match ``target_seq``, a ``mutated_sequence`` that
-is not the wild type with the mutant applied, a missing score) stop with one line naming the file and
+is not the wild type with the mutant applied, a missing score) stop with one line naming the file
+and
 row, or with ``skip_invalid`` are skipped and counted. A missing assay file or column is always an
 error.
 """
@@ -194,7 +198,8 @@ def _apply(seq: str, muts: Sequence[Mutation]) -> str:
 # Scoring
 # --------------------------------------------------------------------------------------------------
 def optimal_window(position: int, length: int, window: int) -> tuple[int, int]:
-    """ProteinGym's ``get_optimal_window``: [start, end) of a ``window`` crop around ``position``."""
+    """ProteinGym's ``get_optimal_window``: [start, end) of a ``window`` crop around
+    ``position``."""
     half = window // 2
     if length <= window:
         return 0, length
@@ -452,7 +457,8 @@ def run(
     progress: bool = True,
 ) -> dict:
     """Scores every assay (resuming from ``out/proteingym_assays/``), writes the per-assay CSV and
-    returns the results: per-assay rows, ProteinGym's aggregate, and what was windowed or skipped."""
+    returns the results: per-assay rows, ProteinGym's aggregate, and what was windowed or
+    skipped."""
     import sys
 
     from tqdm import tqdm

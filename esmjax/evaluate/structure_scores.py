@@ -284,8 +284,9 @@ def _key(spec: str) -> str:
 def match_pairs(
     predicted: list[str], references: list[str] | None, pairs_tsv: str | None
 ) -> list[tuple[str, str]]:
-    """(prediction, reference) pairs: from a TSV ``predicted<TAB>reference`` (paths relative to the
-    TSV), or by file name without extension (``1abc.pdb`` <-> ``1abc.cif``; a PDB wins over mmCIF)."""
+    """(prediction, reference) pairs: from a TSV ``predicted<TAB>reference`` (paths relative to
+    the TSV; ``#`` lines skipped), or by file name without extension (``1abc.pdb`` <->
+    ``1abc.cif``; with two references of one name, the first in name order)."""
     if pairs_tsv:
         tsv = Path(pairs_tsv)
         if not tsv.is_file():
