@@ -44,7 +44,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "evaluate": (
         "esmjax.commands.evaluate",
-        "perplexity, contact precision and variant effects of a saved checkpoint",
+        "perplexity, contacts, variants, ProteinGym, structure scores, report cards",
     ),
     "plot": (
         "esmjax.evaluate.plot",

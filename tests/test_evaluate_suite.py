@@ -113,3 +113,33 @@ def test_suite_errors(ckpt, suite_dir, tmp_path, capsys):
         "--e",
         "x",
     ]
+
+
+@pytest.mark.slow  # about 75 s on 2 CPU cores (ESMFold compilation)
+def test_esmfold_card_folds_and_scores(shared_data, tmp_path, capsys):
+    """An ESMFold checkpoint (random weights, HF folder -> esmjax convert): the suite folds the
+    FASTA, scores the folds against the references, and skips the language-model evaluations."""
+    pytest.importorskip("transformers")
+    from esmfold_reference import hf_model
+
+    hf_model("cli", 3, round_inv_freq=False).save_pretrained(tmp_path / "hf")
+    assert cli(["convert", str(tmp_path / "hf"), str(tmp_path / "fold_ckpt")]) == 0
+    bio = shared_data / "structures" / "biotite"
+    (tmp_path / "ref").mkdir()
+    shutil.copy(bio / "1l2y.cif", tmp_path / "ref" / "1l2y.cif")
+    (tmp_path / "t.fasta").write_text(">1l2y trp-cage\nNLYIQWLKDGGPSSGRPPPS\n")
+    (tmp_path / "s.yaml").write_text(
+        "perplexity: {data: t.fasta}\nstructures: {fasta: t.fasta, reference: [ref]}\n"
+    )
+    out = tmp_path / "card"
+    args = ["evaluate", "all", "--checkpoint", str(tmp_path / "fold_ckpt")]
+    assert (
+        cli([*args, "--suite", str(tmp_path / "s.yaml"), "--out", str(out), "--no-progress"]) == 0
+    )
+    assert "skipped perplexity: language-model evaluations" in capsys.readouterr().out
+    assert (out / "folds" / "1l2y.pdb").is_file() and (out / "folds" / "1l2y.json").is_file()
+    card = json.loads((out / "summary.json").read_text())
+    assert set(card["reports"]) == {"structures"}
+    t = json.loads((out / "structures.json").read_text())["results"]["per_target"][0]
+    assert t["coverage"] == 1.0 and t["plddt_source"] == "json"  # the fold's own pLDDT
+    assert 0 <= card["metrics"]["structures/lddt"] <= 1
