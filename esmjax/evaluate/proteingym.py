@@ -147,6 +147,9 @@ def read_assay(info: AssayInfo, skip_invalid: bool = False) -> Assay:
                     raise DMSError(f"{where}: DMS_score is missing")
                 v = Variant(name, muts, score, reader.line_num)
                 check_against(wt, v, where, 1)
+                if any(m.mt == "*" for m in muts):
+                    skipped["stop codon"] += 1
+                    continue
                 if has_seq and (row["mutated_sequence"] or "").strip().upper() != _apply(wt, muts):
                     raise DMSError(
                         f"{where}: mutated_sequence is not target_seq with {name} applied"
@@ -165,9 +168,6 @@ def read_assay(info: AssayInfo, skip_invalid: bool = False) -> Assay:
                     raise
                 skipped[_reason(str(e))] += 1
                 continue
-            if any(m.mt == "*" for m in muts):
-                skipped["stop codon"] += 1
-                continue
             variants.append(v)
             bins.append(b)
     if not variants:
@@ -175,16 +175,20 @@ def read_assay(info: AssayInfo, skip_invalid: bool = False) -> Assay:
     return Assay(info, variants, bins if has_bin else None, dict(skipped))
 
 
+_REASONS = (
+    ("does not match", "wild-type mismatch"),
+    ("outside the", "position outside target_seq"),
+    ("cannot read mutant", "unreadable mutant"),
+    ("names a position twice", "unreadable mutant"),
+    ("mutated_sequence", "mutated_sequence mismatch"),
+    ("DMS_score_bin", "bad DMS_score_bin"),
+    ("DMS_score", "bad DMS_score"),
+)
+
+
 def _reason(message: str) -> str:
-    text = message.split(": ", 1)[-1]
-    for key in ("does not match", "outside", "cannot read", "mutated_sequence", "DMS_score_bin"):
-        if key in text:
-            return {
-                "does not match": "wild-type mismatch",
-                "outside": "position outside target_seq",
-                "cannot read": "unreadable mutant",
-            }.get(key, key)
-    return text if len(text) < 40 else "invalid row"
+    """The skip-summary category of a row error."""
+    return next((label for key, label in _REASONS if key in message), "invalid row")
 
 
 def _apply(seq: str, muts: Sequence[Mutation]) -> str:
@@ -376,10 +380,17 @@ def evaluate_assay(
         "metrics": fm.assay_metrics(fitness, assay.bins, scores),
         "cache_key": key,
     }
-    _write_scores(cache_dir / f"{info.dms_id}_scores.csv", assay, scores)
-    _atomic_json(cached, row)
+    if _is_main():  # every process computed the same numbers; one writes them
+        _write_scores(cache_dir / f"{info.dms_id}_scores.csv", assay, scores)
+        _atomic_json(cached, row)
     row["cached"] = False
     return row
+
+
+def _is_main() -> bool:
+    import jax
+
+    return jax.process_index() == 0
 
 
 def _write_scores(path: Path, assay: Assay, scores: np.ndarray) -> None:

@@ -185,8 +185,8 @@ def search_superpositions(ref_atoms, pred_ca: np.ndarray, n_ref: int) -> dict:
     return {"tm_score": best_tm, "gdt_ts": float(best_gdt.mean()), "candidates": len(candidates)}
 
 
-def read_plddt(pred: Chain, ca_index: np.ndarray) -> tuple[np.ndarray, str]:
-    """Per-residue pLDDT (0-100) of the predicted residues ``ca_index`` refers to."""
+def read_plddt(pred: Chain) -> tuple[np.ndarray, str]:
+    """[R] per-residue pLDDT (0-100) of the prediction and where it came from."""
     js = Path(pred.path).with_suffix(".json")
     if js.is_file():
         try:
@@ -235,7 +235,7 @@ def score_pair(pred_spec: str, ref_spec: str) -> dict:
     search = search_superpositions(ref_ca, pred_ca, n_ref)
     # per-residue pLDDT of the predicted residues holding the paired CAs
     pred_res = np.searchsorted(pred.starts, pi[ca], side="right") - 1
-    plddt, plddt_source = read_plddt(pred, pred_res)
+    plddt, plddt_source = read_plddt(pred)
     plddt = plddt[pred_res]
     return {
         "predicted": pred.name,
