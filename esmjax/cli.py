@@ -24,7 +24,7 @@ COMMANDS: dict[str, str] = {
     "embed": "per-residue / mean embeddings, logits and contacts for a FASTA file",
     "fold": "ESMFold structures (PDB) and confidences (pLDDT, pTM, PAE) for a FASTA file",
     "data": "build a training dataset from FASTA (+ cluster TSV), inspect it",
-    "evaluate": "perplexity, contact precision and variant effects of a saved checkpoint",
+    "evaluate": "perplexity, contacts, variants, ProteinGym and structure scores of a checkpoint",
     "plot": "loss and perplexity curves of a training workdir (metrics.jsonl)",
 }
 

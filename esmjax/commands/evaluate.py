@@ -1,8 +1,15 @@
-"""``esmjax evaluate {perplexity,contacts,variants}``: argv -> options -> ``evaluate.run``."""
+"""``esmjax evaluate``: argv -> options -> ``esmjax.evaluate.run`` (one library call each);
+``all`` runs the subcommands a suite YAML lists and ``compare`` prints report cards side by side."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+from pathlib import Path
+
+from esmjax.errors import InputError
+
+log = logging.getLogger("esmjax.evaluate")
 
 SUBCOMMANDS = {
     "perplexity": "masked-LM perplexity on held-out data or a FASTA file (optionally "
@@ -11,6 +18,12 @@ SUBCOMMANDS = {
     "contact head)",
     "variants": "zero-shot variant effects (masked marginals) and Spearman with a deep "
     "mutational scan",
+    "proteingym": "zero-shot fitness on ProteinGym substitution assays (Spearman, AUC, MCC, NDCG, "
+    "top-10% recall)",
+    "structures": "predicted vs experimental structures: lDDT, TM-score, GDT-TS, RMSD, pLDDT "
+    "calibration",
+    "all": "a checkpoint's report card: the evaluations a suite YAML lists, one summary",
+    "compare": "side-by-side table of several report cards (summary.json of `evaluate all`)",
 }
 
 
@@ -130,11 +143,210 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-tokens-per-batch", type=int, default=8192, help="padded tokens per forward batch"
     )
 
+    _add_suite_parsers(sub)
+
+
+def _add_suite_parsers(sub) -> None:
+    """``proteingym``, ``structures``, ``all`` and ``compare`` (benchmark suites)."""
+    p = sub.add_parser(
+        "proteingym", help=SUBCOMMANDS["proteingym"], description=SUBCOMMANDS["proteingym"]
+    )
+    _common(p)
+    p.add_argument("--folder", required=True, help="folder of ProteinGym assay CSVs")
+    p.add_argument(
+        "--reference", help="DMS_substitutions.csv [default: <folder>/DMS_substitutions.csv]"
+    )
+    p.add_argument("--assays", nargs="+", metavar="DMS_ID", help="score only these assays")
+    p.add_argument(
+        "--method",
+        default="masked-marginals",
+        choices=["masked-marginals", "wt-marginals", "pll"],
+        help="variant score [masked-marginals]",
+    )
+    p.add_argument(
+        "--window",
+        type=int,
+        default=1022,
+        help="residues the model sees at once (longer targets "
+        "are cropped around each position, as ProteinGym) [1022]",
+    )
+    p.add_argument(
+        "--skip-invalid", action="store_true", help="skip and count bad rows instead of stopping"
+    )
+    p.add_argument(
+        "--max-tokens-per-batch", type=int, default=8192, help="padded tokens per forward batch"
+    )
+
+    p = sub.add_parser(
+        "structures", help=SUBCOMMANDS["structures"], description=SUBCOMMANDS["structures"]
+    )
+    p.add_argument(
+        "--predicted", nargs="+", metavar="FILE[:CHAIN]|DIR", help="predicted structures"
+    )
+    p.add_argument(
+        "--reference",
+        nargs="+",
+        metavar="FILE[:CHAIN]|DIR",
+        help="experimental structures, matched to the predictions by file name without extension",
+    )
+    p.add_argument("--pairs", help="TSV 'predicted<TAB>reference' per line instead of matching")
+    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--plot", action="store_true", help="also write PNG figures")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("all", help=SUBCOMMANDS["all"], description=SUBCOMMANDS["all"])
+    p.add_argument(
+        "--checkpoint", required=True, help="training workdir or converted checkpoint folder"
+    )
+    p.add_argument("--suite", required=True, help="suite YAML (see esmjax/evaluate/suite.py)")
+    p.add_argument(
+        "--step", type=int, default=None, help="step to restore [default: latest complete]"
+    )
+    p.add_argument("--out", help="report folder [default: <checkpoint>/eval/step_<N>]")
+    p.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype"
+    )
+    p.add_argument(
+        "--rules", default="fsdp", choices=["dp", "fsdp", "fsdp_tp"], help="sharding rules preset"
+    )
+    p.add_argument("--plot", action="store_true", help="also write each evaluation's figures")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("compare", help=SUBCOMMANDS["compare"], description=SUBCOMMANDS["compare"])
+    p.add_argument("cards", nargs="+", metavar="CARD", help="summary.json files or their folders")
+    p.add_argument("--names", nargs="+", help="column names [default: checkpoint@step]")
+    p.add_argument("--out", help="also write the Markdown table to this file")
+
+
+class _RaisingParser(argparse.ArgumentParser):
+    """Option errors inside a suite section become one-line InputErrors."""
+
+    def error(self, message: str):
+        raise InputError(message)
+
+
+def _latest_step(path: str) -> int:
+    from esmjax.io import checkpoint
+
+    steps = sorted(checkpoint.manager(path).all_steps())
+    if not steps:
+        raise InputError(f"{path}: no complete checkpoint")
+    return steps[-1]
+
+
+def all_main(args: argparse.Namespace) -> int:
+    from esmjax.commands import fold
+    from esmjax.evaluate import report, run
+    from esmjax.evaluate import suite as st
+    from esmjax.io import checkpoint
+
+    sections = st.read_suite(args.suite)
+    is_esmfold = "esmfold" in checkpoint.read_config(args.checkpoint)
+    step = args.step if args.step is not None else _latest_step(args.checkpoint)
+    out = Path(args.out) if args.out else report.default_out_dir(args.checkpoint, step)
+    common = ["--checkpoint", args.checkpoint, "--step", str(step), "--out", str(out)]
+    common += ["--dtype", args.dtype, "--rules", args.rules]
+    flags = (["--no-progress"] if args.no_progress else []) + (["--plot"] if args.plot else [])
+    parser = _RaisingParser(prog="esmjax evaluate")
+    add_arguments(parser)
+    plan, skipped = [], {}  # (name, [parsed args, ...]) checked before anything runs
+    for name, opts in sections.items():
+        where = f"{args.suite}: {name}"
+        if name == "structures":
+            opts = dict(opts)
+            fasta = opts.pop("fasta", None)
+            if fasta is None and "predicted" not in opts and "pairs" not in opts:
+                raise InputError(f"{where}: give fasta (ESMFold checkpoints) or predicted/pairs")
+            if fasta is not None and not is_esmfold:
+                skipped[name] = "folding needs an ESMFold checkpoint"
+                continue
+            steps = []
+            if fasta is not None:
+                fp = _RaisingParser(prog="esmjax fold")
+                fold.add_arguments(fp)
+                folds = out / "folds"
+                fold_argv = ["--checkpoint", args.checkpoint, "--fasta", fasta, "--out", str(folds)]
+                for k in ("num_recycles", "chunk_size", "max_tokens_per_batch"):
+                    if k in opts:
+                        fold_argv += [f"--{k.replace('_', '-')}", str(opts.pop(k))]
+                fold_argv += ["--no-progress"] if args.no_progress else []
+                steps.append(("fold", _parse(fp, fold_argv, where)))
+                opts["predicted"] = [str(folds)]
+            argv = ["structures", *st.to_argv(opts), "--out", str(out), *flags]
+            steps.append((name, _parse(parser, argv, where)))
+            plan.append((name, steps))
+            continue
+        if is_esmfold:
+            skipped[name] = "language-model evaluations take an ESM-2 checkpoint"
+            continue
+        plan.append(
+            (name, [(name, _parse(parser, [name, *common, *st.to_argv(opts), *flags], where))])
+        )
+    reports = {}
+    for name, steps in plan:
+        log.info("evaluate all: %s", name)
+        for kind, parsed in steps:
+            (fold.main if kind == "fold" else main)(parsed)
+        reports[name] = out / f"{name}.json"
+    info = (
+        report.checkpoint_info(args.checkpoint, step)
+        if not is_esmfold
+        else {
+            "checkpoint": str(Path(args.checkpoint).absolute()),
+            "step": step,
+            "config_hash": None,
+        }
+    )
+    summary = st.card(info, args.suite, reports, skipped)
+    path = report.write(summary, out / st.SUMMARY)
+    table = st.markdown([summary])
+    if run.is_main():
+        (out / "summary.md").write_text(table + "\n")
+        print(table)
+        for name, why in skipped.items():
+            print(f"skipped {name}: {why}")
+        print(f"report card: {path}")
+    return 0
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str], where: str) -> argparse.Namespace:
+    try:
+        return parser.parse_args(argv)
+    except InputError as e:
+        raise InputError(f"{where}: {e}") from None
+
+
+def compare_main(args: argparse.Namespace) -> int:
+    from esmjax.evaluate import suite as st
+
+    cards = [st.load_card(c) for c in args.cards]
+    if args.names and len(args.names) != len(cards):
+        raise InputError(f"--names: {len(args.names)} names for {len(cards)} cards")
+    table = st.markdown(cards, args.names)
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table + "\n")
+    return 0
+
 
 def main(args: argparse.Namespace) -> int:
     from esmjax.evaluate import run
     from esmjax.parallel import distributed
 
+    if args.what == "all":
+        return all_main(args)
+    if args.what == "compare":
+        return compare_main(args)
+    if args.what == "structures":
+        run.structures(
+            args.out,
+            predicted=args.predicted,
+            reference=args.reference,
+            pairs=args.pairs,
+            plot=args.plot,
+            progress=not args.no_progress,
+        )
+        return 0
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     opts = run.Options(
         checkpoint=args.checkpoint,
@@ -169,7 +381,7 @@ def main(args: argparse.Namespace) -> int:
                 sequence=args.sequence,
             ),
         )
-    else:
+    elif args.what == "variants":
         run.variants(
             opts,
             run.VariantsOptions(
@@ -179,6 +391,19 @@ def main(args: argparse.Namespace) -> int:
                 mutant_column=args.mutant_column,
                 score_column=args.score_column,
                 sample=args.sample,
+                max_tokens_per_batch=args.max_tokens_per_batch,
+            ),
+        )
+    else:
+        run.proteingym(
+            opts,
+            run.ProteinGymOptions(
+                folder=args.folder,
+                reference=args.reference,
+                assays=tuple(args.assays) if args.assays else None,
+                method=args.method,
+                window=args.window,
+                skip_invalid=args.skip_invalid,
                 max_tokens_per_batch=args.max_tokens_per_batch,
             ),
         )

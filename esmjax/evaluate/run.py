@@ -58,6 +58,17 @@ class ContactsOptions:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ProteinGymOptions:
+    folder: str  # ProteinGym substitutions folder (per-assay CSVs)
+    reference: str | None = None  # DMS_substitutions.csv [default: <folder>/DMS_substitutions.csv]
+    assays: tuple[str, ...] | None = None
+    method: str = "masked-marginals"  # or "wt-marginals", "pll"
+    window: int = 1022
+    skip_invalid: bool = False
+    max_tokens_per_batch: int = 8192
+
+
+@dataclass(frozen=True, kw_only=True)
 class VariantsOptions:
     dms: str
     wt_sequence: str | None = None
@@ -371,4 +382,81 @@ def variants(opts: Options, cmd: VariantsOptions) -> dict:
             "(e.g. only synonymous mutants)"
         )
     finish("variants", out, rep, text)
+    return rep
+
+
+def proteingym(opts: Options, cmd: ProteinGymOptions) -> dict:
+    from esmjax.evaluate import proteingym as pg
+    from esmjax.evaluate import report
+
+    folder = Path(cmd.folder)
+    reference = Path(cmd.reference) if cmd.reference else folder / "DMS_substitutions.csv"
+    infos = pg.read_reference(reference, folder, list(cmd.assays) if cmd.assays else None)
+    if cmd.window < 16:
+        raise InputError(f"--window {cmd.window}: at least 16 residues")
+    engine, info, out = restore(opts)
+    settings = {
+        "method": cmd.method,
+        "window": cmd.window,
+        "max_tokens": cmd.max_tokens_per_batch,
+        "dtype": opts.dtype,
+        "checkpoint": info["checkpoint"],
+        "step": info["step"],
+        "config_hash": info["config_hash"],
+    }
+    results = pg.run(engine, infos, settings, out, cmd.skip_invalid, opts.progress)
+    if is_main():
+        pg.write_assay_table(results["per_assay"], out / "proteingym_assays.csv")
+        if opts.plot:
+            pg.plot_spearman(results["per_assay"], out / "proteingym_spearman.png", cmd.method)
+    rep = report.build(
+        "proteingym",
+        info,
+        results,
+        reference=str(reference.absolute()),
+        folder=str(folder.absolute()),
+        method=cmd.method,
+        window=cmd.window,
+        dtype=opts.dtype,
+        skip_invalid=cmd.skip_invalid,
+    )
+    finish("proteingym", out, rep, pg.summary_text(results))
+    return rep
+
+
+def structures(
+    out: str,
+    *,
+    predicted: list[str] | None = None,
+    reference: list[str] | None = None,
+    pairs: str | None = None,
+    plot: bool = False,
+    progress: bool = True,
+) -> dict:
+    from esmjax.evaluate import report
+    from esmjax.evaluate import structure_scores as ss
+
+    if not pairs and not (predicted and reference):
+        raise InputError("give --predicted and --reference, or --pairs TSV")
+    matched = ss.match_pairs(predicted or [], reference, pairs)
+    results = ss.run(matched, progress=progress)
+    out = Path(out)
+    ss.write_table(results["per_target"], out / "structures.csv")
+    if plot:
+        ss.plot(results["per_target"], out)
+    rep = {
+        "command": "evaluate structures",
+        "settings": {"pairs": pairs, "inclusion_radius": 15.0, "thresholds": [0.5, 1, 2, 4]},
+        "results": results,
+    }
+    rows = [
+        (t["predicted"], t["reference"], t["coverage"], *(t[m] for m in ss.METRICS))
+        for t in results["per_target"]
+    ]
+    rows.append(
+        ("mean", "", results["mean"]["coverage"], *(results["mean"][m] for m in ss.METRICS))
+    )
+    path = report.write(rep, out / "structures.json")
+    print(report.table(("predicted", "reference", "coverage", *ss.METRICS), rows))
+    print(f"report: {path}")
     return rep

@@ -193,6 +193,11 @@ class Engine:
             np.asarray(o) for o in self.cached_forward("mlm", _mlm_rows)(*args, local=local)
         )
 
+    def logprobs(self, tokens: np.ndarray) -> np.ndarray:
+        """[R, T, V] log-probabilities at every position of a [R, T] batch (rows a multiple of
+        ``row_multiple``)."""
+        return np.asarray(self.cached_forward("logprobs_all", _logprobs_all)(tokens))
+
     def logprobs_at(self, tokens: np.ndarray, at: np.ndarray) -> np.ndarray:
         """[R, V] log-probabilities at one position per row (rows identical on every process)."""
         r = len(tokens)
@@ -242,6 +247,10 @@ def _mlm_rows(model: ESM2, tokens, targets, loss_mask, segment_ids, positions):
         m.sum(-1).astype(jnp.int32),
         (m & correct).sum(-1).astype(jnp.int32),
     )
+
+
+def _logprobs_all(model: ESM2, tokens):
+    return jax.nn.log_softmax(model(tokens)["logits"], axis=-1)  # [B, L, V]
 
 
 def _logprobs_at(model: ESM2, tokens, at):

@@ -1,0 +1,191 @@
+"""``esmjax evaluate all`` (a checkpoint's report card) and ``esmjax evaluate compare``.
+
+A suite is a YAML file with one section per evaluation; each section's keys are that subcommand's
+options without the dashes (``max_tokens_per_batch`` or ``max-tokens-per-batch``), lists for
+options taking several values, ``true`` for flags. ``--checkpoint``, ``--step``, ``--out`` and the
+sharding/dtype options come from ``evaluate all`` itself::
+
+    perplexity: {}                       # the run's held-out data
+    contacts:
+      fit: [S/biotite/1gya.pdb, S/biotite/3o5r.pdb]
+      structures: [S/biotite/1aki.pdb, S/alphafold/2rbg.pdb]
+    variants: {dms: ../shared/data/esm_examples/P62593.fasta}
+    proteingym: {folder: DMS_ProteinGym_substitutions, assays: [BLAT_ECOLX_Stiffler_2015]}
+    structures:                          # ESMFold: fold `fasta`, score against `reference`
+      fasta: targets.fasta
+      reference: [references/]
+
+Relative paths are read relative to the suite file. For ``structures`` an ESMFold checkpoint first
+folds ``fasta`` into ``<out>/folds`` (``esmjax fold``); ``predicted`` instead scores existing
+predictions. Sections the checkpoint cannot run (``structures`` with neither) are an error; an
+ESM-2 checkpoint with a ``fasta`` structures section is skipped and said so.
+
+Every evaluation writes its own report into the report folder; the card (``summary.json`` and
+``summary.md``) keeps one headline number per metric, named ``<evaluation>/<metric>`` so cards of
+different checkpoints line up in ``compare``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from esmjax.errors import InputError
+
+SECTIONS = ("perplexity", "contacts", "variants", "proteingym", "structures")
+PATH_KEYS = {"data", "fit", "structures", "dms", "wt_sequence", "folder", "reference", "fasta",
+             "predicted", "pairs", "save"}  # fmt: skip
+SUMMARY = "summary.json"
+
+
+def read_suite(path: str | Path) -> dict[str, dict[str, Any]]:
+    """The suite's sections in file order, keys normalised to ``snake_case``, paths resolved."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such suite file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise InputError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict) or not raw:
+        raise InputError(f"{path}: expected a mapping of evaluations ({', '.join(SECTIONS)})")
+    out = {}
+    for name, section in raw.items():
+        if name not in SECTIONS:
+            raise InputError(f"{path}: unknown evaluation {name!r} (known: {', '.join(SECTIONS)})")
+        if section in (None, True):
+            section = {}
+        if not isinstance(section, dict):
+            raise InputError(f"{path}: {name}: expected a mapping of options")
+        opts = {}
+        for key, value in section.items():
+            k = str(key).replace("-", "_")
+            if k in PATH_KEYS:
+                value = (
+                    [_resolve(path, v) for v in value]
+                    if isinstance(value, list)
+                    else (_resolve(path, value))
+                )
+            opts[k] = value
+        out[name] = opts
+    return out
+
+
+def _resolve(suite: Path, value: Any) -> str:
+    text = str(value)
+    p = Path(text)
+    if p.is_absolute():
+        return text
+    candidate = suite.parent / p
+    # FILE:CHAIN specs: resolve the file part
+    if not candidate.exists() and ":" in text:
+        file, chain = text.rsplit(":", 1)
+        if (suite.parent / file).exists():
+            return f"{suite.parent / file}:{chain}"
+    return str(candidate)
+
+
+def to_argv(options: dict[str, Any]) -> list[str]:
+    """Section options -> command-line arguments (``--key value``, lists expanded, flags)."""
+    argv = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value is False or value is None:
+            continue
+        elif isinstance(value, list):
+            argv += [flag, *(str(v) for v in value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+# --------------------------------------------------------------------------------------------------
+# Headline numbers
+# --------------------------------------------------------------------------------------------------
+def headline(name: str, report: dict[str, Any]) -> dict[str, float | None]:
+    """The numbers of one evaluation's report that go on the card."""
+    r = report["results"]
+    if name == "perplexity":
+        ml = r["masked_lm"]
+        out = {"perplexity": ml["perplexity"], "masked_accuracy": ml["masked_accuracy"]}
+        out["unigram_perplexity"] = ml["unigram_perplexity"]
+        if "pseudo" in r:
+            out["pseudo_perplexity"] = r["pseudo"]["pseudo_perplexity"]
+        return out
+    if name == "contacts":
+        return {
+            f"{rng} {k}": r["mean"][rng][k] for rng in ("medium", "long") for k in ("P@L", "P@L/5")
+        }
+    if name == "variants":
+        return {"spearman": r["spearman"], "variants": r["variants"]}
+    if name == "proteingym":
+        return {**r["summary"]["overall"], "assays": r["assays"]}
+    if name == "structures":
+        keys = ("lddt", "lddt_ca", "tm_score", "gdt_ts", "rmsd_ca", "plddt_lddt_pearson")
+        return {**{k: r["mean"][k] for k in keys}, "targets": r["targets"]}
+    raise KeyError(name)
+
+
+def card(
+    info: dict[str, Any], suite: str, reports: dict[str, Path], skipped: dict[str, str]
+) -> dict:
+    """One checkpoint's card: provenance, ``<evaluation>/<metric>`` numbers, report paths."""
+    metrics: dict[str, Any] = {}
+    for name, path in reports.items():
+        for k, v in headline(name, json.loads(Path(path).read_text())).items():
+            metrics[f"{name}/{k}"] = v
+    return {
+        "command": "evaluate all",
+        "checkpoint": info["checkpoint"],
+        "step": info["step"],
+        "config_hash": info["config_hash"],
+        "suite": str(Path(suite).absolute()),
+        "metrics": metrics,
+        "reports": {k: str(Path(v).absolute()) for k, v in reports.items()},
+        "skipped": skipped,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)
+
+
+def markdown(cards: Sequence[dict], names: Sequence[str] | None = None) -> str:
+    """A Markdown table: one row per metric, one column per card (metrics in first-seen order)."""
+    names = list(names or [f"{Path(c['checkpoint']).name}@{c['step']}" for c in cards])
+    keys: list[str] = []
+    for c in cards:
+        keys += [k for k in c["metrics"] if k not in keys]
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(cards)]
+    for k in keys:
+        lines.append(f"| {k} | " + " | ".join(_fmt(c["metrics"].get(k)) for c in cards) + " |")
+    return "\n".join(lines)
+
+
+def load_card(arg: str | Path) -> dict:
+    """A ``summary.json`` or a folder holding one."""
+    p = Path(arg)
+    if p.is_dir():
+        p = p / SUMMARY
+    if not p.is_file():
+        raise InputError(f"{arg}: no {SUMMARY} (written by `esmjax evaluate all`)")
+    try:
+        obj = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{p}: not JSON ({e.msg})") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("metrics"), dict):
+        raise InputError(f"{p}: not a report card (no 'metrics')")
+    return obj
