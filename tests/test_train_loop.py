@@ -251,3 +251,24 @@ def test_loss_falls_on_bundled_data(tmp_path):
     )
     assert last < first - 0.2, (first, last)
     assert "held-out masked-LM perplexity" in r.stdout
+
+
+def test_training_eval_is_evaluate_perplexity(dataset, tmp_path):
+    """Training's held-out evaluation and ``esmjax evaluate perplexity`` are one computation: at the
+    final checkpoint of a run they report the same perplexity, to the last digit (same devices,
+    rules and rows per batch)."""
+    cfg = write_config(tmp_path / "c.yaml", dataset, num_steps=2, log_every=1)
+    w = tmp_path / "w"
+    train(["--config", str(cfg), "--workdir", str(w)])
+    rows = [json.loads(x) for x in (w / "metrics.jsonl").read_text().splitlines()]
+    at_train = [r for r in rows if "eval_perplexity" in r][-1]
+    assert at_train["step"] == 2
+    # 2048 tokens per step / 64 per row = 32 rows, the micro-batch training evaluates with.
+    cmd = ESMJAX + ["evaluate", "perplexity", "--checkpoint", str(w), "--rows", "32"]
+    cmd += ["--no-progress", "--out", str(tmp_path / "ev")]
+    subprocess.run(cmd, env=env(1), cwd=ROOT, check=True, capture_output=True, timeout=600)
+    report = json.loads((tmp_path / "ev" / "perplexity.json").read_text())
+    ml = report["results"]["masked_lm"]
+    assert ml["masked_tokens"] == at_train["eval_masked_tokens"]
+    assert ml["perplexity"] == at_train["eval_perplexity"]
+    assert ml["unigram_perplexity"] == at_train["eval_unigram_perplexity"]
