@@ -11,7 +11,7 @@ from esmjax.data.masking import mask_tokens
 from esmjax.models.alphabet import batch_encode
 from esmjax.models.esm2 import abstract_model
 from esmjax.parallel import sharding as shd
-from esmjax.train.optim import learning_rate, make_optimizer
+from esmjax.train.optim import learning_rate, make_optimizer, trainable
 from esmjax.train.state import create_state, model_graphdef, state_shardings
 from esmjax.train.step import make_train_step
 
@@ -103,11 +103,23 @@ def test_accumulated_gradients_equal_full_batch():
         assert float(np.abs(a - (b + c)).max()) <= 1e-6 * scale
 
 
-def test_buffers_are_not_trained():
-    """Rotary inv_freq and the key bias (whose true gradient is zero) never change."""
+def test_one_step_trains_key_bias_not_inv_freq():
+    """One optimizer step leaves the rotary inv_freq buffers unchanged and moves the attention key
+    bias (a real parameter under rotary embeddings: its gradient matches fair-esm's,
+    test_grad_parity.py)."""
+    variables = abstract_model(CFG)[1].to_pure_dict()
+    labels = jax.tree_util.tree_map_with_path(trainable, variables)
+    attn_labels = labels["layers"]["self_attn"]
+    assert attn_labels["rot_emb"]["inv_freq"] == "frozen"
+    assert attn_labels["k_proj"]["bias"] == "no_decay"
+    assert attn_labels["k_proj"]["kernel"] == "decay"
+    frozen = [p for p, x in jax.tree_util.tree_leaves_with_path(labels) if x == "frozen"]
+    assert [jax.tree_util.keystr(p) for p in frozen] == [
+        "['layers']['self_attn']['rot_emb']['inv_freq']"
+    ]
     mesh = shd.make_mesh(MeshConfig(ici_data=1, ici_fsdp=2, ici_tensor=1), jax.devices()[:2])
     rules = shd.resolve_rules("fsdp")
-    tx = make_optimizer(OPT, 10, abstract_model(CFG)[1].to_pure_dict())
+    tx = make_optimizer(OPT, 10, variables)
     shardings = state_shardings(CFG, tx, mesh, rules)
     with shd.use_mesh(mesh, rules):
         state = create_state(CFG, tx, shardings, seed=3)
@@ -118,5 +130,67 @@ def test_buffers_are_not_trained():
     after = jax.device_get(state.variables)
     attn_b, attn_a = before["layers"]["self_attn"], after["layers"]["self_attn"]
     np.testing.assert_array_equal(attn_b["rot_emb"]["inv_freq"], attn_a["rot_emb"]["inv_freq"])
-    np.testing.assert_array_equal(attn_b["k_proj"]["bias"], attn_a["k_proj"]["bias"])
+    # Adam's first step moves an element by about the learning rate unless its gradient is near
+    # eps: the lowest-frequency rotary pairs barely turn over a 32-token row, so their key-bias
+    # components are almost cancelled by the softmax and move less, but every element moves.
+    moved = np.abs(attn_a["k_proj"]["bias"] - attn_b["k_proj"]["bias"])
+    assert moved.shape == (CFG.num_layers, CFG.num_heads, CFG.head_dim)
+    assert (moved > 0).all() and moved.max() > 0.9 * learning_rate(OPT, 10)(0), moved
     assert not np.array_equal(attn_b["q_proj"]["bias"], attn_a["q_proj"]["bias"])
+
+
+def test_resume_checkpoint_saved_while_key_bias_was_frozen(tmp_path, monkeypatch):
+    """A run saved when k_proj.bias was frozen (no Adam moments for it) resumes: every saved array
+    comes back unchanged, the key bias moments start at zero, and the next step trains it."""
+    import esmjax.train.optim as optim
+    from esmjax.config import CheckpointConfig
+    from esmjax.train.checkpoints import TrainCheckpointer
+    from esmjax.train.state import abstract_state
+
+    current = optim.trainable
+
+    def legacy(path, leaf):
+        names = [getattr(k, "key", "") for k in path]
+        return "frozen" if names[-2:] == ["k_proj", "bias"] else current(path, leaf)
+
+    mesh = shd.make_mesh(MeshConfig(ici_data=1, ici_fsdp=2, ici_tensor=1), jax.devices()[:2])
+    rules = shd.resolve_rules("fsdp")
+    variables = abstract_model(CFG)[1].to_pure_dict()
+    ckpt_cfg = CheckpointConfig(async_save=False)
+    with shd.use_mesh(mesh, rules):
+        monkeypatch.setattr(optim, "trainable", legacy)
+        old_tx = make_optimizer(OPT, 10, variables)
+        old = create_state(CFG, old_tx, state_shardings(CFG, old_tx, mesh, rules), seed=3)
+        writer = TrainCheckpointer(tmp_path, ckpt_cfg)
+        writer.save(old, {"data": {}})
+        writer.close()
+        monkeypatch.setattr(optim, "trainable", current)
+
+        tx = make_optimizer(OPT, 10, variables)
+        shardings = state_shardings(CFG, tx, mesh, rules)
+        target = abstract_state(CFG, tx, shardings)
+        reader = TrainCheckpointer(tmp_path, ckpt_cfg)
+        state, _ = reader.restore(target)
+        reader.close()
+        assert jax.tree.structure(state.opt_state) == jax.tree.structure(target.opt_state)
+        saved = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(old)}
+        fresh = []
+        for p, x in jax.tree_util.tree_leaves_with_path(state):
+            key = jax.tree_util.keystr(p)
+            if key in saved:
+                np.testing.assert_array_equal(np.asarray(x), np.asarray(saved[key]))
+            else:
+                fresh.append(key)
+                assert not np.asarray(x).any()
+        assert len(fresh) == 2 and all("k_proj" in k for k in fresh), fresh  # Adam mu and nu
+
+        step = jax.jit(
+            make_train_step(model_graphdef(CFG), tx, learning_rate(OPT, 10)),
+            in_shardings=(shardings, None),
+            out_shardings=(shardings, None),
+        )
+        new, _ = step(state, jax.tree.map(lambda x: x[:, :2], _batch()))
+    before = state.variables["layers"]["self_attn"]["k_proj"]["bias"]
+    assert not np.array_equal(
+        np.asarray(before), np.asarray(new.variables["layers"]["self_attn"]["k_proj"]["bias"])
+    )

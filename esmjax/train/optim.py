@@ -5,6 +5,13 @@ Warm-up is linear from 0 to the peak over ``warmup_steps``; the rate then decays
 global norm. Weight decay applies to matrices and embeddings only, not to biases or LayerNorm
 parameters (the usual BERT/ESM practice); non-trainable buffers (rotary ``inv_freq``) are never
 updated.
+
+Every parameter fair-esm trains is trained, the attention key bias ``k_proj.bias`` included. Without
+rotary embeddings a key bias would add the same ``q_i . b_k`` to every score of query ``i`` and the
+softmax would cancel it; ESM-2 adds the bias *before* the rotation (RoFormer, Su et al. 2021), so
+the score of query ``i`` and key ``j`` gains ``q_i . R(j - i) b_k``, which depends on the key
+position: the bias has a true, non-zero gradient (``tests/test_grad_parity.py`` checks it against
+PyTorch autograd through fair-esm).
 """
 
 from __future__ import annotations
@@ -33,16 +40,11 @@ def learning_rate(cfg: OptimConfig, num_steps: int) -> optax.Schedule:
 
 
 def trainable(path: tuple, leaf: Any) -> str:
-    """Label of a variable by its path in the model's pure dict: ``frozen``, ``decay`` or
-    ``no_decay``."""
+    """Label of a variable by its path in the model's pure dict: ``frozen`` (the rotary
+    ``inv_freq`` buffers only), ``decay`` (matrices and embeddings) or ``no_decay`` (biases,
+    LayerNorm scales and shifts)."""
     names = [getattr(k, "key", getattr(k, "name", "")) for k in path]
     if names[-1] == "inv_freq":
-        return "frozen"
-    if names[-2:] == ["k_proj", "bias"]:
-        # A key bias adds the same q.b_k to every score of a query row, which softmax cancels: its
-        # true gradient
-        # is exactly zero, so Adam would only amplify rounding noise into full-size steps. Kept,
-        # never updated.
         return "frozen"
     if names[-1] in ("kernel", "embedding"):
         return "decay"
