@@ -184,7 +184,7 @@ def test_pll_equals_direct_computation(direct_model, engine, tem1):
     """PLL: sum of masked log-probabilities of each sequence, mutant minus wild type."""
     ckpt, wt = direct_model, tem1.wild_type[:40]
     variants = [vr.Variant("y", (vr.Mutation(wt[35], 35, "K"),), 0.0, 0)]
-    mt = pg._apply(wt, variants[0].mutations)
+    mt = vr.apply_mutations(wt, variants[0].mutations)
     pll = {}
     for s in (wt, mt):
         lp = _direct_logp(ckpt, s, list(range(len(s))), True)
@@ -210,12 +210,15 @@ def pg_folder(tem1, tmp_path_factory):
     wt = tem1.wild_type
     singles = tem1.variants[::90]
     med = float(np.median([v.fitness for v in tem1.variants]))
-    rows = [(v.name, pg._apply(wt, v.mutations), v.fitness, int(v.fitness > med)) for v in singles]
+    rows = [
+        (v.name, vr.apply_mutations(wt, v.mutations), v.fitness, int(v.fitness > med))
+        for v in singles
+    ]
     for a, b in zip(singles[:20], singles[20:40]):
         if a.mutations[0].position != b.mutations[0].position:
             muts = a.mutations + b.mutations
             f = a.fitness + b.fitness
-            rows.append((f"{a.name}:{b.name}", pg._apply(wt, muts), f, int(f > 2 * med)))
+            rows.append((f"{a.name}:{b.name}", vr.apply_mutations(wt, muts), f, int(f > 2 * med)))
     _write_assay(d / "BLAT_ECOLX_Synthetic.csv", wt, rows)
     short = wt[:80]
     rng = np.random.default_rng(0)

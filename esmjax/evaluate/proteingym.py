@@ -46,7 +46,15 @@ import numpy as np
 
 from esmjax.errors import InputError
 from esmjax.evaluate import fitness_metrics as fm
-from esmjax.evaluate.variants import DMSError, Mutation, Variant, check_against, parse_mutant
+from esmjax.evaluate.variants import (
+    DMSError,
+    Variant,
+    apply_mutations,
+    check_against,
+    marginal_scores,
+    optimal_window,
+    parse_mutant,
+)
 from esmjax.inference.engine import Engine, MaskedQuery, masked_logprobs
 from esmjax.models.alphabet import TOKEN_TO_ID
 
@@ -149,7 +157,9 @@ def read_assay(info: AssayInfo, skip_invalid: bool = False) -> Assay:
                 if any(m.mt == "*" for m in muts):
                     skipped["stop codon"] += 1
                     continue
-                if has_seq and (row["mutated_sequence"] or "").strip().upper() != _apply(wt, muts):
+                if has_seq and (row["mutated_sequence"] or "").strip().upper() != apply_mutations(
+                    wt, muts
+                ):
                     raise DMSError(
                         f"{where}: mutated_sequence is not target_seq with {name} applied"
                     )
@@ -190,90 +200,9 @@ def _reason(message: str) -> str:
     return next((label for key, label in _REASONS if key in message), "invalid row")
 
 
-def _apply(seq: str, muts: Sequence[Mutation]) -> str:
-    chars = list(seq)
-    for m in muts:
-        chars[m.position] = m.mt
-    return "".join(chars)
-
-
 # --------------------------------------------------------------------------------------------------
 # Scoring
 # --------------------------------------------------------------------------------------------------
-def optimal_window(position: int, length: int, window: int) -> tuple[int, int]:
-    """ProteinGym's ``get_optimal_window``: [start, end) of a ``window`` crop around
-    ``position``."""
-    half = window // 2
-    if length <= window:
-        return 0, length
-    if position < half:
-        return 0, window
-    if position >= length - half:
-        return length - window, length
-    return max(0, position - half), min(length, position + half)
-
-
-def _position_logprobs(
-    engine: Engine, wt: str, positions: Sequence[int], window: int, masked: bool, max_tokens: int
-) -> dict[int, np.ndarray]:
-    """{position: [V] log-probabilities} at each position of the wild type (masked or not)."""
-    crops: dict[tuple[int, int], int] = {}
-    queries, keys = [], []
-    for p in positions:
-        start, end = optimal_window(p, len(wt), window)
-        idx = crops.setdefault((start, end), len(crops))
-        queries.append(MaskedQuery(idx, p - start))
-        keys.append(p)
-    sequences = [wt[s:e] for (s, e) in crops]
-    if masked:
-        logp = masked_logprobs(engine, sequences, queries, max_tokens)
-    else:
-        logp = _unmasked_logprobs(engine, sequences, queries)
-    return dict(zip(keys, logp))
-
-
-def _full_logprobs(engine: Engine, tokens: np.ndarray) -> np.ndarray:
-    """[R, T, V] log-probabilities at every position of unmasked rows (one forward pass)."""
-    from esmjax.models.alphabet import PAD
-
-    r = len(tokens)
-    return np.asarray(engine.logprobs(engine.pad_rows(tokens, PAD)))[:r]
-
-
-def _unmasked_logprobs(
-    engine: Engine, sequences: Sequence[str], queries: Sequence[MaskedQuery]
-) -> np.ndarray:
-    """[Q, V] log-probabilities at query positions of unmasked sequences: one pass per crop."""
-    from esmjax.models.alphabet import encode_with_specials
-
-    out = np.zeros((len(queries), engine.cfg.vocab_size), np.float32)
-    for s, seq in enumerate(sequences):
-        logp = _full_logprobs(engine, np.asarray([encode_with_specials(seq)], np.int32))[0]
-        for i, q in enumerate(queries):
-            if q.seq == s:
-                out[i] = logp[q.position + 1]  # +1: BOS
-    return out
-
-
-def marginal_scores(
-    engine: Engine,
-    wt: str,
-    variants: Sequence[Variant],
-    masked: bool = True,
-    window: int = DEFAULT_WINDOW,
-    max_tokens: int = 8192,
-) -> np.ndarray:
-    """[V] masked-marginal (``masked``) or wild-type-marginal log-odds of each variant."""
-    positions = sorted({m.position for v in variants for m in v.mutations})
-    logp = _position_logprobs(engine, wt, positions, window, masked, max_tokens)
-    scores = np.zeros(len(variants), np.float64)
-    for k, v in enumerate(variants):
-        for m in v.mutations:
-            lp = logp[m.position]
-            scores[k] += float(lp[TOKEN_TO_ID[m.mt]]) - float(lp[TOKEN_TO_ID[m.wt]])
-    return scores
-
-
 def pll_scores(
     engine: Engine,
     wt: str,
@@ -289,7 +218,9 @@ def pll_scores(
     seqs: dict[str, int] = {}
     items = []  # (variant index or -1 for wt, crop)
     for k, (s, e) in enumerate(crops):
-        items.append((seqs.setdefault(_apply(wt, variants[k].mutations)[s:e], len(seqs)), s, e))
+        items.append(
+            (seqs.setdefault(apply_mutations(wt, variants[k].mutations)[s:e], len(seqs)), s, e)
+        )
     wt_crops = {(s, e) for s, e in crops}
     wt_index = {c: seqs.setdefault(wt[c[0] : c[1]], len(seqs)) for c in sorted(wt_crops)}
     order = list(seqs)

@@ -105,7 +105,9 @@ def check_against(wt: str, variant: Variant, where: str, offset: int) -> None:
             )
 
 
-def _apply(seq: str, muts: Sequence[Mutation], attr: str) -> str:
+def apply_mutations(seq: str, muts: Sequence[Mutation], attr: str = "mt") -> str:
+    """``seq`` with each mutation's ``attr`` residue (``mt``: the mutant, ``wt``: the wild type)
+    at its position; positions outside ``seq`` are left out."""
     chars = list(seq)
     for m in muts:
         if 0 <= m.position < len(chars):
@@ -160,15 +162,19 @@ def read_dms_fasta(path: str | Path, wt: str | None = None, offset: int = 1) -> 
     source = "given"
     if wt is None:
         source = "derived"
-        wt = Counter(_apply(seq, muts, "wt") for _, _, muts, _, seq in records).most_common(1)[0][0]
+        wt = Counter(
+            apply_mutations(seq, muts, "wt") for _, _, muts, _, seq in records
+        ).most_common(1)[0][0]
     variants = []
     for line, name, muts, fitness, seq in records:
         where = f"{path}:{line}"
         v = Variant(name, muts, fitness, line)
         check_against(wt, v, where, offset)
-        if seq != _apply(wt, muts, "mt"):
+        if seq != apply_mutations(wt, muts, "mt"):
             diff = [
-                i + offset for i, (a, b) in enumerate(zip(seq, _apply(wt, muts, "mt"))) if a != b
+                i + offset
+                for i, (a, b) in enumerate(zip(seq, apply_mutations(wt, muts, "mt")))
+                if a != b
             ]
             raise DMSError(
                 f"{where}: mutant {name}: the record's sequence is not the wild type with {name} "
@@ -239,16 +245,90 @@ def read_dms(
 def masked_marginal_scores(
     engine: Engine, wt: str, variants: Sequence[Variant], max_tokens: int = 8192, progress=None
 ) -> np.ndarray:
-    """[V] masked-marginal score of each variant (Meier et al. 2021, eq. 1)."""
+    """[V] masked-marginal score of each variant (Meier et al. 2021, eq. 1), uncropped."""
+    return marginal_scores(engine, wt, variants, True, None, max_tokens, progress)
+
+
+def optimal_window(position: int, length: int, window: int) -> tuple[int, int]:
+    """ProteinGym's ``get_optimal_window``: [start, end) of a ``window`` crop around
+    ``position``."""
+    half = window // 2
+    if length <= window:
+        return 0, length
+    if position < half:
+        return 0, window
+    if position >= length - half:
+        return length - window, length
+    return max(0, position - half), min(length, position + half)
+
+
+def _position_logprobs(
+    engine: Engine,
+    wt: str,
+    positions: Sequence[int],
+    window: int | None,
+    masked: bool,
+    max_tokens: int,
+    progress=None,
+) -> dict[int, np.ndarray]:
+    """{position: [V] log-probabilities} at each position of the wild type (masked or not);
+    ``window=None``: the whole wild type, uncropped."""
+    crops: dict[tuple[int, int], int] = {}
+    queries, keys = [], []
+    for p in positions:
+        start, end = optimal_window(p, len(wt), window) if window else (0, len(wt))
+        idx = crops.setdefault((start, end), len(crops))
+        queries.append(MaskedQuery(idx, p - start))
+        keys.append(p)
+    sequences = [wt[s:e] for (s, e) in crops]
+    if masked:
+        logp = masked_logprobs(engine, sequences, queries, max_tokens, progress)
+    else:
+        logp = _unmasked_logprobs(engine, sequences, queries)
+    return dict(zip(keys, logp))
+
+
+def full_logprobs(engine: Engine, tokens: np.ndarray) -> np.ndarray:
+    """[R, T, V] log-probabilities at every position of unmasked rows (one forward pass)."""
+    from esmjax.models.alphabet import PAD
+
+    r = len(tokens)
+    return np.asarray(engine.logprobs(engine.pad_rows(tokens, PAD)))[:r]
+
+
+def _unmasked_logprobs(
+    engine: Engine, sequences: Sequence[str], queries: Sequence[MaskedQuery]
+) -> np.ndarray:
+    """[Q, V] log-probabilities at query positions of unmasked sequences: one pass per crop."""
+    from esmjax.models.alphabet import encode_with_specials
+
+    out = np.zeros((len(queries), engine.cfg.vocab_size), np.float32)
+    for s, seq in enumerate(sequences):
+        logp = full_logprobs(engine, np.asarray([encode_with_specials(seq)], np.int32))[0]
+        for i, q in enumerate(queries):
+            if q.seq == s:
+                out[i] = logp[q.position + 1]  # +1: BOS
+    return out
+
+
+def marginal_scores(
+    engine: Engine,
+    wt: str,
+    variants: Sequence[Variant],
+    masked: bool = True,
+    window: int | None = None,
+    max_tokens: int = 8192,
+    progress=None,
+) -> np.ndarray:
+    """[V] masked-marginal (``masked``; Meier et al. 2021, eq. 1) or wild-type-marginal log-odds
+    of each variant; with ``window`` each position is scored in a ``window``-residue crop
+    (ESM-1v / ProteinGym)."""
     positions = sorted({m.position for v in variants for m in v.mutations})
-    row = {p: i for i, p in enumerate(positions)}
-    logp = masked_logprobs(
-        engine, [wt], [MaskedQuery(0, p) for p in positions], max_tokens, progress
-    )
+    logp = _position_logprobs(engine, wt, positions, window, masked, max_tokens, progress)
     scores = np.zeros(len(variants), np.float64)
     for k, v in enumerate(variants):
         for m in v.mutations:
-            lp = logp[row[m.position]]
+            lp = logp[m.position]
             scores[k] += float(lp[TOKEN_TO_ID[m.mt]]) - float(lp[TOKEN_TO_ID[m.wt]])
     return scores
 
