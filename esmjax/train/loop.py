@@ -246,9 +246,10 @@ def run(
             final.update(ev)
             if ev and jax.process_index() == 0:
                 below = 100 * (1 - ev["eval_perplexity"] / ev["eval_unigram_perplexity"])
+                versus = f"{below:.1f}% below" if below >= 0 else f"{-below:.1f}% above"
                 print(
                     f"held-out masked-LM perplexity {ev['eval_perplexity']:.2f} vs amino-acid "
-                    f"unigram baseline {ev['eval_unigram_perplexity']:.2f} ({below:.1f}% below), "
+                    f"unigram baseline {ev['eval_unigram_perplexity']:.2f} ({versus}), "
                     f"{ev['eval_masked_tokens']} masked tokens",
                     flush=True,
                 )
