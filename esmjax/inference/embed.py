@@ -212,6 +212,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--unknown-as-x", action="store_true", help="read characters outside the alphabet as X"
     )
+    p.add_argument(
+        "--allow-replicated",
+        action="store_true",
+        help="run even when the devices do not divide the model's sharded dimensions, so that "
+        "parameters stay replicated (mesh.allow_replicated)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -220,7 +226,12 @@ def main(args: argparse.Namespace) -> int:
     mesh = shd.make_mesh(MeshConfig(ici_fsdp=-1))
     rules = shd.resolve_rules("fsdp")
     model, step = checkpoint.load_model(
-        args.checkpoint, step=args.step, mesh=mesh, rules=rules, dtype=args.dtype
+        args.checkpoint,
+        step=args.step,
+        mesh=mesh,
+        rules=rules,
+        dtype=args.dtype,
+        allow_replicated=args.allow_replicated,
     )
     layers = parse_layers(args.layers, model.cfg.num_layers)
     embedder = Embedder(model, mesh, rules)
