@@ -7,12 +7,8 @@ import pickle
 from pathlib import Path
 
 import pytest
-from flax import nnx
 
 from esmjax.cli import main as cli
-from esmjax.config import esm2_from_shape
-from esmjax.io import checkpoint
-from esmjax.models.esm2 import ESM2
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.yaml")
@@ -145,20 +141,3 @@ def test_checkpoint_config_error(capsys, tmp_path):
         ["embed", "--checkpoint", str(ckpt), "--fasta", str(fasta), "--out", str(tmp_path / "o")],
     )
     assert f"{ckpt / 'config.json'}: model.num_heads: 5 does not divide model.embed_dim 32" in line
-
-
-def test_embed_refuses_replicated_unless_allowed(capsys, tmp_path):
-    """§3 on the inference path: restoring onto 8 devices that cannot shard width 36 is refused;
-    ``--allow-replicated`` runs it (and the embeddings are written)."""
-    cfg = esm2_from_shape(1, 36, 3)
-    model = ESM2(cfg, rngs=nnx.Rngs(0))
-    ckpt = tmp_path / "ckpt"
-    checkpoint.save_converted(ckpt, cfg, checkpoint.params_numpy(model))
-    fasta = tmp_path / "x.fa"
-    fasta.write_text(">a\nMKTAYIAK\n")
-    argv = ["embed", "--checkpoint", str(ckpt), "--fasta", str(fasta), "--no-progress"]
-    line = error_line(capsys, [*argv, "--out", str(tmp_path / "o1")])
-    assert "of size 36 is not divisible by mesh axis fsdp=8" in line
-    assert "(the same 8 devices)" in line and not (tmp_path / "o1").exists()
-    assert cli([*argv, "--out", str(tmp_path / "o2"), "--allow-replicated"]) == 0
-    assert (tmp_path / "o2" / "a.npz").exists()

@@ -51,12 +51,6 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--rules", default="fsdp", choices=["dp", "fsdp", "fsdp_tp"], help="sharding rules preset"
     )
-    p.add_argument(
-        "--allow-replicated",
-        action="store_true",
-        help="run even when the devices do not divide the model's sharded dimensions, so that "
-        "parameters stay replicated (mesh.allow_replicated)",
-    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--coordinator-address", help="host:port of process 0 (multi-process runs)")
     p.add_argument("--num-processes", type=int, help="number of processes (multi-process runs)")
@@ -160,22 +154,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------------------------------
 def _restore(args: argparse.Namespace):
     """Distributed start-up, mesh, model and provenance."""
-    from esmjax.config import MeshConfig
     from esmjax.evaluate import report
     from esmjax.inference.engine import Engine
     from esmjax.io import checkpoint
     from esmjax.parallel import distributed
-    from esmjax.parallel import sharding as shd
 
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-    mesh = shd.make_mesh(MeshConfig(ici_fsdp=-1))
+    mesh = checkpoint.inference_mesh(args.checkpoint, args.rules)
     model, step = checkpoint.load_model(
         args.checkpoint,
         step=args.step,
         mesh=mesh,
         rules=args.rules,
         dtype=args.dtype,
-        allow_replicated=args.allow_replicated,
     )
     info = report.checkpoint_info(args.checkpoint, step)
     out = Path(args.out) if args.out else report.default_out_dir(args.checkpoint, step)

@@ -22,7 +22,6 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from esmjax.config import MeshConfig
 from esmjax.errors import InputError
 from esmjax.io import checkpoint
 from esmjax.io.fasta import Record, check_unique_ids, read_fasta, sanitize_id
@@ -212,26 +211,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--unknown-as-x", action="store_true", help="read characters outside the alphabet as X"
     )
-    p.add_argument(
-        "--allow-replicated",
-        action="store_true",
-        help="run even when the devices do not divide the model's sharded dimensions, so that "
-        "parameters stay replicated (mesh.allow_replicated)",
-    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def main(args: argparse.Namespace) -> int:
     records = load_records(args.fasta, args.unknown_as_x)
-    mesh = shd.make_mesh(MeshConfig(ici_fsdp=-1))
     rules = shd.resolve_rules("fsdp")
+    mesh = checkpoint.inference_mesh(args.checkpoint, rules)
     model, step = checkpoint.load_model(
         args.checkpoint,
         step=args.step,
         mesh=mesh,
         rules=rules,
         dtype=args.dtype,
-        allow_replicated=args.allow_replicated,
     )
     layers = parse_layers(args.layers, model.cfg.num_layers)
     embedder = Embedder(model, mesh, rules)

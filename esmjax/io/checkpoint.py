@@ -147,7 +147,7 @@ def load_model(
 
     Returns the model and the step restored (the latest complete one unless ``step`` is given).
     ``allow_replicated``: accept a mesh the rules cannot shard the model on
-    (``--allow-replicated``).
+    (``mesh.allow_replicated``).
     """
     cfg = model_config(path)
     if dtype is not None:
@@ -163,6 +163,12 @@ def load_model(
         shd.resolve_rules(rules),
         allow_replicated=allow_replicated,
     )
+
+
+def inference_mesh(path: str | Path, rules: shd.Rules | str = "fsdp") -> jax.sharding.Mesh:
+    """All devices for ``embed`` / ``evaluate``: the parameters of the model in ``path`` on
+    ``fsdp`` as far as the rules divide them, the rest on ``data`` (``sharding.fit_mesh``)."""
+    return shd.fit_mesh(abstract_model(model_config(path))[1], shd.resolve_rules(rules))
 
 
 def write_params(

@@ -320,8 +320,40 @@ def check_replication(
         f"[{'x'.join(map(str, worst.shape))}], whose dim {f.dim} ({f.name}) of size {f.size} is "
         f"not divisible by mesh axis {divisor}"
         + (f"; meshes that divide it: {'; '.join(hints)}" if hints else "")
-        + "; mesh.allow_replicated=true (or --allow-replicated) runs anyway"
+        + "; mesh.allow_replicated=true runs anyway"
     )
+
+
+def fit_mesh(abstract: Any, rules: Rules, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The inference mesh over ``devices`` (default: all): ``fsdp`` as wide as the rules can shard
+    the model's parameters on, the rest on ``data`` (``tensor`` = 1).
+
+    ``embed`` and ``evaluate`` choose no mesh of their own, so instead of refusing a device count
+    that does not divide the model (8M on 6 devices: 320 % 6 != 0) they take the shape with the
+    fewest parameter bytes per device among those on which no rule fails (ties: more ``data``);
+    ``fsdp=1`` (plain data parallelism) always qualifies.
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    n = len(devices)
+    params = _params(abstract)
+    best: tuple[int, int, int] | None = None
+    for f in range(1, n + 1):
+        if n % f:
+            continue
+        sizes = {"data": n // f, "fsdp": f, "tensor": 1}
+        report, total = replication_report(params, sizes, rules)
+        if not report and (best is None or (total, -(n // f)) < best[:2]):
+            best = (total, -(n // f), f)
+    assert best is not None  # fsdp=1 has no failed rule
+    fsdp = best[2]
+    if fsdp < n and jax.process_index() == 0:
+        log.info(
+            "mesh data=%d,fsdp=%d: the model's sharded dimensions do not divide fsdp=%d",
+            n // fsdp,
+            fsdp,
+            n,
+        )
+    return make_mesh(MeshConfig(ici_data=n // fsdp, ici_fsdp=fsdp, ici_tensor=1), devices)
 
 
 def tree_shardings(
