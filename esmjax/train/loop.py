@@ -323,7 +323,10 @@ def load_run_config(path: str | Path | None, overrides: list[str], workdir: Path
         if not saved.exists():
             raise ConfigError("--config is required for a new workdir")
         tree = json.loads(saved.read_text())
-        cfg = from_dict(TrainConfig, tree)
+        try:
+            cfg = from_dict(TrainConfig, tree)
+        except ConfigError as e:
+            raise ConfigError(f"{saved}: {e}") from None
         if overrides:
             raise ConfigError("--set needs --config")
         return cfg
