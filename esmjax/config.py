@@ -8,6 +8,7 @@ as in the ESM-2 model zoo (Lin et al. 2023).
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import hashlib
 import json
@@ -20,6 +21,20 @@ from typing import Any
 import yaml
 
 from esmjax.errors import InputError
+
+
+class ConfigError(InputError):
+    """A config file, override or field value that does not fit the dataclasses."""
+
+
+# The key prefix of the dataclass ``from_dict`` is building (``model``, ``mesh``...), so that
+# ``__post_init__`` checks name the full key, e.g. ``model.num_heads``.
+_WHERE: contextvars.ContextVar[str] = contextvars.ContextVar("esmjax_config_where", default="")
+
+
+def _key(name: str) -> str:
+    where = _WHERE.get()
+    return f"{where}.{name}" if where else name
 
 
 # --------------------------------------------------------------------------------------------------
@@ -59,16 +74,28 @@ class ESM2Config:
     remat: str = "none"
 
     def __post_init__(self) -> None:
+        for name in ("num_layers", "embed_dim", "num_heads", "mlp_dim", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{_key(name)}: must be positive, got {getattr(self, name)}")
         if self.embed_dim % self.num_heads:
-            raise ValueError(
-                f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}"
+            raise ConfigError(
+                f"{_key('num_heads')}: {self.num_heads} does not divide {_key('embed_dim')} "
+                f"{self.embed_dim}"
             )
         if (self.embed_dim // self.num_heads) % 2:
-            raise ValueError("head_dim must be even for rotary embeddings")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+            raise ConfigError(
+                f"{_key('num_heads')}: head_dim {_key('embed_dim')} / {_key('num_heads')} = "
+                f"{self.embed_dim // self.num_heads} must be even for rotary embeddings"
+            )
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ConfigError(
+                    f"{_key(name)}: must be one of {', '.join(DTYPES)}, got {getattr(self, name)!r}"
+                )
         if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+            raise ConfigError(
+                f"{_key('remat')}: must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -87,6 +114,7 @@ class ESM2Config:
 
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+DTYPES = ("float32", "bfloat16")
 
 
 def _esm2(num_layers: int, embed_dim: int, num_heads: int) -> ESM2Config:
@@ -116,7 +144,7 @@ def esm2_preset(name: str) -> ESM2Config:
     try:
         return ESM2_PRESETS[name]
     except KeyError:
-        raise ValueError(
+        raise ConfigError(
             f"unknown ESM-2 preset {name!r}; known: {', '.join(ESM2_PRESETS)}"
         ) from None
 
@@ -129,6 +157,102 @@ def esm2_from_shape(num_layers: int, embed_dim: int, num_heads: int, **kw: Any) 
 
 
 # --------------------------------------------------------------------------------------------------
+# Sharding rules (data; ``esmjax.parallel.sharding`` applies them to a mesh)
+# --------------------------------------------------------------------------------------------------
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Weight axes.
+VOCAB = "vocab"
+EMBED = "embed"
+MLP = "mlp"
+HEADS = "heads"
+HEAD_DIM = "head_dim"
+LAYERS = "layers"
+NORM = "norm"
+# Activation axes.
+ACT_BATCH = "act_batch"
+ACT_LEN = "act_len"
+ACT_EMBED = "act_embed"
+ACT_HEADS = "act_heads"
+ACT_MLP = "act_mlp"
+LOGICAL_AXES = (
+    VOCAB,
+    EMBED,
+    MLP,
+    HEADS,
+    HEAD_DIM,
+    LAYERS,
+    NORM,
+    ACT_BATCH,
+    ACT_LEN,
+    ACT_EMBED,
+    ACT_HEADS,
+    ACT_MLP,
+)
+
+Rules = tuple[tuple[str, tuple[str, ...]], ...]
+
+RULE_PRESETS: dict[str, Rules] = {
+    # Pure data parallelism: parameters replicated, the batch split over every mesh axis.
+    "dp": ((ACT_BATCH, ("data", "fsdp", "tensor")),),
+    # ZeRO-3 style: weights split on their embed axis over `fsdp`, batch over data x fsdp.
+    "fsdp": (
+        (EMBED, ("fsdp",)),
+        (MLP, ("fsdp",)),
+        (ACT_BATCH, ("data", "fsdp")),
+    ),
+    # FSDP plus Megatron tensor parallelism over heads and the MLP width.
+    "fsdp_tp": (
+        (EMBED, ("fsdp",)),
+        (HEADS, ("tensor",)),
+        (MLP, ("tensor",)),
+        (ACT_BATCH, ("data", "fsdp")),
+        (ACT_HEADS, ("tensor",)),
+        (ACT_MLP, ("tensor",)),
+    ),
+}
+
+
+def resolve_rules(rules: Any, key: str = "mesh.rules") -> Rules:
+    """A preset name or an explicit ``[[logical, [mesh axes]], ...]`` list, as a tuple of pairs.
+
+    Anything else (an unknown preset, an unknown logical or mesh axis name, a malformed pair) is a
+    ``ConfigError`` naming ``key``: a misspelt rule would otherwise silently shard nothing.
+    """
+    if isinstance(rules, str):
+        try:
+            return RULE_PRESETS[rules]
+        except KeyError:
+            raise ConfigError(
+                f"{key}: unknown sharding rules {rules!r}; presets: {', '.join(RULE_PRESETS)}, "
+                "or a list of [logical_axis, [mesh_axes]] pairs"
+            ) from None
+    if not isinstance(rules, (list, tuple)):
+        raise ConfigError(
+            f"{key}: expected a preset name or a list of [logical_axis, [mesh_axes]] pairs, "
+            f"got {rules!r}"
+        )
+    out = []
+    for item in rules:
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise ConfigError(f"{key}: a sharding rule is [logical_axis, mesh_axes], got {item!r}")
+        name, axes = item
+        if name not in LOGICAL_AXES:
+            raise ConfigError(
+                f"{key}: unknown logical axis {name!r}; logical axes: {', '.join(LOGICAL_AXES)}"
+            )
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        bad = [a for a in axes if a not in MESH_AXES]
+        if bad:
+            raise ConfigError(
+                f"{key}: rule {name!r} names unknown mesh axes {bad}; mesh axes are "
+                f"{', '.join(MESH_AXES)}"
+            )
+        out.append((str(name), axes))
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True, kw_only=True)
@@ -137,8 +261,14 @@ class MeshConfig:
 
     ``ici_*`` sizes are within a host or slice, ``dcn_*`` across hosts or slices (MaxText's split).
     One of the ``ici_*`` sizes may be -1, meaning the devices left over. ``rules`` names a preset in
-    ``sharding.RULE_PRESETS`` (``dp``, ``fsdp``, ``fsdp_tp``) or is an explicit list of
-    ``[logical_axis, [mesh_axis, ...]]`` pairs.
+    ``RULE_PRESETS`` (``dp``, ``fsdp``, ``fsdp_tp``) or is an explicit list of
+    ``[logical_axis, [mesh_axis, ...]]`` pairs; it is checked when the config is built.
+
+    A dimension that a rule maps onto mesh axes which do not divide it stays replicated over them.
+    Every command resolves parameter shardings through ``sharding.tree_shardings``, which lists such
+    parameters at start-up and refuses to run when they hold more than 5% of the parameter bytes
+    per device (e.g. 15B on fsdp=12: 5,120 is not divisible by 12, so every layer kernel would be
+    replicated). ``allow_replicated: true`` runs anyway, with a warning.
     """
 
     ici_data: int = 1
@@ -148,6 +278,22 @@ class MeshConfig:
     dcn_fsdp: int = 1
     dcn_tensor: int = 1
     rules: Any = "fsdp"
+    allow_replicated: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("ici_data", "ici_fsdp", "ici_tensor"):
+            if getattr(self, name) < 1 and getattr(self, name) != -1:
+                raise ConfigError(
+                    f"{_key(name)}: must be a positive size or -1 (the devices left over), got "
+                    f"{getattr(self, name)}"
+                )
+        for name in ("dcn_data", "dcn_fsdp", "dcn_tensor"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{_key(name)}: must be positive, got {getattr(self, name)}")
+        ici = (self.ici_data, self.ici_fsdp, self.ici_tensor)
+        if ici.count(-1) > 1:
+            raise ConfigError(f"{_key('ici_*')}: at most one mesh size may be -1, got {ici}")
+        resolve_rules(self.rules, _key("rules"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -244,10 +390,6 @@ class TrainConfig:
 # --------------------------------------------------------------------------------------------------
 # Loading and dumping
 # --------------------------------------------------------------------------------------------------
-class ConfigError(InputError):
-    """A config file or override that does not fit the dataclasses."""
-
-
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
@@ -305,7 +447,10 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if cls is ESM2Config and "preset" in data:
-        base = dataclasses.asdict(esm2_preset(data["preset"]))
+        try:
+            base = dataclasses.asdict(esm2_preset(data["preset"]))
+        except ConfigError as e:
+            raise ConfigError(f"{where}.preset: {e}" if where else f"preset: {e}") from None
         base.update({k: v for k, v in data.items() if k != "preset"})
         return from_dict(cls, base, where)
     if unknown:
@@ -318,13 +463,20 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
             continue
         tp = hints[f.name]
         value = data[f.name]
+        key = f"{where}.{f.name}" if where else f.name
         if tp is ESM2Config and isinstance(value, str):
-            value = esm2_preset(value)
-        kwargs[f.name] = _coerce(tp, value, f"{where}.{f.name}" if where else f.name)
+            try:
+                value = esm2_preset(value)
+            except ConfigError as e:
+                raise ConfigError(f"{key}: {e}") from None
+        kwargs[f.name] = _coerce(tp, value, key)
+    token = _WHERE.set(where)
     try:
         return cls(**kwargs)
     except TypeError as e:
         raise ConfigError(f"{where or cls.__name__}: {e}") from None
+    finally:
+        _WHERE.reset(token)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -338,19 +490,29 @@ def _set_path(tree: dict[str, Any], dotted: str, raw: str) -> None:
         node = node.setdefault(k, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {dotted}: {k} is not a section")
-    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    try:
+        node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {dotted}: cannot read the value {raw!r}") from None
 
 
 def load_config(
     path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()
 ) -> TrainConfig:
-    """Reads a YAML training config and applies ``key.path=value`` overrides."""
+    """Reads a YAML training config and applies ``key.path=value`` overrides.
+
+    Every problem is a one-line ``ConfigError`` that starts with the file and names the key, e.g.
+    ``configs/x.yaml: model.num_heads: 7 does not divide model.embed_dim 320``.
+    """
     tree: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        if not p.exists():
+        if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
-        tree = yaml.safe_load(p.read_text()) or {}
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{p}: top level must be a mapping")
     if isinstance(tree.get("model"), str):
@@ -364,7 +526,12 @@ def load_config(
         _set_path(tree, key.strip(), raw.strip())
     if "model" not in tree:
         raise ConfigError("the config must name a model (a preset name or a mapping)")
-    return from_dict(TrainConfig, tree)
+    if path is None:
+        return from_dict(TrainConfig, tree)
+    try:
+        return from_dict(TrainConfig, tree)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def config_hash(cfg: Any) -> str:
@@ -382,7 +549,10 @@ def load_run_config(
         if not saved.exists():
             raise ConfigError("--config is required for a new workdir")
         tree = json.loads(saved.read_text())
-        cfg = from_dict(TrainConfig, tree)
+        try:
+            cfg = from_dict(TrainConfig, tree)
+        except ConfigError as e:
+            raise ConfigError(f"{saved}: {e}") from None
         if overrides:
             raise ConfigError("--set needs --config")
         return cfg

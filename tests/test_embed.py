@@ -1,11 +1,14 @@
-"""``esmjax embed``: bounded compilations, output layout, truncation and input errors."""
+"""``esmjax embed``: bounded compilations, output layout, truncation, input errors and the mesh
+fitted to the model."""
+
+import logging
 
 import numpy as np
 import pytest
 from flax import nnx
 
 from esmjax.cli import main as cli
-from esmjax.config import ESM2_PRESETS, MeshConfig
+from esmjax.config import ESM2_PRESETS, MeshConfig, esm2_from_shape
 from esmjax.inference.embed import embed_records, make_batches, parse_layers
 from esmjax.inference.engine import Engine, length_buckets
 from esmjax.io import checkpoint
@@ -92,3 +95,27 @@ def test_cli_truncation_and_errors(ckpt, tmp_path, caplog):
     assert (
         cli(["embed", "--checkpoint", str(tmp_path), "--fasta", str(fa), "--out", str(out2)]) == 2
     )
+
+
+def test_mesh_fitted_to_the_model(tmp_path, caplog):
+    """Width 36 on 8 devices: restoring onto fsdp=8 would replicate nearly every weight, which
+    ``load_model`` refuses (unless ``allow_replicated``); ``esmjax embed`` chooses its own mesh, so
+    it takes data=2,fsdp=4 instead and runs."""
+    cfg = esm2_from_shape(1, 36, 3)
+    ckpt = tmp_path / "ckpt"
+    checkpoint.save_converted(ckpt, cfg, checkpoint.params_numpy(ESM2(cfg, rngs=nnx.Rngs(0))))
+    eight = shd.make_mesh(MeshConfig(ici_fsdp=-1))
+    with pytest.raises(shd.ShardingError, match="of size 36 is not divisible by mesh axis fsdp=8"):
+        checkpoint.load_model(ckpt, mesh=eight, rules="fsdp")
+    model, _ = checkpoint.load_model(ckpt, mesh=eight, rules="fsdp", allow_replicated=True)
+    assert model.layers.fc2.bias[...].sharding.is_fully_replicated
+    mesh = checkpoint.inference_mesh(ckpt, "fsdp")
+    assert shd.mesh_sizes(mesh) == {"data": 2, "fsdp": 4, "tensor": 1}
+    fasta = tmp_path / "x.fa"
+    fasta.write_text(">a\nMKTAYIAK\n")
+    argv = ["embed", "--checkpoint", str(ckpt), "--fasta", str(fasta), "--no-progress"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert cli([*argv, "--out", str(tmp_path / "out")]) == 0
+    assert np.load(tmp_path / "out" / "a.npz")["mean_1"].shape == (36,)
+    assert "mesh data=2,fsdp=4" in caplog.text and "replicated:" not in caplog.text

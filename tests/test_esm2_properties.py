@@ -85,7 +85,9 @@ def test_sharded_forward_equals_single_device(model):
     mesh = shd.make_mesh(MeshConfig(ici_data=2, ici_fsdp=2, ici_tensor=2))
     rules = shd.resolve_rules("fsdp_tp")
     graphdef, state = nnx.split(model)
-    shardings = shd.tree_shardings(state, mesh, rules)
+    # tiny_h3's 3 heads do not divide tensor=2: the attention weights stay replicated over it, which
+    # the mesh check refuses by default; allowed here to check the fallback computes the same.
+    shardings = shd.tree_shardings(state, mesh, rules, allow_replicated=True)
     sharded = jax.device_put(state, shardings)
     t = tok.batch_encode(SEQS + ["ACDE"])
 

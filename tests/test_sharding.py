@@ -1,12 +1,22 @@
-"""Sharding: golden per-parameter tables for the rule presets, mesh sizing and the rule resolver."""
+"""Sharding: golden per-parameter tables for the rule presets, mesh sizing, the rule resolver and
+the check that no parameter is replicated silently."""
 
+import logging
 import sys
 from pathlib import Path
 
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from esmjax.config import MeshConfig
+from esmjax.config import (
+    ConfigError,
+    MeshConfig,
+    TrainConfig,
+    esm2_from_shape,
+    esm2_preset,
+    from_dict,
+)
+from esmjax.errors import InputError
 from esmjax.parallel import sharding as shd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,3 +60,93 @@ def test_mesh_shape():
         ("embed", ("fsdp",)),
         ("mlp", ("tensor",)),
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# No silent replication (issue 11 §3)
+# --------------------------------------------------------------------------------------------------
+# Width 36 on fsdp=8: every `embed` dimension fails its rule (36 % 8 = 4); `mlp` (144) still splits.
+ODD = esm2_from_shape(2, 36, 3)
+
+
+def _abstract(cfg):
+    from esmjax.models.esm2 import abstract_model
+
+    return abstract_model(cfg)[1]
+
+
+def test_replication_report_finds_failed_rules_only():
+    rules = shd.resolve_rules("fsdp")
+    report, total = shd.replication_report(
+        _abstract(ODD), {"data": 1, "fsdp": 8, "tensor": 1}, rules
+    )
+    by_path = {r.path: r for r in report}
+    fc1 = by_path["layers.fc1.kernel"]  # [layers, embed, mlp]: embed fails, mlp takes fsdp
+    assert fc1.spec == P(None, None, "fsdp")
+    assert fc1.bytes_per_device == 2 * 36 * 144 // 8 * 4
+    (f,) = fc1.failed
+    assert (f.dim, f.name, f.size, f.axis, f.axis_size) == (1, "embed", 36, "fsdp", 8)
+    assert by_path["layers.fc2.bias"].spec == P() and "embed_tokens.embedding" in by_path
+    # Layer norms (`norm`: no rule) and rotary buffers are replicated by design, not reported.
+    assert not any("layer_norm" in p or "inv_freq" in p for p in by_path)
+    assert total > sum(r.bytes_per_device for r in report) > 0.05 * total
+    # A mesh that divides the model: nothing to report; the golden preset tables stay clean too.
+    assert (
+        shd.replication_report(_abstract(ODD), {"data": 2, "fsdp": 4, "tensor": 1}, rules)[0] == []
+    )
+    for _, preset, sizes, name in dump_sharding.GOLDEN:
+        abstract = _abstract(esm2_preset(preset))
+        assert shd.replication_report(abstract, sizes, shd.resolve_rules(name))[0] == [], preset
+
+
+def test_tree_shardings_refuses_replication_unless_allowed(caplog):
+    mesh = shd.make_mesh(MeshConfig(ici_fsdp=-1))  # 8 host devices on fsdp
+    rules = shd.resolve_rules("fsdp")
+    abstract = _abstract(ODD)
+    with pytest.raises(shd.ShardingError) as e:
+        shd.tree_shardings(abstract, mesh, rules)
+    msg = str(e.value)
+    assert "\n" not in msg and isinstance(e.value, InputError)
+    # The largest offender, its dimension, size and mesh axis, and meshes that would divide it.
+    assert (
+        "the largest is layers.self_attn.k_proj.kernel [2x36x3x12], whose dim 1 (embed) of size 36"
+        in msg
+    )
+    assert "mesh axis fsdp=8" in msg
+    assert (
+        "data=1,fsdp=6,tensor=1 (6 devices)" in msg and "data=1,fsdp=9,tensor=1 (9 devices)" in msg
+    )
+    assert "data=2,fsdp=4,tensor=1 (the same 8 devices)" in msg
+    assert "mesh.allow_replicated=true" in msg
+    # allow_replicated: the same shardings as the rules give, every offender logged with its bytes.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="esmjax.parallel.sharding"):
+        shardings = shd.tree_shardings(abstract, mesh, rules, allow_replicated=True)
+    assert shardings["layers"]["fc1"]["kernel"].spec == P(None, None, "fsdp")
+    assert shardings["layers"]["fc2"]["bias"].spec == P()
+    text = caplog.text
+    assert (
+        "replicated: layers.fc1.kernel 2x36x144 P(None, None, 'fsdp'), 5.06 KiB per device" in text
+    )
+    assert "replicated: embed_tokens.embedding" in text and "accepted" in text
+
+
+def test_small_replication_only_warns(caplog):
+    """A failed rule on a small parameter (the 33-token vocab on tensor=2) is listed, not fatal."""
+    mesh = shd.make_mesh(MeshConfig(ici_fsdp=4, ici_tensor=2))
+    rules = shd.resolve_rules([["embed", ["fsdp"]], ["mlp", ["fsdp"]], ["vocab", ["tensor"]]])
+    with caplog.at_level(logging.WARNING, logger="esmjax.parallel.sharding"):
+        shd.tree_shardings(_abstract(esm2_preset("demo")), mesh, rules)
+    assert "replicated: embed_tokens.embedding 33x128" in caplog.text
+    assert "replicated: lm_head.bias 33" in caplog.text and "under the 5% limit" in caplog.text
+
+
+def test_mesh_config_validates_rules_at_load():
+    with pytest.raises(ConfigError, match=r"^mesh\.rules: unknown sharding rules 'bogus'"):
+        from_dict(TrainConfig, {"model": "tiny", "mesh": {"rules": "bogus"}})
+    with pytest.raises(ConfigError, match=r"mesh\.rules: unknown logical axis 'embedd'"):
+        from_dict(TrainConfig, {"model": "tiny", "mesh": {"rules": [["embedd", ["fsdp"]]]}})
+    with pytest.raises(ConfigError, match=r"mesh\.ici_fsdp: must be a positive size or -1"):
+        from_dict(TrainConfig, {"model": "tiny", "mesh": {"ici_fsdp": 0}})
+    cfg = from_dict(TrainConfig, {"model": "tiny", "mesh": {"allow_replicated": "true"}})
+    assert cfg.mesh.allow_replicated is True and MeshConfig().allow_replicated is False

@@ -81,13 +81,11 @@ class VariantsOptions:
 
 def restore(opts: Options):
     """Distributed start-up, mesh, model and provenance."""
-    from esmjax.config import MeshConfig
     from esmjax.evaluate import report
     from esmjax.inference.engine import Engine
     from esmjax.io import checkpoint
-    from esmjax.parallel import sharding as shd
 
-    mesh = shd.make_mesh(MeshConfig(ici_fsdp=-1))
+    mesh = checkpoint.inference_mesh(opts.checkpoint, opts.rules)
     model, step = checkpoint.load_model(
         opts.checkpoint, step=opts.step, mesh=mesh, rules=opts.rules, dtype=opts.dtype
     )

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from esmjax.config import MeshConfig
 from esmjax.errors import InputError
 from esmjax.inference.engine import Engine, bucketed
 from esmjax.io import checkpoint
@@ -141,8 +140,8 @@ def embed_fasta(
     """``esmjax embed``: every record of ``fasta`` through the checkpoint's model, sharded over all
     local devices (fsdp); writes ``<out>/<id>.npz`` and returns the record count."""
     records = load_records(fasta, unknown_as_x)
-    mesh = shd.make_mesh(MeshConfig(ici_fsdp=-1))
     rules = shd.resolve_rules("fsdp")
+    mesh = checkpoint.inference_mesh(checkpoint_path, rules)
     model, restored = checkpoint.load_model(
         checkpoint_path, step=step, mesh=mesh, rules=rules, dtype=dtype
     )

@@ -29,7 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from esmjax.config import ESM2Config, from_dict, to_dict
+from esmjax.config import ConfigError, ESM2Config, from_dict, to_dict
 from esmjax.errors import InputError
 from esmjax.models.esm2 import ESM2
 from esmjax.models.esm2 import abstract_model as esm2_abstract
@@ -58,7 +58,13 @@ def read_config(path: str | Path) -> dict[str, Any]:
 
 def model_config(path: str | Path) -> ESM2Config:
     """The ESM-2 config of a checkpoint (for an ESMFold folder: its language-model stem)."""
-    return from_dict(ESM2Config, read_config(path)["model"], "model")
+    raw = read_config(path)
+    if not isinstance(raw.get("model"), dict):
+        raise CheckpointError(f"{Path(path) / CONFIG_FILE}: no 'model' section")
+    try:
+        return from_dict(ESM2Config, raw["model"], "model")
+    except ConfigError as e:
+        raise CheckpointError(f"{Path(path) / CONFIG_FILE}: {e}") from None
 
 
 def is_esmfold(path: str | Path) -> bool:
@@ -85,10 +91,12 @@ def manager(
     )
 
 
-def restore_target(state: nnx.State, mesh: jax.sharding.Mesh, rules: shd.Rules) -> dict[str, Any]:
+def restore_target(
+    state: nnx.State, mesh: jax.sharding.Mesh, rules: shd.Rules, *, allow_replicated: bool = False
+) -> dict[str, Any]:
     """Pure-dict restore target: ShapeDtypeStructs carrying the shardings the rules give on
-    ``mesh``."""
-    shardings = shd.tree_shardings(state, mesh, rules)
+    ``mesh`` (refused when they leave too much replicated, unless ``allow_replicated``)."""
+    shardings = shd.tree_shardings(state, mesh, rules, allow_replicated=allow_replicated)
     target = jax.tree.map(
         lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
         state,
@@ -126,10 +134,12 @@ def restore_params(
     step: int | None,
     mesh: jax.sharding.Mesh,
     rules: shd.Rules,
+    *,
+    allow_replicated: bool = False,
 ) -> tuple[Any, int]:
     """Restores the ``params`` item of ``path``'s latest readable (or given) step into ``state``'s
     structure, sharded onto ``mesh`` by ``rules``; returns the merged module and the step."""
-    target = restore_target(state, mesh, rules)
+    target = restore_target(state, mesh, rules, allow_replicated=allow_replicated)
     mngr = manager(path)
     try:
         step, restored = restore_latest(
@@ -147,17 +157,34 @@ def load_model(
     mesh: jax.sharding.Mesh | None = None,
     rules: shd.Rules | str = "fsdp",
     dtype: str | None = None,
+    allow_replicated: bool = False,
 ) -> tuple[ESM2, int]:
     """Restores the ESM2 in ``path`` (converted weights or a training workdir) onto ``mesh``.
 
     Returns the model and the step restored (the latest complete one unless ``step`` is given).
+    ``allow_replicated``: accept a mesh the rules cannot shard the model on
+    (``mesh.allow_replicated``).
     """
     cfg = model_config(path)
     if dtype is not None:
         cfg = from_dict(ESM2Config, {**to_dict(cfg), "dtype": dtype})
     mesh = mesh if mesh is not None else shd.single_device_mesh()
     graphdef, state = esm2_abstract(cfg)
-    return restore_params(path, graphdef, state, step, mesh, shd.resolve_rules(rules))
+    return restore_params(
+        path,
+        graphdef,
+        state,
+        step,
+        mesh,
+        shd.resolve_rules(rules),
+        allow_replicated=allow_replicated,
+    )
+
+
+def inference_mesh(path: str | Path, rules: shd.Rules | str = "fsdp") -> jax.sharding.Mesh:
+    """All devices for ``embed`` / ``evaluate``: the parameters of the model in ``path`` on
+    ``fsdp`` as far as the rules divide them, the rest on ``data`` (``sharding.fit_mesh``)."""
+    return shd.fit_mesh(esm2_abstract(model_config(path))[1], shd.resolve_rules(rules))
 
 
 def load_esmfold(

@@ -28,6 +28,11 @@ class UnsafeCheckpointError(InputError, pickle.UnpicklingError):
     """The pickle reaches for a global that a weights file has no reason to use."""
 
 
+class TorchFileError(InputError):
+    """Not a file ``load_pt`` can read: legacy (pre-1.6, non-zip) serialization, not a torch file,
+    or a damaged archive."""
+
+
 _STORAGE_DTYPES = {
     "FloatStorage": np.float32,
     "DoubleStorage": np.float64,
@@ -156,16 +161,16 @@ def load_pt(path: str | Path, opaque_modules: tuple[str, ...] = ()) -> Any:
     if not zipfile.is_zipfile(p):
         with open(p, "rb") as f:
             magic = f.read(2)
-        if magic == b"\x80\x02" or magic[:1] == b"\x80":
-            raise ValueError(
-                f"{p}: legacy (pre-1.6) torch serialization is not supported; re-save it with a "
-                "current torch"
+        if magic[:1] == b"\x80":  # a bare pickle: torch.save before 1.6 (or _use_new_zipfile=False)
+            raise TorchFileError(
+                f"{p}: legacy (pre-1.6, non-zip) torch serialization is not supported; re-save it "
+                "with a current torch: torch.save(torch.load(OLD), NEW)"
             )
-        raise ValueError(f"{p}: not a PyTorch checkpoint (not a zip archive)")
+        raise TorchFileError(f"{p}: not a PyTorch checkpoint (not a zip archive)")
     with zipfile.ZipFile(p) as zf:
         pkl = [n for n in zf.namelist() if n.endswith("data.pkl")]
         if len(pkl) != 1:
-            raise ValueError(f"{p}: expected one data.pkl in the archive, found {len(pkl)}")
+            raise TorchFileError(f"{p}: expected one data.pkl in the archive, found {len(pkl)}")
         prefix = pkl[0][: -len("data.pkl")]
         with zf.open(pkl[0]) as f:
             return _SafeUnpickler(f, zf, prefix, opaque_modules).load()

@@ -1,17 +1,26 @@
-"""Logical axis names, rule presets and the device mesh.
+"""The device mesh, logical -> physical shardings, and the check that nothing is replicated
+silently.
 
 Parameters carry logical axis names where they are created (``nn.param``). A rule table maps each
 logical name to mesh axes of the ``(data, fsdp, tensor)`` mesh; the same table maps activation names
 (prefixed ``act_``) so that FSDP on ``embed`` weights leaves activations alone (the MaxText /
-big_vision convention). Rules are data, held in ``MeshConfig.rules``. A dimension whose size the
-mesh axes do not divide stays replicated, and a mesh axis is used at most once per array (Flax
-semantics), so every rule table is valid for every model shape.
+big_vision convention). Rules are data, held in ``MeshConfig.rules``; the presets and the axis
+names live in ``esmjax.config`` (validated when a config is built) and are re-exported here.
+
+A dimension whose size the mesh axes do not divide stays replicated, and a mesh axis is used at most
+once per array (Flax semantics), so every rule table gives *some* sharding for every model shape.
+For parameters that fallback can cost a lot of memory (15B on fsdp=12: every layer kernel
+replicated), so ``tree_shardings`` runs ``check_replication`` first: the replicated parameters are
+logged, and more than 5% of the parameter bytes per device is refused unless
+``mesh.allow_replicated`` is set.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
+import logging
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -21,70 +30,37 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from esmjax.config import MeshConfig
+from esmjax.config import (  # noqa: F401  (re-exported: the rule vocabulary lives with the config)
+    ACT_BATCH,
+    ACT_EMBED,
+    ACT_HEADS,
+    ACT_LEN,
+    ACT_MLP,
+    EMBED,
+    HEAD_DIM,
+    HEADS,
+    LAYERS,
+    LOGICAL_AXES,
+    MESH_AXES,
+    MLP,
+    NORM,
+    RULE_PRESETS,
+    VOCAB,
+    MeshConfig,
+    Rules,
+    resolve_rules,
+)
+from esmjax.errors import InputError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+log = logging.getLogger(__name__)
 
-# Weight axes.
-VOCAB = "vocab"
-EMBED = "embed"
-MLP = "mlp"
-HEADS = "heads"
-HEAD_DIM = "head_dim"
-LAYERS = "layers"
-NORM = "norm"
-# Activation axes.
-ACT_BATCH = "act_batch"
-ACT_LEN = "act_len"
-ACT_EMBED = "act_embed"
-ACT_HEADS = "act_heads"
-ACT_MLP = "act_mlp"
-
-Rules = tuple[tuple[str, tuple[str, ...]], ...]
-
-RULE_PRESETS: dict[str, Rules] = {
-    # Pure data parallelism: parameters replicated, the batch split over every mesh axis.
-    "dp": ((ACT_BATCH, ("data", "fsdp", "tensor")),),
-    # ZeRO-3 style: weights split on their embed axis over `fsdp`, batch over data x fsdp.
-    "fsdp": (
-        (EMBED, ("fsdp",)),
-        (MLP, ("fsdp",)),
-        (ACT_BATCH, ("data", "fsdp")),
-    ),
-    # FSDP plus Megatron tensor parallelism over heads and the MLP width.
-    "fsdp_tp": (
-        (EMBED, ("fsdp",)),
-        (HEADS, ("tensor",)),
-        (MLP, ("tensor",)),
-        (ACT_BATCH, ("data", "fsdp")),
-        (ACT_HEADS, ("tensor",)),
-        (ACT_MLP, ("tensor",)),
-    ),
-}
+# Parameters left replicated by a failed rule may hold at most this share of the parameter bytes
+# per device unless ``mesh.allow_replicated`` is set.
+REPLICATED_LIMIT = 0.05
 
 
-def resolve_rules(rules: Any) -> Rules:
-    """A preset name or an explicit ``[[logical, [mesh axes]], ...]`` list, as a tuple of pairs."""
-    if isinstance(rules, str):
-        try:
-            return RULE_PRESETS[rules]
-        except KeyError:
-            raise ValueError(
-                f"unknown sharding rules {rules!r}; presets: {', '.join(RULE_PRESETS)}"
-            ) from None
-    out = []
-    for item in rules:
-        if len(item) != 2:
-            raise ValueError(f"a sharding rule is [logical_axis, mesh_axes], got {item!r}")
-        name, axes = item
-        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        bad = [a for a in axes if a not in MESH_AXES]
-        if bad:
-            raise ValueError(
-                f"rule {name!r} names unknown mesh axes {bad}; mesh axes are {MESH_AXES}"
-            )
-        out.append((str(name), axes))
-    return tuple(out)
+class ShardingError(InputError):
+    """A mesh that does not fit the devices, or that cannot shard the model as the rules ask."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -96,18 +72,21 @@ def mesh_shape(cfg: MeshConfig, num_devices: int, num_slices: int = 1) -> tuple[
     ici = [cfg.ici_data, cfg.ici_fsdp, cfg.ici_tensor]
     per_slice, rem = divmod(num_devices, math.prod(dcn))
     if rem:
-        raise ValueError(f"{num_devices} devices do not split into dcn sizes {dcn}")
+        raise ShardingError(f"mesh.dcn_*: {num_devices} devices do not split into dcn sizes {dcn}")
     if ici.count(-1) > 1:
-        raise ValueError(f"at most one mesh size may be -1, got ici sizes {ici}")
+        raise ShardingError(f"mesh.ici_*: at most one mesh size may be -1, got {ici}")
     if -1 in ici:
         known = math.prod(s for s in ici if s != -1)
         if per_slice % known:
-            raise ValueError(f"{per_slice} devices per slice are not divisible by ici sizes {ici}")
+            raise ShardingError(
+                f"mesh.ici_*: {per_slice} devices per slice are not divisible by ici sizes {ici}"
+            )
         ici[ici.index(-1)] = per_slice // known
     if math.prod(ici) != per_slice:
-        raise ValueError(
-            f"mesh data={ici[0]}x{dcn[0]}, fsdp={ici[1]}x{dcn[1]}, tensor={ici[2]}x{dcn[2]} needs "
-            f"{math.prod(ici) * math.prod(dcn)} devices, but {num_devices} are present"
+        raise ShardingError(
+            f"mesh.ici_*: mesh data={ici[0]}x{dcn[0]}, fsdp={ici[1]}x{dcn[1]}, "
+            f"tensor={ici[2]}x{dcn[2]} needs {math.prod(ici) * math.prod(dcn)} devices, but "
+            f"{num_devices} are present"
         )
     return tuple(i * d for i, d in zip(ici, dcn))  # type: ignore[return-value]
 
@@ -130,41 +109,262 @@ def single_device_mesh() -> Mesh:
 # --------------------------------------------------------------------------------------------------
 # Logical -> physical
 # --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class FailedRule:
+    """Dimension ``dim`` (logical ``name``, ``size``) of an array was to be split over mesh axis
+    ``axis`` (``axis_size`` devices) after the rule's axes already chosen for it (product
+    ``before``), but ``before * axis_size`` does not divide ``size``: it stays replicated there."""
+
+    dim: int
+    name: str
+    size: int
+    axis: str
+    axis_size: int
+    before: int
+
+
+def _spec_and_failures(
+    axes: Sequence[str | None], shape: Sequence[int], rules: Rules, mesh_sizes: dict[str, int]
+) -> tuple[P, list[FailedRule]]:
+    table = dict(rules)
+    used: set[str] = set()
+    spec: list[Any] = []
+    failed: list[FailedRule] = []
+    for dim, (name, size) in enumerate(zip(axes, shape, strict=True)):
+        chosen: list[str] = []
+        for ax in table.get(name, ()) if name else ():
+            if ax in used or mesh_sizes.get(ax, 1) == 1:
+                continue
+            before = math.prod(mesh_sizes[a] for a in chosen)
+            if size % (before * mesh_sizes[ax]) == 0:
+                chosen.append(ax)
+            else:
+                failed.append(FailedRule(dim, name, size, ax, mesh_sizes[ax], before))
+        used.update(chosen)
+        spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
+    while spec and spec[-1] is None:
+        spec.pop()
+    return P(*spec), failed
+
+
 def logical_to_spec(
     axes: Sequence[str | None], shape: Sequence[int], rules: Rules, mesh_sizes: dict[str, int]
 ) -> P:
     """The PartitionSpec for an array with logical ``axes``.
 
     A dimension is split over the rule's mesh axes that are not yet used by this array and whose
-    product divides it; otherwise it stays replicated.
+    product divides it; otherwise it stays replicated (for parameters, ``check_replication`` then
+    reports it).
     """
-    table = dict(rules)
-    used: set[str] = set()
-    spec: list[Any] = []
-    for name, size in zip(axes, shape, strict=True):
-        chosen: list[str] = []
-        for ax in table.get(name, ()) if name else ():
-            if ax in used or mesh_sizes.get(ax, 1) == 1:
-                continue
-            if size % (math.prod(mesh_sizes[a] for a in chosen) * mesh_sizes[ax]) == 0:
-                chosen.append(ax)
-        used.update(chosen)
-        spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
-    while spec and spec[-1] is None:
-        spec.pop()
-    return P(*spec)
+    return _spec_and_failures(axes, shape, rules, mesh_sizes)[0]
 
 
 def mesh_sizes(mesh: Mesh) -> dict[str, int]:
     return dict(zip(mesh.axis_names, mesh.devices.shape))
 
 
-def tree_shardings(abstract: Any, mesh: Mesh, rules: Rules) -> Any:
+# --------------------------------------------------------------------------------------------------
+# No silent replication
+# --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Replicated:
+    """A parameter that a failed rule leaves (partly) replicated, and what it costs per device."""
+
+    path: str
+    shape: tuple[int, ...]
+    spec: P
+    bytes_per_device: int
+    failed: tuple[FailedRule, ...]
+
+
+def _shard_bytes(shape: Sequence[int], itemsize: int, spec: P, sizes: dict[str, int]) -> int:
+    n = itemsize
+    for i, size in enumerate(shape):
+        entry = spec[i] if i < len(spec) else None
+        names = () if entry is None else (entry,) if isinstance(entry, str) else entry
+        n *= size // math.prod(sizes[a] for a in names)
+    return n
+
+
+def _params(abstract: Any) -> list[tuple[str, tuple[int, ...], int, tuple[str | None, ...]]]:
+    """(path, shape, itemsize, logical axes) of every ``nnx.Variable`` in ``abstract``."""
+    from flax import nnx
+
+    out = []
+    for path, v in nnx.to_flat_state(abstract):
+        axes = v.get_metadata().get("out_sharding") or (None,) * len(v.shape)
+        out.append((".".join(map(str, path)), tuple(v.shape), np.dtype(v.dtype).itemsize, axes))
+    return out
+
+
+def replication_report(
+    abstract: Any, sizes: dict[str, int], rules: Rules
+) -> tuple[list[Replicated], int]:
+    """The parameters of ``abstract`` (``nnx.Variable`` leaves with logical axes, or its
+    ``_params`` rows) that a rule fails to shard on a mesh of ``sizes``, and the parameter bytes one
+    device holds in all.
+
+    A rule fails when its mesh axis (size > 1, not yet used by the array) does not divide the
+    dimension. Axes a rule does not name, or that another dimension of the array already uses, are
+    not failures: that replication is what the rules ask for.
+    """
+    replicated, total = [], 0
+    params = abstract if isinstance(abstract, list) else _params(abstract)
+    for path, shape, itemsize, axes in params:
+        spec, failed = _spec_and_failures(axes, shape, rules, sizes)
+        nbytes = _shard_bytes(shape, itemsize, spec, sizes)
+        total += nbytes
+        if failed:
+            replicated.append(Replicated(path, shape, spec, nbytes, tuple(failed)))
+    return replicated, total
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def _fmt_mesh(sizes: dict[str, int]) -> str:
+    return ",".join(f"{a}={sizes.get(a, 1)}" for a in MESH_AXES)
+
+
+def _fits(abstract: Any, sizes: dict[str, int], rules: Rules) -> bool:
+    return not replication_report(abstract, sizes, rules)[0]
+
+
+def suggest_meshes(
+    abstract: Any, sizes: dict[str, int], rules: Rules, failure: FailedRule
+) -> list[str]:
+    """Meshes near ``sizes`` on which no rule fails: the failing axis one size down and one up
+    (other axes kept; the device count changes), and the best shape on the same device count
+    (fewest parameter bytes per device)."""
+    abstract = _params(abstract)  # once, not per trial mesh
+    out = []
+    cur = sizes[failure.axis]
+    below = [s for s in range(cur - 1, 1, -1) if failure.size % (failure.before * s) == 0]
+    above = [s for s in range(cur + 1, 4 * cur + 1) if failure.size % (failure.before * s) == 0]
+    for candidates in (below, above):
+        for s in candidates:
+            trial = {**sizes, failure.axis: s}
+            if _fits(abstract, trial, rules):
+                out.append(f"{_fmt_mesh(trial)} ({math.prod(trial.values())} devices)")
+                break
+    n = math.prod(sizes[a] for a in MESH_AXES)
+    best: tuple[int, int, dict[str, int]] | None = None
+    for d in range(1, n + 1):
+        for f in range(1, n // d + 1):
+            if n % (d * f):
+                continue
+            trial = {"data": d, "fsdp": f, "tensor": n // (d * f)}
+            report, total = replication_report(abstract, trial, rules)
+            if report:
+                continue
+            if best is None or (total, -d) < best[:2]:
+                best = (total, -d, trial)
+    if best is not None and best[2] != {a: sizes[a] for a in MESH_AXES}:
+        out.append(f"{_fmt_mesh(best[2])} (the same {n} devices)")
+    return out
+
+
+def check_replication(
+    abstract: Any, sizes: dict[str, int], rules: Rules, *, allow_replicated: bool = False
+) -> list[Replicated]:
+    """Lists (logs) every parameter a failed rule leaves replicated, with its bytes per device, and
+    refuses a mesh on which they exceed ``REPLICATED_LIMIT`` (5%) of the parameter bytes per device.
+
+    The refusal is one ``ShardingError`` line naming the largest offender (parameter, dimension,
+    size, mesh axis and its size) and the nearest meshes that divide it. ``allow_replicated``
+    (``mesh.allow_replicated``) turns it into a warning. Called by ``tree_shardings``, the one place
+    parameter shardings are resolved (train state, ``plan``, checkpoint restore for ``evaluate``,
+    ``embed`` and ``fold``), so no command can skip it.
+    """
+    replicated, total = replication_report(abstract, sizes, rules)
+    if not replicated:
+        return replicated
+    lost = sum(r.bytes_per_device for r in replicated)
+    share = lost / max(total, 1)
+    if jax.process_index() == 0:
+        for r in replicated:
+            why = "; ".join(
+                f"dim {f.dim} ({f.name}) {f.size} is not divisible by {f.axis}={f.axis_size}"
+                + (f" x {f.before}" if f.before > 1 else "")
+                for f in r.failed
+            )
+            log.warning(
+                "replicated: %s %s %s, %s per device: %s",
+                r.path,
+                "x".join(map(str, r.shape)),
+                r.spec,
+                _fmt_bytes(r.bytes_per_device),
+                why,
+            )
+    summary = (
+        f"mesh {_fmt_mesh(sizes)} leaves {len(replicated)} parameter(s) replicated that the rules "
+        f"ask to shard: {_fmt_bytes(lost)} of the {_fmt_bytes(total)} of parameters per device "
+        f"({share:.0%})"
+    )
+    if share <= REPLICATED_LIMIT:
+        log.warning("%s (under the %.0f%% limit)", summary, 100 * REPLICATED_LIMIT)
+        return replicated
+    if allow_replicated:
+        log.warning("%s; accepted because mesh.allow_replicated is set", summary)
+        return replicated
+    worst = max(replicated, key=lambda r: r.bytes_per_device)
+    f = worst.failed[0]
+    divisor = f"{f.axis}={f.axis_size}" + (f" (x {f.before} already used)" if f.before > 1 else "")
+    hints = suggest_meshes(abstract, sizes, rules, f)
+    raise ShardingError(
+        f"{summary}, over the {REPLICATED_LIMIT:.0%} limit; the largest is {worst.path} "
+        f"[{'x'.join(map(str, worst.shape))}], whose dim {f.dim} ({f.name}) of size {f.size} is "
+        f"not divisible by mesh axis {divisor}"
+        + (f"; meshes that divide it: {'; '.join(hints)}" if hints else "")
+        + "; mesh.allow_replicated=true runs anyway"
+    )
+
+
+def fit_mesh(abstract: Any, rules: Rules, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The inference mesh over ``devices`` (default: all): ``fsdp`` as wide as the rules can shard
+    the model's parameters on, the rest on ``data`` (``tensor`` = 1).
+
+    ``embed`` and ``evaluate`` choose no mesh of their own, so instead of refusing a device count
+    that does not divide the model (8M on 6 devices: 320 % 6 != 0) they take the shape with the
+    fewest parameter bytes per device among those on which no rule fails (ties: more ``data``);
+    ``fsdp=1`` (plain data parallelism) always qualifies.
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    n = len(devices)
+    params = _params(abstract)
+    best: tuple[int, int, int] | None = None
+    for f in range(1, n + 1):
+        if n % f:
+            continue
+        sizes = {"data": n // f, "fsdp": f, "tensor": 1}
+        report, total = replication_report(params, sizes, rules)
+        if not report and (best is None or (total, -(n // f)) < best[:2]):
+            best = (total, -(n // f), f)
+    assert best is not None  # fsdp=1 has no failed rule
+    fsdp = best[2]
+    if fsdp < n and jax.process_index() == 0:
+        log.info(
+            "mesh data=%d,fsdp=%d: the model's sharded dimensions do not divide fsdp=%d",
+            n // fsdp,
+            fsdp,
+            n,
+        )
+    return make_mesh(MeshConfig(ici_data=n // fsdp, ici_fsdp=fsdp, ici_tensor=1), devices)
+
+
+def tree_shardings(
+    abstract: Any, mesh: Mesh, rules: Rules, *, allow_replicated: bool = False
+) -> Any:
     """NamedShardings for a pytree of ``nnx.Variable`` (from ``nnx.eval_shape``) by their logical
-    axes."""
+    axes, after ``check_replication`` (which may refuse the mesh)."""
     from flax import nnx
 
     sizes = mesh_sizes(mesh)
+    check_replication(abstract, sizes, rules, allow_replicated=allow_replicated)
 
     def one(v: Any) -> NamedSharding:
         axes = v.get_metadata().get("out_sharding") or (None,) * v.ndim

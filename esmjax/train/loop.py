@@ -128,14 +128,16 @@ def run(
     peak = tm.device_peak_flops(cfg.accelerator)  # per device, for MFU; None when unknown
     mesh = shd.make_mesh(cfg.mesh)
     rules = shd.resolve_rules(cfg.mesh.rules)
-    batching = Batching(cfg, mesh.size, jax.process_count())
-    log.info("mesh %s; %s", dict(zip(mesh.axis_names, mesh.devices.shape)), batching)
-
     graphdef = model_graphdef(cfg.model)
     abstract_vars = abstract_model(cfg.model)[1].to_pure_dict()
     tx = make_optimizer(cfg.optim, cfg.num_steps, abstract_vars)
     lr = learning_rate(cfg.optim, cfg.num_steps)
-    shardings = state_shardings(cfg.model, tx, mesh, rules)
+    # Before anything else uses the mesh: refuses one that would leave the model replicated.
+    shardings = state_shardings(
+        cfg.model, tx, mesh, rules, allow_replicated=cfg.mesh.allow_replicated
+    )
+    batching = Batching(cfg, mesh.size, jax.process_count())
+    log.info("mesh %s; %s", dict(zip(mesh.axis_names, mesh.devices.shape)), batching)
     data = train_batches(
         cfg.data,
         rows=batching.process_rows,

@@ -20,6 +20,8 @@ import sys
 import time
 from typing import Any
 
+from esmjax.errors import InputError
+
 GB = 1024**3
 
 
@@ -27,11 +29,16 @@ def parse_mesh(text: str) -> dict[str, int]:
     sizes = {"data": 1, "fsdp": 1, "tensor": 1}
     for item in text.split(","):
         if "=" not in item:
-            raise ValueError(f"--mesh: expected axis=size, got {item!r}")
+            raise InputError(f"--mesh: expected axis=size, got {item!r}")
         k, v = item.split("=", 1)
         if k.strip() not in sizes:
-            raise ValueError(f"--mesh: unknown axis {k!r}; axes are data, fsdp, tensor")
-        sizes[k.strip()] = int(v)
+            raise InputError(f"--mesh: unknown axis {k!r}; axes are data, fsdp, tensor")
+        try:
+            sizes[k.strip()] = int(v)
+        except ValueError:
+            raise InputError(f"--mesh: {k.strip()}={v!r} is not a whole number") from None
+        if sizes[k.strip()] < 1:
+            raise InputError(f"--mesh: {k.strip()} must be at least 1, got {v}")
     return sizes
 
 
@@ -101,8 +108,8 @@ def plan(cfg, sizes: dict[str, int], device_memory_gb: float) -> dict[str, Any]:
 
     n_dev = math.prod(sizes.values())
     if jax.device_count() < n_dev:
-        raise ValueError(
-            f"the mesh needs {n_dev} devices but only {jax.device_count()} are present"
+        raise InputError(
+            f"--mesh: the mesh needs {n_dev} devices but only {jax.device_count()} are present"
         )
     mesh_cfg = dataclasses.replace(
         cfg.mesh,
@@ -115,9 +122,12 @@ def plan(cfg, sizes: dict[str, int], device_memory_gb: float) -> dict[str, Any]:
     )
     mesh = shd.make_mesh(mesh_cfg, jax.devices()[:n_dev])
     rules = shd.resolve_rules(cfg.mesh.rules)
-    batching = Batching(cfg, n_dev, 1)
     tx = make_optimizer(cfg.optim, cfg.num_steps, abstract_model(cfg.model)[1].to_pure_dict())
-    shardings = state_shardings(cfg.model, tx, mesh, rules)
+    # First: a mesh that cannot shard the model is the more basic problem than the batch split.
+    shardings = state_shardings(
+        cfg.model, tx, mesh, rules, allow_replicated=cfg.mesh.allow_replicated
+    )
+    batching = Batching(cfg, n_dev, 1)
     target = abstract_state(cfg.model, tx, shardings)
     row_spec = shd.batch_sharding(mesh, rules, 2).spec
     bs = NamedSharding(mesh, P(None, *row_spec))

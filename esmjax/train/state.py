@@ -38,11 +38,22 @@ def _path_keys(path: tuple) -> tuple[str, ...]:
 
 
 def state_shardings(
-    cfg: ESM2Config, tx: optax.GradientTransformation, mesh: Mesh, rules: shd.Rules
+    cfg: ESM2Config,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    rules: shd.Rules,
+    *,
+    allow_replicated: bool = False,
 ) -> TrainState:
-    """Shardings of every leaf of the train state (a ``TrainState`` of NamedShardings)."""
+    """Shardings of every leaf of the train state (a ``TrainState`` of NamedShardings).
+
+    Raises ``ShardingError`` when the rules leave too much replicated on ``mesh`` (see
+    ``sharding.check_replication``) unless ``allow_replicated``.
+    """
     _, abstract = abstract_model(cfg)
-    var_shardings = nnx.State(shd.tree_shardings(abstract, mesh, rules)).to_pure_dict()
+    var_shardings = nnx.State(
+        shd.tree_shardings(abstract, mesh, rules, allow_replicated=allow_replicated)
+    ).to_pure_dict()
     by_path = {
         _path_keys(p): s
         for p, s in jax.tree_util.tree_leaves_with_path(

@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from esmjax.config import ESM2_PRESETS, ESM2Config, from_dict, to_dict
+from esmjax.config import ESM2_PRESETS, ConfigError, ESM2Config, from_dict, to_dict
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,11 +78,11 @@ class TrunkConfig:
 
     def __post_init__(self) -> None:
         if self.single_dim % self.single_head_width or self.pair_dim % self.pair_head_width:
-            raise ValueError("trunk widths must be multiples of their head widths")
+            raise ConfigError("trunk widths must be multiples of their head widths")
         if self.pair_dim % 2:
-            raise ValueError(f"pair_dim must be even, got {self.pair_dim}")
+            raise ConfigError(f"pair_dim must be even, got {self.pair_dim}")
         if self.max_recycles < 1:
-            raise ValueError("max_recycles must be at least 1")
+            raise ConfigError("max_recycles must be at least 1")
 
     @property
     def single_heads(self) -> int:
