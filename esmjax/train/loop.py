@@ -2,8 +2,14 @@
 final evaluation.
 
 A run started again in the same workdir resumes from its latest complete checkpoint: parameters,
-optimizer state, step and data-iterator state, so the loss trajectory continues exactly. SIGTERM
-(preemption) saves at the next step boundary and exits cleanly.
+optimizer state, step and data-iterator state, so the loss trajectory continues exactly. SIGTERM or
+SIGINT (preemption) saves the current step and exits cleanly within one step, on every process
+(``esmjax/train/preemption.py``).
+
+Each iteration dispatches step n, takes the data-iterator position after its batch, prepares the
+batch of step n + 1 while step n runs, then reads step n's agreed stop flag (a scalar already on
+its way to the host): the host waits for each step, and the device idles only while the next,
+already prepared, step is dispatched. Metrics are fetched only every ``log_every`` steps.
 """
 
 from __future__ import annotations
@@ -11,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import signal
 import sys
 import time
 from pathlib import Path
@@ -20,6 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from esmjax.config import ConfigError, TrainConfig, config_hash, from_dict, to_dict
@@ -30,6 +36,7 @@ from esmjax.parallel import sharding as shd
 from esmjax.train import metrics as tm
 from esmjax.train.checkpoints import TrainCheckpointer
 from esmjax.train.optim import learning_rate, make_optimizer
+from esmjax.train.preemption import StopSignal, flag_inputs, flag_sharding, with_stop_flag
 from esmjax.train.state import abstract_state, create_state, model_graphdef, state_shardings
 from esmjax.train.step import make_eval_step, make_train_step
 
@@ -102,26 +109,6 @@ def _write_workdir_config(workdir: Path, cfg: TrainConfig) -> None:
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-
-
-class _Preemption:
-    """Records SIGTERM; all processes agree at a sync point before acting on it."""
-
-    def __init__(self) -> None:
-        self.flag = False
-        self._old = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        log.warning("SIGTERM received: saving a checkpoint at the next step boundary")
-        self.flag = True
-
-    def agreed(self) -> bool:
-        if jax.process_count() == 1:
-            return self.flag
-        return bool(np.any(multihost_utils.process_allgather(np.array([self.flag]))))
-
-    def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._old)
 
 
 def evaluate(
@@ -217,18 +204,18 @@ def run(
             mesh, jax.sharding.PartitionSpec(None, *row_spec)
         )
         train_step = jax.jit(
-            make_train_step(graphdef, tx, lr),
-            in_shardings=(shardings, batch_sharding),
-            out_shardings=(shardings, None),
+            with_stop_flag(make_train_step(graphdef, tx, lr)),
+            in_shardings=(shardings, batch_sharding, flag_sharding(mesh)),
+            out_shardings=(shardings, None, jax.sharding.NamedSharding(mesh, P())),
             donate_argnums=0,
         )
         eval_step = jax.jit(make_eval_step(graphdef))
+        flags = flag_inputs(mesh)
 
         writer = tm.MetricsWriter(workdir, start, enabled=jax.process_index() == 0)
         peak = tm.device_peak_flops(cfg.accelerator)
         flops_per_token = tm.train_flops_per_token(cfg.model, cfg.data.seq_len)
         tokens_per_step = batching.global_rows * batching.seq_len
-        preemption = _Preemption()
         bar = tqdm(
             total=cfg.num_steps,
             initial=start,
@@ -241,23 +228,37 @@ def run(
         last: dict[str, Any] = {}
         t_last, steps_since = time.perf_counter(), 0
         step = start
+        signals = StopSignal()
+        signals.step = step
+
+        def next_batch() -> tuple[dict, float]:
+            local = next(data)
+            nonpad = float((local["segment_ids"] > 0).mean())
+            return _global_batch(local, batching.accum, batch_sharding), nonpad
+
         try:
+            if step < cfg.num_steps:
+                batch, nonpad = next_batch()
             while step < cfg.num_steps:
-                local = next(data)
-                nonpad = float((local["segment_ids"] > 0).mean())
-                state, m = train_step(state, _global_batch(local, batching.accum, batch_sharding))
                 step += 1
-                steps_since += 1
+                signals.step = step
+                state, m, agreed = train_step(state, batch, flags[signals.flag])
+                agreed.copy_to_host_async()
+                data_state = data.get_state()  # the position after this step's batch
+                step_nonpad = nonpad
+                if step < cfg.num_steps:  # prepared while the step runs
+                    batch, nonpad = next_batch()
                 bar.update(1)
-                boundary = step % cfg.log_every == 0 or step == cfg.num_steps
-                if boundary:
+                preempted = bool(agreed)  # waits for this step; the same value on every process
+                steps_since += 1
+                if step % cfg.log_every == 0 or step == cfg.num_steps:
                     m = {k: float(v) for k, v in jax.device_get(m).items()}
                     dt = time.perf_counter() - t_last
                     tps = tokens_per_step * steps_since / dt
                     m.update(
                         tokens_per_second=tps,
                         tokens_per_second_per_device=tps / mesh.size,
-                        nonpad_fraction=nonpad,
+                        nonpad_fraction=step_nonpad,
                         tflops_per_device=flops_per_token * tps / mesh.size / 1e12,
                         mfu=(flops_per_token * tps / mesh.size / peak) if peak else None,
                         step_seconds=dt / steps_since,
@@ -268,22 +269,25 @@ def run(
                     )
                     last = m
                     t_last, steps_since = time.perf_counter(), 0
-                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.num_steps:
-                    ev = evaluate(cfg, eval_step, state.variables, mesh, rules, batching.micro_rows)
-                    writer.write(step, ev)
-                    t_last = time.perf_counter()
-                stop = boundary and preemption.agreed()
-                if stop_after is not None and step - start >= stop_after:
-                    stop = True
+                stop = preempted or (stop_after is not None and step - start >= stop_after)
                 if step % cfg.checkpoint.every == 0 or step == cfg.num_steps or stop:
                     ckptr.save(
                         state,
                         {
-                            "data": data.get_state(),
+                            "data": data_state,
                             "config_hash": config_hash(cfg),
                             "config": to_dict(cfg),
                         },
                     )
+                # On preemption the checkpoint comes first and evaluation is skipped: it could
+                # outlast the grace period.
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.num_steps:
+                    if not preempted:
+                        ev = evaluate(
+                            cfg, eval_step, state.variables, mesh, rules, batching.micro_rows
+                        )
+                        writer.write(step, ev)
+                        t_last = time.perf_counter()
                 if stop:
                     log.warning(
                         "stopping at step %d: checkpoint written; run again to resume", step
@@ -291,7 +295,7 @@ def run(
                     break
         finally:
             bar.close()
-            preemption.restore()
+            signals.restore()
             ckptr.close()
         final: dict[str, Any] = dict(last)
         if step >= cfg.num_steps:
