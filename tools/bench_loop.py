@@ -59,6 +59,7 @@ def build_data(out: Path, python: str) -> Path:
         ]
         + ["--out", str(ds), "--val-fraction", "0.05"],
         check=True,
+        capture_output=True,
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"},
     )

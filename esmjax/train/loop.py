@@ -230,6 +230,7 @@ def run(
         step = start
         signals = StopSignal()
         signals.step = step
+        preempted = False
 
         def next_batch() -> tuple[dict, float]:
             local = next(data)
@@ -298,7 +299,7 @@ def run(
             signals.restore()
             ckptr.close()
         final: dict[str, Any] = dict(last)
-        if step >= cfg.num_steps:
+        if step >= cfg.num_steps and not preempted:  # preempted: the next run evaluates
             ev = evaluate(cfg, eval_step, state.variables, mesh, rules, batching.micro_rows)
             writer.write(step, ev)
             final.update(ev)
