@@ -293,11 +293,11 @@ def descendant_with_env(root: int, key: str, value: str) -> int:
 @pytest.mark.multiprocess
 def test_two_processes_sigterm_to_one(dataset, tmp_path):
     """2 processes, log_every larger than the run; SIGTERM to ONE of them at a random step (seeded:
-    which process and when). Both save the same step, within one step of where the signal found
-    the signalled process, and exit 0; the resumed run ends with the parameters and final loss of
-    an uninterrupted run."""
+    which process, and when, in units of the measured step time). Both save the same step, within
+    one step of where the signal found the signalled process, and exit 0; the resumed run ends
+    with the parameters and final loss of an uninterrupted run."""
     rng = np.random.default_rng(11)
-    target, delay = int(rng.integers(2)), float(rng.uniform(0.0, 1.0))
+    target, delay_steps = int(rng.integers(2)), float(rng.uniform(0.0, 3.0))
     num_steps = 40
     cfg = write_config(
         tmp_path / "c.yaml",
@@ -306,8 +306,8 @@ def test_two_processes_sigterm_to_one(dataset, tmp_path):
         log_every=1000,
         checkpoint={"every": 2, "keep": 1000},
     )
-    full = tmp_path / "full"
-    r = train(["--config", str(cfg), "--workdir", str(full)], processes=2, check=False)
+    full = tmp_path / "full"  # the reference on one process with the same 2 devices (faster)
+    r = train(["--config", str(cfg), "--workdir", str(full)], devices=2, check=False)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
     cut = tmp_path / "cut"
@@ -322,8 +322,11 @@ def test_two_processes_sigterm_to_one(dataset, tmp_path):
         start_new_session=True,
     )
     try:
-        seen = wait_for_checkpoint(cut, proc, 2)
-        time.sleep(delay)
+        first = wait_for_checkpoint(cut, proc, 2)
+        t = time.time()
+        seen = wait_for_checkpoint(cut, proc, first + 2)
+        step_seconds = (time.time() - t) / (seen - first)
+        time.sleep(delay_steps * step_seconds)  # a random point of the next few steps
         os.kill(descendant_with_env(proc.pid, "ESMJAX_PROCESS_ID", str(target)), signal.SIGTERM)
         out, _ = proc.communicate(timeout=120)
     finally:
@@ -339,7 +342,8 @@ def test_two_processes_sigterm_to_one(dataset, tmp_path):
     r = train(["--workdir", str(cut)], processes=2, check=False)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert sorted(losses(cut)) == sorted(losses(full)) == [num_steps]
-    assert abs(losses(cut)[num_steps] - losses(full)[num_steps]) < 1e-6
+    # the tolerance of the other multi-process resume test (another process count than the cut run)
+    assert abs(losses(cut)[num_steps] - losses(full)[num_steps]) < 1e-5
     a, _ = checkpoint.load_model(full)
     b, _ = checkpoint.load_model(cut)
     for (path, x), (_, y) in zip(

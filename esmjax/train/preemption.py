@@ -26,9 +26,10 @@ found it. The price is that the host waits for each step to finish before dispat
 no longer queues several steps ahead); the device idles only for the dispatch of the next step,
 whose batch is already prepared (measured in BENCHMARKS.md, "Preemption check").
 
-A second SIGINT (Ctrl-C twice) aborts at once with ``KeyboardInterrupt``, no checkpoint. A signal
-that arrives before the first step of an invocation is honoured after that step (which includes
-compilation).
+A second SIGINT (Ctrl-C twice) aborts at once with ``KeyboardInterrupt``, no checkpoint. The
+handlers are installed just before the first step: a signal during start-up (restore, data) ends
+the process as usual, with nothing new to save; one during the first step's compilation is honoured
+after that step.
 """
 
 from __future__ import annotations
