@@ -7,8 +7,8 @@
 # Installs esmjax with its `tpu` extra (jax[tpu]==0.10.2 + libtpu; README "Install on a GPU cluster /
 # a TPU VM") on every host, then starts the same command on all of them; jax.distributed.initialize()
 # detects the pod (coordinator, process ids) by itself. The workdir and dataset must be on storage every host can
-# read (GCS via gcsfs/tensorstore). Preemptible/spot slices: SIGTERM triggers a checkpoint; re-run the same
-# command after the slice is back and it resumes.
+# read (GCS via gcsfs/tensorstore). Preemptible/spot slices: SIGTERM (about 30 s of notice) saves the current step
+# within one step and exits 0; re-run the same command after the slice is back and it resumes.
 set -euo pipefail
 config=${1:?config}; workdir=${2:?workdir}; shift 2
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"

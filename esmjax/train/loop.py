@@ -2,15 +2,20 @@
 final evaluation.
 
 A run started again in the same workdir resumes from its latest complete checkpoint: parameters,
-optimizer state, step and data-iterator state, so the loss trajectory continues exactly. SIGTERM
-(preemption) saves at the next step boundary and exits cleanly.
+optimizer state, step and data-iterator state, so the loss trajectory continues exactly. SIGTERM or
+SIGINT (preemption) saves the current step and exits cleanly within one step, on every process
+(``esmjax/train/preemption.py``).
+
+Each iteration dispatches step n, takes the data-iterator position after its batch, prepares the
+batch of step n + 1 while step n runs, then reads step n's agreed stop flag (a scalar already on
+its way to the host): the host waits for each step, and the device idles only while the next,
+already prepared, step is dispatched. Metrics are fetched only every ``log_every`` steps.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,7 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from esmjax.config import TrainConfig, config_hash, to_dict
@@ -33,6 +38,7 @@ from esmjax.train import metrics as tm
 from esmjax.train.batching import Batching
 from esmjax.train.checkpoints import TrainCheckpointer
 from esmjax.train.optim import learning_rate, make_optimizer
+from esmjax.train.preemption import StopSignal, flag_inputs, flag_sharding, with_stop_flag
 from esmjax.train.state import abstract_state, create_state, model_graphdef, state_shardings
 from esmjax.train.step import make_train_step
 
@@ -68,26 +74,6 @@ def _write_workdir_config(workdir: Path, cfg: TrainConfig) -> None:
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-
-
-class _Preemption:
-    """Records SIGTERM; all processes agree at a sync point before acting on it."""
-
-    def __init__(self) -> None:
-        self.flag = False
-        self._old = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        log.warning("SIGTERM received: saving a checkpoint at the next step boundary")
-        self.flag = True
-
-    def agreed(self) -> bool:
-        if jax.process_count() == 1:
-            return self.flag
-        return bool(np.any(multihost_utils.process_allgather(np.array([self.flag]))))
-
-    def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._old)
 
 
 def evaluate(cfg: TrainConfig, engine: Engine, variables: Any, micro_rows: int) -> dict:
@@ -169,17 +155,17 @@ def run(
             mesh, jax.sharding.PartitionSpec(None, *row_spec)
         )
         train_step = jax.jit(
-            make_train_step(graphdef, tx, lr),
-            in_shardings=(shardings, batch_sharding),
-            out_shardings=(shardings, None),
+            with_stop_flag(make_train_step(graphdef, tx, lr)),
+            in_shardings=(shardings, batch_sharding, flag_sharding(mesh)),
+            out_shardings=(shardings, None, jax.sharding.NamedSharding(mesh, P())),
             donate_argnums=0,
         )
+        flags = flag_inputs(mesh)
         engine = Engine(nnx.merge(graphdef, nnx.State(state.variables)), mesh, rules)
 
         writer = tm.MetricsWriter(workdir, start, enabled=jax.process_index() == 0)
         flops_per_token = tm.train_flops_per_token(cfg.model, cfg.data.seq_len)
         tokens_per_step = batching.global_rows * batching.seq_len
-        preemption = _Preemption()
         bar = tqdm(
             total=cfg.num_steps,
             initial=start,
@@ -192,16 +178,31 @@ def run(
         last: dict[str, Any] = {}
         window = tm.ThroughputWindow()  # steps and time since the last log line, eval excluded
         step = start
+        signals = StopSignal()
+        signals.step = step
+        preempted = False
+
+        def next_batch() -> tuple[dict, float]:
+            local = next(data)
+            nonpad = float((local["segment_ids"] > 0).mean())
+            return _global_batch(local, batching.accum, batch_sharding), nonpad
+
         try:
+            if step < cfg.num_steps:
+                batch, nonpad = next_batch()
             while step < cfg.num_steps:
-                local = next(data)
-                state, m = train_step(state, _global_batch(local, batching.accum, batch_sharding))
                 step += 1
-                window.add_step(float((local["segment_ids"] > 0).mean()))
+                signals.step = step
+                state, m, agreed = train_step(state, batch, flags[signals.flag])
+                agreed.copy_to_host_async()
+                data_state = data.get_state()  # the position after this step's batch
+                window.add_step(nonpad)
+                if step < cfg.num_steps:  # prepared while the step runs
+                    batch, nonpad = next_batch()
                 bar.update(1)
-                boundary = step % cfg.log_every == 0 or step == cfg.num_steps
-                if boundary:
-                    m = {k: float(v) for k, v in jax.device_get(m).items()}  # waits for the step
+                preempted = bool(agreed)  # waits for this step; the same value on every process
+                if step % cfg.log_every == 0 or step == cfg.num_steps:
+                    m = {k: float(v) for k, v in jax.device_get(m).items()}
                     m.update(
                         window.summary(
                             tokens_per_step=tokens_per_step,
@@ -215,23 +216,23 @@ def run(
                         loss=f"{m['loss']:.3f}", ppl=f"{m['perplexity']:.2f}", lr=f"{m['lr']:.1e}"
                     )
                     last = m
-                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.num_steps:
-                    jax.block_until_ready(m)  # the steps before belong to the training window
-                    with window.excluded():
-                        ev = evaluate(cfg, engine, state.variables, batching.micro_rows)
-                        writer.write(step, ev)
-                stop = boundary and preemption.agreed()
-                if stop_after is not None and step - start >= stop_after:
-                    stop = True
+                stop = preempted or (stop_after is not None and step - start >= stop_after)
                 if step % cfg.checkpoint.every == 0 or step == cfg.num_steps or stop:
                     ckptr.save(
                         state,
                         {
-                            "data": data.get_state(),
+                            "data": data_state,
                             "config_hash": config_hash(cfg),
                             "config": to_dict(cfg),
                         },
                     )
+                # On preemption the checkpoint comes first and evaluation is skipped: it could
+                # outlast the grace period.
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.num_steps:
+                    if not preempted:
+                        with window.excluded():
+                            ev = evaluate(cfg, engine, state.variables, batching.micro_rows)
+                            writer.write(step, ev)
                 if stop:
                     log.warning(
                         "stopping at step %d: checkpoint written; run again to resume", step
@@ -239,10 +240,10 @@ def run(
                     break
         finally:
             bar.close()
-            preemption.restore()
+            signals.restore()
             ckptr.close()
         final: dict[str, Any] = dict(last)
-        if step >= cfg.num_steps:
+        if step >= cfg.num_steps and not preempted:  # preempted: the next run evaluates
             ev = evaluate(cfg, engine, state.variables, batching.micro_rows)
             writer.write(step, ev)
             final.update(ev)
