@@ -44,6 +44,10 @@ class ESM2Config:
       param_dtype: parameter storage dtype.
       remat: rematerialisation of each layer in training: ``none``, ``full``, ``dots`` (save matmul
         outputs) or ``dots_no_batch`` (save weight matmuls, recompute attention).
+      attention: the attention kernel (``esmjax.models.attention_kernels.choose_attention``):
+        ``auto`` (splash on TPU, the Pallas flash kernel on a GPU with 16-bit compute, else XLA),
+        ``xla``, ``splash``, ``cudnn`` or ``pallas_gpu``. A Pallas kernel forced on a backend it
+        does not compile for runs in interpret mode (slow).
     """
 
     num_layers: int
@@ -57,6 +61,7 @@ class ESM2Config:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         if self.embed_dim % self.num_heads:
@@ -69,6 +74,8 @@ class ESM2Config:
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if self.attention not in ATTENTION_PATHS:
+            raise ValueError(f"attention must be one of {ATTENTION_PATHS}, got {self.attention!r}")
 
     @property
     def head_dim(self) -> int:
@@ -87,6 +94,7 @@ class ESM2Config:
 
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_PATHS = ("auto", "xla", "splash", "cudnn", "pallas_gpu")
 
 
 def _esm2(num_layers: int, embed_dim: int, num_heads: int) -> ESM2Config:
@@ -323,7 +331,7 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
         kwargs[f.name] = _coerce(tp, value, f"{where}.{f.name}" if where else f.name)
     try:
         return cls(**kwargs)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # __post_init__ checks (e.g. model.attention) included
         raise ConfigError(f"{where or cls.__name__}: {e}") from None
 
 
