@@ -331,7 +331,7 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
         kwargs[f.name] = _coerce(tp, value, f"{where}.{f.name}" if where else f.name)
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError) as e:  # __post_init__ checks (e.g. model.attention) included
+    except TypeError as e:
         raise ConfigError(f"{where or cls.__name__}: {e}") from None
 
 

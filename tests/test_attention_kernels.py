@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 from reference import rel_err
 
-from esmjax.config import ESM2_PRESETS, ConfigError, ESM2Config, MeshConfig, from_dict
+from esmjax.config import ESM2_PRESETS, ESM2Config, MeshConfig, from_dict
 from esmjax.errors import InputError
 from esmjax.models import alphabet as tok
 from esmjax.models import attention_kernels as ak
@@ -156,9 +156,9 @@ def test_choose_attention(caplog):
 
 
 def test_config_rejects_unknown_attention():
-    with pytest.raises(ValueError, match="attention must be one of"):
+    with pytest.raises(ValueError, match=r"attention.*must be one of.*'flash'"):
         dataclasses.replace(ESM2_PRESETS["tiny"], attention="flash")
-    with pytest.raises(ConfigError, match="^model: attention must be one of"):
+    with pytest.raises(ValueError, match=r"attention.*must be one of.*'flash'"):
         from_dict(ESM2Config, {"preset": "tiny", "attention": "flash"}, "model")
     assert from_dict(ESM2Config, {"preset": "tiny", "attention": "splash"}).attention == "splash"
 
