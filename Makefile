@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv lint format test train clean
+.PHONY: venv lint format test train clean device-wheels
 
 # (Re)install when pyproject.toml changes. The CPU build of JAX (extra cpu) and the test extra, which
 # pins a CPU build of torch (an unpinned torch would pull a multi-GB CUDA build). On a GPU node or TPU
@@ -36,6 +36,20 @@ $(DEMO_DATA): | $(STAMP)
 
 train: $(STAMP) $(DEMO_DATA)
 	$(VENV)/bin/esmjax train --config configs/demo.yaml --workdir runs/demo
+
+# Wheels for tools/device_check.sh on an accelerator image without internet (README "Device check"):
+# the pinned data/training packages and all their dependencies, for the image's Python (DEVICE_PY)
+# on x86_64 Linux. promise (a tensorflow-datasets dependency) exists only as an sdist: built here.
+DEVICE_PY      ?= 3.12
+DEVICE_WHEELS  ?= device_wheels
+DEVICE_REQS    := grain==0.2.18 array-record==0.8.6 tensorflow-datasets==4.9.10 tensorboardX==2.6.5
+DEVICE_PLATFORMS := $(foreach p,manylinux_2_28 manylinux_2_27 manylinux_2_24 manylinux_2_17 manylinux2014 manylinux1,--platform $(p)_x86_64) --platform any
+device-wheels: $(STAMP)
+	rm -rf $(DEVICE_WHEELS) && mkdir -p $(DEVICE_WHEELS)
+	$(PY) -m pip wheel -q --no-deps -w $(DEVICE_WHEELS) promise==2.3
+	$(PY) -m pip download -q --only-binary=:all: --python-version $(DEVICE_PY) --implementation cp \
+	  $(DEVICE_PLATFORMS) --find-links $(DEVICE_WHEELS) -d $(DEVICE_WHEELS) $(DEVICE_REQS)
+	printf '%s\n' $(DEVICE_REQS) > $(DEVICE_WHEELS)/requirements.txt
 
 clean:
 	rm -rf $(VENV) runs

@@ -59,6 +59,10 @@ class ESM2Config:
       param_dtype: parameter storage dtype.
       remat: rematerialisation of each layer in training: ``none``, ``full``, ``dots`` (save matmul
         outputs) or ``dots_no_batch`` (save weight matmuls, recompute attention).
+      attention: the attention kernel (``esmjax.models.attention_kernels.choose_attention``):
+        ``auto`` (splash on TPU, the Pallas flash kernel on a GPU with 16-bit compute, else XLA),
+        ``xla``, ``splash``, ``cudnn`` or ``pallas_gpu``. A Pallas kernel forced on a backend it
+        does not compile for runs in interpret mode (slow).
     """
 
     num_layers: int
@@ -72,6 +76,7 @@ class ESM2Config:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "embed_dim", "num_heads", "mlp_dim", "vocab_size"):
@@ -96,6 +101,11 @@ class ESM2Config:
             raise ConfigError(
                 f"{_key('remat')}: must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}"
             )
+        if self.attention not in ATTENTION_PATHS:
+            raise ConfigError(
+                f"{_key('attention')}: must be one of {', '.join(ATTENTION_PATHS)}, "
+                f"got {self.attention!r}"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -115,6 +125,7 @@ class ESM2Config:
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16")
+ATTENTION_PATHS = ("auto", "xla", "splash", "cudnn", "pallas_gpu")
 
 
 def _esm2(num_layers: int, embed_dim: int, num_heads: int) -> ESM2Config:

@@ -132,6 +132,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--remat", default="none")
+    ap.add_argument(
+        "--attention", default="auto", help="model.attention: auto|xla|splash|cudnn|pallas_gpu"
+    )
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch anchor")
     ap.add_argument("--json", help="write the figures here")
     a = ap.parse_args()
@@ -140,7 +143,9 @@ def main() -> int:
     from esmjax.config import esm2_preset
     from esmjax.train import metrics as tm
 
-    cfg = dataclasses.replace(esm2_preset(a.preset), dtype=a.dtype, remat=a.remat)
+    cfg = dataclasses.replace(
+        esm2_preset(a.preset), dtype=a.dtype, remat=a.remat, attention=a.attention
+    )
     batch = make_batch(a.rows, a.seq_len)
     tokens = a.rows * a.seq_len
     n_dev = jax.device_count()
@@ -152,6 +157,8 @@ def main() -> int:
         "rows": a.rows,
         "seq_len": a.seq_len,
         "dtype": a.dtype,
+        "remat": a.remat,
+        "attention": a.attention,
         "devices": n_dev,
         "device_kind": jax.devices()[0].device_kind,
         "jax": jax.__version__,

@@ -26,6 +26,7 @@ from flax import nnx
 from esmjax.config import ESM2Config
 from esmjax.models import layers as nn
 from esmjax.models.alphabet import EOS, MASK, PAD
+from esmjax.models.attention_kernels import AttentionPath, choose_attention, packed_attention
 from esmjax.parallel.sharding import (
     ACT_BATCH,
     ACT_EMBED,
@@ -69,10 +70,17 @@ class MultiheadAttention(nnx.Module):
         self.scaling = nn.scale_for(d)
 
     def __call__(
-        self, x: jax.Array, mask: jax.Array, positions: jax.Array, need_weights: bool = False
+        self,
+        x: jax.Array,
+        mask: jax.Array,
+        segment_ids: jax.Array,
+        positions: jax.Array,
+        path: AttentionPath,
+        need_weights: bool = False,
     ) -> tuple[jax.Array, jax.Array | None]:
-        """x [B, L, E], mask [B, 1, L, L], positions [B, L] -> ([B, L, E], weights [B, H, L, L]
-        float32 or None)."""
+        """x [B, L, E], mask [B, 1, L, L], segment_ids [B, L], positions [B, L] -> ([B, L, E],
+        weights [B, H, L, L] float32 or None). ``path`` (``choose_attention``) picks the kernel:
+        the dense-mask XLA / cuDNN paths or a packed kernel reading ``segment_ids``."""
         inv_freq = self.rot_emb.inv_freq[...].astype(jnp.float32)
         # fair-esm scales q before the rotation (equivalent, since the rotation is linear).
         q = self.q_proj(x) * jnp.asarray(self.scaling, x.dtype)  # [B, L, H, D]
@@ -80,7 +88,12 @@ class MultiheadAttention(nnx.Module):
         k = nn.apply_rotary(self.k_proj(x), positions, inv_freq)
         v = self.v_proj(x)
         q = constrain(q, (ACT_BATCH, ACT_LEN, ACT_HEADS, None))
-        out, weights = nn.dot_product_attention(q, k, v, mask, return_weights=need_weights)
+        if path.kernel in ("splash", "pallas_gpu"):
+            out, weights = packed_attention(path, q, k, v, segment_ids), None
+        else:
+            out, weights = nn.dot_product_attention(
+                q, k, v, mask, return_weights=need_weights, cudnn=path.kernel == "cudnn"
+            )
         return self.out_proj(out), weights
 
 
@@ -97,9 +110,17 @@ class TransformerLayer(nnx.Module):
         self.final_layer_norm = nn.LayerNorm(e, eps=cfg.layer_norm_eps, rngs=rngs)
 
     def __call__(
-        self, x: jax.Array, mask: jax.Array, positions: jax.Array, need_weights: bool = False
+        self,
+        x: jax.Array,
+        mask: jax.Array,
+        segment_ids: jax.Array,
+        positions: jax.Array,
+        path: AttentionPath,
+        need_weights: bool = False,
     ) -> tuple[jax.Array, jax.Array | None]:
-        h, weights = self.self_attn(self.self_attn_layer_norm(x), mask, positions, need_weights)
+        h, weights = self.self_attn(
+            self.self_attn_layer_norm(x), mask, segment_ids, positions, path, need_weights
+        )
         x = x + h
         h = nn.gelu(self.fc1(self.final_layer_norm(x)))  # [B, L, F]
         h = constrain(h, (ACT_BATCH, ACT_LEN, ACT_MLP))
@@ -261,12 +282,15 @@ class ESM2(nnx.Module):
             representations[0] = x
 
         mask = nn.attention_mask(segment_ids)
+        path = choose_attention(
+            cfg.attention, dtype=dtype, head_dim=cfg.head_dim, need_weights=need_head_weights
+        )
         collect_hidden = any(0 < r < cfg.num_layers for r in repr_layers)
         graphdef, stacked = nnx.split(self.layers)
 
         def body(h: jax.Array, layer_state) -> tuple[jax.Array, tuple]:
             layer = nnx.merge(graphdef, layer_state)
-            h, weights = layer(h, mask, positions, need_head_weights)
+            h, weights = layer(h, mask, segment_ids, positions, path, need_head_weights)
             return h, (h if collect_hidden else None, weights)
 
         if cfg.remat != "none":

@@ -160,16 +160,6 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
     return (same & (segment_ids[:, None, :] > 0))[:, None]
 
 
-def _cudnn_ok(q: jax.Array) -> bool:
-    """cuDNN flash attention: NVIDIA GPUs, 16-bit inputs, head_dim a multiple of 8 up to 128."""
-    return (
-        jax.default_backend() == "gpu"
-        and q.dtype in (jnp.bfloat16, jnp.float16)
-        and q.shape[-1] % 8 == 0
-        and q.shape[-1] <= 128
-    )
-
-
 _NEG = float(jnp.finfo(jnp.float32).min)
 
 
@@ -237,20 +227,29 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def dot_product_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, return_weights: bool = True
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    *,
+    return_weights: bool = True,
+    cudnn: bool = False,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Softmax attention with the softmax in float32 (fair-esm ``utils_softmax(dtype=float32)``).
 
     ``q`` is expected pre-scaled. A query with no allowed key (a padding row) gets uniform weights
     instead of NaN. Training (no weights returned) never stores the [B, H, L, M] weights: the
-    backward pass recomputes them row by row. On an NVIDIA GPU with 16-bit inputs the cuDNN
-    flash-attention kernel computes the same function.
+    backward pass recomputes them row by row. With ``cudnn`` (an NVIDIA GPU, 16-bit inputs) the
+    cuDNN flash-attention kernel computes the same function from the dense mask. The packed
+    kernels that take segment ids instead are in ``attention_kernels``; ``choose_attention``
+    there picks the path.
 
     Args:
       q, k, v: [B, L, H, D] (k, v: [B, M, H, D]).
       mask: [B, 1, L, M] boolean (packed segments and padding).
       return_weights: also return the float32 weights [B, H, L, M] (for attention maps and
         contacts).
+      cudnn: run ``jax.nn.dot_product_attention(implementation="cudnn")`` (no weights).
     Returns:
       out [B, L, H, D] in q's dtype, and the weights or None.
     """
@@ -258,7 +257,7 @@ def dot_product_attention(
         return jax.lax.map(
             lambda a: _row_attention(*a), (q, k, v, mask), batch_size=_rows_per_chunk(q.shape[0])
         )
-    if _cudnn_ok(q):
+    if cudnn:
         return jax.nn.dot_product_attention(
             q, k, v, mask=mask, scale=1.0, implementation="cudnn"
         ), None

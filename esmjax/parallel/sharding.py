@@ -437,3 +437,22 @@ def batch_sharding(mesh: Mesh, rules: Rules, ndim: int) -> NamedSharding:
     axes = tuple(a for a in axes if mesh_sizes(mesh).get(a, 1) > 1)
     first = None if not axes else axes[0] if len(axes) == 1 else axes
     return NamedSharding(mesh, P(first, *([None] * (ndim - 1))))
+
+
+def map_shards(fn: Any, args: Sequence[jax.Array], axes: Sequence[Sequence[str | None]]) -> Any:
+    """``fn(*args)`` run per shard (``jax.shard_map``) with each argument split by its logical
+    ``axes``; the output takes the first argument's split. A plain call outside ``use_mesh`` or on
+    one device.
+
+    For kernels (Pallas calls) that XLA's partitioner cannot split: it would gather them whole.
+    ``fn`` must be correct on any block of the split axes (e.g. attention on whole rows and heads).
+    """
+    ctx = _CONTEXT.get()
+    if ctx is None or ctx[0].devices.size == 1:
+        return fn(*args)
+    mesh, rules = ctx
+    sizes = mesh_sizes(mesh)
+    specs = tuple(
+        logical_to_spec(a, x.shape, rules, sizes) for x, a in zip(args, axes, strict=True)
+    )
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=specs[0], check_vma=False)(*args)
