@@ -239,6 +239,11 @@ class TrainConfig:
     seed: int = 0
     # a device kind of esmjax.train.metrics.PEAK_BF16_FLOPS (the MFU peak); empty = the local device
     accelerator: str = ""
+    # continued pretraining: the weights a new run starts from (a fair-esm .pt, an HF folder, an
+    # esmjax checkpoint or training workdir) and its step (-1: the latest). The optimizer and the
+    # schedule start fresh; a run that has its own checkpoints resumes them and ignores this.
+    init_from: str = ""
+    init_step: int = -1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -341,10 +346,44 @@ def _set_path(tree: dict[str, Any], dotted: str, raw: str) -> None:
     node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
 
 
+# The fields that make two ESM-2 configs the same network (the rest say how it is computed).
+ARCHITECTURE_FIELDS = (
+    "num_layers",
+    "embed_dim",
+    "num_heads",
+    "mlp_dim",
+    "vocab_size",
+    "token_dropout",
+    "layer_norm_eps",
+)
+
+
+def check_same_architecture(named: ESM2Config, source: ESM2Config, source_name: str) -> None:
+    """A one-line ``ConfigError`` when the config names another network than ``source`` holds."""
+    diff = [
+        f"{f} {getattr(named, f)} vs {getattr(source, f)}"
+        for f in ARCHITECTURE_FIELDS
+        if getattr(named, f) != getattr(source, f)
+    ]
+    if diff:
+        raise ConfigError(
+            f"model: the config names another model than init_from {source_name} holds "
+            f"({', '.join(diff)}); drop the model section to take it from the source"
+        )
+
+
 def load_config(
-    path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()
+    path: str | Path | None,
+    overrides: list[str] | tuple[str, ...] = (),
+    source_model: Any = None,
 ) -> TrainConfig:
-    """Reads a YAML training config and applies ``key.path=value`` overrides."""
+    """Reads a YAML training config and applies ``key.path=value`` overrides.
+
+    With ``init_from`` set, the model comes from that source (``source_model(src) -> ESM2Config``,
+    supplied by the caller since reading checkpoints is a layer above): a config without a model
+    section takes the source's, and one that names a different network is an error. Compute
+    fields (``dtype``, ``remat``) may still be set.
+    """
     tree: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -355,16 +394,30 @@ def load_config(
             raise ConfigError(f"{p}: top level must be a mapping")
     if isinstance(tree.get("model"), str):
         tree["model"] = {"preset": tree["model"]}
+    model_overrides = []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
-        if key.startswith("model.") and "model" not in tree:
-            raise ConfigError("--set model.*: the config names no model")
+        if key.strip().startswith("model."):
+            model_overrides.append((key.strip(), raw.strip()))
+            continue
         _set_path(tree, key.strip(), raw.strip())
+    src = tree.get("init_from") or ""
+    source_cfg = source_model(str(src)) if src and source_model is not None else None
+    named = "model" in tree
+    if not named and source_cfg is not None:
+        tree["model"] = to_dict(source_cfg)
+    for key, raw in model_overrides:
+        if "model" not in tree:
+            raise ConfigError("--set model.*: the config names no model")
+        _set_path(tree, key, raw)
     if "model" not in tree:
         raise ConfigError("the config must name a model (a preset name or a mapping)")
-    return from_dict(TrainConfig, tree)
+    cfg = from_dict(TrainConfig, tree)
+    if named and source_cfg is not None:
+        check_same_architecture(cfg.model, source_cfg, str(src))
+    return cfg
 
 
 def config_hash(cfg: Any) -> str:
@@ -373,7 +426,7 @@ def config_hash(cfg: Any) -> str:
 
 
 def load_run_config(
-    path: str | Path | None, overrides: list[str], workdir: str | Path
+    path: str | Path | None, overrides: list[str], workdir: str | Path, source_model: Any = None
 ) -> TrainConfig:
     """The config for ``esmjax train``: the file plus overrides, or the workdir's saved config
     when resuming."""
@@ -386,4 +439,4 @@ def load_run_config(
         if overrides:
             raise ConfigError("--set needs --config")
         return cfg
-    return load_config(path, overrides)
+    return load_config(path, overrides, source_model)

@@ -69,17 +69,28 @@ def state_shardings(
 
 
 def create_state(
-    cfg: ESM2Config, tx: optax.GradientTransformation, shardings: TrainState, seed: int
+    cfg: ESM2Config,
+    tx: optax.GradientTransformation,
+    shardings: TrainState,
+    seed: int,
+    variables: dict[str, Any] | None = None,
 ) -> TrainState:
-    """Initialises the model and optimizer directly into their shardings (one compiled init)."""
+    """Initialises the model and optimizer directly into their shardings (one compiled init).
 
-    def init() -> TrainState:
-        variables = nnx.state(ESM2(cfg, rngs=nnx.Rngs(seed))).to_pure_dict()
+    ``variables``: start from these weights instead (continued pretraining); the optimizer state
+    and the step start fresh either way."""
+
+    def fresh(variables: dict[str, Any]) -> TrainState:
         return TrainState(
             step=jnp.zeros((), jnp.int32), variables=variables, opt_state=tx.init(variables)
         )
 
-    return jax.jit(init, out_shardings=shardings)()
+    if variables is not None:
+        return jax.jit(fresh, out_shardings=shardings)(variables)
+    return jax.jit(
+        lambda: fresh(nnx.state(ESM2(cfg, rngs=nnx.Rngs(seed))).to_pure_dict()),
+        out_shardings=shardings,
+    )()
 
 
 def abstract_state(
