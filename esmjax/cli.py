@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "fold": "ESMFold structures (PDB) and confidences (pLDDT, pTM, PAE) for a FASTA file",
     "data": "build a training dataset from FASTA (+ cluster TSV), inspect it",
     "evaluate": "perplexity, contacts, variants, ProteinGym and structure scores of a checkpoint",
+    "finetune": "fine-tune ESM-2 on a sequence or residue task (full, LoRA or frozen backbone)",
     "plot": "loss and perplexity curves of a training workdir (metrics.jsonl)",
 }
 

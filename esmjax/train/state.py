@@ -43,13 +43,23 @@ def state_shardings(
     """Shardings of every leaf of the train state (a ``TrainState`` of NamedShardings)."""
     _, abstract = abstract_model(cfg)
     var_shardings = nnx.State(shd.tree_shardings(abstract, mesh, rules)).to_pure_dict()
+    return shardings_for(var_shardings, abstract.to_pure_dict(), tx, mesh)
+
+
+def shardings_for(
+    var_shardings: dict[str, Any],
+    abstract_vars: dict[str, Any],
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+) -> TrainState:
+    """The ``TrainState`` shardings of any variables pure dict (ESM-2 or a fine-tuning model's
+    trainable part): optimizer-state leaves follow the parameter whose path they end with."""
     by_path = {
         _path_keys(p): s
         for p, s in jax.tree_util.tree_leaves_with_path(
             var_shardings, is_leaf=lambda x: isinstance(x, NamedSharding)
         )
     }
-    abstract_vars = abstract.to_pure_dict()
     abstract_opt = jax.eval_shape(tx.init, abstract_vars)
     replicated = NamedSharding(mesh, P())
     abstract_by_path = {
