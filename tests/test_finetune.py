@@ -2,8 +2,10 @@
 end for each task and mode on small real data (SCOPe class, TEM-1 DMS, a FLIP-layout residue
 task)."""
 
+import contextlib
 import csv
 import hashlib
+import io
 import json
 
 import jax
@@ -14,11 +16,13 @@ from flax import nnx
 
 from esmjax.cli import main as cli
 from esmjax.config import FinetuneDataConfig, esm2_preset
+from esmjax.inference.engine import Engine
+from esmjax.inference.task import load_finetuned, predict, split_tree
 from esmjax.io import checkpoint, labeled
 from esmjax.io.fasta import read_fasta
+from esmjax.models.alphabet import batch_encode, encode_with_specials
 from esmjax.models.esm2 import ESM2
 from esmjax.models.heads import TaskModel, merge_lora
-from esmjax.train.finetune import split_tree
 
 CFG = esm2_preset("tiny")
 TOKENS = np.array([[0, 5, 6, 7, 8, 9, 10, 2, 1, 1], [0, 11, 12, 13, 2, 1, 1, 1, 1, 1]], np.int32)
@@ -180,25 +184,17 @@ def _run(tmp_path, files, name, cfg):
     for k, v in cfg.items():
         base[k] = {**base[k], **v} if isinstance(base.get(k), dict) else v
     w = tmp_path / name
-    assert (
-        cli(
-            [
-                "finetune",
-                "--config",
-                str(_write(tmp_path / f"{name}.yaml", base)),
-                "--workdir",
-                str(w),
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
-    return w, json.loads((w / "report.json").read_text())
+    args = ["finetune", "--config", str(_write(tmp_path / f"{name}.yaml", base))]
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert cli([*args, "--workdir", str(w), "--no-progress"]) == 0
+    return w, json.loads((w / "report.json").read_text()), buf.getvalue()
 
 
-def test_sequence_classification_lora_stores_only_adapters_and_head(tmp_path, files, capsys):
-    w, rep = _run(
-        tmp_path,
+@pytest.fixture(scope="module")
+def cls_run(tmp_path_factory, files):
+    return _run(
+        tmp_path_factory.mktemp("cls"),
         files,
         "cls",
         {
@@ -207,7 +203,11 @@ def test_sequence_classification_lora_stores_only_adapters_and_head(tmp_path, fi
             "data": {"csv": str(files / "scope.csv"), "max_length": 30, "batch_size": 16},
         },
     )
-    out = capsys.readouterr().out
+
+
+@pytest.mark.slow  # about 40-70 s on 2 shared cores (compilation)
+def test_sequence_classification_lora_stores_only_adapters_and_head(cls_run):
+    w, rep, out = cls_run
     assert "trainable parameters stored per checkpoint" in out and "test (step" in out
     assert rep["labels"] == ["a", "b", "c", "d"] and 0 <= rep["test_accuracy"] <= 1
     assert {"test_macro_f1", "test_mcc", "baseline_test_accuracy"} <= set(rep)
@@ -225,8 +225,56 @@ def test_sequence_classification_lora_stores_only_adapters_and_head(tmp_path, fi
     assert (w / "best" / "checkpoints").exists()
 
 
+def _hf_logits(folder, tokens, token_level):
+    import torch
+    from transformers import EsmForSequenceClassification, EsmForTokenClassification
+
+    cls = EsmForTokenClassification if token_level else EsmForSequenceClassification
+    model = cls.from_pretrained(str(folder), attn_implementation="eager").eval()
+    t = torch.from_numpy(tokens.astype(np.int64))
+    with torch.no_grad():
+        return model(input_ids=t, attention_mask=(t != 1).long()).logits.numpy()
+
+
+@pytest.mark.slow  # about 40-70 s on 2 shared cores (compilation)
+def test_export_hf_sequence_classification_matches_and_predict(cls_run, files, tmp_path):
+    w = cls_run[0]
+    assert cli(["export", str(w), "--to", "hf", str(tmp_path / "hf")]) == 0
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["architectures"] == ["EsmForSequenceClassification"] and cfg["num_labels"] == 4
+    setup, variables, _ = load_finetuned(w)
+    engine = Engine(nnx.merge(setup.graphdef, nnx.State(variables)), None, "dp")
+    seqs = ["MKTAYIAKQRQISFVKSHFSRQ", "GSHMLEDPVDAFQ", "MADEEKLPPGWEKRMSRSSGRVYYFNHITNASQWERPSG"]
+    tokens = batch_encode(seqs)
+    ours = np.stack(predict(engine, [encode_with_specials(s) for s in seqs]))
+    np.testing.assert_allclose(_hf_logits(tmp_path / "hf", tokens, False), ours, atol=1e-5)
+
+    fa = tmp_path / "q.fa"
+    fa.write_text("".join(f">s{i}\n{s}\n" for i, s in enumerate(seqs)))
+    assert (
+        cli(
+            [
+                "predict",
+                "--checkpoint",
+                str(w),
+                "--fasta",
+                str(fa),
+                "--out",
+                str(tmp_path / "p.csv"),
+            ]
+        )
+        == 0
+    )
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert [r["id"] for r in rows] == ["s0", "s1", "s2"]
+    for r, o in zip(rows, ours):
+        probs = [float(r[f"prob_{n}"]) for n in "abcd"]
+        assert abs(sum(probs) - 1) < 1e-4 and r["prediction"] == "abcd"[int(np.argmax(o))]
+
+
+@pytest.mark.slow  # about 40-70 s on 2 shared cores (compilation)
 def test_sequence_regression_full_on_tem1(tmp_path, files):
-    _, rep = _run(
+    _, rep, _ = _run(
         tmp_path,
         files,
         "reg",
@@ -241,7 +289,7 @@ def test_sequence_regression_full_on_tem1(tmp_path, files):
 
 
 def test_residue_classification_frozen_flip_layout_learns(tmp_path, files):
-    _, rep = _run(
+    _, rep, _ = _run(
         tmp_path,
         files,
         "res",

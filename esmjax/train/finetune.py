@@ -37,13 +37,12 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from esmjax.config import CheckpointConfig, ESM2Config, FinetuneConfig, from_dict, to_dict
+from esmjax.config import CheckpointConfig, FinetuneConfig, to_dict
 from esmjax.evaluate import finetune_metrics as fm
-from esmjax.inference.engine import Engine, bucketed
+from esmjax.inference.engine import Engine
+from esmjax.inference.task import Setup, count, merge_trees, predict, split_tree
 from esmjax.io import labeled
 from esmjax.io.checkpoint import pure_dict_shardings
-from esmjax.io.convert import load_source_params, source_model_config
-from esmjax.models.heads import TaskModel
 from esmjax.parallel import platform as plat
 from esmjax.parallel import sharding as shd
 from esmjax.train import metrics as tm
@@ -56,42 +55,6 @@ from esmjax.train.state import TrainState, shardings_for
 log = logging.getLogger("esmjax.finetune")
 
 Tree = dict[str, Any]
-
-
-# --------------------------------------------------------------------------------------------------
-# Trainable / frozen split of a pure dict
-# --------------------------------------------------------------------------------------------------
-def is_trainable(mode: str, names: tuple[str, ...]) -> bool:
-    if names[0] == "classifier" or mode == "full":
-        return True
-    return mode == "lora" and "lora" in names
-
-
-def split_tree(tree: Tree, pred: Callable[[tuple[str, ...]], bool], at: tuple = ()) -> tuple:
-    """(the leaves where ``pred(path)``, the rest), as nested dicts without empty branches."""
-    yes: Tree = {}
-    no: Tree = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            a, b = split_tree(v, pred, (*at, k))
-            if a:
-                yes[k] = a
-            if b:
-                no[k] = b
-        else:
-            (yes if pred((*at, k)) else no)[k] = v
-    return yes, no
-
-
-def merge_trees(a: Tree, b: Tree) -> Tree:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = merge_trees(out[k], v) if k in out and isinstance(v, dict) else v
-    return out
-
-
-def count(tree: Tree) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -168,26 +131,6 @@ def make_step(
 # --------------------------------------------------------------------------------------------------
 # Predictions (validation, test, ``esmjax predict``)
 # --------------------------------------------------------------------------------------------------
-def _logits(model: TaskModel, tokens: jax.Array) -> jax.Array:
-    return model(tokens)
-
-
-def predict(engine: Engine, tokens: list[np.ndarray], max_tokens: int = 8192) -> list[np.ndarray]:
-    """Outputs per sequence (``[C]``, or ``[L, C]`` per residue without BOS/EOS), computed in
-    length buckets with one compilation per bucket."""
-    out: list[np.ndarray | None] = [None] * len(tokens)
-    lengths = [len(t) for t in tokens]
-    fwd = engine.cached_forward("task", _logits)
-    for width, rows, idx in bucketed(lengths, max_tokens, engine.row_multiple):
-        batch = np.full((rows, width), 1, np.int32)  # PAD
-        for r, i in enumerate(idx):
-            batch[r, : lengths[i]] = tokens[i]
-        res = np.asarray(fwd(batch), np.float32)
-        for r, i in enumerate(idx):
-            out[i] = res[r, 1 : lengths[i] - 1] if res.ndim == 3 else res[r]
-    return out  # type: ignore[return-value]
-
-
 def score(engine: Engine, data: Encoded, task: str, multi: bool) -> tuple[dict, np.ndarray]:
     """Metrics of ``data`` and the stacked outputs."""
     outs = predict(engine, data.tokens)
@@ -203,54 +146,6 @@ def score(engine: Engine, data: Encoded, task: str, multi: bool) -> tuple[dict, 
 # --------------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------------
-class Setup:
-    """Everything a fine-tuning run, ``predict`` and ``export`` rebuild from the config."""
-
-    def __init__(self, cfg: FinetuneConfig, targets_labels: tuple, num_outputs: int):
-        self.cfg = cfg
-        src = source_model_config(cfg.backbone)
-        self.esm_cfg: ESM2Config = from_dict(
-            ESM2Config, {**to_dict(src), "dtype": cfg.dtype, "remat": cfg.remat}
-        )
-        self.labels = targets_labels
-        self.num_outputs = num_outputs
-        lora = (cfg.lora.rank, cfg.lora.alpha, tuple(cfg.lora.targets))
-        self.model_kw = dict(
-            cfg=self.esm_cfg,
-            per_residue=cfg.task == "residue_classification",
-            num_outputs=num_outputs,
-            pooling=cfg.head,
-            lora=lora if cfg.mode == "lora" else None,
-        )
-        self.graphdef, self.abstract = nnx.split(
-            nnx.eval_shape(lambda: TaskModel(**self.model_kw, rngs=nnx.Rngs(0)))
-        )
-
-    def trainable(self, names: tuple[str, ...]) -> bool:
-        return is_trainable(self.cfg.mode, names)
-
-    def initial(self, mesh, rules, seed: int) -> Tree:
-        """Head and adapters fresh (seed), the backbone from ``cfg.backbone``, on ``mesh``."""
-        shardings = pure_dict_shardings(self.abstract, mesh, rules)
-        kw = self.model_kw
-        fresh = jax.jit(
-            lambda: nnx.state(TaskModel(**kw, rngs=nnx.Rngs(seed))).to_pure_dict(),
-            out_shardings=shardings,
-        )()
-        step = None if self.cfg.backbone_step < 0 else self.cfg.backbone_step
-        esm, what = load_source_params(self.cfg.backbone, self.esm_cfg, mesh, rules, step)
-        log.info("backbone %s", what)
-        return merge_trees(fresh, {"esm": esm})
-
-    def config_json(self) -> dict:
-        return {
-            "model": to_dict(self.esm_cfg),
-            "finetune": to_dict(self.cfg),
-            "labels": list(self.labels),
-            "num_outputs": self.num_outputs,
-        }
-
-
 def _put(batch: dict, accum: int, sharding: NamedSharding) -> dict:
     out = {}
     for k, v in batch.items():
