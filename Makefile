@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv lint format test train clean
+.PHONY: venv lint format test train finetune clean
 
 # (Re)install when pyproject.toml changes. The CPU build of JAX (extra cpu) and the test extra, which
 # pins a CPU build of torch (an unpinned torch would pull a multi-GB CUDA build). On a GPU node or TPU
@@ -36,6 +36,14 @@ $(DEMO_DATA): | $(STAMP)
 
 train: $(STAMP) $(DEMO_DATA)
 	$(VENV)/bin/esmjax train --config configs/demo.yaml --workdir runs/demo
+
+# Fine-tunes the demo ESM-2 (runs/demo; trained first when absent) on the bundled TEM-1 DMS (LoRA, regression),
+# then prints the test Spearman/Pearson/RMSE next to the training-mean baseline's. Run again to resume.
+runs/demo/config.json:
+	$(MAKE) train
+
+finetune: $(STAMP) runs/demo/config.json
+	$(VENV)/bin/esmjax finetune --config configs/finetune/sequence_regression.yaml --workdir runs/finetune_tem1
 
 clean:
 	rm -rf $(VENV) runs

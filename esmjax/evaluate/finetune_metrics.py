@@ -73,7 +73,7 @@ def regression(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
     sp, pe = [], []
     for j in range(target.shape[1]):
         sp.append(spearman(target[:, j], pred[:, j]))
-        ok = np.std(target[:, j]) > 0 and np.std(pred[:, j]) > 0 and len(target) > 1
+        ok = np.ptp(target[:, j]) > 1e-9 and np.ptp(pred[:, j]) > 1e-9 and len(target) > 1
         pe.append(float(pearsonr(target[:, j], pred[:, j]).statistic) if ok else float("nan"))
     return {
         "spearman": float(np.mean(sp)),

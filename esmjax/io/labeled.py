@@ -31,6 +31,7 @@ import numpy as np
 
 from esmjax.config import FinetuneDataConfig
 from esmjax.errors import InputError
+from esmjax.io.fasta import open_text
 from esmjax.models.alphabet import TokenizeError, encode
 
 SPLITS = ("train", "valid", "test")
@@ -69,9 +70,11 @@ class Rows:
 
     def add(self, ex: Example) -> None:
         try:
-            encode(ex.sequence)
+            ids = encode(ex.sequence)
         except TokenizeError as e:
             return self.bad(ex.where, f"invalid residue: {e}")
+        if len(ids) != len(ex.sequence):  # inline <...> tokens: not one token per character
+            return self.bad(ex.where, "invalid residue: special tokens inside the sequence")
         if not ex.sequence:
             return self.bad(ex.where, "empty sequence")
         n = self.max_length
@@ -114,7 +117,7 @@ def read_csv(path: str | Path, rows: Rows, numeric: bool, split: str | None) -> 
     p = Path(path)
     if not p.exists():
         raise LabeledDataError(f"{p}: no such file")
-    with open(p, newline="") as f:
+    with open_text(p) as f:
         reader = csv.DictReader(f)
         cols = {c.strip().lower(): c for c in reader.fieldnames or []}
         for need in ("sequence", "target"):
@@ -154,7 +157,7 @@ def read_fasta_lines(path: str | Path) -> list[tuple[str, dict[str, str], str, i
     out: list[tuple[str, dict[str, str], str, int]] = []
     head: tuple[str, dict[str, str], int] | None = None
     chunks: list[str] = []
-    with open(p) as f:
+    with open_text(p) as f:
         for n, line in enumerate(f, start=1):
             line = line.strip()
             if line.startswith(">"):

@@ -14,6 +14,9 @@ contact heads; ``lora`` the ``nnx.LoRAParam`` adapters and the head; ``frozen`` 
 A run's own checkpoints hold that part only (``W/checkpoints``; the best validation step under
 ``W/best``); the rest is re-read from the backbone on restore.
 
+A regression head's output bias starts at the training targets' mean (the rest of the head at
+HF's initialisation), so step 0 predicts the mean baseline instead of 0.
+
 Losses: cross-entropy (single label), sigmoid BCE per label (multi-label), MSE (regression), per-
 residue cross-entropy on scored positions; each summed over the whole step and divided by the
 step's count, as pretraining's loss, so the update is independent of how the batch is split.
@@ -223,6 +226,10 @@ def run(
         else:
             trainable0, frozen = None, {}
         if restored is None:
+            if cfg.task == "sequence_regression":  # start at the training mean, not at 0
+                head = trainable0["classifier"]["out_proj"]
+                mean = data["train"].stacked_targets().mean(0)
+                head["bias"] = jax.device_put(mean.astype(np.float32), head["bias"].sharding)
             state = jax.jit(
                 lambda v: TrainState(jnp.zeros((), jnp.int32), v, tx.init(v)),
                 out_shardings=shardings,
