@@ -272,6 +272,41 @@ def test_export_hf_sequence_classification_matches_and_predict(cls_run, files, t
         assert abs(sum(probs) - 1) < 1e-4 and r["prediction"] == "abcd"[int(np.argmax(o))]
 
 
+@pytest.mark.slow  # about 60 s on 2 shared cores
+def test_export_peft_adapters_load_in_peft_and_fair_esm_backbone(cls_run, files, tmp_path):
+    peft = pytest.importorskip("peft")
+    import torch
+    from transformers import EsmForSequenceClassification
+
+    from esmjax.inference.task import plain_variables
+    from esmjax.io.convert_esm2 import read_fairesm
+
+    w = cls_run[0]
+    assert cli(["export", str(w), "--to", "peft", str(tmp_path / "ad")]) == 0
+    assert cli(["export", str(files / "bb"), "--to", "hf", str(tmp_path / "base")]) == 0
+    base = EsmForSequenceClassification.from_pretrained(
+        str(tmp_path / "base"), num_labels=4, attn_implementation="eager"
+    )
+    model = peft.PeftModel.from_pretrained(base, str(tmp_path / "ad")).eval()
+    setup, variables, _ = load_finetuned(w)
+    engine = Engine(nnx.merge(setup.graphdef, nnx.State(variables)), None, "dp")
+    seqs = ["MKTAYIAKQRQISFVKSHFSRQ", "GSHMLEDPVDAFQ"]
+    ours = np.stack(predict(engine, [encode_with_specials(s) for s in seqs]))
+    t = torch.from_numpy(batch_encode(seqs).astype(np.int64))
+    with torch.no_grad():
+        theirs = model(input_ids=t, attention_mask=(t != 1).long()).logits.numpy()
+    np.testing.assert_allclose(theirs, ours, atol=1e-5)
+
+    # --to fair-esm: the backbone with the adapters merged
+    pt = tmp_path / "esm2_t2_merged.pt"
+    assert cli(["export", str(w), "--to", "fair-esm", str(pt)]) == 0
+    _, params, _ = read_fairesm(pt)
+    merged = plain_variables(setup, variables)["esm"]
+    for name in ("q_proj", "v_proj"):
+        got = params["layers"]["self_attn"][name]["kernel"]
+        np.testing.assert_allclose(got, merged["layers"]["self_attn"][name]["kernel"], atol=1e-7)
+
+
 @pytest.mark.slow  # about 40-70 s on 2 shared cores (compilation)
 def test_sequence_regression_full_on_tem1(tmp_path, files):
     _, rep, _ = _run(

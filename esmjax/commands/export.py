@@ -13,7 +13,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="esmjax checkpoint folder, training or fine-tuning workdir")
     p.add_argument("out", help="output: a .pt file (fair-esm) or a folder (hf)")
     p.add_argument(
-        "--to", required=True, choices=["fair-esm", "hf", "esmfold"], help="target format"
+        "--to",
+        required=True,
+        choices=["fair-esm", "hf", "esmfold", "peft"],
+        help="target format (peft: a LoRA fine-tuning run's adapters)",
     )
     p.add_argument(
         "--folding-head",

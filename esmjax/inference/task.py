@@ -8,6 +8,8 @@ Exports (``esmjax export W --to ...``):
   (``config.json`` with ``num_labels``, ``id2label``/``label2id``, ``problem_type``, and
   ``model.safetensors``), LoRA merged into the kernels. Mean pooling has no HF counterpart and is
   refused.
+- ``peft``: the LoRA adapters alone (and the head, as ``modules_to_save``) in HF PEFT's layout,
+  for the HF model of the unchanged backbone.
 - ``fair-esm``: the (merged) backbone as a fair-esm ``.pt``.
 """
 
@@ -34,7 +36,7 @@ from esmjax.io.convert import export as convert_export
 from esmjax.io.convert import load_source_params, source_model_config
 from esmjax.io.fasta import read_fasta
 from esmjax.models.alphabet import PAD, encode_with_specials
-from esmjax.models.heads import TaskModel, merge_lora
+from esmjax.models.heads import LORA_MODULES, TaskModel, merge_lora
 from esmjax.parallel import sharding as shd
 
 log = logging.getLogger("esmjax.finetune")
@@ -250,6 +252,77 @@ def write_hf_task(setup: Setup, variables: Tree, out: str | Path) -> None:
     (folder / "config.json").write_text(json.dumps(config, indent=2))
 
 
+# LoRA target -> (HF module path inside ``esm.encoder.layer.{i}``)
+PEFT_MODULES = {
+    "q": "attention.self.query",
+    "k": "attention.self.key",
+    "v": "attention.self.value",
+    "out": "attention.output.dense",
+    "fc1": "intermediate.dense",
+    "fc2": "output.dense",
+}
+
+
+def write_peft(setup: Setup, variables: Tree, out: str | Path) -> None:
+    """The adapters alone in HF PEFT's layout: ``adapter_config.json`` and
+    ``adapter_model.safetensors`` with ``base_model.model.<module>.lora_A.weight`` [R, in] and
+    ``lora_B.weight`` [out, R] per layer, the head as ``modules_to_save`` (``classifier``). PEFT
+    applies them to the HF model of the backbone (``esmjax export BACKBONE --to hf``)."""
+    from safetensors.numpy import save_file
+
+    cfg = setup.cfg
+    if cfg.mode != "lora":
+        raise InputError(f"--to peft needs a lora run; this one is mode {cfg.mode}")
+    if cfg.task != "residue_classification" and cfg.head != "bos":
+        raise InputError("head: mean has no HF counterpart; only the bos head exports to PEFT")
+    host = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), variables)
+    layers = host["esm"]["layers"]
+    sd: dict[str, np.ndarray] = {}
+    for target in cfg.lora.targets:
+        node = layers
+        for name in LORA_MODULES[target]:
+            node = node[name]
+        a, b = node["lora"]["lora_a"], node["lora"]["lora_b"]  # [N, in, R], [N, R, out]
+        for i in range(setup.esm_cfg.num_layers):
+            key = f"base_model.model.esm.encoder.layer.{i}.{PEFT_MODULES[target]}"
+            sd[f"{key}.lora_A.weight"] = a[i].T
+            sd[f"{key}.lora_B.weight"] = b[i].T
+    head = host["classifier"]
+    if cfg.task == "residue_classification":
+        sd["base_model.model.classifier.weight"] = head["kernel"].T
+        sd["base_model.model.classifier.bias"] = head["bias"]
+    else:
+        for name in ("dense", "out_proj"):
+            sd[f"base_model.model.classifier.{name}.weight"] = head[name]["kernel"].T
+            sd[f"base_model.model.classifier.{name}.bias"] = head[name]["bias"]
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: np.ascontiguousarray(v, np.float32) for k, v in sd.items()},
+        str(folder / "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    modules = "|".join(PEFT_MODULES[t].replace(".", r"\.") for t in cfg.lora.targets)
+    config = {
+        "peft_type": "LORA",
+        "task_type": "TOKEN_CLS" if cfg.task == "residue_classification" else "SEQ_CLS",
+        "r": cfg.lora.rank,
+        "lora_alpha": cfg.lora.alpha,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        # a regex: "dense" alone would also match the classifier's dense layer
+        "target_modules": rf".*\.layer\.\d+\.({modules})",
+        "modules_to_save": ["classifier"],
+        "base_model_name_or_path": cfg.backbone,
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+    }
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+
 def export(workdir: str | Path, out: str | Path, to: str, step: int | None = None) -> str:
     """A fine-tuning workdir -> an HF task folder or the (merged) backbone as fair-esm ``.pt``."""
     out = Path(out)
@@ -258,13 +331,15 @@ def export(workdir: str | Path, out: str | Path, to: str, step: int | None = Non
     setup, variables, got = load_finetuned(workdir, step)
     if to == "hf":
         write_hf_task(setup, variables, out)
+    elif to == "peft":
+        write_peft(setup, variables, out)
     elif to == "fair-esm":
         if out.suffix != ".pt":
             raise InputError("a fair-esm export is a .pt file; name it e.g. esm2_t6_8M_mine.pt")
         out.parent.mkdir(parents=True, exist_ok=True)
         convert_esm2.write_fairesm(plain_variables(setup, variables)["esm"], setup.esm_cfg, out)
     else:
-        raise InputError(f"--to {to}: a fine-tuning workdir exports to hf or fair-esm")
+        raise InputError(f"--to {to}: a fine-tuning workdir exports to hf, peft or fair-esm")
     return f"wrote {out} ({to}, {setup.cfg.task}, {setup.cfg.mode}) from step {got}"
 
 
