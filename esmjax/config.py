@@ -320,9 +320,9 @@ class FinetuneConfig:
         (the same layers on the mean over residues); residue tasks use a linear layer per token.
       mode: full (every weight), lora (adapters + head) or frozen (head only).
       head_lr: peak learning rate of the head (0: ``optim.peak_lr``, the backbone's).
-      best_metric: validation metric that picks the best checkpoint (default per task: accuracy,
-        spearman; residue: accuracy); patience: evaluations without improvement before stopping
-        (0: never stop early).
+      best_metric: validation metric that picks the best checkpoint (default: mcc for single-label
+        classification, macro_f1 for multi-label, spearman for regression, accuracy for residue
+        tasks); patience: evaluations without improvement before stopping (0: never stop early).
     """
 
     backbone: str = ""
@@ -363,7 +363,12 @@ class FinetuneConfig:
     def metric(self) -> str:
         if self.best_metric:
             return self.best_metric
-        return "spearman" if self.task == "sequence_regression" else "accuracy"
+        if self.task == "sequence_regression":
+            return "spearman"
+        if self.task == "residue_classification":
+            return "accuracy"
+        # MCC: a constant (majority-class) predictor scores 0 however skewed the classes are
+        return "macro_f1" if self.multi_label else "mcc"
 
 
 def load_finetune_config(path: str | Path | None, overrides: list[str] | tuple = ()) -> Any:

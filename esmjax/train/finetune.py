@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -274,6 +275,7 @@ def run(
             dynamic_ncols=True,
         )
         step, stopped_early = start, bool(meta.get("early_stopped", False))
+        since, since_step, tokens_since = time.perf_counter(), start, 0
         try:
             while step < cfg.num_steps and not stopped_early:
                 batch = train_batch(data["train"], step, cfg.data.batch_size, cfg.data.seed)
@@ -281,8 +283,13 @@ def run(
                 step += 1
                 bar.update(1)
                 boundary = step % cfg.log_every == 0 or step == cfg.num_steps
+                tokens_since += int(batch["tokens"].size)
                 if boundary:
                     m = {k: float(v) for k, v in jax.device_get(m).items()}
+                    now = time.perf_counter()  # padding included; includes compilation at first
+                    m["tokens_per_second"] = tokens_since / max(now - since, 1e-9)
+                    m["step_seconds"] = (now - since) / max(step - since_step, 1)
+                    since, since_step, tokens_since = now, step, 0
                     writer.write(step, m)
                     bar.set_postfix(loss=f"{m['loss']:.4f}")
                 if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.num_steps):
