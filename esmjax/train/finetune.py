@@ -168,6 +168,17 @@ def run(
 ) -> dict[str, Any]:
     """Fine-tunes (or resumes) ``cfg`` in ``workdir``; returns the final report."""
     workdir = Path(workdir).absolute()
+    saved = workdir / "config.json"
+    if saved.exists():  # a resumed run must be the same model and task
+        old = json.loads(saved.read_text()).get("finetune", {})
+        new = to_dict(cfg)
+        keys = ("backbone", "task", "multi_label", "head", "mode", "lora")
+        diff = [k for k in keys if old.get(k) != new[k]]
+        if diff:
+            raise labeled.LabeledDataError(
+                f"{workdir} holds a fine-tuning run with other {', '.join(diff)}; "
+                "use a new --workdir"
+            )
     plat.log_startup(cfg.dtype)
     splits, skipped = labeled.load(cfg.data, cfg.task)
     targets = Targets(cfg, splits["train"])
