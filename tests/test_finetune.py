@@ -323,9 +323,10 @@ def test_sequence_regression_full_on_tem1(tmp_path, files):
     assert np.isfinite(rep["test_rmse"])
 
 
-def test_residue_classification_frozen_flip_layout_learns(tmp_path, files):
-    _, rep, _ = _run(
-        tmp_path,
+@pytest.fixture(scope="module")
+def res_run(tmp_path_factory, files):
+    return _run(
+        tmp_path_factory.mktemp("res"),
         files,
         "res",
         {
@@ -342,7 +343,33 @@ def test_residue_classification_frozen_flip_layout_learns(tmp_path, files):
             },
         },
     )
+
+
+def test_residue_classification_frozen_flip_layout_learns(res_run):
+    rep = res_run[1]
     assert rep["labels"] == ["C", "H"]
     # hydrophobic or not is a function of the residue: a linear head on a frozen random backbone
     # beats the majority class on held-out sequences
     assert rep["test_accuracy"] > rep["baseline_test_accuracy"] + 0.1, rep
+
+
+@pytest.mark.slow  # about 40 s on 2 shared cores
+def test_export_hf_token_classification_matches_and_predict_jsonl(res_run, tmp_path):
+    w = res_run[0]
+    assert cli(["export", str(w), "--to", "hf", str(tmp_path / "hf")]) == 0
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["architectures"] == ["EsmForTokenClassification"] and cfg["id2label"]["1"] == "H"
+    setup, variables, _ = load_finetuned(w)
+    engine = Engine(nnx.merge(setup.graphdef, nnx.State(variables)), None, "dp")
+    seqs = ["MKTAYIAKQRQISFVKSHFSRQ", "GSHMLEDPVDAFQ"]
+    ours = predict(engine, [encode_with_specials(s) for s in seqs])
+    theirs = _hf_logits(tmp_path / "hf", batch_encode(seqs), True)
+    for i, s in enumerate(seqs):
+        np.testing.assert_allclose(theirs[i, 1 : 1 + len(s)], ours[i], atol=1e-5)
+    fa = tmp_path / "q.fa"
+    fa.write_text("".join(f">s{i}\n{s}\n" for i, s in enumerate(seqs)))
+    out = tmp_path / "p.jsonl"
+    assert cli(["predict", "--checkpoint", str(w), "--fasta", str(fa), "--out", str(out)]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [len(r["prediction"]) for r in rows] == [len(s) for s in seqs]
+    assert rows[0]["prediction"] == "".join("CH"[int(k)] for k in ours[0].argmax(-1))
