@@ -88,7 +88,7 @@ def source_model_config(src: str | Path) -> ESM2Config:
     """The ESM-2 config of a fair-esm ``.pt``, an HF folder, an esmjax checkpoint or workdir."""
     p = Path(src)
     if not p.exists():
-        raise InputError(f"init_from {src}: no such file or folder")
+        raise InputError(f"{src}: no such checkpoint file or folder")
     if is_esmjax_folder(p):
         return checkpoint.model_config(p)
     return convert_esm2.read_any(p)[0]
