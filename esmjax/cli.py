@@ -19,7 +19,7 @@ from esmjax.errors import InputError
 COMMANDS: dict[str, str] = {
     "train": "pretrain or resume ESM-2 (masked LM) on one or many hosts",
     "convert": "convert fair-esm .pt / HuggingFace weights into an esmjax checkpoint",
-    "export": "export a checkpoint or fine-tuned model to fair-esm .pt, HuggingFace, PEFT or ESMFold",
+    "export": "export a checkpoint or fine-tuned model to fair-esm, HuggingFace, PEFT or ESMFold",
     "plan": "compile the train step ahead of time and report memory and FLOPs per device",
     "embed": "per-residue / mean embeddings, logits and contacts for a FASTA file",
     "fold": "ESMFold structures (PDB) and confidences (pLDDT, pTM, PAE) for a FASTA file",
