@@ -107,3 +107,28 @@ def test_restarted_run_resumes_its_own_checkpoint(source, tmp_path):
     assert steps[:2] == [1, 2] and 3 in steps and steps.count(1) == 1
     saved = json.loads((w / "config.json").read_text())
     assert saved["init_from"] == str(pt) and saved["model"]["num_layers"] == SHAPE[0]
+
+
+def test_every_source_kind_gives_the_same_weights(source, tmp_path):
+    """fair-esm .pt, HF folder, esmjax checkpoint and training workdir all load the same
+    variables; an esmjax source's step can be chosen and a missing one is an error."""
+    import jax
+
+    from esmjax.io import checkpoint, convert_esm2
+    from esmjax.io.convert import convert, load_source_params
+    from esmjax.parallel import sharding as shd
+
+    _, pt, _ = source
+    cfg = source_model_config(pt)
+    mesh, rules = shd.single_device_mesh(), shd.resolve_rules("fsdp")
+    ref, _ = load_source_params(pt, cfg, mesh, rules)
+    convert(pt, tmp_path / "ckpt")
+    convert_esm2.write_hf(jax.tree.map(np.asarray, ref), cfg, tmp_path / "hf")
+    for src in (tmp_path / "ckpt", tmp_path / "hf"):
+        assert source_model_config(src) == cfg
+        got, _ = load_source_params(src, cfg, mesh, rules)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, ref
+        )
+    with pytest.raises(checkpoint.CheckpointError, match="no step 3"):
+        load_source_params(tmp_path / "ckpt", cfg, mesh, rules, step=3)
