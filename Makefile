@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv lint format test train clean device-wheels
+.PHONY: venv lint format test train finetune clean device-wheels
 
 # (Re)install when pyproject.toml changes. The CPU build of JAX (extra cpu) and the test extra, which
 # pins a CPU build of torch (an unpinned torch would pull a multi-GB CUDA build). On a GPU node or TPU
@@ -50,6 +50,14 @@ device-wheels: $(STAMP)
 	$(PY) -m pip download -q --only-binary=:all: --python-version $(DEVICE_PY) --implementation cp \
 	  $(DEVICE_PLATFORMS) --find-links $(DEVICE_WHEELS) -d $(DEVICE_WHEELS) $(DEVICE_REQS)
 	printf '%s\n' $(DEVICE_REQS) > $(DEVICE_WHEELS)/requirements.txt
+
+# Fine-tunes the demo ESM-2 (runs/demo; trained first when absent) on the bundled TEM-1 DMS (LoRA, regression),
+# then prints the test Spearman/Pearson/RMSE next to the training-mean baseline's. Run again to resume.
+runs/demo/config.json:
+	$(MAKE) train
+
+finetune: $(STAMP) runs/demo/config.json
+	$(VENV)/bin/esmjax finetune --config configs/finetune/sequence_regression.yaml --workdir runs/finetune_tem1
 
 clean:
 	rm -rf $(VENV) runs

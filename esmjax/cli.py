@@ -19,12 +19,14 @@ from esmjax.errors import InputError
 COMMANDS: dict[str, str] = {
     "train": "pretrain or resume ESM-2 (masked LM) on one or many hosts",
     "convert": "convert fair-esm .pt / HuggingFace weights into an esmjax checkpoint",
-    "export": "export an esmjax checkpoint to fair-esm .pt, a HuggingFace folder or ESMFold",
+    "export": "export a checkpoint or fine-tuned model to fair-esm, HuggingFace, PEFT or ESMFold",
     "plan": "compile the train step ahead of time and report memory and FLOPs per device",
     "embed": "per-residue / mean embeddings, logits and contacts for a FASTA file",
     "fold": "ESMFold structures (PDB) and confidences (pLDDT, pTM, PAE) for a FASTA file",
     "data": "build a training dataset from FASTA (+ cluster TSV), inspect it",
     "evaluate": "perplexity, contacts, variants, ProteinGym and structure scores of a checkpoint",
+    "finetune": "fine-tune ESM-2 on a sequence or residue task (full, LoRA or frozen backbone)",
+    "predict": "predictions of a fine-tuned task model for a FASTA file (.csv or .jsonl)",
     "plot": "loss and perplexity curves of a training workdir (metrics.jsonl)",
 }
 

@@ -1,18 +1,22 @@
-"""``esmjax export CKPT --to fair-esm|hf|esmfold OUT``: an esmjax checkpoint in other formats."""
+"""``esmjax export CKPT --to fair-esm|hf|esmfold OUT``: an esmjax checkpoint (or a fine-tuning
+workdir: an HF task model, or its merged backbone) in other formats."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from esmjax.io.convert import export
+from esmjax.inference.task import export_any
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="esmjax checkpoint folder or training workdir")
+    p.add_argument("checkpoint", help="esmjax checkpoint folder, training or fine-tuning workdir")
     p.add_argument("out", help="output: a .pt file (fair-esm) or a folder (hf)")
     p.add_argument(
-        "--to", required=True, choices=["fair-esm", "hf", "esmfold"], help="target format"
+        "--to",
+        required=True,
+        choices=["fair-esm", "hf", "esmfold", "peft"],
+        help="target format (peft: a LoRA fine-tuning run's adapters)",
     )
     p.add_argument(
         "--folding-head",
@@ -27,7 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     print(
-        export(args.checkpoint, args.out, args.to, step=args.step, folding_head=args.folding_head),
+        export_any(
+            args.checkpoint, args.out, args.to, step=args.step, folding_head=args.folding_head
+        ),
         file=sys.stderr,
     )
     return 0

@@ -106,6 +106,16 @@ def restore_target(
     return nnx.State(target).to_pure_dict() if not isinstance(target, dict) else target
 
 
+def pure_dict_shardings(state: nnx.State, mesh: jax.sharding.Mesh, rules: shd.Rules) -> Any:
+    """The NamedShardings of ``state``'s variables as a pure dict (the layout of ``params``)."""
+    return jax.tree.map(lambda t: t.sharding, restore_target(state, mesh, rules))
+
+
+def nnx_pure_dict(model: nnx.Module) -> dict[str, Any]:
+    """A model's variables as a pure dict of (device) arrays."""
+    return nnx.state(model).to_pure_dict()
+
+
 def restore_latest(mngr: ocp.CheckpointManager, step: int | None, make_args) -> tuple[int, Any]:
     steps = sorted(mngr.all_steps())
     if not steps:

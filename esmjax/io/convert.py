@@ -6,9 +6,16 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
+import jax
+import numpy as np
+
+from esmjax.config import ESM2Config, check_same_architecture
 from esmjax.errors import InputError
 from esmjax.io import checkpoint, convert_esm2, convert_esmfold
+from esmjax.models.esm2 import abstract_model
+from esmjax.parallel import sharding as shd
 
 log = logging.getLogger("esmjax.io.convert")
 
@@ -65,3 +72,55 @@ def export(
     else:
         convert_esm2.write_hf(params, model.cfg, out)
     return f"wrote {out} from step {step}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Weights a run starts from (``esmjax train --init-from``, ``esmjax finetune`` backbones)
+# --------------------------------------------------------------------------------------------------
+def is_esmjax_folder(src: str | Path) -> bool:
+    """An esmjax checkpoint or training workdir (``config.json`` with a ``model`` section and
+    ``checkpoints/``), as opposed to an HF folder (whose ``config.json`` says ``model_type``)."""
+    p = Path(src)
+    return p.is_dir() and (p / checkpoint.STEPS_DIR).is_dir() and (p / "config.json").exists()
+
+
+def source_model_config(src: str | Path) -> ESM2Config:
+    """The ESM-2 config of a fair-esm ``.pt``, an HF folder, an esmjax checkpoint or workdir."""
+    p = Path(src)
+    if not p.exists():
+        raise InputError(f"{src}: no such checkpoint file or folder")
+    if is_esmjax_folder(p):
+        return checkpoint.model_config(p)
+    return convert_esm2.read_any(p)[0]
+
+
+def load_source_params(
+    src: str | Path,
+    cfg: ESM2Config,
+    mesh: jax.sharding.Mesh,
+    rules: shd.Rules,
+    step: int | None = None,
+) -> tuple[dict[str, Any], str]:
+    """The ESM-2 variables (pure dict, sharded onto ``mesh`` by ``rules``) of ``src`` for a model
+    of config ``cfg`` (whose architecture must be the source's), and a one-line description.
+
+    A fair-esm ``.pt`` or HF folder is read on the host (no code from the file runs) and placed;
+    an esmjax checkpoint or workdir is restored by Orbax straight into the shardings (its latest
+    complete step, or ``step``)."""
+    p = Path(src)
+    check_same_architecture(cfg, source_model_config(p), str(src))
+    graphdef, abstract = abstract_model(cfg)
+    if is_esmjax_folder(p):
+        model, got = checkpoint.restore_params(p, graphdef, abstract, step, mesh, rules)
+        return checkpoint.nnx_pure_dict(model), f"{src} (esmjax, step {got})"
+    if step is not None:
+        raise InputError(f"init_step applies to esmjax checkpoints only, not {src}")
+    _, params, notes = convert_esm2.read_any(p)
+    for n in notes:
+        log.warning("%s", n)
+    reference = abstract.to_pure_dict()
+    shardings = checkpoint.pure_dict_shardings(abstract, mesh, rules)
+    params = jax.tree.map(
+        lambda a, ref, s: jax.device_put(np.asarray(a, ref.dtype), s), params, reference, shardings
+    )
+    return params, f"{src} ({'HF' if p.is_dir() else 'fair-esm'})"

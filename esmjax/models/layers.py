@@ -89,6 +89,12 @@ class Dense(nnx.Module):
         )
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        lora = getattr(self, "lora", None)
+        if (
+            lora is not None
+        ):  # W x + (alpha / r) B A x, attached by ``esmjax.models.heads.add_lora``
+            flat = x.reshape(*x.shape[: x.ndim - n_in], -1).astype(self.dtype)
+            y = y + (lora(flat) * self.lora_scale).reshape(y.shape).astype(y.dtype)
         return y
 
 

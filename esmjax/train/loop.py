@@ -31,6 +31,7 @@ from esmjax.data.pipeline import eval_batches, train_batches
 from esmjax.errors import InputError
 from esmjax.evaluate.perplexity import NoMaskedTokens, masked_lm
 from esmjax.inference.engine import Engine
+from esmjax.io.convert import load_source_params
 from esmjax.models.esm2 import abstract_model
 from esmjax.parallel import platform as plat
 from esmjax.parallel import sharding as shd
@@ -134,7 +135,12 @@ def run(
     with shd.use_mesh(mesh, rules):
         restored = ckptr.restore(abstract_state(cfg.model, tx, shardings))
         if restored is None:
-            state = create_state(cfg.model, tx, shardings, cfg.seed)
+            init = None
+            if cfg.init_from:  # continued pretraining: weights from SRC, a fresh optimizer
+                step_ = None if cfg.init_step < 0 else cfg.init_step
+                init, what = load_source_params(cfg.init_from, cfg.model, mesh, rules, step_)
+                log.info("initialised from %s", what)
+            state = create_state(cfg.model, tx, shardings, cfg.seed, variables=init)
             start = 0
             log.info("initialised %.2fM parameters", cfg.model.num_params() / 1e6)
         else:

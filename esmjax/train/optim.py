@@ -16,6 +16,7 @@ PyTorch autograd through fair-esm).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -73,3 +74,42 @@ def make_optimizer(
             labels,
         ),
     )
+
+
+def finetune_label(path: tuple, leaf: Any) -> str:
+    """Label of a fine-tuning model's variable: ``frozen`` (rotary buffers, and the masked-LM and
+    contact heads, which no task uses), else ``head_`` or ``backbone_`` + decay / no_decay."""
+    names = [getattr(k, "key", getattr(k, "name", "")) for k in path]
+    kind = trainable(path, leaf)
+    if kind == "frozen" or (names[0] == "esm" and names[1] in ("lm_head", "contact_head")):
+        return "frozen"
+    return f"{'head' if names[0] == 'classifier' else 'backbone'}_{kind}"
+
+
+def make_finetune_optimizer(
+    cfg: OptimConfig, head_lr: float, num_steps: int, variables: Any
+) -> tuple[optax.GradientTransformation, optax.Schedule, optax.Schedule]:
+    """AdamW with the ESM-2 schedule shape and differential learning rates: the backbone peaks at
+    ``cfg.peak_lr``, the head at ``head_lr`` (0: the same). Returns (tx, backbone lr, head lr)."""
+    labels = jax.tree_util.tree_map_with_path(finetune_label, variables)
+    backbone = learning_rate(cfg, num_steps)
+    head_cfg = dataclasses.replace(cfg, peak_lr=head_lr or cfg.peak_lr)
+    head = learning_rate(head_cfg, num_steps)
+
+    def adamw(schedule: optax.Schedule, wd: float) -> optax.GradientTransformation:
+        return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=wd)
+
+    tx = optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity(),
+        optax.multi_transform(
+            {
+                "backbone_decay": adamw(backbone, cfg.weight_decay),
+                "backbone_no_decay": adamw(backbone, 0.0),
+                "head_decay": adamw(head, cfg.weight_decay),
+                "head_no_decay": adamw(head, 0.0),
+                "frozen": optax.set_to_zero(),
+            },
+            labels,
+        ),
+    )
+    return tx, backbone, head

@@ -78,6 +78,17 @@ class StopSignal:
             signal.signal(s, old)
 
 
+def agree_on_host(flag: bool) -> bool:
+    """Whether any process's ``flag`` is set, by a host all-gather: a round trip, so only for loops
+    that look at the flag on logging steps (fine-tuning does today; pretraining reduces the flag
+    inside its jitted step instead)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
+
+
 def flag_sharding(mesh: Mesh) -> NamedSharding:
     """One element per device: the flag vector [D] split over every mesh axis."""
     return NamedSharding(mesh, P(tuple(mesh.axis_names)))

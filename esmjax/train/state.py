@@ -54,13 +54,23 @@ def state_shardings(
     var_shardings = nnx.State(
         shd.tree_shardings(abstract, mesh, rules, allow_replicated=allow_replicated)
     ).to_pure_dict()
+    return shardings_for(var_shardings, abstract.to_pure_dict(), tx, mesh)
+
+
+def shardings_for(
+    var_shardings: dict[str, Any],
+    abstract_vars: dict[str, Any],
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+) -> TrainState:
+    """The ``TrainState`` shardings of any variables pure dict (ESM-2 or a fine-tuning model's
+    trainable part): optimizer-state leaves follow the parameter whose path they end with."""
     by_path = {
         _path_keys(p): s
         for p, s in jax.tree_util.tree_leaves_with_path(
             var_shardings, is_leaf=lambda x: isinstance(x, NamedSharding)
         )
     }
-    abstract_vars = abstract.to_pure_dict()
     abstract_opt = jax.eval_shape(tx.init, abstract_vars)
     replicated = NamedSharding(mesh, P())
     abstract_by_path = {
@@ -80,17 +90,28 @@ def state_shardings(
 
 
 def create_state(
-    cfg: ESM2Config, tx: optax.GradientTransformation, shardings: TrainState, seed: int
+    cfg: ESM2Config,
+    tx: optax.GradientTransformation,
+    shardings: TrainState,
+    seed: int,
+    variables: dict[str, Any] | None = None,
 ) -> TrainState:
-    """Initialises the model and optimizer directly into their shardings (one compiled init)."""
+    """Initialises the model and optimizer directly into their shardings (one compiled init).
 
-    def init() -> TrainState:
-        variables = nnx.state(ESM2(cfg, rngs=nnx.Rngs(seed))).to_pure_dict()
+    ``variables``: start from these weights instead (continued pretraining); the optimizer state
+    and the step start fresh either way."""
+
+    def fresh(variables: dict[str, Any]) -> TrainState:
         return TrainState(
             step=jnp.zeros((), jnp.int32), variables=variables, opt_state=tx.init(variables)
         )
 
-    return jax.jit(init, out_shardings=shardings)()
+    if variables is not None:
+        return jax.jit(fresh, out_shardings=shardings)(variables)
+    return jax.jit(
+        lambda: fresh(nnx.state(ESM2(cfg, rngs=nnx.Rngs(seed))).to_pure_dict()),
+        out_shardings=shardings,
+    )()
 
 
 def abstract_state(

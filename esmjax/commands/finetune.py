@@ -1,0 +1,51 @@
+"""``esmjax finetune --config C --workdir W [--set k=v ...]``: argv -> config ->
+``esmjax.train.finetune.run``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config (configs/finetune/*.yaml); optional when resuming")
+    p.add_argument(
+        "--workdir", required=True, help="run folder: checkpoints, best/, metrics.jsonl, report"
+    )
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
+    )
+    p.add_argument("--backbone", help="backbone checkpoint (sets backbone=)")
+    p.add_argument("--train", help="training file (sets data.train=)")
+    p.add_argument("--valid", help="validation file (sets data.valid=)")
+    p.add_argument("--test", help="test file (sets data.test=)")
+    p.add_argument(
+        "--skip-invalid", action="store_true", help="skip and count bad rows instead of stopping"
+    )
+    p.add_argument("--coordinator-address", help="host:port of process 0 (multi-process runs)")
+    p.add_argument("--num-processes", type=int, help="number of processes (multi-process runs)")
+    p.add_argument("--process-id", type=int, help="this process's index (multi-process runs)")
+    p.add_argument(
+        "--stop-after", type=int, metavar="N", help="stop (with a checkpoint) after N steps"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def main(args: argparse.Namespace) -> int:
+    from esmjax.parallel import distributed
+
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    from esmjax.config import load_finetune_run_config
+    from esmjax.train.finetune import run
+
+    flags = {
+        "backbone": args.backbone,
+        "data.train": args.train,
+        "data.valid": args.valid,
+        "data.test": args.test,
+        "data.skip_invalid": "true" if args.skip_invalid else None,
+    }
+    overrides = list(args.set) + [f"{k}={v}" for k, v in flags.items() if v is not None]
+    cfg = load_finetune_run_config(args.config, overrides, Path(args.workdir))
+    run(cfg, args.workdir, progress=not args.no_progress, stop_after=args.stop_after)
+    return 0

@@ -1,0 +1,410 @@
+"""A fine-tuned ESM-2 task model: how a fine-tuning run's variables split into trainable and
+frozen parts, how the model is rebuilt from a workdir (``config.json`` + the trainable part of the
+best or a given step + the frozen backbone), predictions in length buckets, and exports.
+
+Exports (``esmjax export W --to ...``):
+
+- ``hf``: an ``EsmForSequenceClassification`` (BOS head) or ``EsmForTokenClassification`` folder
+  (``config.json`` with ``num_labels``, ``id2label``/``label2id``, ``problem_type``, and
+  ``model.safetensors``), LoRA merged into the kernels. Mean pooling has no HF counterpart and is
+  refused.
+- ``peft``: the LoRA adapters alone (and the head, as ``modules_to_save``) in HF PEFT's layout,
+  for the HF model of the unchanged backbone.
+- ``fair-esm``: the (merged) backbone as a fair-esm ``.pt``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from esmjax.config import ESM2Config, FinetuneConfig, MeshConfig, from_dict, to_dict
+from esmjax.errors import InputError
+from esmjax.inference.engine import Engine, bucketed
+from esmjax.io import checkpoint as ckpt
+from esmjax.io import convert_esm2
+from esmjax.io.checkpoint import pure_dict_shardings
+from esmjax.io.convert import export as convert_export
+from esmjax.io.convert import load_source_params, source_model_config
+from esmjax.io.fasta import read_fasta
+from esmjax.models.alphabet import PAD, encode_with_specials
+from esmjax.models.heads import LORA_MODULES, TaskModel, merge_lora
+from esmjax.parallel import sharding as shd
+
+log = logging.getLogger("esmjax.finetune")
+
+Tree = dict[str, Any]
+
+
+# --------------------------------------------------------------------------------------------------
+# Trainable / frozen split of a pure dict
+# --------------------------------------------------------------------------------------------------
+def is_trainable(mode: str, names: tuple[str, ...]) -> bool:
+    if names[0] == "classifier" or mode == "full":
+        return True
+    return mode == "lora" and "lora" in names
+
+
+def split_tree(tree: Tree, pred: Callable[[tuple[str, ...]], bool], at: tuple = ()) -> tuple:
+    """(the leaves where ``pred(path)``, the rest), as nested dicts without empty branches."""
+    yes: Tree = {}
+    no: Tree = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            a, b = split_tree(v, pred, (*at, k))
+            if a:
+                yes[k] = a
+            if b:
+                no[k] = b
+        else:
+            (yes if pred((*at, k)) else no)[k] = v
+    return yes, no
+
+
+def merge_trees(a: Tree, b: Tree) -> Tree:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = merge_trees(out[k], v) if k in out and isinstance(v, dict) else v
+    return out
+
+
+def count(tree: Tree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+class Setup:
+    """Everything a fine-tuning run, ``predict`` and ``export`` rebuild from the config."""
+
+    def __init__(self, cfg: FinetuneConfig, targets_labels: tuple, num_outputs: int):
+        self.cfg = cfg
+        src = source_model_config(cfg.backbone)
+        self.esm_cfg: ESM2Config = from_dict(
+            ESM2Config, {**to_dict(src), "dtype": cfg.dtype, "remat": cfg.remat}
+        )
+        self.labels = targets_labels
+        self.num_outputs = num_outputs
+        lora = (cfg.lora.rank, cfg.lora.alpha, tuple(cfg.lora.targets))
+        self.model_kw = dict(
+            cfg=self.esm_cfg,
+            per_residue=cfg.task == "residue_classification",
+            num_outputs=num_outputs,
+            pooling=cfg.head,
+            lora=lora if cfg.mode == "lora" else None,
+        )
+        self.graphdef, self.abstract = nnx.split(
+            nnx.eval_shape(lambda: TaskModel(**self.model_kw, rngs=nnx.Rngs(0)))
+        )
+
+    def trainable(self, names: tuple[str, ...]) -> bool:
+        return is_trainable(self.cfg.mode, names)
+
+    def initial(self, mesh, rules, seed: int) -> Tree:
+        """Head and adapters fresh (seed), the backbone from ``cfg.backbone``, on ``mesh``."""
+        shardings = pure_dict_shardings(self.abstract, mesh, rules)
+        kw = self.model_kw
+        fresh = jax.jit(
+            lambda: nnx.state(TaskModel(**kw, rngs=nnx.Rngs(seed))).to_pure_dict(),
+            out_shardings=shardings,
+        )()
+        step = None if self.cfg.backbone_step < 0 else self.cfg.backbone_step
+        esm, what = load_source_params(self.cfg.backbone, self.esm_cfg, mesh, rules, step)
+        log.info("backbone %s", what)
+        return merge_trees(fresh, {"esm": esm})
+
+    def config_json(self) -> dict:
+        return {
+            "model": to_dict(self.esm_cfg),
+            "finetune": to_dict(self.cfg),
+            "labels": list(self.labels),
+            "num_outputs": self.num_outputs,
+        }
+
+
+def _logits(model: TaskModel, tokens: jax.Array) -> jax.Array:
+    return model(tokens)
+
+
+def predict(engine: Engine, tokens: list[np.ndarray], max_tokens: int = 8192) -> list[np.ndarray]:
+    """Outputs per sequence (``[C]``, or ``[L, C]`` per residue without BOS/EOS), computed in
+    length buckets with one compilation per bucket."""
+    out: list[np.ndarray | None] = [None] * len(tokens)
+    if not tokens:
+        return []
+    lengths = [len(t) for t in tokens]
+    fwd = engine.cached_forward("task", _logits)
+    for width, rows, idx in bucketed(lengths, max_tokens, engine.row_multiple):
+        batch = np.full((rows, width), PAD, np.int32)
+        for r, i in enumerate(idx):
+            batch[r, : lengths[i]] = tokens[i]
+        res = np.asarray(fwd(batch), np.float32)
+        for r, i in enumerate(idx):
+            out[i] = res[r, 1 : lengths[i] - 1] if res.ndim == 3 else res[r]
+    return out  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------------
+# A fine-tuning workdir restored
+# --------------------------------------------------------------------------------------------------
+def is_finetune_dir(path: str | Path) -> bool:
+    p = Path(path) / "config.json"
+    return p.exists() and "finetune" in json.loads(p.read_text())
+
+
+def load_setup(workdir: str | Path) -> Setup:
+    raw = json.loads((Path(workdir) / "config.json").read_text())
+    cfg = from_dict(FinetuneConfig, raw["finetune"], "finetune")
+    return Setup(cfg, tuple(raw["labels"]), int(raw["num_outputs"]))
+
+
+def load_finetuned(
+    workdir: str | Path, step: int | None = None, mesh=None, rules: Any = "fsdp"
+) -> tuple[Setup, Tree, int]:
+    """(setup, the full variables on ``mesh``, the step): the best validation step when the run
+    kept one (else the latest), or the run's step ``step``."""
+    w = Path(workdir)
+    if not is_finetune_dir(w):
+        raise InputError(f"{w}: not an esmjax finetune workdir (config.json has no 'finetune')")
+    setup = load_setup(w)
+    mesh = mesh if mesh is not None else shd.single_device_mesh()
+    rules = shd.resolve_rules(rules)
+    shardings = pure_dict_shardings(setup.abstract, mesh, rules)
+    abstract = setup.abstract.to_pure_dict()
+    target_vars, _ = split_tree(abstract, setup.trainable)
+    target_sh, _ = split_tree(shardings, setup.trainable)
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target_vars, target_sh
+    )
+    where = w / "best" if step is None and (w / "best" / ckpt.STEPS_DIR).is_dir() else w
+    mngr = ckpt.manager(where, item_names=("params", "opt_state", "meta"))
+    try:
+        got, restored = ckpt.restore_latest(
+            mngr,
+            step if where == w else None,
+            lambda: ocp.args.Composite(params=ocp.args.StandardRestore(target)),
+        )
+    finally:
+        mngr.close()
+    if setup.cfg.mode == "full":
+        return setup, restored["params"], got
+    _, frozen = split_tree(setup.initial(mesh, rules, 0), setup.trainable)
+    return setup, merge_trees(restored["params"], frozen), got
+
+
+def plain_variables(setup: Setup, variables: Tree) -> Tree:
+    """Host NumPy variables with LoRA merged (the model without adapters computes the same)."""
+    host = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), variables)
+    if setup.cfg.mode == "lora":
+        host = merge_lora(host, setup.cfg.lora.alpha / setup.cfg.lora.rank)
+    return jax.tree.map(np.asarray, host)
+
+
+def problem_type(cfg: FinetuneConfig) -> str:
+    if cfg.task == "sequence_regression":
+        return "regression"
+    return "multi_label_classification" if cfg.multi_label else "single_label_classification"
+
+
+def write_hf_task(setup: Setup, variables: Tree, out: str | Path) -> None:
+    """An ``EsmForSequenceClassification`` / ``EsmForTokenClassification`` folder."""
+    from safetensors.numpy import save_file
+
+    cfg = setup.cfg
+    if cfg.task != "residue_classification" and cfg.head != "bos":
+        raise InputError("head: mean has no HF counterpart; only the bos head exports to HF")
+    plain = plain_variables(setup, variables)
+    sd = convert_esm2.params_to_state_dict(plain["esm"], setup.esm_cfg, "hf")
+    sd = {k: v for k, v in sd.items() if k.startswith("esm.") and "contact_head" not in k}
+    head = plain["classifier"]
+    if cfg.task == "residue_classification":
+        arch = "EsmForTokenClassification"
+        sd["classifier.weight"] = head["kernel"].T
+        sd["classifier.bias"] = head["bias"]
+    else:
+        arch = "EsmForSequenceClassification"
+        for name in ("dense", "out_proj"):
+            sd[f"classifier.{name}.weight"] = head[name]["kernel"].T
+            sd[f"classifier.{name}.bias"] = head[name]["bias"]
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: np.ascontiguousarray(v, np.float32) for k, v in sd.items()},
+        str(folder / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    names = list(setup.labels) or [f"target_{i}" for i in range(setup.num_outputs)]
+    config = {
+        **convert_esm2.hf_config(setup.esm_cfg),
+        "architectures": [arch],
+        "num_labels": setup.num_outputs,
+        "id2label": {str(i): n for i, n in enumerate(names)},
+        "label2id": {n: i for i, n in enumerate(names)},
+    }
+    if cfg.task != "residue_classification":
+        config["problem_type"] = problem_type(cfg)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+
+# LoRA target -> (HF module path inside ``esm.encoder.layer.{i}``)
+PEFT_MODULES = {
+    "q": "attention.self.query",
+    "k": "attention.self.key",
+    "v": "attention.self.value",
+    "out": "attention.output.dense",
+    "fc1": "intermediate.dense",
+    "fc2": "output.dense",
+}
+
+
+def write_peft(setup: Setup, variables: Tree, out: str | Path) -> None:
+    """The adapters alone in HF PEFT's layout: ``adapter_config.json`` and
+    ``adapter_model.safetensors`` with ``base_model.model.<module>.lora_A.weight`` [R, in] and
+    ``lora_B.weight`` [out, R] per layer, the head as ``modules_to_save`` (``classifier``). PEFT
+    applies them to the HF model of the backbone (``esmjax export BACKBONE --to hf``)."""
+    from safetensors.numpy import save_file
+
+    cfg = setup.cfg
+    if cfg.mode != "lora":
+        raise InputError(f"--to peft needs a lora run; this one is mode {cfg.mode}")
+    if cfg.task != "residue_classification" and cfg.head != "bos":
+        raise InputError("head: mean has no HF counterpart; only the bos head exports to PEFT")
+    host = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), variables)
+    layers = host["esm"]["layers"]
+    sd: dict[str, np.ndarray] = {}
+    for target in cfg.lora.targets:
+        node = layers
+        for name in LORA_MODULES[target]:
+            node = node[name]
+        a, b = node["lora"]["lora_a"], node["lora"]["lora_b"]  # [N, in, R], [N, R, out]
+        for i in range(setup.esm_cfg.num_layers):
+            key = f"base_model.model.esm.encoder.layer.{i}.{PEFT_MODULES[target]}"
+            sd[f"{key}.lora_A.weight"] = a[i].T
+            sd[f"{key}.lora_B.weight"] = b[i].T
+    head = host["classifier"]
+    if cfg.task == "residue_classification":
+        sd["base_model.model.classifier.weight"] = head["kernel"].T
+        sd["base_model.model.classifier.bias"] = head["bias"]
+    else:
+        for name in ("dense", "out_proj"):
+            sd[f"base_model.model.classifier.{name}.weight"] = head[name]["kernel"].T
+            sd[f"base_model.model.classifier.{name}.bias"] = head[name]["bias"]
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: np.ascontiguousarray(v, np.float32) for k, v in sd.items()},
+        str(folder / "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    modules = "|".join(PEFT_MODULES[t].replace(".", r"\.") for t in cfg.lora.targets)
+    config = {
+        "peft_type": "LORA",
+        "task_type": "TOKEN_CLS" if cfg.task == "residue_classification" else "SEQ_CLS",
+        "r": cfg.lora.rank,
+        "lora_alpha": cfg.lora.alpha,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        # a regex: "dense" alone would also match the classifier's dense layer
+        "target_modules": rf".*\.layer\.\d+\.({modules})",
+        "modules_to_save": ["classifier"],
+        "base_model_name_or_path": cfg.backbone,
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+    }
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+
+def export(workdir: str | Path, out: str | Path, to: str, step: int | None = None) -> str:
+    """A fine-tuning workdir -> an HF task folder or the (merged) backbone as fair-esm ``.pt``."""
+    out = Path(out)
+    if out.exists() and (out.is_file() or any(out.iterdir())):
+        raise InputError(f"{out} exists; refusing to overwrite")
+    setup, variables, got = load_finetuned(workdir, step)
+    if to == "hf":
+        write_hf_task(setup, variables, out)
+    elif to == "peft":
+        write_peft(setup, variables, out)
+    elif to == "fair-esm":
+        if out.suffix != ".pt":
+            raise InputError("a fair-esm export is a .pt file; name it e.g. esm2_t6_8M_mine.pt")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        convert_esm2.write_fairesm(plain_variables(setup, variables)["esm"], setup.esm_cfg, out)
+    else:
+        raise InputError(f"--to {to}: a fine-tuning workdir exports to hf, peft or fair-esm")
+    return f"wrote {out} ({to}, {setup.cfg.task}, {setup.cfg.mode}) from step {got}"
+
+
+def export_any(
+    src: str | Path,
+    out: str | Path,
+    to: str,
+    step: int | None = None,
+    folding_head: str | Path | None = None,
+) -> str:
+    """``esmjax export``: a fine-tuning workdir here, anything else by ``esmjax.io.convert``."""
+    if is_finetune_dir(src):
+        return export(src, out, to, step)
+    return convert_export(src, out, to, step=step, folding_head=folding_head)
+
+
+def predict_fasta(
+    workdir: str | Path,
+    fasta: str | Path,
+    out: str | Path,
+    step: int | None = None,
+    max_tokens: int = 8192,
+) -> str:
+    """``esmjax predict``: one row per record of ``fasta`` in ``out`` (``.csv``: id, prediction and
+    per-class probabilities or per-target values; ``.jsonl`` for residue tasks: id, sequence and
+    one predicted label per residue). The whole FASTA is validated before the model runs."""
+    import csv
+
+    out = Path(out)
+    records = list(read_fasta(fasta))
+    if not records:
+        raise InputError(f"{fasta}: no records")
+    mesh = shd.make_mesh(MeshConfig(ici_fsdp=-1))
+    setup, variables, got = load_finetuned(workdir, step, mesh, "fsdp")
+    cfg = setup.cfg
+    residue = cfg.task == "residue_classification"
+    if residue != (out.suffix == ".jsonl"):
+        raise InputError(f"--out {out}: residue tasks write .jsonl, sequence tasks .csv")
+    engine = Engine(nnx.merge(setup.graphdef, nnx.State(variables)), mesh, "fsdp")
+    tokens = [encode_with_specials(r.sequence, 1022) for r in records]
+    outputs = predict(engine, tokens, max_tokens)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    names = list(setup.labels)
+    if residue:
+        with open(out, "w") as f:
+            for r, o in zip(records, outputs):
+                pred = "".join(names[i] for i in np.asarray(o).argmax(-1))
+                f.write(json.dumps({"id": r.id, "sequence": r.sequence, "prediction": pred}) + "\n")
+        return f"wrote {out}: {len(records)} records (step {got})"
+    with open(out, "w", newline="") as f:
+        w = csv.writer(f)
+        if cfg.task == "sequence_regression":
+            w.writerow(["id", *[f"prediction_{i}" for i in range(setup.num_outputs)]])
+            for r, o in zip(records, outputs):
+                w.writerow([r.id, *[f"{v:.6g}" for v in o]])
+        else:
+            w.writerow(["id", "prediction", *[f"prob_{n}" for n in names]])
+            for r, o in zip(records, outputs):
+                o = np.asarray(o, np.float64)
+                if cfg.multi_label:
+                    p = 1 / (1 + np.exp(-o))
+                    pred = ";".join(n for n, v in zip(names, p) if v > 0.5)
+                else:
+                    p = np.exp(o - o.max())
+                    p = p / p.sum()
+                    pred = names[int(p.argmax())]
+                w.writerow([r.id, pred, *[f"{v:.6g}" for v in p]])
+    return f"wrote {out}: {len(records)} records (step {got})"

@@ -1,0 +1,247 @@
+"""Labelled protein data for fine-tuning, in the formats people already have (FLIP's, Dallago et
+al. 2021, "FLIP: Benchmark tasks in fitness landscape inference for proteins").
+
+- **Sequence tasks**: a CSV with a header holding ``sequence`` and ``target`` and optionally ``set``
+  (``train``/``test``) and ``validation`` (``True``/``False``: train rows held out for
+  validation), FLIP's ``splits/<task>/*.csv``. A target holding several values separated by ``;``
+  is a multi-label (class names) or multi-target (numbers) row.
+- **Residue tasks**: a sequence FASTA (``>id`` + sequence), a label FASTA whose records carry one
+  label character per residue and ``SET=train|test`` and ``VALIDATION=True|False`` in the header
+  (FLIP's secondary-structure layout), and an optional mask FASTA of ``0``/``1`` per residue
+  (0: unresolved, not scored).
+- **Explicit files**: ``--train/--valid/--test`` CSVs (or label FASTAs) take their split from the
+  file instead of the columns.
+
+A bad row (invalid residue, a label string whose length differs from the sequence's, a
+non-numeric regression target, an empty target) is an ``InputError`` naming the file and line,
+or, with ``skip_invalid``, is skipped and counted.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from esmjax.config import FinetuneDataConfig
+from esmjax.errors import InputError
+from esmjax.io.fasta import open_text
+from esmjax.models.alphabet import TokenizeError, encode
+
+SPLITS = ("train", "valid", "test")
+
+
+class LabeledDataError(InputError):
+    """A row of a labelled file that cannot be used."""
+
+
+@dataclass
+class Example:
+    """One labelled sequence. ``target``: a tuple of class names or floats (sequence tasks) or a
+    string of one label per residue; ``mask``: residue scoring mask (residue tasks) or None."""
+
+    id: str
+    sequence: str
+    target: Any
+    split: str
+    where: str  # file:line, for messages
+    mask: np.ndarray | None = None
+
+
+class Rows:
+    """Collects examples; a bad row is raised, or skipped and counted with ``skip_invalid``."""
+
+    def __init__(self, skip_invalid: bool, max_length: int):
+        self.skip_invalid = skip_invalid
+        self.max_length = max_length
+        self.examples: list[Example] = []
+        self.skipped: Counter[str] = Counter()
+
+    def bad(self, where: str, reason: str) -> None:
+        if not self.skip_invalid:
+            raise LabeledDataError(f"{where}: {reason} (--skip-invalid skips such rows)")
+        self.skipped[reason.split(":")[0]] += 1
+
+    def add(self, ex: Example) -> None:
+        try:
+            ids = encode(ex.sequence)
+        except TokenizeError as e:
+            return self.bad(ex.where, f"invalid residue: {e}")
+        if len(ids) != len(ex.sequence):  # inline <...> tokens: not one token per character
+            return self.bad(ex.where, "invalid residue: special tokens inside the sequence")
+        if not ex.sequence:
+            return self.bad(ex.where, "empty sequence")
+        n = self.max_length
+        if len(ex.sequence) > n:  # cropped as `esmjax embed` crops (first residues kept)
+            ex.sequence = ex.sequence[:n]
+            if isinstance(ex.target, str):
+                ex.target = ex.target[:n]
+            if ex.mask is not None:
+                ex.mask = ex.mask[:n]
+        self.examples.append(ex)
+
+
+def _hash_valid(seq: str, fraction: float) -> bool:
+    h = int.from_bytes(hashlib.sha256(seq.encode()).digest()[:8], "little")
+    return h / 2**64 < fraction
+
+
+def _bool(text: str) -> bool | None:
+    t = text.strip().lower()
+    return True if t in ("true", "1", "yes") else False if t in ("false", "0", "no", "") else None
+
+
+def _parse_target(raw: str, numeric: bool) -> tuple:
+    parts = [p.strip() for p in raw.split(";") if p.strip()]
+    if not parts:
+        raise ValueError("empty target")
+    if numeric:
+        try:
+            vals = tuple(float(p) for p in parts)
+        except ValueError:
+            raise ValueError(f"non-numeric target: {raw!r}") from None
+        if not all(np.isfinite(vals)):
+            raise ValueError(f"non-numeric target: {raw!r}")
+        return vals
+    return tuple(parts)
+
+
+def read_csv(path: str | Path, rows: Rows, numeric: bool, split: str | None) -> None:
+    """A FLIP CSV; ``split`` forces every row's split (explicit ``--train/--valid/--test``)."""
+    p = Path(path)
+    if not p.exists():
+        raise LabeledDataError(f"{p}: no such file")
+    with open_text(p) as f:
+        reader = csv.DictReader(f)
+        cols = {c.strip().lower(): c for c in reader.fieldnames or []}
+        for need in ("sequence", "target"):
+            if need not in cols:
+                raise LabeledDataError(f"{p}: no '{need}' column (header: {reader.fieldnames})")
+        for line, row in enumerate(reader, start=2):
+            where = f"{p}:{line}"
+            try:
+                target = _parse_target(row[cols["target"]] or "", numeric)
+            except ValueError as e:
+                rows.bad(where, str(e))
+                continue
+            s = split
+            if s is None:
+                s = (row.get(cols.get("set", ""), "") or "train").strip().lower()
+                if s not in ("train", "test"):
+                    rows.bad(where, f"unknown set: {s!r} (train or test)")
+                    continue
+                valid = _bool(row.get(cols.get("validation", ""), "") or "")
+                if valid is None:
+                    rows.bad(where, "unknown validation value (True or False)")
+                    continue
+                if s == "train" and valid:
+                    s = "valid"
+            seq = "".join((row[cols["sequence"]] or "").split())
+            rows.add(Example(f"row{line}", seq, target, s, where))
+
+
+_ATTR = re.compile(r"(\w+)=(\S+)")
+
+
+def read_fasta_lines(path: str | Path) -> list[tuple[str, dict[str, str], str, int]]:
+    """A FASTA of any characters: (id, header attributes KEY=VALUE, text, header line)."""
+    p = Path(path)
+    if not p.exists():
+        raise LabeledDataError(f"{p}: no such file")
+    out: list[tuple[str, dict[str, str], str, int]] = []
+    head: tuple[str, dict[str, str], int] | None = None
+    chunks: list[str] = []
+    with open_text(p) as f:
+        for n, line in enumerate(f, start=1):
+            line = line.strip()
+            if line.startswith(">"):
+                if head is not None:
+                    out.append((head[0], head[1], "".join(chunks), head[2]))
+                words = line[1:].split()
+                if not words:
+                    raise LabeledDataError(f"{p}:{n}: header without an id")
+                head, chunks = (words[0], dict(_ATTR.findall(line)), n), []
+            elif line:
+                if head is None:
+                    raise LabeledDataError(f"{p}:{n}: text before the first '>' header")
+                chunks.append(line)
+    if head is not None:
+        out.append((head[0], head[1], "".join(chunks), head[2]))
+    return out
+
+
+def read_residue_fasta(
+    fasta: str | Path, labels: str | Path, mask: str | Path | None, rows: Rows, split: str | None
+) -> None:
+    """FLIP's residue-task layout; the label FASTA decides which records are used."""
+    seqs = {i: s for i, _, s, _ in read_fasta_lines(fasta)}
+    masks = {i: (s, n) for i, _, s, n in read_fasta_lines(mask)} if mask else {}
+    for rec_id, attrs, lab, n in read_fasta_lines(labels):
+        where = f"{labels}:{n}"
+        if rec_id not in seqs:
+            rows.bad(where, f"unknown id: {rec_id!r} is not in {fasta}")
+            continue
+        seq = seqs[rec_id]
+        if len(lab) != len(seq):
+            rows.bad(where, f"length mismatch: {len(lab)} labels for {len(seq)} residues")
+            continue
+        m = None
+        if mask:
+            if rec_id not in masks:
+                rows.bad(where, f"unknown id: {rec_id!r} is not in {mask}")
+                continue
+            text, mn = masks[rec_id]
+            if len(text) != len(seq) or set(text) - {"0", "1"}:
+                rows.bad(f"{mask}:{mn}", "length mismatch or a mask character other than 0/1")
+                continue
+            m = np.frombuffer(text.encode(), np.uint8) == ord("1")
+        s = split
+        if s is None:
+            s = attrs.get("SET", "train").lower()
+            if s not in ("train", "test"):
+                rows.bad(where, f"unknown set: SET={s} (train or test)")
+                continue
+            valid = _bool(attrs.get("VALIDATION", "False"))
+            if valid is None:
+                rows.bad(where, "unknown validation value: VALIDATION= True or False")
+                continue
+            if s == "train" and valid:
+                s = "valid"
+        rows.add(Example(rec_id, seq, lab, s, where, m))
+
+
+def load(cfg: FinetuneDataConfig, task: str) -> tuple[dict[str, list[Example]], Counter]:
+    """The train/valid/test examples of a fine-tuning config and the skipped-row counts."""
+    rows = Rows(cfg.skip_invalid, cfg.max_length)
+    residue = task == "residue_classification"
+    numeric = task == "sequence_regression"
+    explicit = [(s, getattr(cfg, s)) for s in SPLITS if getattr(cfg, s)]
+    if residue and not cfg.fasta:
+        raise LabeledDataError("data.fasta: residue tasks need the sequence FASTA")
+    sources = explicit or [(None, cfg.labels if residue else cfg.csv)]
+    if not sources[0][1]:
+        raise LabeledDataError(
+            "data: name data.labels (residue tasks) or data.csv, or data.train/valid/test"
+        )
+    for split, path in sources:
+        if residue:
+            read_residue_fasta(cfg.fasta, path, cfg.mask or None, rows, split)
+        else:
+            read_csv(path, rows, numeric, split)
+    out: dict[str, list[Example]] = {s: [] for s in SPLITS}
+    for ex in rows.examples:
+        out[ex.split].append(ex)
+    if not out["valid"] and cfg.valid_fraction > 0:  # nothing marked: hold out a hashed share
+        keep = []
+        for ex in out["train"]:
+            (out["valid"] if _hash_valid(ex.sequence, cfg.valid_fraction) else keep).append(ex)
+        out["train"] = keep
+    if not out["train"]:
+        raise LabeledDataError("data: no training rows")
+    return out, rows.skipped
