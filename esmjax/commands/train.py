@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,7 +34,7 @@ def main(args: argparse.Namespace) -> int:
     from esmjax.config import load_run_config
     from esmjax.train.loop import run
 
-    workdir = Path(args.workdir)
+    workdir = args.workdir  # a local folder or a bucket URL: esmjax.io.paths reads both
     cfg = load_run_config(args.config, args.set, workdir)
     run(cfg, workdir, progress=not args.no_progress, stop_after=args.stop_after)
     return 0
