@@ -767,7 +767,9 @@ def load_run_config(
     """The config for ``esmjax train``: the file plus overrides, or the workdir's saved config
     when resuming."""
     if path is None:
-        saved = Path(workdir) / "config.json"
+        from etils import epath  # the workdir may be a bucket URL (esmjax.io.paths)
+
+        saved = epath.Path(str(workdir)) / "config.json"
         if not saved.exists():
             raise ConfigError("--config is required for a new workdir")
         tree = json.loads(saved.read_text())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,7 +44,7 @@ def main(args: argparse.Namespace) -> int:
     from esmjax.io.convert import source_model_config
     from esmjax.train.loop import run
 
-    workdir = Path(args.workdir)
+    workdir = args.workdir  # a local folder or a bucket URL: esmjax.io.paths reads both
     overrides = list(args.set)
     if args.init_from:
         overrides.append(f"init_from={args.init_from}")

@@ -22,7 +22,11 @@ The back-ends are ``esmjax.data.build_local`` (one process; an SQLite registry k
 and ``esmjax.data.build_beam`` (Apache Beam, for UniRef scale); ``esmjax.data.build`` picks one
 from ``beam_runner``. This module imports neither. Everything is written into a temporary sibling
 folder that is renamed onto ``out`` only when complete, so a failed or interrupted build leaves
-nothing behind.
+nothing behind. An ``out`` in a bucket (``gs://``, ``s3://``) is built in a local temporary folder
+and uploaded with ``esmjax_dataset.json`` last (a folder without it is not a dataset), so the
+build needs the dataset's size free on the local temporary disk; FASTA/TSV inputs may be bucket
+URLs too. (A Beam build on remote workers, e.g. Dataflow, would need its work folder in the
+bucket; that is not supported yet.)
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ import tensorflow_datasets as tfds
 from tqdm import tqdm
 
 from esmjax.data import source
+from esmjax.io import paths
 from esmjax.io.fasta import FastaError, FastaStats, open_text
 from esmjax.models.alphabet import encode
 
@@ -261,19 +266,25 @@ def build(
     """Builds a dataset folder at ``out`` with ``backend``; returns its metadata (also written as
     ``esmjax_dataset.json``). ``esmjax.data.build.build_dataset`` documents the arguments and picks
     the back-end."""
-    out = Path(out)
-    fastas = [Path(f) for f in fastas]
+    remote_out = str(out) if paths.is_remote(out) else None
+    out = paths.path(out) if remote_out else Path(out)
+    fastas = [f if paths.is_remote(f) else Path(f) for f in fastas]
     if not fastas:
         raise BuildError("no FASTA input given")
-    if out.exists():
-        raise BuildError(f"{out} exists; remove it or choose another --out folder")
+    with paths.remote_errors(str(out)):
+        if out.exists() and (not remote_out or any(out.iterdir())):
+            raise BuildError(f"{out} exists; remove it or choose another --out folder")
     if not 0.0 <= val_fraction < 1.0:
         raise BuildError(f"--val-fraction must lie in [0, 1), got {val_fraction}")
-    for f in fastas + ([Path(clusters)] if clusters else []):
-        if not f.is_file():
-            raise BuildError(f"{f}: no such file")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    for f in fastas + ([clusters] if clusters else []):
+        with paths.remote_errors(str(f)):
+            if not paths.path(f).is_file():
+                raise BuildError(f"{f}: no such file")
+    if remote_out:  # built on local disk, then uploaded, esmjax_dataset.json last
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-"))
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     t0 = time.time()
     try:
         stats = BuildStats()
@@ -322,7 +333,11 @@ def build(
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private
-        os.rename(tmp, out)
+        if remote_out:
+            paths.upload(tmp, remote_out, last=source.META_FILE)
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

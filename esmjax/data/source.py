@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from esmjax.errors import InputError
+from esmjax.io import paths
 from esmjax.io.fasta import read_fasta
 from esmjax.models.alphabet import encode
 
@@ -62,13 +63,15 @@ def fingerprint(lengths: np.ndarray, offsets: np.ndarray) -> str:
 
 
 def is_dataset_dir(path: str | Path) -> bool:
-    return (Path(path) / META_FILE).is_file()
+    with paths.remote_errors(path):
+        return (paths.path(path) / META_FILE).is_file()
 
 
 def read_meta(folder: str | Path) -> dict[str, Any]:
-    p = Path(folder) / META_FILE
+    p = (paths.path(folder) if paths.is_remote(folder) else Path(folder)) / META_FILE
     try:
-        meta = json.loads(p.read_text())
+        with paths.remote_errors(folder):
+            meta = json.loads(p.read_text())
     except (OSError, ValueError) as e:
         raise DatasetError(f"{p}: cannot read dataset metadata ({e})") from None
     if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
@@ -174,7 +177,7 @@ class FastaSplit(Split):
     files)."""
 
     def __init__(self, path: str | Path, split: str, val_fraction: float = 0.0):
-        self.path = Path(path)
+        self.path = path if paths.is_remote(path) else Path(path)
         self.name = split
         self.ids: list[str] = []
         self.seqs: list[np.ndarray] = []
@@ -208,9 +211,21 @@ def open_split(path: str | Path, split: str, *, val_fraction: float = 0.0) -> Sp
       split: ``train`` or ``validation``; for a FASTA file also ``all``.
       val_fraction: for a FASTA file, the fraction of records (as clusters) held out of ``train``.
     """
-    p = Path(path)
     if not str(path):
         raise DatasetError("no dataset given (data.train / data.eval is empty)")
+    if paths.is_remote(path):
+        url = str(path)
+        with paths.remote_errors(url):
+            is_folder = (paths.path(url) / META_FILE).exists()
+            is_file = not is_folder and paths.path(url).is_file()
+        if is_folder:  # ArrayRecord reads local files only: stage the folder once per host
+            if split not in SPLITS:
+                raise DatasetError(f"{url}: a dataset folder has splits {SPLITS}, not {split!r}")
+            return FolderSplit(paths.stage(url), split)
+        if not is_file:
+            raise DatasetError(f"{url}: no dataset folder ({META_FILE}) or FASTA file there")
+        return FastaSplit(url, split, val_fraction)
+    p = Path(path)
     if p.is_dir():
         if not is_dataset_dir(p):
             raise DatasetError(

@@ -23,7 +23,7 @@ import jax
 
 from esmjax.config import ESM2Config, TrainConfig, config_hash, from_dict
 from esmjax.errors import InputError
-from esmjax.io import checkpoint
+from esmjax.io import checkpoint, paths
 
 
 def checkpoint_info(path: str | Path, step: int) -> dict[str, Any]:
@@ -38,7 +38,7 @@ def checkpoint_info(path: str | Path, step: int) -> dict[str, Any]:
     else:
         kind, digest = "model", config_hash(from_dict(ESM2Config, raw["model"], "model"))
     info = {
-        "checkpoint": str(Path(path).absolute()),
+        "checkpoint": str(paths.path(path)),  # absolute, or the bucket URL
         "step": int(step),
         "config_hash": digest,
         "config_kind": kind,
@@ -86,7 +86,13 @@ def _clean(x: Any) -> Any:
 
 
 def write(report: dict[str, Any], path: str | Path) -> Path:
-    """Writes the report atomically (process 0 only in multi-process runs)."""
+    """Writes the report atomically (process 0 only in multi-process runs); into a bucket
+    (``gs://``, ``s3://``) through epath, where an object appears whole or not at all."""
+    if paths.is_remote(path):
+        if jax.process_index() == 0:
+            with paths.remote_errors(path):
+                paths.path(path).write_text(json.dumps(_clean(report), indent=2) + "\n")
+        return paths.path(path)
     path = Path(path)
     if jax.process_index() != 0:
         return path
@@ -102,6 +108,8 @@ def write(report: dict[str, Any], path: str | Path) -> Path:
 
 def default_out_dir(checkpoint_path: str | Path, step: int) -> Path:
     """``<checkpoint>/eval/step_<N>``: reports sit next to the checkpoint they describe."""
+    if paths.is_remote(checkpoint_path):
+        return paths.path(checkpoint_path) / "eval" / f"step_{step}"
     return Path(checkpoint_path) / "eval" / f"step_{step}"
 
 

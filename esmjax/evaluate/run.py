@@ -20,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from esmjax.errors import InputError
+from esmjax.io import paths
 
 log = logging.getLogger("esmjax.evaluate")
 
@@ -90,7 +91,11 @@ def restore(opts: Options):
         opts.checkpoint, step=opts.step, mesh=mesh, rules=opts.rules, dtype=opts.dtype
     )
     info = report.checkpoint_info(opts.checkpoint, step)
-    out = Path(opts.out) if opts.out else report.default_out_dir(opts.checkpoint, step)
+    out = (
+        (paths.path(opts.out) if paths.is_remote(opts.out) else Path(opts.out))
+        if opts.out
+        else report.default_out_dir(opts.checkpoint, step)
+    )
     log.info("restored step %d of %s onto %d devices", step, opts.checkpoint, mesh.size)
     return Engine(model, mesh, opts.rules), info, out
 

@@ -12,6 +12,14 @@ A converted checkpoint is step 0 with only ``params``. Restoring takes abstract 
 shardings, so a checkpoint saved on one mesh or process count restores onto another (Orbax
 reshards). A step that was never committed is invisible to Orbax; a committed step whose files are
 damaged is skipped with a warning and the previous step is used.
+
+``DIR`` may be a bucket URL (``gs://``; see ``esmjax.io.paths``): Orbax writes the arrays through
+TensorStore's own GCS driver from every process, and its commit (a step is listed only once its
+``commit_success.txt`` is written, after every process has finished) replaces the rename of a
+local folder. A converted checkpoint written to a bucket gets its ``config.json`` last, so a
+folder whose upload was cut short is not a checkpoint. ``ESMJAX_CHECKPOINT_OCDBT=0`` writes each
+array as its own zarr folder instead of Orbax's default OCDBT database (whose manifest is updated
+with conditional writes that gcp-storage-emulator cannot serve; README "Object storage").
 """
 
 from __future__ import annotations
@@ -28,9 +36,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from esmjax.config import ConfigError, ESM2Config, from_dict, to_dict
 from esmjax.errors import InputError
+from esmjax.io import paths
 from esmjax.models.esm2 import ESM2
 from esmjax.models.esm2 import abstract_model as esm2_abstract
 from esmjax.models.esmfold.config import ESMFoldConfig, from_json, to_json
@@ -50,10 +60,11 @@ class CheckpointError(InputError):
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
-    p = Path(path) / CONFIG_FILE
-    if not p.exists():
-        raise CheckpointError(f"{path}: not an esmjax checkpoint folder (no {CONFIG_FILE})")
-    return json.loads(p.read_text())
+    p = paths.path(path) / CONFIG_FILE
+    with paths.remote_errors(path):
+        if not p.exists():
+            raise CheckpointError(f"{path}: not an esmjax checkpoint folder (no {CONFIG_FILE})")
+        return json.loads(p.read_text())
 
 
 def model_config(path: str | Path) -> ESM2Config:
@@ -68,8 +79,9 @@ def model_config(path: str | Path) -> ESM2Config:
 
 
 def is_esmfold(path: str | Path) -> bool:
-    p = Path(path) / CONFIG_FILE
-    return p.exists() and ESMFOLD_SECTION in json.loads(p.read_text())
+    p = paths.path(path) / CONFIG_FILE
+    with paths.remote_errors(path):
+        return p.exists() and ESMFOLD_SECTION in json.loads(p.read_text())
 
 
 def esmfold_config(path: str | Path) -> ESMFoldConfig:
@@ -81,14 +93,53 @@ def esmfold_config(path: str | Path) -> ESMFoldConfig:
     return from_json(raw["model"], raw[ESMFOLD_SECTION])
 
 
+def _remove_unfinished_steps(steps_dir: Any) -> None:
+    """Deletes step folders of a bucket that have no ``commit_success.txt`` (a run killed while
+    saving), before a writer starts, so that no step is ever written into a half-written folder.
+    (Orbax's own ``cleanup_tmp_directories`` does it in a background thread that races the first
+    save.) Process 0 deletes; every process waits for it."""
+    if jax.process_index() == 0 and steps_dir.exists():
+        for step in steps_dir.iterdir():
+            if step.name.isdigit() and not (step / "commit_success.txt").exists():
+                log.warning(
+                    "removing unfinished checkpoint step %s (the run stopped while saving)", step
+                )
+                step.rmtree()
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("esmjax: unfinished checkpoint steps removed")
+
+
 def manager(
     path: str | Path, *, item_names=("params",), read_only: bool = True, **options: Any
 ) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(
-        Path(path).absolute() / STEPS_DIR,
-        item_names=item_names,
-        options=ocp.CheckpointManagerOptions(read_only=read_only, create=not read_only, **options),
-    )
+    if paths.scheme(path) == "s3":
+        raise CheckpointError(
+            f"{path}: Orbax {ocp.__version__} cannot store checkpoints in s3:// (its TensorStore "
+            "spec builder knows gs:// and local paths only); use a gs:// bucket or a mounted path"
+        )
+    with paths.remote_errors(path):
+        if not read_only and paths.is_remote(path):
+            _remove_unfinished_steps(paths.path(path) / STEPS_DIR)
+        handlers = None
+        if os.environ.get("ESMJAX_CHECKPOINT_OCDBT", "1") == "0":
+            handlers = {
+                n: ocp.StandardCheckpointHandler(use_ocdbt=False) for n in item_names if n != "meta"
+            }
+        return ocp.CheckpointManager(
+            paths.path(path) / STEPS_DIR,
+            item_names=None if handlers else item_names,
+            item_handlers=(
+                {
+                    **handlers,
+                    **({"meta": ocp.JsonCheckpointHandler()} if "meta" in item_names else {}),
+                }
+                if handlers
+                else None
+            ),
+            options=ocp.CheckpointManagerOptions(
+                read_only=read_only, create=not read_only, **options
+            ),
+        )
 
 
 def restore_target(
@@ -152,9 +203,10 @@ def restore_params(
     target = restore_target(state, mesh, rules, allow_replicated=allow_replicated)
     mngr = manager(path)
     try:
-        step, restored = restore_latest(
-            mngr, step, lambda: ocp.args.Composite(params=ocp.args.StandardRestore(target))
-        )
+        with paths.remote_errors(path):
+            step, restored = restore_latest(
+                mngr, step, lambda: ocp.args.Composite(params=ocp.args.StandardRestore(target))
+            )
     finally:
         mngr.close()
     nnx.replace_by_pure_dict(state, restored["params"])
@@ -220,9 +272,15 @@ def write_params(
     ``expected`` is the abstract state of the model the params belong to; shapes are checked and
     dtypes cast to it.
     """
-    out = Path(path)
-    if out.exists() and (out.is_file() or any(out.iterdir())):
-        raise CheckpointError(f"{out} exists and is not empty; refusing to overwrite")
+    if paths.is_remote(path):
+        out_url = paths.path(path)
+        with paths.remote_errors(path):
+            if out_url.exists() and any(out_url.iterdir()):
+                raise CheckpointError(f"{path} exists and is not empty; refusing to overwrite")
+    else:
+        out = Path(path)
+        if out.exists() and (out.is_file() or any(out.iterdir())):
+            raise CheckpointError(f"{out} exists and is not empty; refusing to overwrite")
     reference = expected.to_pure_dict()
     mismatch: list[str] = []
 
@@ -234,6 +292,14 @@ def write_params(
     if mismatch:
         raise CheckpointError("parameter shapes do not fit the config: " + "; ".join(mismatch[:5]))
     params = jax.tree.map(lambda a, ref: np.asarray(a, dtype=ref.dtype), params, reference)
+    if paths.is_remote(path):  # Orbax commits the step; config.json last marks the folder done
+        with paths.remote_errors(path):
+            mngr = manager(path, read_only=False, enable_async_checkpointing=False)
+            mngr.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
+            mngr.wait_until_finished()
+            mngr.close()
+            (paths.path(path) / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        return
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from esmjax.errors import InputError
+from esmjax.io import paths
 from esmjax.models.alphabet import RESIDUES
 
 _ALLOWED = frozenset(RESIDUES)
@@ -79,19 +80,27 @@ class _RecordError(Exception):
 
 
 def open_text(path: str | Path) -> io.TextIOBase:
-    """Opens a plain or gzip file as text, refusing binary content early."""
-    p = Path(path)
-    with open(p, "rb") as f:
+    """Opens a plain or gzip file (local or a bucket URL) as text, refusing binary content early."""
+    remote = paths.is_remote(path)
+    p = path if remote else Path(path)
+
+    def raw():  # a bucket object through epath (fsspec), a local file directly
+        return paths.path(path).open("rb") if remote else open(p, "rb")
+
+    def unzipped():
+        return gzip.GzipFile(fileobj=raw(), mode="rb") if remote else gzip.open(p, "rb")
+
+    with paths.remote_errors(path), raw() as f:
         head = f.read(4096)
     if head.startswith(_GZIP_MAGIC):
         try:
-            with gzip.open(p, "rb") as g:
+            with unzipped() as g:
                 head = g.read(4096)
         except (EOFError, OSError, zlib.error) as e:
             raise FastaError(f"{p}: gzip stream is corrupt or truncated ({e})") from None
-        opener = gzip.open(p, "rb")
+        opener = unzipped()
     else:
-        opener = open(p, "rb")
+        opener = raw()
     if b"\x00" in head:
         opener.close()
         raise FastaError(f"{p}: binary content, not a FASTA file")
@@ -151,8 +160,10 @@ def read_fasta(
     ``extra_chars`` are accepted besides the alphabet (``esmjax fold`` allows ``:`` between
     multimer chains)."""
     allowed = _ALLOWED | frozenset(extra_chars)
-    p = Path(path)
-    if not p.exists():
+    p = path if paths.is_remote(path) else Path(path)
+    with paths.remote_errors(path):
+        found = paths.path(path).exists()
+    if not found:
         raise FastaError(f"{p}: no such file")
     stats = stats if stats is not None else FastaStats()
     header: tuple[str, str, int] | None = None

@@ -31,6 +31,7 @@ from esmjax.data.pipeline import eval_batches, train_batches
 from esmjax.errors import InputError
 from esmjax.evaluate.perplexity import NoMaskedTokens, masked_lm
 from esmjax.inference.engine import Engine
+from esmjax.io import paths
 from esmjax.io.convert import load_source_params
 from esmjax.models.esm2 import abstract_model
 from esmjax.parallel import platform as plat
@@ -60,7 +61,9 @@ def _global_batch(
 
 def _check_workdir_config(workdir: Path, cfg: TrainConfig) -> None:
     path = workdir / "config.json"
-    if path.exists():
+    with paths.remote_errors(workdir):
+        found = path.exists()
+    if found:
         old = json.loads(path.read_text())
         if old.get("model") != to_dict(cfg)["model"]:
             raise InputError(
@@ -109,7 +112,7 @@ def run(
       a scheduler's
     time slot; the next invocation resumes.
     """
-    workdir = Path(workdir).absolute()
+    workdir = paths.path(workdir)  # a local folder or a bucket URL (gs://, s3://)
     _check_workdir_config(workdir, cfg)
     plat.log_startup(cfg.model.dtype)
     peak = tm.device_peak_flops(cfg.accelerator)  # per device, for MFU; None when unknown

@@ -14,6 +14,8 @@ import json
 import logging
 import math
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +24,7 @@ from typing import Any
 import jax
 
 from esmjax.config import ConfigError, ESM2Config
+from esmjax.io import paths
 
 log = logging.getLogger(__name__)
 
@@ -173,14 +176,27 @@ class ThroughputWindow:
 
 
 class MetricsWriter:
-    """Appends JSON lines to ``W/metrics.jsonl`` and scalars to TensorBoard (process 0 only)."""
+    """Appends JSON lines to ``W/metrics.jsonl`` and scalars to TensorBoard (process 0 only).
+
+    With a bucket workdir (``gs://``, ``s3://``) both are written to a local folder and uploaded at
+    every write (each log step and each evaluation): an object cannot be appended to, so the whole
+    ``metrics.jsonl`` (a few hundred bytes per line) and the event files of this invocation are
+    copied; the bucket is at most one log step behind a run that is killed.
+    """
 
     def __init__(self, workdir: Path, resume_step: int, enabled: bool = True):
         self.enabled = enabled
-        self.path = workdir / "metrics.jsonl"
+        self.remote = workdir if enabled and paths.is_remote(workdir) else None
         self.tb = None
         if not enabled:
             return
+        local = Path(tempfile.mkdtemp(prefix="esmjax-metrics-")) if self.remote else Path(workdir)
+        self.local = local
+        self.path = local / "metrics.jsonl"
+        if self.remote is not None:
+            with paths.remote_errors(self.remote):
+                if (self.remote / "metrics.jsonl").exists():
+                    self.path.write_text((self.remote / "metrics.jsonl").read_text())
         if (
             self.path.exists()
         ):  # drop lines past the restored step: the resumed run writes them again
@@ -194,10 +210,18 @@ class MetricsWriter:
             from tensorboardX import SummaryWriter
 
             self.tb = SummaryWriter(
-                str(workdir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None
+                str(local / "tensorboard"), purge_step=resume_step + 1 if resume_step else None
             )
         except ImportError:
             self.tb = None
+        self._sync()
+
+    def _sync(self) -> None:
+        if self.remote is None:
+            return
+        if self.tb is not None:
+            self.tb.flush()
+        paths.upload(self.local, str(self.remote))
 
     def write(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
@@ -212,7 +236,12 @@ class MetricsWriter:
             for k, v in clean.items():
                 if isinstance(v, (int, float)) and v is not None:
                     self.tb.add_scalar(k, v, step)
+        self._sync()
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.enabled and self.remote is not None:
+            self.tb = None
+            self._sync()
+            shutil.rmtree(self.local, ignore_errors=True)
