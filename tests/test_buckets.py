@@ -159,8 +159,8 @@ def write_config(path: Path, train: str) -> Path:
     return path
 
 
-# slow: over 3 minutes on 2 cores, and it needs OCDBT off against the emulator (see the env above); the bad
-# cases below, which start the same server, stay in the default suite.
+# slow: over 3 minutes on 2 cores, and it needs OCDBT off against the emulator (see the env above);
+# the bad cases below, which start the same server, stay in the default suite.
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_bucket_end_to_end(gcs, fasta, tmp_path):
