@@ -8,10 +8,10 @@ import functools
 import numpy as np
 import torch
 from flax import nnx
+from reference import hf_esm_config
 
 from esmjax.io.convert_esm2 import config_from_hf
 from esmjax.io.convert_esmfold import _fold_params, _split_esm, _stem_from_hf, state_dict_to_params
-from esmjax.models.alphabet import TOKENS
 from esmjax.models.esmfold.config import from_hf
 from esmjax.models.esmfold.model import abstract_model as esmfold_abstract_model
 
@@ -106,25 +106,12 @@ def randomize(module: torch.nn.Module, seed: int) -> None:
 
 
 def hf_config(name: str, chunk_size=None):
-    from transformers import EsmConfig
-
     (n, e, h), trunk, sm = CONFIGS[name]
-    return EsmConfig(
-        vocab_size=33,
-        mask_token_id=32,
-        pad_token_id=1,
-        hidden_size=e,
-        num_hidden_layers=n,
-        num_attention_heads=h,
-        intermediate_size=4 * e,
-        position_embedding_type="rotary",
-        token_dropout=True,
-        layer_norm_eps=1e-5,
-        emb_layer_norm_before=False,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
+    return hf_esm_config(
+        n,
+        e,
+        h,
         is_folding_model=True,
-        vocab_list=list(TOKENS),
         esmfold_config=dict(
             fp16_esm=False, trunk=dict(trunk, chunk_size=chunk_size, structure_module=sm)
         ),

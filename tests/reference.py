@@ -40,13 +40,14 @@ def fair_esm_model(num_layers: int, embed_dim: int, heads: int, seed: int = 0):
     return m.eval()
 
 
-def hf_model(num_layers: int, embed_dim: int, heads: int, seed: int = 0):
-    from transformers import EsmConfig, EsmForMaskedLM
+def hf_esm_config(num_layers: int, embed_dim: int, heads: int, **extra):
+    """The HF ``EsmConfig`` of an ESM-2 shape (rotary, token dropout, no dropout), as the released
+    models set it; ``extra`` adds fields (e.g. ESMFold's)."""
+    from transformers import EsmConfig
 
     from esmjax.models.alphabet import TOKENS
 
-    torch.manual_seed(seed)
-    cfg = EsmConfig(
+    return EsmConfig(
         vocab_size=33,
         mask_token_id=32,
         pad_token_id=1,
@@ -61,8 +62,15 @@ def hf_model(num_layers: int, embed_dim: int, heads: int, seed: int = 0):
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
         vocab_list=list(TOKENS),
-        attn_implementation="eager",
+        **extra,
     )
+
+
+def hf_model(num_layers: int, embed_dim: int, heads: int, seed: int = 0):
+    from transformers import EsmForMaskedLM
+
+    torch.manual_seed(seed)
+    cfg = hf_esm_config(num_layers, embed_dim, heads, attn_implementation="eager")
     m = EsmForMaskedLM(cfg)
     randomize(m, seed)
     return m.eval()
