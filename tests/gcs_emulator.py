@@ -94,3 +94,18 @@ def running(stage_dir: Path) -> Iterator[dict[str, str]]:
         forget_clients()
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def committed_steps(url: str) -> list[int]:
+    """Steps whose Orbax commit marker is in the bucket (what a restore may use); listed by a fresh
+    client, since fsspec caches listings within a process."""
+    import gcsfs
+
+    fs = gcsfs.GCSFileSystem(skip_instance_cache=True, use_listings_cache=False)
+    root = url.removeprefix("gs://") + "/checkpoints/"
+    try:
+        names = fs.find(root)
+    except FileNotFoundError:
+        return []
+    steps = {n.removeprefix(root).split("/")[0] for n in names if n.endswith("/commit_success.txt")}
+    return sorted(int(s) for s in steps if s.isdigit() and f"{root}{s}/commit_success.txt" in names)

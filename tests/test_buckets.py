@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from gcs_emulator import BUCKET, emulator_env, free_port, running
+from gcs_emulator import BUCKET, committed_steps, emulator_env, free_port, running
 
 from esmjax.io.fasta import read_fasta
 
@@ -49,21 +49,6 @@ def run(args, devices=1, processes=1, check=True, extra_env=None, **kw):
 
 def losses(text: str) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in map(json.loads, text.splitlines()) if "loss" in m}
-
-
-def committed_steps(url: str) -> list[int]:
-    """Steps whose Orbax commit marker is in the bucket (what a restore may use); listed by a fresh
-    client, since fsspec caches listings within a process."""
-    import gcsfs
-
-    fs = gcsfs.GCSFileSystem(skip_instance_cache=True, use_listings_cache=False)
-    root = url.removeprefix("gs://") + "/checkpoints/"
-    try:
-        names = fs.find(root)
-    except FileNotFoundError:
-        return []
-    steps = {n.removeprefix(root).split("/")[0] for n in names if n.endswith("/commit_success.txt")}
-    return sorted(int(s) for s in steps if s.isdigit() and f"{root}{s}/commit_success.txt" in names)
 
 
 @pytest.fixture(scope="module")
