@@ -27,8 +27,8 @@ def step_folders(url: str) -> list[str]:
     return sorted({n.removeprefix(root).split("/")[0] for n in fs.find(root)})
 
 
-# slow: 111 s on one loaded core (measured): two training starts, and the failing run waits out
-# gcsfs's retries of the metrics upload (about a minute) before its checkpoint wait times out.
+# slow: 111 s on one loaded core (measured): two training starts, and the failing run takes 40-80 s
+# to give up (gcsfs retries a metrics upload for about a minute; the checkpoint wait is 10 s here).
 @pytest.mark.slow
 def test_server_stopped_mid_run_then_resume(tmp_path, shared_data, monkeypatch):
     pytest.importorskip("gcsfs")
