@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-from esmjax.errors import InputError
+from esmjax.errors import InputError, StalledWrite
 
 # name -> one-line help; the command lives in ``esmjax.commands.<name>`` (``-`` -> ``_``).
 COMMANDS: dict[str, str] = {
@@ -44,6 +44,10 @@ def _setup_logging() -> None:
     )
     for noisy in ("absl", "orbax", "jax._src", "tensorflow_datasets", "etils"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    if os.environ.get("ESMJAX_LOG", "INFO").upper() != "DEBUG":
+        # Orbax logs each failed background write with its traceback (several per failed save); the
+        # failure reaches the user as one error line (esmjax.train.checkpoints)
+        logging.getLogger("absl").setLevel(logging.CRITICAL)
 
 
 def build_parser(command: str | None) -> argparse.ArgumentParser:
@@ -73,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except InputError as e:
         print(f"esmjax {args.command}: error: {e}", file=sys.stderr)
+        if isinstance(e, StalledWrite):  # do not wait for the stuck writer threads
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return 2
 
 

@@ -1,73 +1,27 @@
 """Bucket paths (``gs://``) end to end against a real GCS API server on 127.0.0.1.
 
-The server is ``gcp-storage-emulator`` (in memory), started by a fixture and stopped after. gcsfs
-(behind ``etils.epath``) finds it through ``STORAGE_EMULATOR_HOST``; TensorStore, Orbax's array
-writer, through ``TENSORSTORE_GCS_HTTP_URL``, with ``GOOGLE_AUTH_TOKEN_FOR_TESTING`` as its token
-(the emulator checks none). Every esmjax command runs as a subprocess, as a user would run it.
+The server is ``gcp-storage-emulator`` (in memory; tests/gcs_emulator.py), started by a fixture and
+stopped after. gcsfs (behind ``etils.epath``) finds it through ``STORAGE_EMULATOR_HOST``;
+TensorStore, Orbax's array writer, through ``TENSORSTORE_GCS_HTTP_URL``, with
+``GOOGLE_AUTH_TOKEN_FOR_TESTING`` as its token (the emulator checks none). Every esmjax command runs
+as a subprocess, as a user would run it.
 """
 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from gcs_emulator import BUCKET, committed_steps, emulator_env, free_port, running
 
 from esmjax.io.fasta import read_fasta
 
 ROOT = Path(__file__).resolve().parents[1]
 ESMJAX = [sys.executable, "-m", "esmjax.cli"]
-BUCKET = "esmjax-test"
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-def start_emulator(port: int) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gcp_storage_emulator",
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--in-memory",
-            "--default-bucket",
-            BUCKET,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return proc
-        except OSError:
-            assert proc.poll() is None, "gcp-storage-emulator did not start"
-            time.sleep(0.2)
-    proc.kill()
-    raise TimeoutError("gcp-storage-emulator did not open its port")
-
-
-def emulator_env(url: str) -> dict[str, str]:
-    return {
-        "STORAGE_EMULATOR_HOST": url,
-        "TENSORSTORE_GCS_HTTP_URL": url,
-        "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
-    }
 
 
 @pytest.fixture(scope="module")
@@ -75,28 +29,8 @@ def gcs(tmp_path_factory):
     """A running emulator; yields the environment that points every client at it."""
     pytest.importorskip("gcsfs")
     pytest.importorskip("gcp_storage_emulator")
-    port = free_port()
-    proc = start_emulator(port)
-    env = {
-        **emulator_env(f"http://127.0.0.1:{port}"),
-        "ESMJAX_STAGE_DIR": str(tmp_path_factory.mktemp("staged")),
-        # The emulator answers reads with generation 0, so TensorStore cannot update an OCDBT
-        # manifest it had to read back ("Malformed StorageGeneration" when shards race): write
-        # each array as its own zarr folder (README "Object storage").
-        "ESMJAX_CHECKPOINT_OCDBT": "0",
-    }
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with running(tmp_path_factory.mktemp("staged")) as env:
         yield env
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def run(args, devices=1, processes=1, check=True, extra_env=None, **kw):
@@ -115,21 +49,6 @@ def run(args, devices=1, processes=1, check=True, extra_env=None, **kw):
 
 def losses(text: str) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in map(json.loads, text.splitlines()) if "loss" in m}
-
-
-def committed_steps(url: str) -> list[int]:
-    """Steps whose Orbax commit marker is in the bucket (what a restore may use); listed by a fresh
-    client, since fsspec caches listings within a process."""
-    import gcsfs
-
-    fs = gcsfs.GCSFileSystem(skip_instance_cache=True, use_listings_cache=False)
-    root = url.removeprefix("gs://") + "/checkpoints/"
-    try:
-        names = fs.find(root)
-    except FileNotFoundError:
-        return []
-    steps = {n.removeprefix(root).split("/")[0] for n in names if n.endswith("/commit_success.txt")}
-    return sorted(int(s) for s in steps if s.isdigit() and f"{root}{s}/commit_success.txt" in names)
 
 
 @pytest.fixture(scope="module")

@@ -57,6 +57,24 @@ def test_batched_equals_one_at_a_time(folded, tmp_path):
     assert abs(single["ptm"] - batched["ptm"]) < 1e-5
 
 
+def test_fold_out_in_a_bucket(folded, tmp_path):
+    """``fold --out gs://...`` (the GCS emulator, tests/gcs_emulator.py): the same files, byte for
+    byte, as the local output (the shapes are compiled already)."""
+    pytest.importorskip("gcsfs")
+    pytest.importorskip("gcp_storage_emulator")
+    from gcs_emulator import BUCKET, running
+
+    folder, out, _ = folded
+    with running(tmp_path / "staged"):
+        import gcsfs
+
+        fold_records(folder, RECORDS[:3], f"gs://{BUCKET}/fold", 2048, mmcif=True, progress=False)
+        fs = gcsfs.GCSFileSystem(skip_instance_cache=True, use_listings_cache=False)
+        got = {n.removeprefix(f"{BUCKET}/fold/"): fs.cat_file(n) for n in fs.find(f"{BUCKET}/fold")}
+    names = [f"{r.id}.{ext}" for r in RECORDS[:3] for ext in ("pdb", "cif", "json")]
+    assert got == {n: (out / n).read_bytes() for n in names}
+
+
 def test_multimer_encoding():
     enc = encode("ACD:EF")
     assert len(enc.aatype) == 3 + 25 + 2

@@ -205,6 +205,37 @@ def cls_run(tmp_path_factory, files):
     )
 
 
+def test_export_to_a_bucket_equals_the_local_export(cls_run, tmp_path, monkeypatch):
+    """``export --to hf|peft|fair-esm`` of a fine-tuning run into a gs:// bucket (the GCS emulator,
+    tests/gcs_emulator.py): the same files, byte for byte, as the local export."""
+    pytest.importorskip("gcsfs")
+    pytest.importorskip("gcp_storage_emulator")
+    import functools
+
+    from gcs_emulator import BUCKET, running
+
+    from esmjax.inference import task
+
+    # the run is restored once for the six exports (each restore costs seconds on a loaded core)
+    monkeypatch.setattr(task, "load_finetuned", functools.cache(task.load_finetuned))
+    w = cls_run[0]
+    outs = {"hf": "hf", "peft": "ad", "fair-esm": "pt/esm2_t2_merged.pt"}
+    with running(tmp_path / "staged"):
+        import gcsfs
+
+        for to, name in outs.items():
+            assert cli(["export", str(w), "--to", to, f"gs://{BUCKET}/ft/{name}"]) == 0
+            assert cli(["export", str(w), "--to", to, str(tmp_path / "local" / name)]) == 0
+        fs = gcsfs.GCSFileSystem(skip_instance_cache=True, use_listings_cache=False)
+        got = {n.removeprefix(f"{BUCKET}/ft/"): fs.cat_file(n) for n in fs.find(f"{BUCKET}/ft")}
+    local = tmp_path / "local"
+    want = {
+        p.relative_to(local).as_posix(): p.read_bytes() for p in local.rglob("*") if p.is_file()
+    }
+    assert got == want
+    assert {"hf/config.json", "ad/adapter_config.json", "pt/esm2_t2_merged.pt"} <= set(got)
+
+
 @pytest.mark.slow  # about 40-70 s on 2 shared cores (compilation)
 def test_sequence_classification_lora_stores_only_adapters_and_head(cls_run):
     w, rep, out = cls_run

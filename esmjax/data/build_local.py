@@ -34,10 +34,15 @@ from esmjax.data.builder import (
     example,
     read_tsv,
 )
+from esmjax.io import paths
 from esmjax.io.fasta import read_fasta
 
 _BATCH = 4096
 _DB = ".registry.sqlite"
+
+
+def _source(f: str | Path) -> str | Path:
+    return str(f) if paths.is_remote(f) else Path(f)
 
 
 class Registry:
@@ -78,7 +83,9 @@ class Registry:
     def load_tsv(self, path: Path, skip_invalid: bool, stats: BuildStats) -> None:
         """Streams the membership TSV into the ``membership`` table."""
         self.has_tsv = True
-        if not path.is_file():
+        with paths.remote_errors(path):
+            found = paths.path(path).is_file()
+        if not found:
             raise BuildError(f"{path}: no such file")
 
         def duplicate(row: tuple) -> None:
@@ -220,13 +227,15 @@ class LocalBackend:
         db = Path(plan.work_dir) / _DB
         registry = Registry(db)
         try:
-            if plan.clusters:
-                registry.load_tsv(Path(plan.clusters), plan.skip_invalid, stats)
+            # a bucket URL stays a string (Path() would fold gs:// into gs:/); readers use paths
+            clusters = _source(plan.clusters) if plan.clusters else None
+            if clusters:
+                registry.load_tsv(clusters, plan.skip_invalid, stats)
             registry.register(
-                [Path(f) for f in plan.fastas], plan.unknown_as_x, plan.skip_invalid, stats
+                [_source(f) for f in plan.fastas], plan.unknown_as_x, plan.skip_invalid, stats
             )
-            if plan.clusters:
-                registry.check_members(Path(plan.clusters), plan.skip_invalid, stats)
+            if clusters:
+                registry.check_members(clusters, plan.skip_invalid, stats)
             registry.db.commit()
             counts = registry.split_counts(plan.val_fraction)
         finally:

@@ -2,7 +2,8 @@
 ``esmjax evaluate --plot`` (contact maps, variant-effect scatter).
 
 Figures are drawn with matplotlib's Agg canvas directly (no pyplot, no display, no global state), so
-plotting works on headless machines and inside other programs.
+plotting works on headless machines and inside other programs. A figure's path may be a bucket URL
+(``gs://``, ``s3://``): the PNG is rendered in memory and written as one object (``_save``).
 
 ``metrics.jsonl`` holds one JSON object per line: training lines carry ``step, loss, perplexity,
 ...``, evaluation lines ``step, eval_loss, eval_perplexity, ...``. A last line cut off by a running
@@ -11,9 +12,11 @@ or killed job is skipped with a warning; any other unreadable line is an error n
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from esmjax.errors import InputError
+from esmjax.io import paths
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +43,14 @@ def _figure(width: float, height: float):
     return fig
 
 
-def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+def _save(fig, path: str | os.PathLike) -> Path:
+    """Writes the figure ``path`` (PNG, or the format its suffix names): a bucket URL as one
+    object upload (whole or absent), a local file as a temporary sibling renamed into place
+    (``paths.write_bytes``)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format=os.path.splitext(str(path))[1].lstrip(".") or "png")
+    paths.write_bytes(path, buf.getvalue())
+    return paths.path(path) if paths.is_remote(path) else Path(path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -51,13 +58,14 @@ def _save(fig, path: str | Path) -> Path:
 # --------------------------------------------------------------------------------------------------
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The JSON objects of a ``metrics.jsonl`` file (or of ``W/metrics.jsonl`` for a workdir
-    ``W``)."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / METRICS_FILE
-    if not p.is_file():
-        raise InputError(f"{p}: no such metrics file (a training workdir holds {METRICS_FILE})")
-    text = p.read_text()
+    ``W``), which may be in a bucket."""
+    p = paths.path(path) if paths.is_remote(path) else Path(path)
+    with paths.remote_errors(path):
+        if p.is_dir():
+            p = p / METRICS_FILE
+        if not p.is_file():
+            raise InputError(f"{p}: no such metrics file (a training workdir holds {METRICS_FILE})")
+        text = p.read_text()
     lines = text.split("\n")
     rows = []
     for n, line in enumerate(lines, 1):
@@ -209,14 +217,16 @@ def plot_variant_scatter(
 
 def plot_workdir(src: str | Path, out: str | Path | None = None) -> Path:
     """``esmjax plot``: the training curves of a workdir (or a ``metrics.jsonl``) as a PNG, with a
-    first/last table of every metric on stdout; returns the PNG's path."""
-    src = Path(src)
+    first/last table of every metric on stdout; returns the PNG's path. ``src`` and ``out`` may be
+    bucket URLs (the default ``out`` is then in the bucket too)."""
     rows = read_metrics(src)
     if not rows:
         raise InputError(f"{src}: no metrics yet")
-    workdir = src if src.is_dir() else src.parent
-    out = Path(out) if out else workdir / "plots" / "training.png"
-    path = plot_training(rows, out, title=str(workdir.absolute().name))
+    p = paths.path(src)
+    with paths.remote_errors(src):
+        workdir = p if p.is_dir() else p.parent
+    out = out or workdir / "plots" / "training.png"
+    path = plot_training(rows, out, title=workdir.name)
     print(f"{'metric':<18} {'first':>12} {'last':>12} {'at step':>8}")
     for key, first, last, step in summary_rows(rows):
         print(f"{key:<18} {first:>12.4g} {last:>12.4g} {step:>8d}")

@@ -34,9 +34,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import math
-import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -56,6 +56,7 @@ from esmjax.evaluate.variants import (
     parse_mutant,
 )
 from esmjax.inference.engine import Engine, MaskedQuery, masked_logprobs
+from esmjax.io import paths
 from esmjax.models.alphabet import TOKEN_TO_ID
 
 METHODS = ("masked-marginals", "wt-marginals", "pll")
@@ -303,42 +304,35 @@ def _is_main() -> bool:
 
 
 def _write_scores(path: Path, assay: Assay, scores: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["mutant", "DMS_score", "DMS_score_bin", "score"])
-        bins = assay.bins or [""] * len(assay.variants)
-        w.writerows(
-            (v.name, v.fitness, b, f"{s:.6f}") for v, b, s in zip(assay.variants, bins, scores)
-        )
-    os.replace(tmp, path)
+    f = io.StringIO()
+    w = csv.writer(f)
+    w.writerow(["mutant", "DMS_score", "DMS_score_bin", "score"])
+    bins = assay.bins or [""] * len(assay.variants)
+    w.writerows((v.name, v.fitness, b, f"{s:.6f}") for v, b, s in zip(assay.variants, bins, scores))
+    paths.write_text(path, f.getvalue())  # whole: a renamed local file or one bucket object
 
 
 def _atomic_json(path: Path, obj: dict) -> None:
     from esmjax.evaluate.report import _clean
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_clean(obj), indent=2) + "\n")
-    os.replace(tmp, path)
+    paths.write_text(path, json.dumps(_clean(obj), indent=2) + "\n")
 
 
 def write_assay_table(rows: Sequence[dict], path: Path) -> Path:
     """The per-assay CSV: id, selection type, counts and the five metrics."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
+    f = io.StringIO()
+    w = csv.writer(f)
+    w.writerow(
+        ["DMS_id", "UniProt_ID", "selection_type", "length", "variants", "windowed"]
+        + list(fm.METRICS)
+    )
+    for r in rows:
         w.writerow(
-            ["DMS_id", "UniProt_ID", "selection_type", "length", "variants", "windowed"]
-            + list(fm.METRICS)
+            [r["dms_id"], r["uniprot_id"], r["selection_type"], r["length"], r["variants"]]
+            + [r["windowed"]]
+            + [r["metrics"][m] for m in fm.METRICS]
         )
-        for r in rows:
-            w.writerow(
-                [r["dms_id"], r["uniprot_id"], r["selection_type"], r["length"], r["variants"]]
-                + [r["windowed"]]
-                + [r["metrics"][m] for m in fm.METRICS]
-            )
+    paths.write_text(path, f.getvalue())
     return path
 
 

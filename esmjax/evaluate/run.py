@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import logging
 import sys
 from dataclasses import dataclass
@@ -349,11 +350,11 @@ def variants(opts: Options, cmd: VariantsOptions) -> dict:
         "multi_mutants": sum(len(v.mutations) > 1 for v in chosen),
     }
     if is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "variants_scores.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["mutant", "fitness", "score"])
-            w.writerows((v.name, v.fitness, f"{s:.6f}") for v, s in zip(chosen, scores))
+        f = io.StringIO()
+        w = csv.writer(f)
+        w.writerow(["mutant", "fitness", "score"])
+        w.writerows((v.name, v.fitness, f"{s:.6f}") for v, s in zip(chosen, scores))
+        paths.write_text(out / "variants_scores.csv", f.getvalue())
         if opts.plot:
             from esmjax.evaluate.plot import plot_variant_scatter
 
@@ -443,7 +444,7 @@ def structures(
         raise InputError("give --predicted and --reference, or --pairs TSV")
     matched = ss.match_pairs(predicted or [], reference, pairs)
     results = ss.run(matched, progress=progress)
-    out = Path(out)
+    out = paths.path(out) if paths.is_remote(out) else Path(out)
     ss.write_table(results["per_target"], out / "structures.csv")
     if plot:
         ss.plot(results["per_target"], out)

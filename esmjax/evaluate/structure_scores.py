@@ -26,6 +26,7 @@ protein chain; first model; highest-occupancy altloc; hydrogens dropped):
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from esmjax.errors import InputError
+from esmjax.io import paths
 from esmjax.io.structures import (
     CIF_SUFFIXES,
     PDB_SUFFIXES,
@@ -352,7 +354,6 @@ def _mean(values) -> float:
 
 
 def write_table(per: list[dict], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
     cols = [
         "predicted",
         "reference",
@@ -367,10 +368,11 @@ def write_table(per: list[dict], path: Path) -> Path:
         "mean_plddt",
         "plddt_lddt_pearson",
     ]
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(cols)
-        w.writerows([t[c] for c in cols] for t in per)
+    f = io.StringIO()
+    w = csv.writer(f)
+    w.writerow(cols)
+    w.writerows([t[c] for c in cols] for t in per)
+    paths.write_text(path, f.getvalue())  # a local file or a bucket object
     return path
 
 

@@ -3,24 +3,26 @@
 
 Records are sorted by length, padded to a small fixed set of length buckets and grouped into batches
 of a fixed row count per bucket, so the jitted forward compiles at most once per bucket. Each
-record's arrays are written to ``<id>.npz`` with BOS and EOS removed.
+record's arrays are written to ``<id>.npz`` with BOS and EOS removed; ``--out`` may be a bucket URL
+(``gs://``, ``s3://``): each file is written through ``esmjax.io.paths.write_bytes``, as one object
+upload (it appears whole or not at all), a local file as a temporary sibling renamed into place.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from esmjax.errors import InputError
 from esmjax.inference.engine import Engine, bucketed
-from esmjax.io import checkpoint
+from esmjax.io import checkpoint, paths
 from esmjax.io.fasta import Record, check_unique_ids, read_fasta, sanitize_id
 from esmjax.models.alphabet import PAD, batch_encode
 from esmjax.parallel import sharding as shd
@@ -75,17 +77,16 @@ def load_records(path: str, unknown_as_x: bool) -> list[Record]:
     return records
 
 
-def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+def write_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    paths.write_bytes(path, buf.getvalue())
 
 
 def embed_records(
     engine: Engine,
     records: Sequence[Record],
-    out_dir: Path,
+    out_dir: str | os.PathLike,
     layers: tuple[int, ...],
     include: Sequence[str],
     max_tokens: int,
@@ -95,7 +96,7 @@ def embed_records(
     include = set(include)
     want_repr = bool(include & {"per_tok", "mean"})
     repr_layers = layers if want_repr else ()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = paths.output_dir(out_dir)
     for r in records:
         if truncation is not None and len(r.sequence) > truncation:
             log.warning("%s: %d residues truncated to %d", r.id, len(r.sequence), truncation)
@@ -140,6 +141,7 @@ def embed_fasta(
     """``esmjax embed``: every record of ``fasta`` through the checkpoint's model, sharded over all
     local devices (fsdp); writes ``<out>/<id>.npz`` and returns the record count."""
     records = load_records(fasta, unknown_as_x)
+    paths.output_dir(out)  # a missing bucket fails before the model loads
     rules = shd.resolve_rules("fsdp")
     mesh = checkpoint.inference_mesh(checkpoint_path, rules)
     model, restored = checkpoint.load_model(
@@ -147,9 +149,7 @@ def embed_fasta(
     )
     engine = Engine(model, mesh, rules)
     repr_layers = parse_layers(layers, model.cfg.num_layers)
-    n = embed_records(
-        engine, records, Path(out), repr_layers, include, max_tokens, truncation, progress
-    )
+    n = embed_records(engine, records, out, repr_layers, include, max_tokens, truncation, progress)
     log.info(
         "wrote %d records to %s (checkpoint step %d, %d compilations)",
         n,

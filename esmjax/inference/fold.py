@@ -7,7 +7,8 @@ buckets, and batched by a token budget with one row count per bucket, so the jit
 once per bucket. Each record gives ``<id>.pdb`` (atom37 coordinates, per-atom pLDDT 0-100 as
 B-factor, chains A, B, ..., residues numbered from 1 per chain, linker hidden) and ``<id>.json``
 (``sequence``, per-residue CA ``plddt``, ``mean_plddt`` over atoms, ``ptm``, ``pae`` in Angstrom
-over the shown residues, ``max_pae``).
+over the shown residues, ``max_pae``). ``--out`` may be a bucket URL: each file is one object upload
+through ``esmjax.io.paths.write_text`` (whole or absent), a local one a renamed temporary sibling.
 """
 
 from __future__ import annotations
@@ -18,14 +19,13 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from esmjax.errors import InputError
 from esmjax.inference.engine import Engine, bucketed
-from esmjax.io import checkpoint
+from esmjax.io import checkpoint, paths
 from esmjax.io.fasta import Record, check_unique_ids, read_fasta, sanitize_id
 from esmjax.io.structure_writer import Structure, to_mmcif, to_pdb
 from esmjax.models.esmfold.heads import max_predicted_aligned_error
@@ -153,16 +153,10 @@ def record_outputs(
     return structure, info
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def fold_records(
     engine: Engine,
     records: Sequence[Record],
-    out_dir: Path,
+    out_dir: str | os.PathLike,
     max_tokens: int,
     mmcif: bool = False,
     progress: bool = True,
@@ -171,18 +165,19 @@ def fold_records(
 ) -> list[dict]:
     """Folds every record and writes ``<id>.pdb`` / ``<id>.json`` (and ``<id>.cif``); returns the
     JSON dicts."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = paths.output_dir(out_dir)
     bar = tqdm(total=len(records), desc="fold", unit="seq", file=sys.stderr, disable=not progress)
     results = []
     for batch in make_batches(records, max_tokens):
         out = fold_batch(engine, batch.aatype, batch.mask, batch.residx, num_recycles, chunk_size)
         for row, (rec, enc) in enumerate(zip(batch.records, batch.encoded)):
             structure, info = record_outputs(rec, enc, out, row)
-            stem = out_dir / sanitize_id(rec.id)
-            _write(stem.with_suffix(".pdb"), to_pdb(structure, remark=f"esmjax fold {rec.id}"))
+            name = sanitize_id(rec.id)
+            pdb = to_pdb(structure, remark=f"esmjax fold {rec.id}")
+            paths.write_text(out_dir / f"{name}.pdb", pdb)
             if mmcif:
-                _write(stem.with_suffix(".cif"), to_mmcif(structure, sanitize_id(rec.id)))
-            _write(stem.with_suffix(".json"), json.dumps(info))
+                paths.write_text(out_dir / f"{name}.cif", to_mmcif(structure, name))
+            paths.write_text(out_dir / f"{name}.json", json.dumps(info))
             results.append(info)
             bar.set_postfix(
                 id=rec.id[:20], plddt=f"{info['mean_plddt']:.1f}", ptm=f"{info['ptm']:.3f}"
@@ -229,10 +224,11 @@ def fold_fasta(
     if chunk_size is not None and chunk_size < 1:
         raise InputError("--chunk-size must be positive")
     records = load_records(fasta, unknown_as_x, max_length)
+    paths.output_dir(out)  # a missing bucket fails before the model loads
     model, _ = checkpoint.load_esmfold(checkpoint_path, dtype=dtype)
     engine = Engine(model)
     results = fold_records(
-        engine, records, Path(out), max_tokens, mmcif, progress, num_recycles, chunk_size
+        engine, records, out, max_tokens, mmcif, progress, num_recycles, chunk_size
     )
     log.info("folded %d records into %s (%d compilations)", len(results), out, engine.traces)
     return results

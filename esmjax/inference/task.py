@@ -30,7 +30,7 @@ from esmjax.config import ESM2Config, FinetuneConfig, MeshConfig, from_dict, to_
 from esmjax.errors import InputError
 from esmjax.inference.engine import Engine, bucketed
 from esmjax.io import checkpoint as ckpt
-from esmjax.io import convert_esm2
+from esmjax.io import convert_esm2, paths
 from esmjax.io.checkpoint import pure_dict_shardings
 from esmjax.io.convert import export as convert_export
 from esmjax.io.convert import load_source_params, source_model_config
@@ -154,12 +154,14 @@ def predict(engine: Engine, tokens: list[np.ndarray], max_tokens: int = 8192) ->
 # A fine-tuning workdir restored
 # --------------------------------------------------------------------------------------------------
 def is_finetune_dir(path: str | Path) -> bool:
-    p = Path(path) / "config.json"
-    return p.exists() and "finetune" in json.loads(p.read_text())
+    p = paths.path(path) / "config.json"
+    with paths.remote_errors(path):
+        return p.exists() and "finetune" in json.loads(p.read_text())
 
 
 def load_setup(workdir: str | Path) -> Setup:
-    raw = json.loads((Path(workdir) / "config.json").read_text())
+    with paths.remote_errors(workdir):
+        raw = json.loads((paths.path(workdir) / "config.json").read_text())
     cfg = from_dict(FinetuneConfig, raw["finetune"], "finetune")
     return Setup(cfg, tuple(raw["labels"]), int(raw["num_outputs"]))
 
@@ -169,7 +171,7 @@ def load_finetuned(
 ) -> tuple[Setup, Tree, int]:
     """(setup, the full variables on ``mesh``, the step): the best validation step when the run
     kept one (else the latest), or the run's step ``step``."""
-    w = Path(workdir)
+    w = paths.path(workdir)
     if not is_finetune_dir(w):
         raise InputError(f"{w}: not an esmjax finetune workdir (config.json has no 'finetune')")
     setup = load_setup(w)
@@ -182,7 +184,9 @@ def load_finetuned(
     target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target_vars, target_sh
     )
-    where = w / "best" if step is None and (w / "best" / ckpt.STEPS_DIR).is_dir() else w
+    with paths.remote_errors(workdir):
+        best = step is None and (w / "best" / ckpt.STEPS_DIR).is_dir()
+    where = w / "best" if best else w
     mngr = ckpt.manager(where, item_names=("params", "opt_state", "meta"))
     try:
         got, restored = ckpt.restore_latest(
@@ -324,22 +328,27 @@ def write_peft(setup: Setup, variables: Tree, out: str | Path) -> None:
 
 
 def export(workdir: str | Path, out: str | Path, to: str, step: int | None = None) -> str:
-    """A fine-tuning workdir -> an HF task folder or the (merged) backbone as fair-esm ``.pt``."""
-    out = Path(out)
-    if out.exists() and (out.is_file() or any(out.iterdir())):
-        raise InputError(f"{out} exists; refusing to overwrite")
-    setup, variables, got = load_finetuned(workdir, step)
-    if to == "hf":
-        write_hf_task(setup, variables, out)
-    elif to == "peft":
-        write_peft(setup, variables, out)
-    elif to == "fair-esm":
-        if out.suffix != ".pt":
-            raise InputError("a fair-esm export is a .pt file; name it e.g. esm2_t6_8M_mine.pt")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        convert_esm2.write_fairesm(plain_variables(setup, variables)["esm"], setup.esm_cfg, out)
-    else:
+    """A fine-tuning workdir -> an HF task folder, PEFT adapters or the (merged) backbone as
+    fair-esm ``.pt``. ``out`` may be a bucket URL: the files are written to a temporary folder and
+    uploaded (``paths.local_output``), one object each, ``config.json`` / ``adapter_config.json``
+    last."""
+    if to not in ("hf", "peft", "fair-esm"):
         raise InputError(f"--to {to}: a fine-tuning workdir exports to hf, peft or fair-esm")
+    if paths.nonempty(out):
+        raise InputError(f"{out} exists; refusing to overwrite")
+    if to == "fair-esm" and not paths.path(out).name.endswith(".pt"):
+        raise InputError("a fair-esm export is a .pt file; name it e.g. esm2_t6_8M_mine.pt")
+    setup, variables, got = load_finetuned(workdir, step)
+    last = {"hf": "config.json", "peft": "adapter_config.json"}.get(to)
+    with paths.local_output(out, last=last) as local:
+        if to == "hf":
+            write_hf_task(setup, variables, local)
+        elif to == "peft":
+            write_peft(setup, variables, local)
+        else:
+            local.parent.mkdir(parents=True, exist_ok=True)
+            esm = plain_variables(setup, variables)["esm"]
+            convert_esm2.write_fairesm(esm, setup.esm_cfg, local)
     return f"wrote {out} ({to}, {setup.cfg.task}, {setup.cfg.mode}) from step {got}"
 
 

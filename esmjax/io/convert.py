@@ -13,7 +13,7 @@ import numpy as np
 
 from esmjax.config import ESM2Config, check_same_architecture
 from esmjax.errors import InputError
-from esmjax.io import checkpoint, convert_esm2, convert_esmfold
+from esmjax.io import checkpoint, convert_esm2, convert_esmfold, paths
 from esmjax.models.esm2 import abstract_model
 from esmjax.parallel import sharding as shd
 
@@ -24,18 +24,26 @@ EXPORT_FORMATS = ("fair-esm", "hf", "esmfold")
 
 def convert(src: str | Path, out: str | Path, esm: str | Path | None = None) -> str:
     """fair-esm ``.pt`` / HF folder (ESM-2 or ESMFold) -> an esmjax checkpoint folder; returns a
-    one-line summary. ``esm`` is the ESM-2 that a fair-esm ESMFold ``.pt`` folds with."""
-    src = Path(src)
-    if not src.exists():
-        raise InputError(f"{src}: no such file or folder")
+    one-line summary. ``esm`` is the ESM-2 that a fair-esm ESMFold ``.pt`` folds with. ``src`` and
+    ``esm`` may be bucket URLs: they are downloaded to a temporary folder first
+    (``paths.local_input``); ``out`` may be one too (``checkpoint.save_converted``)."""
+    name = paths.path(src).name
+    regression = [name.removesuffix(".pt") + "-contact-regression.pt"]  # read_fairesm merges it
+    with paths.local_input(src, siblings=regression) as local:
+        if not local.exists():
+            raise InputError(f"{src}: no such file or folder")
+        return _convert(local, str(src), out, esm)
+
+
+def _convert(src: Path, name: str, out: str | Path, esm: str | Path | None) -> str:
     if convert_esmfold.is_esmfold_source(src):
-        return convert_esmfold.convert_source(src, out, esm)
+        return convert_esmfold.convert_source(src, out, esm, name=name)
     if esm is not None:
         raise InputError("--esm applies to ESMFold checkpoints only")
     cfg, params, notes = convert_esm2.read_any(src)
     for n in notes:
         log.warning("%s", n)
-    checkpoint.save_converted(out, cfg, params, extra={"source": str(src)})
+    checkpoint.save_converted(out, cfg, params, extra={"source": name})
     return (
         f"wrote {out}: ESM-2 with {cfg.num_layers} layers, width {cfg.embed_dim}, "
         f"{cfg.num_heads} heads ({cfg.num_params() / 1e6:.2f}M parameters)"
@@ -50,27 +58,32 @@ def export(
     folding_head: str | Path | None = None,
 ) -> str:
     """An esmjax checkpoint (or a training workdir's step) -> fair-esm ``.pt``, an HF folder, or
-    an ESMFold checkpoint with ``folding_head``'s trunk; returns a one-line summary."""
-    out = Path(out)
+    an ESMFold checkpoint with ``folding_head``'s trunk; returns a one-line summary.
+
+    ``out`` may be a bucket URL: the files are written to a temporary folder and uploaded
+    (``paths.local_output``), one object each, an HF folder's ``config.json`` last; an ESMFold
+    export is written by ``checkpoint.save_converted``, ``config.json`` last as well."""
     if to not in EXPORT_FORMATS:
         raise InputError(f"--to {to!r}: one of {', '.join(EXPORT_FORMATS)}")
-    if out.exists() and (out.is_file() or any(out.iterdir())):
+    if paths.nonempty(out):
         raise InputError(f"{out} exists; refusing to overwrite")
     if to == "esmfold":
         return convert_esmfold.assemble(ckpt, out, folding_head, step)
-    if to == "fair-esm" and out.suffix != ".pt":
+    name = paths.path(out).name
+    if to == "fair-esm" and not name.endswith(".pt"):
         raise InputError("a fair-esm export is a .pt file; name it e.g. esm2_t6_8M_mine.pt")
     model, step = checkpoint.load_model(ckpt, step=step)
     params = checkpoint.params_numpy(model)
-    if to == "fair-esm":
-        if not out.name.startswith("esm2"):
-            log.warning(
-                "fair-esm loads a local file as ESM-2 only when its name starts with 'esm2'"
-            )
-        out.parent.mkdir(parents=True, exist_ok=True)
-        convert_esm2.write_fairesm(params, model.cfg, out)
-    else:
-        convert_esm2.write_hf(params, model.cfg, out)
+    with paths.local_output(out, last="config.json") as local:
+        if to == "fair-esm":
+            if not name.startswith("esm2"):
+                log.warning(
+                    "fair-esm loads a local file as ESM-2 only when its name starts with 'esm2'"
+                )
+            local.parent.mkdir(parents=True, exist_ok=True)
+            convert_esm2.write_fairesm(params, model.cfg, local)
+        else:
+            convert_esm2.write_hf(params, model.cfg, local)
     return f"wrote {out} from step {step}"
 
 

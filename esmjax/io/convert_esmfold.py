@@ -29,7 +29,7 @@ import numpy as np
 
 from esmjax.config import ESM2_PRESETS, ESM2Config, esm2_from_shape
 from esmjax.errors import InputError
-from esmjax.io import checkpoint
+from esmjax.io import checkpoint, paths
 from esmjax.io import convert_esm2 as convert
 from esmjax.models.esmfold.config import ESMFoldConfig, StructureModuleConfig, TrunkConfig, from_hf
 from esmjax.models.esmfold.model import AF2_TO_ESM
@@ -260,7 +260,10 @@ def _fold_params(fold_sd: dict, cfg: ESMFoldConfig) -> dict:
 
 def read_stem(src: str | Path) -> tuple[ESM2Config, dict]:
     """The ESM-2 an ESMFold .pt needs: a fair-esm .pt, an HF ESM-2 folder, or an esmjax ESM-2
-    checkpoint."""
+    checkpoint; a bucket URL is downloaded to a temporary folder first."""
+    if paths.is_remote(src):
+        with paths.local_input(src) as local:
+            return read_stem(local)
     p = Path(src)
     if not p.exists():
         raise InputError(f"{p}: no such file or folder")
@@ -353,11 +356,14 @@ def read_any(src: str | Path, esm: str | Path | None = None) -> tuple[ESMFoldCon
 # --------------------------------------------------------------------------------------------------
 
 
-def convert_source(src: str | Path, out: str | Path, esm: str | Path | None = None) -> str:
+def convert_source(
+    src: str | Path, out: str | Path, esm: str | Path | None = None, name: str | None = None
+) -> str:
     """An ESMFold source (fair-esm ``.pt`` + ``esm``, or an HF folder) -> an esmjax checkpoint;
-    returns a one-line summary."""
+    returns a one-line summary. ``name``: the source as the user gave it (a bucket URL that
+    ``src`` is a local copy of)."""
     cfg, params = read_any(src, esm)
-    checkpoint.save_converted(out, cfg, params, extra={"source": str(src)})
+    checkpoint.save_converted(out, cfg, params, extra={"source": name or str(src)})
     t = cfg.trunk
     return (
         f"wrote {out}: ESMFold with a {cfg.esm.num_layers}-layer ESM-2 (width "
@@ -384,9 +390,11 @@ def assemble(
         fold_model, _ = checkpoint.load_esmfold(folding_head)
         head_cfg, head_params = fold_model.cfg, checkpoint.params_numpy(fold_model)
     else:
-        head_cfg, head_params = read_any(
-            folding_head, esm=esm2_checkpoint if not Path(folding_head).is_dir() else None
-        )
+        with paths.local_input(folding_head) as head:
+            if not head.exists():
+                raise InputError(f"{folding_head}: no such file or folder")
+            stem = None if head.is_dir() else esm2_checkpoint
+            head_cfg, head_params = read_any(head, esm=stem)
     check_fit(head_cfg, model.cfg, str(esm2_checkpoint))
     cfg = ESMFoldConfig(
         esm=model.cfg, trunk=head_cfg.trunk, lddt_head_hid_dim=head_cfg.lddt_head_hid_dim

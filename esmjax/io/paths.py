@@ -30,7 +30,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from etils import epath
@@ -189,11 +189,16 @@ def stage(url: str) -> Path:
 
 
 def upload(local: Path, url: str, last: str | None = None) -> None:
-    """Copies the local folder ``local`` to ``url``; the file named ``last`` (the one that makes the
-    folder valid to readers, e.g. a dataset's metadata) goes last, so an interrupted upload is
-    never taken for a complete folder."""
+    """Copies the local file or folder ``local`` to ``url``, one object per file (each appears
+    whole or not at all). In a folder the file named ``last`` (the one that makes the folder valid
+    to readers, e.g. a dataset's metadata or an HF folder's ``config.json``) goes last, so an
+    interrupted upload is never taken for a complete folder."""
     dst = path(url)
     with remote_errors(url):
+        if local.is_file():
+            with open(local, "rb") as fi, dst.open("wb") as fo:
+                shutil.copyfileobj(fi, fo, 8 << 20)
+            return
         files = sorted(
             (p for p in local.rglob("*") if p.is_file()), key=lambda p: (p.name == last, str(p))
         )
@@ -203,3 +208,103 @@ def upload(local: Path, url: str, last: str | None = None) -> None:
             target.parent.mkdir(parents=True, exist_ok=True)
             with open(f, "rb") as fi, target.open("wb") as fo:
                 shutil.copyfileobj(fi, fo, 8 << 20)
+
+
+# --------------------------------------------------------------------------------------------------
+# Outputs and inputs of the commands (embed/fold --out, export, convert, figures)
+# --------------------------------------------------------------------------------------------------
+def write_bytes(p: str | os.PathLike, data: bytes) -> None:
+    """Writes the whole file ``p``: a bucket object in one upload (it appears whole or not at
+    all), a local file through a temporary sibling renamed into place (its folder created)."""
+    if is_remote(p):
+        with remote_errors(p):
+            path(p).write_bytes(data)
+        return
+    local = Path(p)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.with_name(f".{local.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, local)
+
+
+def write_text(p: str | os.PathLike, text: str) -> None:
+    write_bytes(p, text.encode())
+
+
+def nonempty(p: str | os.PathLike) -> bool:
+    """Whether ``p`` is a file or a folder with something in it (what an output refuses to
+    overwrite); a bucket URL is listed (a missing bucket is an ``InputError``)."""
+    with remote_errors(p):
+        q = path(p)
+        if is_remote(p) and not q.exists():
+            import fsspec
+
+            fs, key = fsspec.core.url_to_fs(str(q))
+            bucket = fs.split_path(key)[0]  # the client's own parse of the URL
+            if not fs.exists(bucket):
+                raise FileNotFoundError(f"bucket {bucket}")
+            return False
+        return q.exists() and (q.is_file() or any(q.iterdir()))
+
+
+def output_dir(p: str | os.PathLike) -> epath.Path:
+    """The output folder ``p`` before per-record files are written into it with ``write_bytes``:
+    a local folder is created; a bucket needs no folders, but must exist."""
+    if is_remote(p):
+        nonempty(p)
+        return path(p)
+    q = path(p)
+    q.mkdir(parents=True, exist_ok=True)
+    return q
+
+
+@contextlib.contextmanager
+def local_output(url: str | os.PathLike, last: str | None = None) -> Iterator[Path]:
+    """A local path for writers that need one (safetensors, ``torch.save``): ``url`` itself when
+    local. For a bucket URL, the same name in an empty temporary folder (``TMPDIR``: it takes the
+    output's size there); when the block ends without an error, it is uploaded to ``url`` by
+    ``upload`` (one object per file; in a folder ``last`` last), after any sibling the writer put
+    next to it (fair-esm's ``-contact-regression.pt``), then the temporary folder is deleted. A
+    failed block uploads nothing."""
+    if not is_remote(url):
+        yield Path(url)
+        return
+    dst = path(url)
+    with tempfile.TemporaryDirectory(prefix="esmjax-out-") as tmp:
+        local = Path(tmp) / dst.name
+        yield local
+        for entry in sorted(Path(tmp).iterdir(), key=lambda e: (e == local, e.name)):
+            upload(entry, str(dst.parent / entry.name), last=last)
+
+
+def _download(src: epath.Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with src.open("rb") as fi, open(dst, "wb") as fo:
+        shutil.copyfileobj(fi, fo, 8 << 20)
+
+
+@contextlib.contextmanager
+def local_input(url: str | os.PathLike, siblings: Sequence[str] = ()) -> Iterator[Path]:
+    """A local copy of the file or folder ``url`` for readers that need one (the ``.pt`` reader,
+    HF folders): ``url`` itself when local; a bucket file or folder is downloaded into a temporary
+    folder (``TMPDIR``), with the files named in ``siblings`` next to it when they exist (fair-esm's
+    ``-contact-regression.pt``), and deleted when the block ends."""
+    if not is_remote(url):
+        yield Path(url)
+        return
+    src = path(url)
+    with tempfile.TemporaryDirectory(prefix="esmjax-in-") as tmp:
+        local = Path(tmp) / src.name
+        with remote_errors(url):
+            if src.is_file():
+                _download(src, local)
+                for name in siblings:
+                    if (src.parent / name).is_file():
+                        _download(src.parent / name, local.parent / name)
+            else:
+                files = list(_files(src)) if src.exists() else []
+                if not files:
+                    raise InputError(f"{url}: no such file or folder")
+                for f in files:
+                    _download(f, local / f.relative_to(src).as_posix())
+        yield local

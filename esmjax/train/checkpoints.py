@@ -8,11 +8,19 @@ Orbax writes a step into a temporary folder and renames it when every process ha
 step that was not completely written is never listed; a listed step whose files are damaged is
 skipped with a warning on restore (``esmjax.io.checkpoint``). Retention: the last ``keep`` steps
 plus every ``keep_every``-th.
+
+An asynchronous save is waited for at the next save and at the end, at most
+``ESMJAX_CHECKPOINT_TIMEOUT`` seconds (default 1800): a store that went away mid-run (TensorStore
+retries for about a quarter of an hour) ends the run with one ``StalledWrite`` line instead of a
+hang, and a save that failed ends it with its error in one line; the next run resumes from the
+last complete step.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +29,9 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from esmjax.config import CheckpointConfig
+from esmjax.errors import InputError, StalledWrite
 from esmjax.io import checkpoint as ckpt
+from esmjax.io import paths
 from esmjax.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -32,6 +42,9 @@ ITEMS = ("params", "opt_state", "meta")
 class TrainCheckpointer:
     def __init__(self, workdir: str | Path, cfg: CheckpointConfig):
         self.cfg = cfg
+        self.workdir = workdir
+        self.pending: int | None = None  # the step of the last save started
+        self.timeout = float(os.environ.get("ESMJAX_CHECKPOINT_TIMEOUT", "1800"))
         self.mngr = ckpt.manager(
             workdir,
             item_names=ITEMS,
@@ -48,6 +61,8 @@ class TrainCheckpointer:
         """Starts saving ``state`` at its step (returns before the write finishes when
         asynchronous)."""
         step = int(state.step)
+        self.wait()
+        self.pending = step
         self.mngr.save(
             step,
             args=ocp.args.Composite(
@@ -79,10 +94,25 @@ class TrainCheckpointer:
         return state, meta
 
     def wait(self) -> None:
-        self.mngr.wait_until_finished()
+        """Until the last save is complete; a save still running after ``timeout`` seconds, or
+        one that failed to write to a bucket, is a ``StalledWrite`` (one line)."""
+        deadline = time.monotonic() + self.timeout
+        while self.mngr.is_saving_in_progress():
+            if time.monotonic() > deadline:
+                raise StalledWrite(
+                    f"{self.workdir}: checkpoint step {self.pending} still not written after "
+                    f"{self.timeout:.0f} s (is the store reachable? ESMJAX_CHECKPOINT_TIMEOUT sets "
+                    "the wait); run again to resume from the last complete step"
+                )
+            time.sleep(0.1)
+        try:
+            with paths.remote_errors(self.workdir):
+                self.mngr.wait_until_finished()
+        except InputError as e:  # a bucket write failed; the save's other threads may linger
+            raise StalledWrite(f"{e}; run again to resume from the last complete step") from None
 
     def close(self) -> None:
-        self.mngr.wait_until_finished()
+        self.wait()
         self.mngr.close()
 
 
