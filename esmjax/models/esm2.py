@@ -194,15 +194,6 @@ _REMAT = {
 }
 
 
-def _unroll(num_layers: int) -> int:
-    """How many layers one iteration of the layer loop runs. On a CPU the whole loop is unrolled up
-    to 12 layers (the 35M shape): a rolled ``scan`` makes XLA:CPU zero-fill the stacked residual
-    and gradient buffers and copy every layer's slice in and out, about 8% of a 35M training step
-    (BENCHMARKS.md, "CPU training profile"). Deeper models stay rolled: one compiled layer body
-    keeps their compile time flat."""
-    return num_layers if jax.default_backend() == "cpu" and num_layers <= 12 else 1
-
-
 def segments_from_tokens(tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Unpacked rows: one segment per row (id 1), padding id 0, positions 0..L-1 as fair-esm."""
     segment_ids = (tokens != PAD).astype(jnp.int32)
@@ -304,7 +295,7 @@ class ESM2(nnx.Module):
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=False)
-        x, (hidden, weights) = jax.lax.scan(body, x, stacked, unroll=_unroll(cfg.num_layers))
+        x, (hidden, weights) = jax.lax.scan(body, x, stacked)
 
         for r in repr_layers:
             if 0 < r < cfg.num_layers:

@@ -10,6 +10,7 @@ can be built abstractly, on one device, or inside a jitted init with explicit ou
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -52,40 +53,44 @@ def _tuple(x: int | Sequence[int]) -> tuple[int, ...]:
     return (x,) if isinstance(x, int) else tuple(x)
 
 
+def _dot(x: jax.Array, w: jax.Array, n_in: int) -> jax.Array:
+    lhs = tuple(range(x.ndim - n_in, x.ndim))
+    return jax.lax.dot_general(x, w, ((lhs, tuple(range(n_in))), ((), ())))
+
+
 def matmul(x: jax.Array, w: jax.Array, n_in: int) -> jax.Array:
     """Contracts the trailing ``n_in`` axes of ``x`` [..., *in] with the leading ones of ``w``
-    [*in, *out] -> [..., *out].
+    [*in, *out] -> [..., *out]: one ``dot_general``.
 
-    On a CPU this is a 2-D matmul whose weight gradient is computed from a transposed copy of the
-    input (``_cpu_matmul``): contracted over the token axis as autodiff writes it, the weight
-    gradient misses XLA:CPU's fast matmul kernels and took 2-6x longer (``BENCHMARKS.md``, "CPU
-    training profile"). Elsewhere it is one ``dot_general``.
+    On a CPU its weight gradient is computed from a transposed copy of the input
+    (``_cpu_matmul``): contracted over the token axis as autodiff writes it, the weight gradient
+    misses XLA:CPU's fast matmul kernels and took 2-6x longer (BENCHMARKS.md, "CPU training
+    profile"). The forward is the same ``dot_general`` everywhere.
     """
     if jax.default_backend() != "cpu":
-        lhs = tuple(range(x.ndim - n_in, x.ndim))
-        return jax.lax.dot_general(x, w, ((lhs, tuple(range(n_in))), ((), ())))
-    lead, in_shape, out_shape = x.shape[: x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
-    k = math.prod(in_shape)
-    y = _cpu_matmul(x.reshape(-1, k), w.reshape(k, -1))
-    return y.reshape(*lead, *out_shape)
+        return _dot(x, w, n_in)
+    return _cpu_matmul(x, w, n_in)
 
 
-@jax.custom_vjp
-def _cpu_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [T, K] @ w [K, N] -> [T, N]."""
-    return x @ w
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _cpu_matmul(x: jax.Array, w: jax.Array, n_in: int) -> jax.Array:
+    return _dot(x, w, n_in)
 
 
-def _cpu_matmul_fwd(x, w):
-    return x @ w, (x, w)
+def _cpu_matmul_fwd(x, w, n_in):
+    return _dot(x, w, n_in), (x, w)
 
 
-def _cpu_matmul_bwd(res, dy):
+def _cpu_matmul_bwd(n_in, res, dy):
     x, w = res
-    dx = jax.lax.dot_general(dy, w, (((1,), (1,)), ((), ())))  # dy [T, N] . w [K, N] -> [T, K]
+    k = math.prod(w.shape[:n_in])
+    x2, w2 = x.reshape(-1, k), w.reshape(k, -1)  # [T, K], [K, N]
+    dy2 = dy.reshape(x2.shape[0], -1)  # [T, N]
+    dx = jax.lax.dot_general(dy2, w2, (((1,), (1,)), ((), ())))  # [T, K]
     # The weight gradient contracts the token axis T: x is transposed first (a copy) so that both
     # operands have T contiguous.
-    return dx.astype(x.dtype), (_copy_transposed(x) @ dy).astype(w.dtype)
+    dw = _copy_transposed(x2) @ dy2
+    return dx.reshape(x.shape).astype(x.dtype), dw.reshape(w.shape).astype(w.dtype)
 
 
 def _copy_transposed(a: jax.Array) -> jax.Array:
