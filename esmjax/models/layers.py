@@ -58,39 +58,46 @@ def _dot(x: jax.Array, w: jax.Array, n_in: int) -> jax.Array:
     return jax.lax.dot_general(x, w, ((lhs, tuple(range(n_in))), ((), ())))
 
 
-def matmul(x: jax.Array, w: jax.Array, n_in: int) -> jax.Array:
-    """Contracts the trailing ``n_in`` axes of ``x`` [..., *in] with the leading ones of ``w``
-    [*in, *out] -> [..., *out]: one ``dot_general``.
+def matmul(x: jax.Array, w: jax.Array, n_in: int, gelu_input: bool = False) -> jax.Array:
+    """Contracts the trailing ``n_in`` axes of ``x`` [..., *in] (or of ``gelu(x)`` with
+    ``gelu_input``) with the leading ones of ``w`` [*in, *out] -> [..., *out]: one
+    ``dot_general``.
 
-    On a CPU its weight gradient is computed from a transposed copy of the input
-    (``_cpu_matmul``): contracted over the token axis as autodiff writes it, the weight gradient
-    misses XLA:CPU's fast matmul kernels and took 2-6x longer (BENCHMARKS.md, "CPU training
-    profile"). The forward is the same ``dot_general`` everywhere.
+    On a CPU the backward is written out (``_cpu_matmul``): contracted over the token axis as
+    autodiff writes it, the weight gradient misses XLA:CPU's fast matmul kernels and took 2-6x
+    longer, so it is computed from a transposed copy of the input; and the GELU is recomputed from
+    its input, so the layer scan stores one [B, L, F] array per layer instead of the GELU's output
+    and intermediates (BENCHMARKS.md, "CPU training profile"). The forward is the same
+    everywhere.
     """
     if jax.default_backend() != "cpu":
-        return _dot(x, w, n_in)
-    return _cpu_matmul(x, w, n_in)
+        return _dot(gelu(x) if gelu_input else x, w, n_in)
+    return _cpu_matmul(x, w, n_in, gelu_input)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _cpu_matmul(x: jax.Array, w: jax.Array, n_in: int) -> jax.Array:
-    return _dot(x, w, n_in)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _cpu_matmul(x: jax.Array, w: jax.Array, n_in: int, gelu_input: bool) -> jax.Array:
+    return _dot(gelu(x) if gelu_input else x, w, n_in)
 
 
-def _cpu_matmul_fwd(x, w, n_in):
-    return _dot(x, w, n_in), (x, w)
+def _cpu_matmul_fwd(x, w, n_in, gelu_input):
+    return _cpu_matmul(x, w, n_in, gelu_input), (x, w)
 
 
-def _cpu_matmul_bwd(n_in, res, dy):
+def _cpu_matmul_bwd(n_in, gelu_input, res, dy):
     x, w = res
+    a = gelu(x) if gelu_input else x
     k = math.prod(w.shape[:n_in])
-    x2, w2 = x.reshape(-1, k), w.reshape(k, -1)  # [T, K], [K, N]
-    dy2 = dy.reshape(x2.shape[0], -1)  # [T, N]
-    dx = jax.lax.dot_general(dy2, w2, (((1,), (1,)), ((), ())))  # [T, K]
-    # The weight gradient contracts the token axis T: x is transposed first (a copy) so that both
-    # operands have T contiguous.
-    dw = _copy_transposed(x2) @ dy2
-    return dx.reshape(x.shape).astype(x.dtype), dw.reshape(w.shape).astype(w.dtype)
+    a2, w2 = a.reshape(-1, k), w.reshape(k, -1)  # [T, K], [K, N]
+    dy2 = dy.reshape(a2.shape[0], -1)  # [T, N]
+    da = jax.lax.dot_general(dy2, w2, (((1,), (1,)), ((), ())))  # [T, K]
+    # The weight gradient contracts the token axis T: the input is transposed first (a copy) so
+    # that both operands have T contiguous.
+    dw = _copy_transposed(a2) @ dy2
+    da = da.reshape(x.shape)
+    if gelu_input:
+        da = jax.vjp(gelu, x)[1](da.astype(a.dtype))[0]
+    return da.astype(x.dtype), dw.reshape(w.shape).astype(w.dtype)
 
 
 def _copy_transposed(a: jax.Array) -> jax.Array:
@@ -129,16 +136,19 @@ class Dense(nnx.Module):
         out_axes = tuple(axes)[len(self.in_shape) :]
         self.bias = param(rngs, zeros, self.out_shape, out_axes, param_dtype) if use_bias else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, gelu_input: bool = False) -> jax.Array:
+        """``x [..., *in] -> [..., *out]``; with ``gelu_input`` the exact GELU is applied to ``x``
+        first (``fc2`` of a transformer layer; see ``matmul``)."""
         n_in = len(self.in_shape)
-        y = matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype), n_in)
+        y = matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype), n_in, gelu_input)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         lora = getattr(self, "lora", None)
         if (
             lora is not None
         ):  # W x + (alpha / r) B A x, attached by ``esmjax.models.heads.add_lora``
-            flat = x.reshape(*x.shape[: x.ndim - n_in], -1).astype(self.dtype)
+            a = gelu(x) if gelu_input else x
+            flat = a.reshape(*a.shape[: a.ndim - n_in], -1).astype(self.dtype)
             y = y + (lora(flat) * self.lora_scale).reshape(y.shape).astype(y.dtype)
         return y
 
