@@ -229,3 +229,54 @@ def test_model_on_kernel_path_gradient_and_sharded(name):
     with shd.use_mesh(mesh, shd.resolve_rules("fsdp_tp")):
         sharded = np.asarray(fwd(graphdef, state))
     assert rel_err(sharded[real], want[real]) < 1e-5
+
+
+def _plain_attention(q, k, v, seg):
+    """Softmax attention as autodiff sees it written out: masked scores replaced by the float32
+    minimum, softmax over keys (a query with no allowed key gets uniform weights)."""
+    s = jnp.einsum("blhd,bmhd->bhlm", q, k)
+    s = jnp.where(nn.attention_mask(seg), s, jnp.finfo(jnp.float32).min)
+    return jnp.einsum("bhlm,bmhd->blhd", jax.nn.softmax(s, -1), v)
+
+
+@pytest.mark.parametrize("weights", [False, True], ids=["train", "weights"])
+def test_xla_attention_matches_plain_softmax(weights):
+    """The CPU path (additive mask bias, row-mapped, custom transposed backward) is the plain
+    softmax attention, gradients included, with a cotangent that is nonzero at padding queries
+    too: no gradient may reach the masked scores of a fully padded query."""
+    seg = _segs()
+    q, k, v = qkv(seg.shape[0])
+    g = jax.random.normal(jax.random.key(4), q.shape)
+
+    def ours(q, k, v, seg):
+        mask = nn.attention_mask(seg)
+        return nn.dot_product_attention(q, k, v, mask, return_weights=weights)[0]
+
+    def grads(fn):
+        return jax.jit(jax.grad(lambda q, k, v: jnp.vdot(fn(q, k, v, seg), g), argnums=(0, 1, 2)))
+
+    assert rel_err(jax.jit(ours)(q, k, v, seg), _plain_attention(q, k, v, seg)) < 2e-6
+    for a, b, what in zip(grads(ours)(q, k, v), grads(_plain_attention)(q, k, v), "qkv"):
+        assert rel_err(a, b) < 2e-6, what
+
+
+@pytest.mark.parametrize("n_in,out", [(1, (6,)), (1, (2, 3)), (2, (5,))])
+def test_dense_matmul_gradient_matches_dot_general(n_in, out):
+    """``layers.matmul`` (on a CPU a 2-D matmul with its own weight-gradient rule) equals
+    ``dot_general`` and its autodiff, for q/k/v-like [E, H, D] and out_proj-like [H, D, E]
+    kernels."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((3, 7, *((4,) if n_in == 1 else (2, 3)))), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((*x.shape[2:], *out)), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((3, 7, *out)), jnp.float32)
+    lhs = tuple(range(2, x.ndim))
+
+    def plain(x, w):
+        return jax.lax.dot_general(x, w, ((lhs, tuple(range(n_in))), ((), ())))
+
+    def grads(fn):
+        return jax.jit(jax.grad(lambda x, w: jnp.vdot(fn(x, w), g), argnums=(0, 1)))
+
+    assert rel_err(nn.matmul(x, w, n_in), plain(x, w)) < 1e-6
+    for a, b in zip(grads(lambda x, w: nn.matmul(x, w, n_in))(x, w), grads(plain)(x, w)):
+        assert a.shape == b.shape and rel_err(a, b) < 1e-6

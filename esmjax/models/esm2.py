@@ -122,9 +122,9 @@ class TransformerLayer(nnx.Module):
             self.self_attn_layer_norm(x), mask, segment_ids, positions, path, need_weights
         )
         x = x + h
-        h = nn.gelu(self.fc1(self.final_layer_norm(x)))  # [B, L, F]
+        h = self.fc1(self.final_layer_norm(x))  # [B, L, F]
         h = constrain(h, (ACT_BATCH, ACT_LEN, ACT_MLP))
-        x = x + self.fc2(h)
+        x = x + self.fc2(h, gelu_input=True)  # fc2(gelu(h))
         return constrain(x, (ACT_BATCH, ACT_LEN, ACT_EMBED)), weights
 
 

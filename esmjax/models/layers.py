@@ -10,6 +10,7 @@ can be built abstractly, on one device, or inside a jitted init with explicit ou
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -52,6 +53,62 @@ def _tuple(x: int | Sequence[int]) -> tuple[int, ...]:
     return (x,) if isinstance(x, int) else tuple(x)
 
 
+def _dot(x: jax.Array, w: jax.Array, n_in: int) -> jax.Array:
+    lhs = tuple(range(x.ndim - n_in, x.ndim))
+    return jax.lax.dot_general(x, w, ((lhs, tuple(range(n_in))), ((), ())))
+
+
+def matmul(x: jax.Array, w: jax.Array, n_in: int, gelu_input: bool = False) -> jax.Array:
+    """Contracts the trailing ``n_in`` axes of ``x`` [..., *in] (or of ``gelu(x)`` with
+    ``gelu_input``) with the leading ones of ``w`` [*in, *out] -> [..., *out]: one
+    ``dot_general``.
+
+    On a CPU the backward is written out (``_cpu_matmul``): contracted over the token axis as
+    autodiff writes it, the weight gradient misses XLA:CPU's fast matmul kernels and took 2-6x
+    longer, so it is computed from a transposed copy of the input; and the GELU is recomputed from
+    its input, so the layer scan stores one [B, L, F] array per layer instead of the GELU's output
+    and intermediates (BENCHMARKS.md, "CPU training profile"). The forward is the same
+    everywhere.
+    """
+    if jax.default_backend() != "cpu":
+        return _dot(gelu(x) if gelu_input else x, w, n_in)
+    return _cpu_matmul(x, w, n_in, gelu_input)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _cpu_matmul(x: jax.Array, w: jax.Array, n_in: int, gelu_input: bool) -> jax.Array:
+    return _dot(gelu(x) if gelu_input else x, w, n_in)
+
+
+def _cpu_matmul_fwd(x, w, n_in, gelu_input):
+    return _cpu_matmul(x, w, n_in, gelu_input), (x, w)
+
+
+def _cpu_matmul_bwd(n_in, gelu_input, res, dy):
+    x, w = res
+    a = gelu(x) if gelu_input else x
+    k = math.prod(w.shape[:n_in])
+    a2, w2 = a.reshape(-1, k), w.reshape(k, -1)  # [T, K], [K, N]
+    dy2 = dy.reshape(a2.shape[0], -1)  # [T, N]
+    da = jax.lax.dot_general(dy2, w2, (((1,), (1,)), ((), ())))  # [T, K]
+    # The weight gradient contracts the token axis T: the input is transposed first (a copy) so
+    # that both operands have T contiguous.
+    dw = _copy_transposed(a2) @ dy2
+    da = da.reshape(x.shape)
+    if gelu_input:
+        da = jax.vjp(gelu, x)[1](da.astype(a.dtype))[0]
+    return da.astype(x.dtype), dw.reshape(w.shape).astype(w.dtype)
+
+
+def _copy_transposed(a: jax.Array) -> jax.Array:
+    """``a.T`` materialised: the barrier keeps XLA from folding the transpose back into the next
+    matmul."""
+    return jax.lax.optimization_barrier(a.T)
+
+
+_cpu_matmul.defvjp(_cpu_matmul_fwd, _cpu_matmul_bwd)
+
+
 class Dense(nnx.Module):
     """A linear map whose kernel is ``[*in_shape, *out_shape]`` (``DenseGeneral``).
 
@@ -79,21 +136,19 @@ class Dense(nnx.Module):
         out_axes = tuple(axes)[len(self.in_shape) :]
         self.bias = param(rngs, zeros, self.out_shape, out_axes, param_dtype) if use_bias else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, gelu_input: bool = False) -> jax.Array:
+        """``x [..., *in] -> [..., *out]``; with ``gelu_input`` the exact GELU is applied to ``x``
+        first (``fc2`` of a transformer layer; see ``matmul``)."""
         n_in = len(self.in_shape)
-        lhs = tuple(range(x.ndim - n_in, x.ndim))
-        y = jax.lax.dot_general(
-            x.astype(self.dtype),
-            self.kernel[...].astype(self.dtype),
-            ((lhs, tuple(range(n_in))), ((), ())),
-        )
+        y = matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype), n_in, gelu_input)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         lora = getattr(self, "lora", None)
         if (
             lora is not None
         ):  # W x + (alpha / r) B A x, attached by ``esmjax.models.heads.add_lora``
-            flat = x.reshape(*x.shape[: x.ndim - n_in], -1).astype(self.dtype)
+            a = gelu(x) if gelu_input else x
+            flat = a.reshape(*a.shape[: a.ndim - n_in], -1).astype(self.dtype)
             y = y + (lora(flat) * self.lora_scale).reshape(y.shape).astype(y.dtype)
         return y
 
@@ -166,67 +221,94 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
     return (same & (segment_ids[:, None, :] > 0))[:, None]
 
 
-_NEG = float(jnp.finfo(jnp.float32).min)
+# Additive score bias of a masked key. exp(-1e30 - max) underflows to exactly 0, as a masked score
+# set to float32's minimum does; a query with no allowed key (padding) gets -1e30 + s == -1e30 for
+# every key (|s| is far below the spacing of float32 near 1e30), hence uniform weights, not NaN.
+_MASKED = -1e30
 
 
-def _row_probs(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
-    """q [L, H, D], k [M, H, D], mask [1, L, M] -> float32 softmax weights [H, L, M]."""
-    scores = jnp.einsum("lhd,mhd->hlm", q, k, preferred_element_type=jnp.float32)
-    return jax.nn.softmax(jnp.where(mask, scores, _NEG), axis=-1)
+def _bias(mask: jax.Array) -> jax.Array:
+    """[B, 1, L, M] boolean -> float32 additive bias (0 or -1e30), computed once per call."""
+    return jnp.where(mask, 0.0, _MASKED).astype(jnp.float32)
+
+
+def _heads_major(x: jax.Array) -> jax.Array:
+    return jnp.swapaxes(x, 1, 2)  # [B, L, H, D] <-> [B, H, L, D]
+
+
+def _row_probs(q: jax.Array, k: jax.Array, bias: jax.Array) -> jax.Array:
+    """q [H, L, D], k [H, M, D], bias [1, L, M] -> float32 softmax weights [H, L, M]."""
+    scores = jnp.einsum("hld,hmd->hlm", q, k, preferred_element_type=jnp.float32)
+    return jax.nn.softmax(scores + bias, axis=-1)
 
 
 def _row_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
+    q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
-    """One batch row -> (out [L, H, D], weights [H, L, M]). Heads-major inside: XLA:CPU runs
-    these faster."""
-    qh, kh, vh = (jnp.swapaxes(x, 0, 1) for x in (q, k, v))  # [H, L, D]
-    scores = jnp.einsum("hld,hmd->hlm", qh, kh, preferred_element_type=jnp.float32)
-    weights = jax.nn.softmax(jnp.where(mask, scores, _NEG), axis=-1)
-    out = jnp.einsum("hlm,hmd->hld", weights.astype(v.dtype), vh)
-    return jnp.swapaxes(out, 0, 1), weights
+    """One batch row, heads-major -> (out [H, L, D], weights [H, L, M]). Differentiated by
+    autodiff here (the path that returns weights), so masked scores are replaced, not offset: no
+    gradient reaches them, even in a row with no allowed key."""
+    scores = jnp.einsum("hld,hmd->hlm", q, k, preferred_element_type=jnp.float32)
+    weights = jax.nn.softmax(jnp.where(bias == 0.0, scores, _MASKED), axis=-1)
+    return jnp.einsum("hlm,hmd->hld", weights.astype(v.dtype), v), weights
 
 
 def _rows_per_chunk(batch: int) -> int:
     # On a CPU one row at a time keeps the [H, L, M] scores in cache (3-5x faster than one batched
-    # op there);
-    # accelerators take the whole batch at once.
+    # op there); accelerators take the whole batch at once.
     return 1 if jax.default_backend() == "cpu" else batch
 
 
+def _map_rows(fn: Callable, *xs: jax.Array):
+    return jax.lax.map(lambda a: fn(*a), xs, batch_size=_rows_per_chunk(xs[0].shape[0]))
+
+
 @jax.custom_vjp
-def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    return jax.lax.map(
-        lambda a: _row_attention(*a)[0], (q, k, v, mask), batch_size=_rows_per_chunk(q.shape[0])
-    )
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
+    """Heads-major q, k, v [B, H, L, D] and bias [B, 1, L, M] -> out [B, H, L, D]."""
+    return _map_rows(_row_out, q, k, v, bias)
 
 
-def _attention_fwd(q, k, v, mask):
-    out = _attention(q, k, v, mask)
-    return out, (q, k, v, mask, out)
+def _row_out(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
+    """The training forward of one row: its backward is ``_attention_bwd``, so the mask can be an
+    additive bias, which XLA:CPU fuses with both matmuls and the softmax."""
+    return jnp.einsum("hlm,hmd->hld", _row_probs(q, k, bias).astype(v.dtype), v)
+
+
+def _attention_fwd(q, k, v, bias):
+    out = _attention(q, k, v, bias)
+    return out, (q, k, v, bias, out)
 
 
 def _attention_bwd(res, d_out):
     """Recomputes the weights row by row (as flash attention does) instead of storing [B, H, L,
-    M]."""
-    q, k, v, mask, out = res
+    M], in the transposed [H, M, L] layout: there every matmul of the backward contracts the last
+    axis of its left operand, which XLA:CPU's fast kernels want, so no [H, L, M] transpose is
+    materialised (two of them cost a quarter of the attention backward)."""
 
-    def row(a):
-        q, k, v, mask, out, do = a
-        p = _row_probs(q, k, mask)  # [H, L, M]
-        do32 = do.astype(jnp.float32)
-        dv = jnp.einsum("hlm,lhd->mhd", p, do32)
-        dp = jnp.einsum("lhd,mhd->hlm", do32, v.astype(jnp.float32))
-        delta = jnp.einsum("lhd,lhd->hl", do32, out.astype(jnp.float32))[..., None]
-        ds = p * (dp - delta)
-        dq = jnp.einsum("hlm,mhd->lhd", ds, k.astype(jnp.float32))
-        dk = jnp.einsum("hlm,lhd->mhd", ds, q.astype(jnp.float32))
-        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+    def row(q, k, v, bias_t, live, out, do):  # [H, L, D] (k, v: [H, M, D]); bias_t [1, M, L]
+        f32 = jnp.float32
+        q, k, v, out, do = (x.astype(f32) for x in (q, k, v, out, do))
+        s_t = jnp.einsum("hmd,hld->hml", k, q) + bias_t  # scores, transposed
+        # The softmax over keys (axis 1 here), as jax.nn.softmax computes it.
+        e = jnp.exp(s_t - jax.lax.stop_gradient(s_t.max(1, keepdims=True)))
+        p_t = e / e.sum(1, keepdims=True)  # [H, M, L]
+        dv = jnp.einsum("hml,hld->hmd", p_t, do)
+        dp_t = jnp.einsum("hmd,hld->hml", v, do)
+        delta = jnp.sum(do * out, -1)[:, None, :]  # [H, 1, L]
+        # A query with no allowed key (padding) has uniform weights whose scores were masked out:
+        # no gradient reaches them, as through ``where(mask, scores, min)`` (live [1, 1, L]: 0).
+        ds_t = p_t * (dp_t - delta) * live
+        dk = jnp.einsum("hml,hld->hmd", ds_t, q)
+        k_t = jax.lax.optimization_barrier(jnp.swapaxes(k, 1, 2))  # [H, D, M], small
+        dq = jnp.swapaxes(jnp.einsum("hdm,hml->hdl", k_t, ds_t), 1, 2)
+        return dq, dk, dv
 
-    dq, dk, dv = jax.lax.map(
-        row, (q, k, v, mask, out, d_out), batch_size=_rows_per_chunk(q.shape[0])
-    )
-    return dq, dk, dv, None
+    q, k, v, bias, out = res
+    bias_t = jnp.swapaxes(bias, 2, 3)  # [B, 1, M, L]
+    live = jnp.any(bias_t == 0.0, axis=2, keepdims=True).astype(jnp.float32)  # [B, 1, 1, L]
+    dq, dk, dv = _map_rows(row, q, k, v, bias_t, live, out, d_out)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -260,14 +342,15 @@ def dot_product_attention(
       out [B, L, H, D] in q's dtype, and the weights or None.
     """
     if return_weights:
-        return jax.lax.map(
-            lambda a: _row_attention(*a), (q, k, v, mask), batch_size=_rows_per_chunk(q.shape[0])
-        )
+        qh, kh, vh = (_heads_major(x) for x in (q, k, v))
+        out, weights = _map_rows(_row_attention, qh, kh, vh, _bias(mask))
+        return _heads_major(out), weights
     if cudnn:
         return jax.nn.dot_product_attention(
             q, k, v, mask=mask, scale=1.0, implementation="cudnn"
         ), None
-    return _attention(q, k, v, mask), None
+    out = _attention(*(_heads_major(x) for x in (q, k, v)), _bias(mask))
+    return _heads_major(out), None
 
 
 def scale_for(head_dim: int) -> float:
