@@ -1,12 +1,13 @@
 """Training throughput of esmjax vs the PyTorch anchor (HF ``EsmForMaskedLM`` + AdamW) at equal
 configuration.
 
-    python tools/bench_train.py --preset esm2_t12_35M_UR50D --rows 8 --seq-len 256 --steps 5
+    python tools/bench_train.py --preset esm2_t12_35M_UR50D --rows 8 --seq-len 256 --steps 3
 
 Both sides train on the same masked batch (fp32 unless --dtype bfloat16 for esmjax) and are timed
-over steady-state steps after warm-up. esmjax runs on all local devices (FSDP mesh); torch uses its
-default intra-op threads. Prints tokens/s (per device for esmjax), TFLOP/s, MFU and the
-esmjax/PyTorch ratio; --json writes the figures.
+over steady-state steps after warm-up, in --rounds alternating rounds (esmjax, then PyTorch), so
+that both see the same machine state; the medians are reported. esmjax runs on all local devices
+(FSDP mesh); torch uses its default intra-op threads. Prints tokens/s (per device for esmjax),
+TFLOP/s, MFU and the esmjax/PyTorch ratio; --json writes the figures.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ def make_batch(rows: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
     return b
 
 
-def bench_jax(cfg_model, batch, steps: int) -> float:
-    """Seconds per train step."""
+def jax_runner(cfg_model, batch):
+    """``run(steps) -> seconds per train step`` for esmjax (compiled and warmed up here)."""
     from esmjax.config import MeshConfig, OptimConfig
     from esmjax.models.esm2 import abstract_model
     from esmjax.parallel import sharding as shd
@@ -54,7 +55,7 @@ def bench_jax(cfg_model, batch, steps: int) -> float:
         mesh, jax.sharding.PartitionSpec(None, *shd.batch_sharding(mesh, rules, 2).spec)
     )
     with shd.use_mesh(mesh, rules):
-        state = create_state(cfg_model, tx, shardings, 0)
+        box = [create_state(cfg_model, tx, shardings, 0)]
         step = jax.jit(
             make_train_step(model_graphdef(cfg_model), tx, learning_rate(opt, 1000)),
             in_shardings=(shardings, bs),
@@ -62,14 +63,22 @@ def bench_jax(cfg_model, batch, steps: int) -> float:
             donate_argnums=0,
         )
         b = jax.device_put({k: v[None] for k, v in batch.items()}, bs)
-        for _ in range(2):
-            state, m = step(state, b)
-        jax.block_until_ready(m)
-        t = time.perf_counter()
-        for _ in range(steps):
-            state, m = step(state, b)
-        jax.block_until_ready(m)
-    return (time.perf_counter() - t) / steps
+
+    def run(steps: int) -> float:
+        with shd.use_mesh(mesh, rules):
+            t = time.perf_counter()
+            for _ in range(steps):
+                box[0], m = step(box[0], b)
+            jax.block_until_ready(m)
+        return (time.perf_counter() - t) / steps
+
+    run(2)  # compile and warm up
+    return run
+
+
+def bench_jax(cfg_model, batch, steps: int) -> float:
+    """Seconds per train step."""
+    return jax_runner(cfg_model, batch)(steps)
 
 
 def hf_masked_lm(cfg_model):
@@ -97,7 +106,8 @@ def hf_masked_lm(cfg_model):
     return EsmForMaskedLM(hf)
 
 
-def bench_torch(cfg_model, batch, steps: int) -> float:
+def torch_runner(cfg_model, batch):
+    """``run(steps) -> seconds per train step`` for the PyTorch anchor (warmed up here)."""
     import torch
 
     model = hf_masked_lm(cfg_model).train()
@@ -114,12 +124,18 @@ def bench_torch(cfg_model, batch, steps: int) -> float:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
 
-    for _ in range(2):
-        one()
-    t = time.perf_counter()
-    for _ in range(steps):
-        one()
-    return (time.perf_counter() - t) / steps
+    def run(steps: int) -> float:
+        t = time.perf_counter()
+        for _ in range(steps):
+            one()
+        return (time.perf_counter() - t) / steps
+
+    run(2)  # warm up
+    return run
+
+
+def bench_torch(cfg_model, batch, steps: int) -> float:
+    return torch_runner(cfg_model, batch)(steps)
 
 
 def main() -> int:
@@ -129,7 +145,14 @@ def main() -> int:
     ap.add_argument("--preset", default="esm2_t12_35M_UR50D")
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per round and side")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds of esmjax then PyTorch steps, alternating (medians reported): the two sides "
+        "see the same machine state, which on a shared VM drifts by 20%% within minutes",
+    )
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--remat", default="none")
     ap.add_argument(
@@ -149,7 +172,14 @@ def main() -> int:
     batch = make_batch(a.rows, a.seq_len)
     tokens = a.rows * a.seq_len
     n_dev = jax.device_count()
-    t_jax = bench_jax(cfg, batch, a.steps)
+    run_jax = jax_runner(cfg, batch)
+    run_torch = None if a.no_torch else torch_runner(cfg, batch)
+    rounds_jax, rounds_torch = [], []
+    for _ in range(a.rounds):
+        rounds_jax.append(run_jax(a.steps))
+        if run_torch:
+            rounds_torch.append(run_torch(a.steps))
+    t_jax = float(np.median(rounds_jax))
     flops = tm.train_flops_per_token(cfg, a.seq_len) * tokens
     peak = tm.device_peak_flops()
     res = {
@@ -163,23 +193,29 @@ def main() -> int:
         "device_kind": jax.devices()[0].device_kind,
         "jax": jax.__version__,
         "machine": platform.processor() or platform.machine(),
+        "rounds": a.rounds,
         "esmjax_step_s": t_jax,
+        "esmjax_step_s_rounds": rounds_jax,
         "esmjax_tokens_per_s": tokens / t_jax,
         "esmjax_tokens_per_s_per_device": tokens / t_jax / n_dev,
         "esmjax_tflops_per_device": flops / t_jax / n_dev / 1e12,
         "esmjax_mfu": flops / t_jax / n_dev / peak if peak else None,
     }
-    if not a.no_torch:
+    if run_torch:
         import torch
 
-        t_torch = bench_torch(cfg, batch, a.steps)
+        t_torch = float(np.median(rounds_torch))
         res.update(
             torch=torch.__version__,
+            torch_threads=torch.get_num_threads(),
             torch_step_s=t_torch,
+            torch_step_s_rounds=rounds_torch,
             torch_tokens_per_s=tokens / t_torch,
             ratio_esmjax_over_torch=t_torch / t_jax,
         )
     for k, v in res.items():
+        if isinstance(v, list):
+            v = " ".join(f"{x:.4g}" for x in v)
         print(f"{k:32s} {v:.4g}" if isinstance(v, float) else f"{k:32s} {v}")
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2))

@@ -181,7 +181,7 @@ def bench_commands(dry_run: bool, out_dir: Path) -> dict[str, tuple[list[str], d
         train3 += ["--steps", "3", "--remat", "full"]
         fold = ["--preset", "esmfold_v1", "--lengths", "384", "--passes", "4", "--repeats", "2"]
         fold += ["--torch-device", "cuda"]
-    common = ["--dtype", "bfloat16", "--no-torch"]
+    common = ["--dtype", "bfloat16", "--no-torch", "--rounds", "1"]
     return {
         "train_650m": (
             [py, str(tools / "bench_train.py"), *train, *common, "--json"],
