@@ -260,11 +260,13 @@ def test_xla_attention_matches_plain_softmax(weights):
         assert rel_err(a, b) < 2e-6, what
 
 
+@pytest.mark.parametrize("gelu_input", [False, True], ids=["plain", "gelu"])
 @pytest.mark.parametrize("n_in,out", [(1, (6,)), (1, (2, 3)), (2, (5,))])
-def test_dense_matmul_gradient_matches_dot_general(n_in, out):
-    """``layers.matmul`` (on a CPU a 2-D matmul with its own weight-gradient rule) equals
-    ``dot_general`` and its autodiff, for q/k/v-like [E, H, D] and out_proj-like [H, D, E]
-    kernels."""
+def test_dense_matmul_gradient_matches_dot_general(n_in, out, gelu_input, monkeypatch):
+    """``layers.matmul`` (on a CPU, from width 256, a ``dot_general`` with its own backward: weight
+    gradient from a transposed input, GELU recomputed) equals ``dot_general`` and its autodiff, for
+    q/k/v-like [E, H, D], out_proj-like [H, D, E] and fc2-like (GELU input) kernels."""
+    monkeypatch.setattr(nn, "_CPU_MIN_WIDTH", 1)  # the custom backward at these small widths too
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.standard_normal((3, 7, *((4,) if n_in == 1 else (2, 3)))), jnp.float32)
     w = jnp.asarray(rng.standard_normal((*x.shape[2:], *out)), jnp.float32)
@@ -272,11 +274,15 @@ def test_dense_matmul_gradient_matches_dot_general(n_in, out):
     lhs = tuple(range(2, x.ndim))
 
     def plain(x, w):
-        return jax.lax.dot_general(x, w, ((lhs, tuple(range(n_in))), ((), ())))
+        a = nn.gelu(x) if gelu_input else x
+        return jax.lax.dot_general(a, w, ((lhs, tuple(range(n_in))), ((), ())))
+
+    def ours(x, w):
+        return nn.matmul(x, w, n_in, gelu_input)
 
     def grads(fn):
         return jax.jit(jax.grad(lambda x, w: jnp.vdot(fn(x, w), g), argnums=(0, 1)))
 
-    assert rel_err(nn.matmul(x, w, n_in), plain(x, w)) < 1e-6
-    for a, b in zip(grads(lambda x, w: nn.matmul(x, w, n_in))(x, w), grads(plain)(x, w)):
+    assert rel_err(jax.jit(ours)(x, w), plain(x, w)) < 1e-6
+    for a, b in zip(grads(ours)(x, w), grads(plain)(x, w)):
         assert a.shape == b.shape and rel_err(a, b) < 1e-6

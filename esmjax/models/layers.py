@@ -70,9 +70,15 @@ def matmul(x: jax.Array, w: jax.Array, n_in: int, gelu_input: bool = False) -> j
     and intermediates (BENCHMARKS.md, "CPU training profile"). The forward is the same
     everywhere.
     """
-    if jax.default_backend() != "cpu":
+    k, n = math.prod(w.shape[:n_in]), math.prod(w.shape[n_in:])
+    if jax.default_backend() != "cpu" or min(k, n) < _CPU_MIN_WIDTH:
         return _dot(gelu(x) if gelu_input else x, w, n_in)
     return _cpu_matmul(x, w, n_in, gelu_input)
+
+
+# Below this width the transposed copy costs more than it saves: the 0.8M demo model (width 128)
+# trained 6% slower with it, the 8M (320) and 35M (480) shapes faster (BENCHMARKS.md).
+_CPU_MIN_WIDTH = 256
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
