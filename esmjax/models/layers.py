@@ -97,9 +97,14 @@ def _cpu_matmul_bwd(n_in, gelu_input, res, dy):
     a2, w2 = a.reshape(-1, k), w.reshape(k, -1)  # [T, K], [K, N]
     dy2 = dy.reshape(a2.shape[0], -1)  # [T, N]
     da = jax.lax.dot_general(dy2, w2, (((1,), (1,)), ((), ())))  # [T, K]
-    # The weight gradient contracts the token axis T: the input is transposed first (a copy) so
-    # that both operands have T contiguous.
-    dw = _copy_transposed(a2) @ dy2
+    # The weight gradient contracts the token axis T: one operand is transposed first (a copy) so
+    # that both have T contiguous. For fc2 that is the narrow output gradient, and the result: a
+    # transposed copy of gelu(x) recomputes the GELU in transposed order, which cost 8-14% of an 8M
+    # or 35M step (BENCHMARKS.md, "CPU training profile").
+    if gelu_input:
+        dw = _copy_transposed(_copy_transposed(dy2) @ a2)
+    else:
+        dw = _copy_transposed(a2) @ dy2
     da = da.reshape(x.shape)
     if gelu_input:
         da = jax.vjp(gelu, x)[1](da.astype(a.dtype))[0]
