@@ -227,15 +227,12 @@ def write_hf_task(setup: Setup, variables: Tree, out: str | Path) -> None:
     sd = convert_esm2.params_to_state_dict(plain["esm"], setup.esm_cfg, "hf")
     sd = {k: v for k, v in sd.items() if k.startswith("esm.") and "contact_head" not in k}
     head = plain["classifier"]
-    if cfg.task == "residue_classification":
-        arch = "EsmForTokenClassification"
-        sd["classifier.weight"] = head["kernel"].T
-        sd["classifier.bias"] = head["bias"]
-    else:
-        arch = "EsmForSequenceClassification"
-        for name in ("dense", "out_proj"):
-            sd[f"classifier.{name}.weight"] = head[name]["kernel"].T
-            sd[f"classifier.{name}.bias"] = head[name]["bias"]
+    sd.update(_hf_head(cfg, head, "classifier"))
+    arch = (
+        "EsmForTokenClassification"
+        if cfg.task == "residue_classification"
+        else "EsmForSequenceClassification"
+    )
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(
@@ -254,6 +251,18 @@ def write_hf_task(setup: Setup, variables: Tree, out: str | Path) -> None:
     if cfg.task != "residue_classification":
         config["problem_type"] = problem_type(cfg)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def _hf_head(cfg: Any, head: Tree, prefix: str) -> dict[str, np.ndarray]:
+    """The head's weights under HF's names: ``EsmForTokenClassification``'s linear ``classifier``,
+    or ``EsmClassificationHead``'s ``classifier.dense`` and ``classifier.out_proj`` ([out, in])."""
+    if cfg.task == "residue_classification":
+        return {f"{prefix}.weight": head["kernel"].T, f"{prefix}.bias": head["bias"]}
+    sd = {}
+    for name in ("dense", "out_proj"):
+        sd[f"{prefix}.{name}.weight"] = head[name]["kernel"].T
+        sd[f"{prefix}.{name}.bias"] = head[name]["bias"]
+    return sd
 
 
 # LoRA target -> (HF module path inside ``esm.encoder.layer.{i}``)
@@ -291,14 +300,7 @@ def write_peft(setup: Setup, variables: Tree, out: str | Path) -> None:
             key = f"base_model.model.esm.encoder.layer.{i}.{PEFT_MODULES[target]}"
             sd[f"{key}.lora_A.weight"] = a[i].T
             sd[f"{key}.lora_B.weight"] = b[i].T
-    head = host["classifier"]
-    if cfg.task == "residue_classification":
-        sd["base_model.model.classifier.weight"] = head["kernel"].T
-        sd["base_model.model.classifier.bias"] = head["bias"]
-    else:
-        for name in ("dense", "out_proj"):
-            sd[f"base_model.model.classifier.{name}.weight"] = head[name]["kernel"].T
-            sd[f"base_model.model.classifier.{name}.bias"] = head[name]["bias"]
+    sd.update(_hf_head(cfg, host["classifier"], "base_model.model.classifier"))
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(

@@ -1,0 +1,234 @@
+"""The training configs (mesh, data, optimizer, checkpoints, the run) and the YAML loader of
+``esmjax train``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from esmjax.config.base import ConfigError, _key
+from esmjax.config.model import ESM2Config, check_same_architecture, resolve_rules
+from esmjax.config.serialize import _set_path, from_dict, to_dict
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class MeshConfig:
+    """Device mesh ``(data, fsdp, tensor)`` and the logical-axis rules that map onto it.
+
+    ``ici_*`` sizes are within a host or slice, ``dcn_*`` across hosts or slices (MaxText's split).
+    One of the ``ici_*`` sizes may be -1, meaning the devices left over. ``rules`` names a preset in
+    ``RULE_PRESETS`` (``dp``, ``fsdp``, ``fsdp_tp``) or is an explicit list of
+    ``[logical_axis, [mesh_axis, ...]]`` pairs; it is checked when the config is built.
+
+    A dimension that a rule maps onto mesh axes which do not divide it stays replicated over them.
+    Every command resolves parameter shardings through ``sharding.tree_shardings``, which lists such
+    parameters at start-up and refuses to run when they hold more than 5% of the parameter bytes
+    per device (e.g. 15B on fsdp=12: 5,120 is not divisible by 12, so every layer kernel would be
+    replicated). ``allow_replicated: true`` runs anyway, with a warning.
+    """
+
+    ici_data: int = 1
+    ici_fsdp: int = -1
+    ici_tensor: int = 1
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    dcn_tensor: int = 1
+    rules: Any = "fsdp"
+    allow_replicated: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("ici_data", "ici_fsdp", "ici_tensor"):
+            if getattr(self, name) < 1 and getattr(self, name) != -1:
+                raise ConfigError(
+                    f"{_key(name)}: must be a positive size or -1 (the devices left over), got "
+                    f"{getattr(self, name)}"
+                )
+        for name in ("dcn_data", "dcn_fsdp", "dcn_tensor"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{_key(name)}: must be positive, got {getattr(self, name)}")
+        ici = (self.ici_data, self.ici_fsdp, self.ici_tensor)
+        if ici.count(-1) > 1:
+            raise ConfigError(f"{_key('ici_*')}: at most one mesh size may be -1, got {ici}")
+        resolve_rules(self.rules, _key("rules"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Input pipeline (see ``esmjax.data``).
+
+    Attributes:
+      train: a dataset folder built by ``esmjax data build`` or a FASTA file.
+      eval: held-out data; empty means the dataset folder's validation split.
+      seq_len: tokens per packed row, BOS and EOS included (ESM-2 crops at 1,024): a longer
+        protein is cut to a window of ``seq_len`` tokens of ``BOS seq EOS``, keeping BOS/EOS only
+        where the window reaches its real start/end.
+      tokens_per_step: global tokens per optimizer step (ESM-2: about 2M = 2,048 x 1,024).
+      rows_per_device: packed rows each device processes per micro-step; accumulation covers the
+        rest.
+      mask_prob / mask_token_prob / random_token_prob: BERT masking (15%, of which 80% <mask>, 10%
+      random).
+      cluster_exponent: 0 draws clusters uniformly (ESM-2), 1 draws sequences uniformly.
+      max_segments: at most this many sequences packed into one row.
+      seed: sampling seed (the masking seed derives from it and each row's place in the packed
+        stream).
+      num_workers: background worker processes (0 = in-process threads only).
+      prefetch: batches prefetched ahead of the step.
+      eval_tokens: held-out tokens evaluated at each evaluation (0 or less: the whole held-out
+        split).
+      val_fraction: for a FASTA ``train``, the fraction of records held out for evaluation (each
+        record is its own cluster; the same hash rule as ``esmjax data build --val-fraction``).
+    """
+
+    train: str = ""
+    eval: str = ""
+    seq_len: int = 1024
+    tokens_per_step: int = 2_097_152
+    rows_per_device: int = 0
+    mask_prob: float = 0.15
+    mask_token_prob: float = 0.8
+    random_token_prob: float = 0.1
+    cluster_exponent: float = 0.0
+    max_segments: int = 64
+    seed: int = 0
+    num_workers: int = 0
+    prefetch: int = 2
+    eval_tokens: int = 65_536
+    val_fraction: float = 0.005
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """AdamW with linear warm-up and linear decay to ``final_lr_ratio`` of peak (ESM-2 recipe, Lin
+    et al. 2023).
+
+    The decay runs over ``decay_fraction`` of ``TrainConfig.num_steps`` and then holds.
+    """
+
+    peak_lr: float = 4e-4
+    warmup_steps: int = 2000
+    decay_fraction: float = 0.9
+    final_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.98
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    """Orbax checkpointing: save every ``every`` steps, keep the last ``keep`` and every
+    ``keep_every``-th."""
+
+    every: int = 1000
+    keep: int = 3
+    keep_every: int = 0
+    async_save: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """The root of a training run (``esmjax train --config C``)."""
+
+    model: ESM2Config
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    num_steps: int = 500_000
+    log_every: int = 10
+    eval_every: int = 1000
+    seed: int = 0
+    # a device kind of esmjax.train.metrics.PEAK_BF16_FLOPS (the MFU peak); empty = the local device
+    accelerator: str = ""
+    # continued pretraining: the weights a new run starts from (a fair-esm .pt, an HF folder, an
+    # esmjax checkpoint or training workdir) and its step (-1: the latest). The optimizer and the
+    # schedule start fresh; a run that has its own checkpoints resumes them and ignores this.
+    init_from: str = ""
+    init_step: int = -1
+
+
+def load_config(
+    path: str | Path | None,
+    overrides: list[str] | tuple[str, ...] = (),
+    source_model: Any = None,
+) -> TrainConfig:
+    """Reads a YAML training config and applies ``key.path=value`` overrides.
+
+    Every problem is a one-line ``ConfigError`` that starts with the file and names the key, e.g.
+    ``configs/x.yaml: model.num_heads: 7 does not divide model.embed_dim 320``.
+
+    With ``init_from`` set, the model comes from that source (``source_model(src) -> ESM2Config``,
+    supplied by the caller since reading checkpoints is a layer above): a config without a model
+    section takes the source's, and one that names a different network is an error. Compute
+    fields (``dtype``, ``remat``) may still be set.
+    """
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {' '.join(str(e).split())}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{p}: top level must be a mapping")
+    if isinstance(tree.get("model"), str):
+        tree["model"] = {"preset": tree["model"]}
+    model_overrides = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        if key.strip().startswith("model."):
+            model_overrides.append((key.strip(), raw.strip()))
+            continue
+        _set_path(tree, key.strip(), raw.strip())
+    src = tree.get("init_from") or ""
+    source_cfg = source_model(str(src)) if src and source_model is not None else None
+    named = "model" in tree
+    if not named and source_cfg is not None:
+        tree["model"] = to_dict(source_cfg)
+    for key, raw in model_overrides:
+        if "model" not in tree:
+            raise ConfigError("--set model.*: the config names no model")
+        _set_path(tree, key, raw)
+    if "model" not in tree:
+        raise ConfigError("the config must name a model (a preset name or a mapping)")
+    try:
+        cfg = from_dict(TrainConfig, tree)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
+    if named and source_cfg is not None:
+        check_same_architecture(cfg.model, source_cfg, str(src))
+    return cfg
+
+
+def load_run_config(
+    path: str | Path | None, overrides: list[str], workdir: str | Path, source_model: Any = None
+) -> TrainConfig:
+    """The config for ``esmjax train``: the file plus overrides, or the workdir's saved config
+    when resuming."""
+    if path is None:
+        from etils import epath  # the workdir may be a bucket URL (esmjax.io.paths)
+
+        saved = epath.Path(str(workdir)) / "config.json"
+        if not saved.exists():
+            raise ConfigError("--config is required for a new workdir")
+        tree = json.loads(saved.read_text())
+        try:
+            cfg = from_dict(TrainConfig, tree)
+        except ConfigError as e:
+            raise ConfigError(f"{saved}: {e}") from None
+        if overrides:
+            raise ConfigError("--set needs --config")
+        return cfg
+    return load_config(path, overrides, source_model)
