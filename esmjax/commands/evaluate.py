@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
 from esmjax.errors import InputError
 
@@ -238,12 +237,12 @@ def all_main(args: argparse.Namespace) -> int:
     from esmjax.commands import fold
     from esmjax.evaluate import report, run
     from esmjax.evaluate import suite as st
-    from esmjax.io import checkpoint
+    from esmjax.io import checkpoint, paths
 
     sections = st.read_suite(args.suite)
     is_esmfold = "esmfold" in checkpoint.read_config(args.checkpoint)
     step = args.step if args.step is not None else _latest_step(args.checkpoint)
-    out = Path(args.out) if args.out else report.default_out_dir(args.checkpoint, step)
+    out = paths.given(args.out) if args.out else report.default_out_dir(args.checkpoint, step)
     common = ["--checkpoint", args.checkpoint, "--step", str(step), "--out", str(out)]
     common += ["--dtype", args.dtype, "--rules", args.rules]
     flags = (["--no-progress"] if args.no_progress else []) + (["--plot"] if args.plot else [])
@@ -292,7 +291,7 @@ def all_main(args: argparse.Namespace) -> int:
         report.checkpoint_info(args.checkpoint, step)
         if not is_esmfold
         else {
-            "checkpoint": str(Path(args.checkpoint).absolute()),
+            "checkpoint": paths.absolute(args.checkpoint),
             "step": step,
             "config_hash": None,
         }
@@ -301,7 +300,7 @@ def all_main(args: argparse.Namespace) -> int:
     path = report.write(summary, out / st.SUMMARY)
     table = st.markdown([summary])
     if run.is_main():
-        (out / "summary.md").write_text(table + "\n")
+        paths.write_text(out / "summary.md", table + "\n")
         print(table)
         for name, why in skipped.items():
             print(f"skipped {name}: {why}")
@@ -318,6 +317,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str], where: str) -> argp
 
 def compare_main(args: argparse.Namespace) -> int:
     from esmjax.evaluate import suite as st
+    from esmjax.io import paths
 
     cards = [st.load_card(c) for c in args.cards]
     if args.names and len(args.names) != len(cards):
@@ -325,7 +325,7 @@ def compare_main(args: argparse.Namespace) -> int:
     table = st.markdown(cards, args.names)
     print(table)
     if args.out:
-        Path(args.out).write_text(table + "\n")
+        paths.write_text(args.out, table + "\n")
     return 0
 
 

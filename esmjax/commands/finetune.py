@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+import contextlib
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,6 +36,7 @@ def main(args: argparse.Namespace) -> int:
 
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     from esmjax.config import load_finetune_run_config
+    from esmjax.io import paths
     from esmjax.train.finetune import run
 
     flags = {
@@ -46,6 +47,10 @@ def main(args: argparse.Namespace) -> int:
         "data.skip_invalid": "true" if args.skip_invalid else None,
     }
     overrides = list(args.set) + [f"{k}={v}" for k, v in flags.items() if v is not None]
-    cfg = load_finetune_run_config(args.config, overrides, Path(args.workdir))
-    run(cfg, args.workdir, progress=not args.no_progress, stop_after=args.stop_after)
+    workdir = args.workdir  # a local folder or a bucket URL: esmjax.io.paths reads both
+    # resuming without --config reads the workdir's config.json: a store failure is one line
+    reading = paths.remote_errors(workdir) if args.config is None else contextlib.nullcontext()
+    with reading:
+        cfg = load_finetune_run_config(args.config, overrides, workdir)
+    run(cfg, workdir, progress=not args.no_progress, stop_after=args.stop_after)
     return 0

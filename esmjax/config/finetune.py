@@ -160,11 +160,15 @@ def load_finetune_config(path: str | Path | None, overrides: list[str] | tuple =
     return cfg
 
 
-def load_finetune_run_config(path: str | Path | None, overrides: list[str], workdir: Path) -> Any:
+def load_finetune_run_config(
+    path: str | Path | None, overrides: list[str], workdir: str | Path
+) -> Any:
     """The config for ``esmjax finetune``: the file plus overrides, or, resuming without
     ``--config``, the workdir's saved one."""
     if path is None:
-        saved = Path(workdir) / "config.json"
+        from etils import epath  # the workdir may be a bucket URL (esmjax.io.paths)
+
+        saved = epath.Path(str(workdir)) / "config.json"
         if not saved.exists():
             raise ConfigError("--config is required for a new workdir")
         if overrides:

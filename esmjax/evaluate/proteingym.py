@@ -27,7 +27,7 @@ Bad rows (a mutant that does not parse or does not match ``target_seq``, a ``mut
 is not the wild type with the mutant applied, a missing score) stop with one line naming the file
 and
 row, or with ``skip_invalid`` are skipped and counted. A missing assay file or column is always an
-error.
+error. The reference and the folder may be bucket URLs (``esmjax.io.paths``).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -70,7 +71,7 @@ class AssayInfo:
     """One row of the reference CSV."""
 
     dms_id: str
-    path: Path
+    path: Any  # a pathlib.Path, or an epath.Path for a bucket (paths.given)
     target_seq: str
     selection_type: str
     uniprot_id: str
@@ -87,16 +88,35 @@ class Assay:
 def read_reference(
     reference: str | Path, folder: str | Path, assays: Sequence[str] | None = None
 ) -> list[AssayInfo]:
-    """The assays of ``reference`` (all, or the ``assays`` subset, in the reference's order)."""
-    reference, folder = Path(reference), Path(folder)
+    """The assays of ``reference`` (all, or the ``assays`` subset, in the reference's order).
+    Either may be a bucket URL (``paths.given``); the assays' paths are then URLs too."""
+    with paths.remote_errors(reference):
+        infos = _read_reference(paths.given(reference), paths.given(folder))
+    if assays:
+        known = {a.dms_id: a for a in infos}
+        unknown = [a for a in assays if a not in known]
+        if unknown:
+            raise InputError(f"--assays: {', '.join(unknown)} not in {reference}")
+        infos = [a for a in infos if a.dms_id in set(assays)]
+    with paths.remote_errors(folder):
+        for a in infos:
+            if not a.path.is_file():
+                raise InputError(f"{reference}: assay {a.dms_id}: no such file {a.path}")
+    if not infos:
+        raise InputError(f"{reference}: no assays")
+    return infos
+
+
+def _read_reference(reference: Any, folder: Any) -> list[AssayInfo]:
     if not reference.is_file():
         raise InputError(
             f"{reference}: no such reference file (ProteinGym's DMS_substitutions.csv)"
         )
-    if not folder.is_dir():
-        raise InputError(f"{folder}: no such assay folder")
+    with paths.remote_errors(str(folder)):
+        if not folder.is_dir():
+            raise InputError(f"{folder}: no such assay folder")
     out = []
-    with open(reference, newline="") as f:
+    with paths.open_read(str(reference), newline="") as f:
         reader = csv.DictReader(f)
         missing = [c for c in REFERENCE_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
@@ -115,17 +135,6 @@ def read_reference(
                     (row.get("UniProt_ID") or "").strip(),
                 )
             )
-    if assays:
-        known = {a.dms_id: a for a in out}
-        unknown = [a for a in assays if a not in known]
-        if unknown:
-            raise InputError(f"--assays: {', '.join(unknown)} not in {reference}")
-        out = [a for a in out if a.dms_id in set(assays)]
-    for a in out:
-        if not a.path.is_file():
-            raise InputError(f"{reference}: assay {a.dms_id}: no such file {a.path}")
-    if not out:
-        raise InputError(f"{reference}: no assays")
     return out
 
 
@@ -134,7 +143,7 @@ def read_assay(info: AssayInfo, skip_invalid: bool = False) -> Assay:
     path, wt = info.path, info.target_seq
     skipped: Counter[str] = Counter()
     variants, bins = [], []
-    with open(path, newline="") as f:
+    with paths.remote_errors(str(path)), paths.open_read(str(path), newline="") as f:
         reader = csv.DictReader(f)
         cols = reader.fieldnames or []
         missing = [c for c in ASSAY_COLUMNS if c not in cols]
@@ -254,7 +263,8 @@ def cache_key(info: AssayInfo, settings: dict) -> str:
     """A digest of what decides an assay's scores: the checkpoint/settings and the assay file."""
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     h.update(info.target_seq.encode())
-    h.update(info.path.read_bytes())
+    with paths.remote_errors(str(info.path)):
+        h.update(info.path.read_bytes())
     return h.hexdigest()[:16]
 
 

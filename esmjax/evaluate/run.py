@@ -92,11 +92,7 @@ def restore(opts: Options):
         opts.checkpoint, step=opts.step, mesh=mesh, rules=opts.rules, dtype=opts.dtype
     )
     info = report.checkpoint_info(opts.checkpoint, step)
-    out = (
-        (paths.path(opts.out) if paths.is_remote(opts.out) else Path(opts.out))
-        if opts.out
-        else report.default_out_dir(opts.checkpoint, step)
-    )
+    out = paths.given(opts.out) if opts.out else report.default_out_dir(opts.checkpoint, step)
     log.info("restored step %d of %s onto %d devices", step, opts.checkpoint, mesh.size)
     return Engine(model, mesh, opts.rules), info, out
 
@@ -131,14 +127,15 @@ def perplexity(opts: Options, cmd: PerplexityOptions) -> dict:
             f"{opts.checkpoint} is not a training workdir: name the evaluation data with --data"
         )
     overrides: dict = {}
+    folder = False
     if cmd.data is not None:
-        data = Path(cmd.data)
-        if not data.exists():
+        data = paths.given(cmd.data)  # a local path or a bucket URL
+        with paths.remote_errors(cmd.data):
+            found, folder = data.exists(), data.is_dir()
+        if not found:
             raise InputError(f"--data {data}: no such dataset folder or FASTA file")
-        overrides["eval"] = str(
-            data.absolute()
-        )  # a folder's validation split, or a whole FASTA file
-    if cmd.pseudo and (cmd.data is None or Path(cmd.data).is_dir()):
+        overrides["eval"] = paths.absolute(cmd.data)  # a folder's validation split, or a FASTA
+    if cmd.pseudo and (cmd.data is None or folder):
         raise InputError("--pseudo needs a FASTA file as --data")
     for key, value in (("seq_len", cmd.seq_len), ("eval_tokens", cmd.eval_tokens)):
         if value is not None:
@@ -163,7 +160,7 @@ def perplexity(opts: Options, cmd: PerplexityOptions) -> dict:
     ml = results["masked_lm"]
     table_rows = [("masked-LM", ml["perplexity"], ml["loss"], ml["masked_tokens"])]
     if cmd.pseudo:
-        seqs = _fasta_sequences(Path(cmd.data), cmd.max_sequences)
+        seqs = _fasta_sequences(cmd.data, cmd.max_sequences)
         pp = perplexity.pseudo_perplexity(
             engine, seqs, cmd.max_tokens_per_batch, progress=opts.progress
         )
@@ -191,7 +188,7 @@ def perplexity(opts: Options, cmd: PerplexityOptions) -> dict:
     return rep
 
 
-def _fasta_sequences(path: Path, limit: int) -> list[str]:
+def _fasta_sequences(path: str, limit: int) -> list[str]:
     from esmjax.io.fasta import read_fasta
 
     seqs = []
@@ -247,9 +244,9 @@ def contacts(opts: Options, cmd: ContactsOptions) -> dict:
             "converged": fit.converged,
         }
         save = (
-            Path(cmd.save)
+            paths.given(cmd.save)
             if cmd.save
-            else Path(opts.checkpoint) / "contact_head" / f"step_{info['step']}"
+            else paths.given(opts.checkpoint) / "contact_head" / f"step_{info['step']}"
         )
         params = checkpoint.params_numpy(engine.model)
         source = {
@@ -263,7 +260,7 @@ def contacts(opts: Options, cmd: ContactsOptions) -> dict:
             params,
             extra={"source": source, "contact_regression": fit_info},
         )
-        fit_info["saved_to"] = str(save.absolute())
+        fit_info["saved_to"] = paths.absolute(save)
         results["fit"] = fit_info
     per, rows = [], []
     for chain in tqdm(
@@ -297,7 +294,7 @@ def contacts(opts: Options, cmd: ContactsOptions) -> dict:
             plot_contact_map(
                 pred,
                 target,
-                out / f"contacts_{Path(chain.path).stem}_{chain.chain}.png",
+                out / f"contacts_{paths.given(chain.path).stem}_{chain.chain}.png",
                 chain.name,
             )
     mean = ct.mean_metrics([p["precision"] for p in per])
@@ -359,13 +356,13 @@ def variants(opts: Options, cmd: VariantsOptions) -> dict:
             from esmjax.evaluate.plot import plot_variant_scatter
 
             plot_variant_scatter(
-                scores, fitness, out / "variants_scatter.png", Path(cmd.dms).name, rho
+                scores, fitness, out / "variants_scatter.png", paths.given(cmd.dms).name, rho
             )
     rep = report.build(
         "variants",
         info,
         results,
-        dms=str(Path(cmd.dms).absolute()),
+        dms=paths.absolute(cmd.dms),
         offset=cmd.offset,
         sample=cmd.sample,
         dtype=opts.dtype,
@@ -374,7 +371,7 @@ def variants(opts: Options, cmd: VariantsOptions) -> dict:
     skipped = ", ".join(f"{n} {why}" for why, n in dms.skipped.items()) or "none"
     text = report.table(
         ("dms", "variants", "positions", "spearman"),
-        [(Path(cmd.dms).name, len(chosen), positions, rho)],
+        [(paths.given(cmd.dms).name, len(chosen), positions, rho)],
         digits=4,
     )
     text += (
@@ -393,9 +390,9 @@ def proteingym(opts: Options, cmd: ProteinGymOptions) -> dict:
     from esmjax.evaluate import proteingym as pg
     from esmjax.evaluate import report
 
-    folder = Path(cmd.folder)
-    reference = Path(cmd.reference) if cmd.reference else folder / "DMS_substitutions.csv"
-    infos = pg.read_reference(reference, folder, list(cmd.assays) if cmd.assays else None)
+    folder = paths.given(cmd.folder)  # local paths or bucket URLs
+    reference = paths.given(cmd.reference) if cmd.reference else folder / "DMS_substitutions.csv"
+    infos = pg.read_reference(str(reference), str(folder), list(cmd.assays) if cmd.assays else None)
     if cmd.window < 16:
         raise InputError(f"--window {cmd.window}: at least 16 residues")
     engine, info, out = restore(opts)
@@ -417,8 +414,8 @@ def proteingym(opts: Options, cmd: ProteinGymOptions) -> dict:
         "proteingym",
         info,
         results,
-        reference=str(reference.absolute()),
-        folder=str(folder.absolute()),
+        reference=paths.absolute(reference),
+        folder=paths.absolute(folder),
         method=cmd.method,
         window=cmd.window,
         dtype=opts.dtype,
@@ -444,7 +441,7 @@ def structures(
         raise InputError("give --predicted and --reference, or --pairs TSV")
     matched = ss.match_pairs(predicted or [], reference, pairs)
     results = ss.run(matched, progress=progress)
-    out = paths.path(out) if paths.is_remote(out) else Path(out)
+    out = paths.given(out)
     ss.write_table(results["per_target"], out / "structures.csv")
     if plot:
         ss.plot(results["per_target"], out)

@@ -62,7 +62,7 @@ class Chain:
 
     @property
     def name(self) -> str:
-        return f"{Path(self.path).name}:{self.chain}"
+        return f"{paths.given(self.path).name}:{self.chain}"
 
 
 def load_chain(spec: str, model: int = 1) -> Chain:
@@ -70,9 +70,10 @@ def load_chain(spec: str, model: int = 1) -> Chain:
     import biotite.structure as struc
 
     path_s, chain = split_spec(spec)
-    path = Path(path_s)
-    if not path.is_file():
-        raise StructureError(f"{path}: no such structure file")
+    path = paths.given(path_s)  # a local path or a bucket URL
+    with paths.remote_errors(path_s):
+        if not path.is_file():
+            raise StructureError(f"{path}: no such structure file")
     fmt = _file_format(path)
     try:
         if fmt == "pdb":
@@ -200,10 +201,13 @@ def search_superpositions(ref_atoms, pred_ca: np.ndarray, n_ref: int) -> dict:
 
 def read_plddt(pred: Chain) -> tuple[np.ndarray, str]:
     """[R] per-residue pLDDT (0-100) of the prediction and where it came from."""
-    js = Path(pred.path).with_suffix(".json")
-    if js.is_file():
+    js = paths.given(pred.path).with_suffix(".json")
+    with paths.remote_errors(pred.path):
+        found = js.is_file()
+        text = js.read_text() if found else ""
+    if found:
         try:
-            data = json.loads(js.read_text())
+            data = json.loads(text)
             plddt = np.asarray(data["plddt"], np.float64)
             if len(plddt) == len(pred.sequence):
                 return plddt, "json"
@@ -277,12 +281,18 @@ def score_pair(pred_spec: str, ref_spec: str) -> dict:
 # Matching predictions to references
 # --------------------------------------------------------------------------------------------------
 def _structure_files(arg: str) -> list[str]:
-    p = Path(split_spec(arg)[0])
-    if p.is_dir():
-        suffixes = PDB_SUFFIXES + CIF_SUFFIXES
-        files = sorted(
-            str(f) for f in p.iterdir() if f.name.lower().removesuffix(".gz").endswith(suffixes)
-        )
+    """A folder's structure files (a bucket folder listed), or ``arg`` itself."""
+    p = paths.given(split_spec(arg)[0])
+    suffixes = PDB_SUFFIXES + CIF_SUFFIXES
+    with paths.remote_errors(str(p)):
+        folder = p.is_dir()
+        found = [
+            f
+            for f in (p.iterdir() if folder else [])
+            if f.name.lower().removesuffix(".gz").endswith(suffixes)
+        ]
+    if folder:
+        files = sorted(str(f) for f in found)
         if not files:
             raise InputError(f"{p}: no PDB/mmCIF files")
         return files
@@ -290,8 +300,12 @@ def _structure_files(arg: str) -> list[str]:
 
 
 def _key(spec: str) -> str:
-    name = Path(split_spec(spec)[0]).name.lower().removesuffix(".gz")
+    name = paths.given(split_spec(spec)[0]).name.lower().removesuffix(".gz")
     return name.rsplit(".", 1)[0]
+
+
+def _absolute(p: str) -> bool:
+    return paths.is_remote(p) or Path(p).is_absolute()
 
 
 def match_pairs(
@@ -301,11 +315,13 @@ def match_pairs(
     the TSV; ``#`` lines skipped), or by file name without extension (``1abc.pdb`` <->
     ``1abc.cif``; with two references of one name, the first in name order)."""
     if pairs_tsv:
-        tsv = Path(pairs_tsv)
-        if not tsv.is_file():
-            raise InputError(f"{tsv}: no such pairs file")
+        tsv = paths.given(pairs_tsv)  # a local path or a bucket URL
+        with paths.remote_errors(pairs_tsv):
+            if not tsv.is_file():
+                raise InputError(f"{tsv}: no such pairs file")
+            text = tsv.read_text()
         out = []
-        for n, line in enumerate(tsv.read_text().splitlines(), 1):
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip() or line.startswith("#"):
                 continue
             parts = line.split("\t")
@@ -313,7 +329,7 @@ def match_pairs(
                 raise InputError(f"{tsv}:{n}: expected 'predicted<TAB>reference'")
             out.append(
                 tuple(
-                    str(tsv.parent / x.strip()) if not Path(x.strip()).is_absolute() else x.strip()
+                    x.strip() if _absolute(x.strip()) else str(tsv.parent / x.strip())
                     for x in parts
                 )
             )
@@ -329,7 +345,7 @@ def match_pairs(
         if _key(f) in refs:
             out.append((f, refs[_key(f)]))
         else:
-            missing.append(Path(f).name)
+            missing.append(paths.given(f).name)
     if missing:
         raise InputError(f"no reference structure with the name of {', '.join(missing)}")
     return out

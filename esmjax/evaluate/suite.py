@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from esmjax.errors import InputError
+from esmjax.io import paths
 
 SECTIONS = ("perplexity", "contacts", "variants", "proteingym", "structures")
 PATH_KEYS = {"data", "fit", "structures", "dms", "wt_sequence", "folder", "reference", "fasta",
@@ -140,7 +141,9 @@ def card(
     """One checkpoint's card: provenance, ``<evaluation>/<metric>`` numbers, report paths."""
     metrics: dict[str, Any] = {}
     for name, path in reports.items():
-        for k, v in headline(name, json.loads(Path(path).read_text())).items():
+        with paths.remote_errors(str(path)):
+            text = paths.given(path).read_text()  # the report folder may be a bucket
+        for k, v in headline(name, json.loads(text)).items():
             metrics[f"{name}/{k}"] = v
     return {
         "command": "evaluate all",
@@ -149,7 +152,7 @@ def card(
         "config_hash": info["config_hash"],
         "suite": str(Path(suite).absolute()),
         "metrics": metrics,
-        "reports": {k: str(Path(v).absolute()) for k, v in reports.items()},
+        "reports": {k: paths.absolute(v) for k, v in reports.items()},
         "skipped": skipped,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
@@ -165,7 +168,7 @@ def _fmt(v: Any) -> str:
 
 def markdown(cards: Sequence[dict], names: Sequence[str] | None = None) -> str:
     """A Markdown table: one row per metric, one column per card (metrics in first-seen order)."""
-    names = list(names or [f"{Path(c['checkpoint']).name}@{c['step']}" for c in cards])
+    names = list(names or [f"{paths.given(c['checkpoint']).name}@{c['step']}" for c in cards])
     keys: list[str] = []
     for c in cards:
         keys += [k for k in c["metrics"] if k not in keys]
@@ -176,14 +179,16 @@ def markdown(cards: Sequence[dict], names: Sequence[str] | None = None) -> str:
 
 
 def load_card(arg: str | Path) -> dict:
-    """A ``summary.json`` or a folder holding one."""
-    p = Path(arg)
-    if p.is_dir():
-        p = p / SUMMARY
-    if not p.is_file():
-        raise InputError(f"{arg}: no {SUMMARY} (written by `esmjax evaluate all`)")
+    """A ``summary.json`` or a folder holding one (a local path or a bucket URL)."""
+    p = paths.given(arg)
+    with paths.remote_errors(str(arg)):
+        if p.is_dir():
+            p = p / SUMMARY
+        if not p.is_file():
+            raise InputError(f"{arg}: no {SUMMARY} (written by `esmjax evaluate all`)")
+        text = p.read_text()
     try:
-        obj = json.loads(p.read_text())
+        obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise InputError(f"{p}: not JSON ({e.msg})") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("metrics"), dict):

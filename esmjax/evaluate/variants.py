@@ -21,6 +21,9 @@ Mutants are ``A42G`` (wild-type residue, position, mutant residue), multi-mutant
 (``A42G:V50L``). Positions count from ``offset`` (default 1: the first residue is 1). Mutations to a
 stop codon (``*``) cannot be scored by a protein language model and are skipped (counted in the
 report).
+
+The scan (and a ``--wt-sequence`` FASTA) may be a bucket URL (``gs://``, ``s3://``), read through
+``esmjax.io.paths``; messages name the URL and line as they name a local file.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import numpy as np
 
 from esmjax.errors import InputError
 from esmjax.inference.engine import Engine, MaskedQuery, masked_logprobs
+from esmjax.io import paths
 from esmjax.io.fasta import read_fasta
 from esmjax.models.alphabet import TOKEN_TO_ID, TokenizeError, encode
 
@@ -117,9 +121,11 @@ def apply_mutations(seq: str, muts: Sequence[Mutation], attr: str = "mt") -> str
 
 def read_wt_sequence(arg: str) -> str:
     """``--wt-sequence``: a sequence, or a FASTA file whose first record is the wild type."""
-    p = Path(arg)
-    if p.is_file():
-        for rec in read_fasta(p):
+    p = paths.given(arg)
+    with paths.remote_errors(arg):
+        is_file = p.is_file()
+    if is_file:
+        for rec in read_fasta(arg if paths.is_remote(arg) else p):
             return rec.sequence.upper()
         raise DMSError(f"{arg}: no FASTA record for the wild-type sequence")
     seq = "".join(arg.split()).upper()
@@ -195,7 +201,7 @@ def read_dms_csv(
     path = str(path)
     skipped: Counter[str] = Counter()
     variants = []
-    with open(path, newline="") as f:
+    with paths.remote_errors(path), paths.open_read(path, newline="") as f:
         reader = csv.DictReader(f)
         missing = [c for c in (mutant_column, score_column) if c not in (reader.fieldnames or [])]
         if missing:
@@ -230,11 +236,14 @@ def read_dms(
     score_column: str = "score",
 ) -> DMS:
     """Reads either layout; a file whose first non-blank character is ``>`` is the FASTA layout."""
-    p = Path(path)
-    if not p.is_file():
-        raise DMSError(f"{path}: no such file")
-    with open(p, "rb") as f:
-        head = f.read(4096).lstrip()
+    p = paths.given(path)
+    with paths.remote_errors(path):
+        if not p.is_file():
+            raise DMSError(f"{path}: no such file")
+        with p.open("rb") as f:
+            head = f.read(4096).lstrip()
+    if paths.is_remote(path):
+        p = str(p)  # the readers take the URL itself
     if head.startswith(b">"):
         return read_dms_fasta(p, wt, offset)
     if wt is None:

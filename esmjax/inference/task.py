@@ -376,46 +376,61 @@ def predict_fasta(
 ) -> str:
     """``esmjax predict``: one row per record of ``fasta`` in ``out`` (``.csv``: id, prediction and
     per-class probabilities or per-target values; ``.jsonl`` for residue tasks: id, sequence and
-    one predicted label per residue). The whole FASTA is validated before the model runs."""
-    import csv
+    one predicted label per residue). The whole FASTA is validated before the model runs.
 
-    out = Path(out)
+    ``workdir``, ``fasta`` and ``out`` may be bucket URLs. The predictions are formatted in memory
+    and written whole (``paths.write_text``: a local file through a renamed temporary sibling, a
+    bucket object in one upload), the same bytes either way; a missing output bucket is refused
+    before the model loads."""
+    shown = paths.given(out)
     records = list(read_fasta(fasta))
     if not records:
         raise InputError(f"{fasta}: no records")
+    if paths.is_remote(out):
+        paths.nonempty(out)  # the bucket must exist (an existing object is replaced, as on disk)
     mesh = shd.make_mesh(MeshConfig(ici_fsdp=-1))
     setup, variables, got = load_finetuned(workdir, step, mesh, "fsdp")
     cfg = setup.cfg
     residue = cfg.task == "residue_classification"
-    if residue != (out.suffix == ".jsonl"):
-        raise InputError(f"--out {out}: residue tasks write .jsonl, sequence tasks .csv")
+    if residue != (shown.suffix == ".jsonl"):
+        raise InputError(f"--out {shown}: residue tasks write .jsonl, sequence tasks .csv")
     engine = Engine(nnx.merge(setup.graphdef, nnx.State(variables)), mesh, "fsdp")
     tokens = [encode_with_specials(r.sequence, 1022) for r in records]
     outputs = predict(engine, tokens, max_tokens)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    paths.write_text(out, prediction_text(setup, records, outputs))
+    return f"wrote {shown}: {len(records)} records (step {got})"
+
+
+def prediction_text(setup: Setup, records: list, outputs: list[np.ndarray]) -> str:
+    """The contents of ``esmjax predict``'s output: JSON lines (residue tasks) or a CSV (the
+    ``csv`` module's dialect, ``\\r\\n`` line ends)."""
+    import csv
+    import io
+
+    cfg = setup.cfg
     names = list(setup.labels)
-    if residue:
-        with open(out, "w") as f:
-            for r, o in zip(records, outputs):
-                pred = "".join(names[i] for i in np.asarray(o).argmax(-1))
-                f.write(json.dumps({"id": r.id, "sequence": r.sequence, "prediction": pred}) + "\n")
-        return f"wrote {out}: {len(records)} records (step {got})"
-    with open(out, "w", newline="") as f:
-        w = csv.writer(f)
-        if cfg.task == "sequence_regression":
-            w.writerow(["id", *[f"prediction_{i}" for i in range(setup.num_outputs)]])
-            for r, o in zip(records, outputs):
-                w.writerow([r.id, *[f"{v:.6g}" for v in o]])
-        else:
-            w.writerow(["id", "prediction", *[f"prob_{n}" for n in names]])
-            for r, o in zip(records, outputs):
-                o = np.asarray(o, np.float64)
-                if cfg.multi_label:
-                    p = 1 / (1 + np.exp(-o))
-                    pred = ";".join(n for n, v in zip(names, p) if v > 0.5)
-                else:
-                    p = np.exp(o - o.max())
-                    p = p / p.sum()
-                    pred = names[int(p.argmax())]
-                w.writerow([r.id, pred, *[f"{v:.6g}" for v in p]])
-    return f"wrote {out}: {len(records)} records (step {got})"
+    if cfg.task == "residue_classification":
+        lines = []
+        for r, o in zip(records, outputs):
+            pred = "".join(names[i] for i in np.asarray(o).argmax(-1))
+            lines.append(json.dumps({"id": r.id, "sequence": r.sequence, "prediction": pred}))
+        return "".join(line + "\n" for line in lines)
+    f = io.StringIO()
+    w = csv.writer(f)
+    if cfg.task == "sequence_regression":
+        w.writerow(["id", *[f"prediction_{i}" for i in range(setup.num_outputs)]])
+        for r, o in zip(records, outputs):
+            w.writerow([r.id, *[f"{v:.6g}" for v in o]])
+    else:
+        w.writerow(["id", "prediction", *[f"prob_{n}" for n in names]])
+        for r, o in zip(records, outputs):
+            o = np.asarray(o, np.float64)
+            if cfg.multi_label:
+                p = 1 / (1 + np.exp(-o))
+                pred = ";".join(n for n, v in zip(names, p) if v > 0.5)
+            else:
+                p = np.exp(o - o.max())
+                p = p / p.sum()
+                pred = names[int(p.argmax())]
+            w.writerow([r.id, pred, *[f"{v:.6g}" for v in p]])
+    return f.getvalue()

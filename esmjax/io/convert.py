@@ -27,9 +27,7 @@ def convert(src: str | Path, out: str | Path, esm: str | Path | None = None) -> 
     one-line summary. ``esm`` is the ESM-2 that a fair-esm ESMFold ``.pt`` folds with. ``src`` and
     ``esm`` may be bucket URLs: they are downloaded to a temporary folder first
     (``paths.local_input``); ``out`` may be one too (``checkpoint.save_converted``)."""
-    name = paths.path(src).name
-    regression = [name.removesuffix(".pt") + "-contact-regression.pt"]  # read_fairesm merges it
-    with paths.local_input(src, siblings=regression) as local:
+    with paths.local_input(src, siblings=_fairesm_siblings(src)) as local:
         if not local.exists():
             raise InputError(f"{src}: no such file or folder")
         return _convert(local, str(src), out, esm)
@@ -92,19 +90,33 @@ def export(
 # --------------------------------------------------------------------------------------------------
 def is_esmjax_folder(src: str | Path) -> bool:
     """An esmjax checkpoint or training workdir (``config.json`` with a ``model`` section and
-    ``checkpoints/``), as opposed to an HF folder (whose ``config.json`` says ``model_type``)."""
-    p = Path(src)
-    return p.is_dir() and (p / checkpoint.STEPS_DIR).is_dir() and (p / "config.json").exists()
+    ``checkpoints/``), as opposed to an HF folder (whose ``config.json`` says ``model_type``).
+    ``src`` may be a bucket URL."""
+    p = paths.given(src)
+    with paths.remote_errors(src):
+        return p.is_dir() and (p / checkpoint.STEPS_DIR).is_dir() and (p / "config.json").exists()
+
+
+def _existing_source(src: str | Path) -> None:
+    with paths.remote_errors(src):
+        found = paths.given(src).exists()
+    if not found:
+        raise InputError(f"{src}: no such checkpoint file or folder")
+
+
+def _fairesm_siblings(src: str | Path) -> list[str]:
+    """The file next to a fair-esm ``.pt`` that ``read_fairesm`` merges (its contact head)."""
+    return [paths.path(src).name.removesuffix(".pt") + "-contact-regression.pt"]
 
 
 def source_model_config(src: str | Path) -> ESM2Config:
-    """The ESM-2 config of a fair-esm ``.pt``, an HF folder, an esmjax checkpoint or workdir."""
-    p = Path(src)
-    if not p.exists():
-        raise InputError(f"{src}: no such checkpoint file or folder")
-    if is_esmjax_folder(p):
-        return checkpoint.model_config(p)
-    return convert_esm2.read_any(p)[0]
+    """The ESM-2 config of a fair-esm ``.pt``, an HF folder, an esmjax checkpoint or workdir; a
+    bucket URL is read in place (esmjax) or downloaded to a temporary folder first (``.pt``, HF)."""
+    _existing_source(src)
+    if is_esmjax_folder(src):
+        return checkpoint.model_config(src)
+    with paths.local_input(src, siblings=_fairesm_siblings(src)) as local:
+        return convert_esm2.read_any(local)[0]
 
 
 def load_source_params(
@@ -117,18 +129,22 @@ def load_source_params(
     """The ESM-2 variables (pure dict, sharded onto ``mesh`` by ``rules``) of ``src`` for a model
     of config ``cfg`` (whose architecture must be the source's), and a one-line description.
 
-    A fair-esm ``.pt`` or HF folder is read on the host (no code from the file runs) and placed;
-    an esmjax checkpoint or workdir is restored by Orbax straight into the shardings (its latest
-    complete step, or ``step``)."""
-    p = Path(src)
-    check_same_architecture(cfg, source_model_config(p), str(src))
+    A fair-esm ``.pt`` or HF folder is read on the host (no code from the file runs; from a bucket,
+    downloaded to a temporary folder first) and placed; an esmjax checkpoint or workdir is restored
+    by Orbax straight into the shardings (its latest complete step, or ``step``), from a bucket
+    too."""
+    _existing_source(src)
     graphdef, abstract = abstract_model(cfg)
-    if is_esmjax_folder(p):
-        model, got = checkpoint.restore_params(p, graphdef, abstract, step, mesh, rules)
+    if is_esmjax_folder(src):
+        check_same_architecture(cfg, checkpoint.model_config(src), str(src))
+        model, got = checkpoint.restore_params(src, graphdef, abstract, step, mesh, rules)
         return checkpoint.nnx_pure_dict(model), f"{src} (esmjax, step {got})"
+    with paths.local_input(src, siblings=_fairesm_siblings(src)) as local:
+        src_cfg, params, notes = convert_esm2.read_any(local)
+        kind = "HF" if local.is_dir() else "fair-esm"
+    check_same_architecture(cfg, src_cfg, str(src))
     if step is not None:
         raise InputError(f"init_step applies to esmjax checkpoints only, not {src}")
-    _, params, notes = convert_esm2.read_any(p)
     for n in notes:
         log.warning("%s", n)
     reference = abstract.to_pure_dict()
@@ -136,4 +152,4 @@ def load_source_params(
     params = jax.tree.map(
         lambda a, ref, s: jax.device_put(np.asarray(a, ref.dtype), s), params, reference, shardings
     )
-    return params, f"{src} ({'HF' if p.is_dir() else 'fair-esm'})"
+    return params, f"{src} ({kind})"

@@ -15,6 +15,10 @@ al. 2021, "FLIP: Benchmark tasks in fitness landscape inference for proteins").
 A bad row (invalid residue, a label string whose length differs from the sequence's, a
 non-numeric regression target, an empty target) is an ``InputError`` naming the file and line,
 or, with ``skip_invalid``, is skipped and counted.
+
+Every file may be a bucket URL (``gs://``, ``s3://``): it is streamed through ``esmjax.io.paths``
+(plain or gzip, as a local file), its messages name the URL and line, and a failure of the store
+is one ``InputError`` line.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import numpy as np
 
 from esmjax.config import FinetuneDataConfig
 from esmjax.errors import InputError
+from esmjax.io import paths
 from esmjax.io.fasta import open_text
 from esmjax.models.alphabet import TokenizeError, encode
 
@@ -112,12 +117,22 @@ def _parse_target(raw: str, numeric: bool) -> tuple:
     return tuple(parts)
 
 
-def read_csv(path: str | Path, rows: Rows, numeric: bool, split: str | None) -> None:
-    """A FLIP CSV; ``split`` forces every row's split (explicit ``--train/--valid/--test``)."""
-    p = Path(path)
+def _existing(path: str | Path) -> Any:
+    """``path`` as given (``paths.given``), checked to exist."""
+    p = paths.given(path)
     if not p.exists():
         raise LabeledDataError(f"{p}: no such file")
-    with open_text(p) as f:
+    return p
+
+
+def read_csv(path: str | Path, rows: Rows, numeric: bool, split: str | None) -> None:
+    """A FLIP CSV; ``split`` forces every row's split (explicit ``--train/--valid/--test``)."""
+    with paths.remote_errors(path):
+        _read_csv(_existing(path), rows, numeric, split)
+
+
+def _read_csv(p: Any, rows: Rows, numeric: bool, split: str | None) -> None:
+    with open_text(str(p)) as f:
         reader = csv.DictReader(f)
         cols = {c.strip().lower(): c for c in reader.fieldnames or []}
         for need in ("sequence", "target"):
@@ -151,13 +166,15 @@ _ATTR = re.compile(r"(\w+)=(\S+)")
 
 def read_fasta_lines(path: str | Path) -> list[tuple[str, dict[str, str], str, int]]:
     """A FASTA of any characters: (id, header attributes KEY=VALUE, text, header line)."""
-    p = Path(path)
-    if not p.exists():
-        raise LabeledDataError(f"{p}: no such file")
+    with paths.remote_errors(path):
+        return _read_fasta_lines(_existing(path))
+
+
+def _read_fasta_lines(p: Any) -> list[tuple[str, dict[str, str], str, int]]:
     out: list[tuple[str, dict[str, str], str, int]] = []
     head: tuple[str, dict[str, str], int] | None = None
     chunks: list[str] = []
-    with open_text(p) as f:
+    with open_text(str(p)) as f:
         for n, line in enumerate(f, start=1):
             line = line.strip()
             if line.startswith(">"):

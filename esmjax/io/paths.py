@@ -2,9 +2,11 @@
 
 Every path a user gives goes through ``path()``, which returns an ``etils.epath.Path``: the path
 layer that Orbax and TFDS use themselves, backed by fsspec (``gcsfs`` for ``gs://``, ``s3fs`` for
-``s3://``; TensorFlow's gfile is used instead when TensorFlow is installed). No URL is parsed by
-hand here. A missing client package is a one-line ``InputError`` naming the extra that brings it
-(``pip install 'esmjax[gcs]'`` / ``'esmjax[s3]'``).
+``s3://``; TensorFlow's gfile is used instead when TensorFlow is installed). Input readers that
+name the file in their messages take ``given()`` (a local path unchanged, a URL through epath) and
+open text with ``open_read()``. No URL is parsed by hand here. A missing client package is a
+one-line ``InputError`` naming the extra that brings it (``pip install 'esmjax[gcs]'`` /
+``'esmjax[s3]'``).
 
 Credentials come from the clients' usual environment: Application Default Credentials
 (``gcloud auth application-default login``, ``GOOGLE_APPLICATION_CREDENTIALS``, the metadata
@@ -25,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
+import io
 import logging
 import os
 import shutil
@@ -32,6 +35,7 @@ import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import IO
 
 from etils import epath
 
@@ -86,6 +90,29 @@ def path(p: str | os.PathLike) -> epath.Path:
             f"{p}: {name}:// paths need the {module} package: pip install 'esmjax[{extra}]'"
         ) from None
     return epath.Path(str(p))
+
+
+def given(p: str | os.PathLike) -> Path | epath.Path:
+    """An input path to read and to name in messages: a local one as a ``pathlib.Path`` exactly
+    as the user wrote it (a relative path stays relative, so messages and reports read as before),
+    a bucket URL as an ``epath.Path`` (the same methods: ``is_file``, ``open``, ``read_text``,
+    ``iterdir``, ``/``; its ``str`` is the URL)."""
+    return path(p) if is_remote(p) else Path(p)
+
+
+def absolute(p: str | os.PathLike) -> str:
+    """``p`` for a report: a bucket URL as given, a local path made absolute (not normalised, as
+    ``pathlib.Path.absolute``)."""
+    return str(p) if is_remote(p) else str(Path(p).absolute())
+
+
+def open_read(p: str | os.PathLike, newline: str | None = None) -> IO[str]:
+    """A text file opened for reading: a local file by ``open`` (as before), a bucket object
+    through epath in binary mode, decoded as UTF-8 here (epath's own text mode takes no
+    ``newline``, which the ``csv`` module wants as ``""``). Call inside ``remote_errors``."""
+    if not is_remote(p):
+        return open(p, newline=newline)
+    return io.TextIOWrapper(path(p).open("rb"), encoding="utf-8", newline=newline)
 
 
 def _first_line(e: BaseException) -> str:

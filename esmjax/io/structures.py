@@ -21,6 +21,10 @@ deposited structure:
   residues.
 - ``sequence="observed"``: the model reads only the residues present in the coordinates, in file
   order, chain breaks closed up (what ESM's structure examples do).
+
+A file may be a bucket URL (``gs://``, ``s3://``; ``esmjax.io.paths``): it is read whole into memory
+as a local file is (structure files are small), and a failure of the store is one ``InputError``
+line naming the URL.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from esmjax.errors import InputError
+from esmjax.io import paths
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +76,7 @@ class ChainStructure:
 
     @property
     def name(self) -> str:
-        return f"{Path(self.path).name}:{self.chain}"
+        return f"{paths.given(self.path).name}:{self.chain}"
 
     def contact_map(self, threshold: float = CONTACT_THRESHOLD) -> np.ndarray:
         """[L, L] int8: 1 for CB-CB distance < threshold, 0 for farther, -1 where a coordinate is
@@ -83,16 +88,24 @@ class ChainStructure:
 
 
 def split_spec(spec: str) -> tuple[str, str | None]:
-    """``FILE`` or ``FILE:CHAIN`` (the chain part is the author chain id)."""
-    if not Path(spec).exists() and ":" in spec:
+    """``FILE`` or ``FILE:CHAIN`` (the chain part is the author chain id); ``FILE`` may be a bucket
+    URL (``gs://b/1abc.pdb:A``)."""
+    if ":" in spec.split("://", 1)[-1] and not _exists(spec):
         path, chain = spec.rsplit(":", 1)
         if chain and len(chain) <= 4 and chain.isalnum():
             return path, chain
     return spec, None
 
 
+def _exists(spec: str) -> bool:
+    with paths.remote_errors(spec):
+        return paths.given(spec).exists()
+
+
 def _open_text(path: Path) -> io.StringIO:
-    raw = path.read_bytes()
+    """The whole file (a local path or an ``epath.Path`` of a bucket object) as text."""
+    with paths.remote_errors(str(path)):
+        raw = path.read_bytes()
     if path.suffix == ".gz":
         raw = gzip.decompress(raw)
     return io.StringIO(raw.decode("utf-8", errors="replace"))
@@ -348,14 +361,15 @@ def read_chain(spec: str, chain: str | None = None, sequence: str = "seqres") ->
     except ImportError:
         raise InputError("reading structures needs biotite: pip install 'esmjax[eval]'") from None
     path_str, spec_chain = split_spec(spec)
-    path = Path(path_str)
+    path = paths.given(path_str)
     chain = chain or spec_chain
-    if not path.is_file():
-        raise StructureError(f"{path}: no such structure file")
+    with paths.remote_errors(path_str):
+        if not path.is_file():
+            raise StructureError(f"{path}: no such structure file")
     fmt = _file_format(path)
     try:
         out = _read_pdb(path, chain, sequence) if fmt == "pdb" else _read_cif(path, chain, sequence)
-    except StructureError:
+    except InputError:  # StructureError, or the store failing (_open_text)
         raise
     except Exception as e:  # biotite raises a variety of types for malformed files
         raise StructureError(

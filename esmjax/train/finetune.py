@@ -1,7 +1,8 @@
 """Supervised fine-tuning of ESM-2 (``esmjax finetune``): a task head on any backbone, in full,
 LoRA or frozen mode, on the pretraining machinery (mesh and rules, gradient accumulation,
-asynchronous Orbax checkpoints with exact resume, SIGTERM, ``metrics.jsonl``, TensorBoard, the
-progress bar).
+asynchronous Orbax checkpoints with exact resume, SIGTERM within one step
+(``esmjax/train/preemption.py``), ``metrics.jsonl``, TensorBoard, the progress bar). The workdir and
+every input file may be a bucket URL (``esmjax.io.paths``).
 
 The run, top to bottom: data (``esmjax.io.labeled``) -> targets -> model (``TaskModel``: backbone
 + head, LoRA attached) -> initial weights (the backbone from its checkpoint, head and adapters
@@ -45,7 +46,7 @@ from esmjax.config import CheckpointConfig, FinetuneConfig, to_dict
 from esmjax.evaluate import finetune_metrics as fm
 from esmjax.inference.engine import Engine
 from esmjax.inference.task import Setup, count, merge_trees, predict, split_tree
-from esmjax.io import labeled
+from esmjax.io import labeled, paths
 from esmjax.io.checkpoint import pure_dict_shardings
 from esmjax.parallel import platform as plat
 from esmjax.parallel import sharding as shd
@@ -53,7 +54,7 @@ from esmjax.train import metrics as tm
 from esmjax.train.checkpoints import TrainCheckpointer
 from esmjax.train.finetune_data import Encoded, Targets, train_batch
 from esmjax.train.optim import make_finetune_optimizer
-from esmjax.train.preemption import StopSignal, agree_on_host
+from esmjax.train.preemption import StopSignal, flag_inputs, with_stop_flag
 from esmjax.train.state import TrainState, shardings_for
 
 log = logging.getLogger("esmjax.finetune")
@@ -167,9 +168,11 @@ def run(
     stop_after: int | None = None,
 ) -> dict[str, Any]:
     """Fine-tunes (or resumes) ``cfg`` in ``workdir``; returns the final report."""
-    workdir = Path(workdir).absolute()
+    workdir = paths.path(workdir)  # a local folder or a bucket URL (gs://)
     saved = workdir / "config.json"
-    if saved.exists():  # a resumed run must be the same model and task
+    with paths.remote_errors(workdir):
+        found = saved.exists()
+    if found:  # a resumed run must be the same model and task
         old = json.loads(saved.read_text()).get("finetune", {})
         new = to_dict(cfg)
         keys = ("backbone", "task", "multi_label", "head", "mode", "lora")
@@ -252,14 +255,18 @@ def run(
             start = int(meta["step"])
             log.info("resumed from step %d", start)
         if jax.process_index() == 0:
-            workdir.mkdir(parents=True, exist_ok=True)
-            (workdir / "config.json").write_text(json.dumps(setup.config_json(), indent=2))
+            with paths.remote_errors(workdir):
+                workdir.mkdir(parents=True, exist_ok=True)
+                (workdir / "config.json").write_text(json.dumps(setup.config_json(), indent=2))
 
+        # step(state, frozen, batch, flags) -> (state, metrics, stop): the stop flag of every
+        # process agreed inside the step (esmjax/train/preemption.py)
         step_fn = jax.jit(
-            make_step(setup.graphdef, tx, (lr_b, lr_h), cfg.task, cfg.multi_label),
-            out_shardings=(shardings, None),
+            with_stop_flag(make_step(setup.graphdef, tx, (lr_b, lr_h), cfg.task, cfg.multi_label)),
+            out_shardings=(shardings, None, NamedSharding(mesh, P())),
             donate_argnums=0,
         )
+        flags = flag_inputs(mesh)
         engine = Engine(
             nnx.merge(setup.graphdef, nnx.State(merge_trees(state.variables, frozen))), mesh, rules
         )
@@ -275,7 +282,38 @@ def run(
         key = f"valid_{cfg.metric}"
         lower_better = cfg.metric in ("rmse", "loss")
         best = meta.get("best", {"value": None, "step": 0, "since": 0})
-        preemption = StopSignal()
+        stopped_early = bool(meta.get("early_stopped", False))
+
+        def check_validation(state: TrainState) -> None:
+            """Validation of ``state``: the best step so far (saved under ``W/best``) and the
+            early stop."""
+            nonlocal best, stopped_early
+            at = int(state.step)
+            ev = validate(state.variables, "valid")
+            if key in ev:
+                value = ev[key]
+                better = best["value"] is None or (
+                    value < best["value"] if lower_better else value > best["value"]
+                )
+                if better and np.isfinite(value):
+                    best = {"value": value, "step": at, "since": 0}
+                    # already there when a killed run replays this step: the same weights
+                    if best_ckptr.latest_step() != at:
+                        best_ckptr.save(state, {"best": best})
+                else:
+                    best["since"] += 1
+                ev["best_" + key] = best["value"]
+                stopped_early = bool(cfg.patience and best["since"] >= cfg.patience)
+            writer.write(at, ev)
+
+        def next_batch(at: int) -> tuple[dict, int]:
+            """Step ``at``'s batch (0-based: the order is a function of the step) on the mesh."""
+            b = train_batch(data["train"], at, cfg.data.batch_size, cfg.data.seed)
+            return _put(b, accum, row_axes), int(b["tokens"].size)
+
+        if meta.get("pending_eval") and not stopped_early:
+            # preempted at a validation step, which was skipped to save in time: it comes first
+            check_validation(state)
         bar = tqdm(
             total=cfg.num_steps,
             initial=start,
@@ -285,17 +323,25 @@ def run(
             disable=not progress or jax.process_index() != 0,
             dynamic_ncols=True,
         )
-        step, stopped_early = start, bool(meta.get("early_stopped", False))
+        step = start
         since, since_step, tokens_since = time.perf_counter(), start, 0
+        signals = StopSignal()
+        signals.step = step
+        preempted = False
         try:
+            if step < cfg.num_steps and not stopped_early:
+                batch, batch_tokens = next_batch(step)
             while step < cfg.num_steps and not stopped_early:
-                batch = train_batch(data["train"], step, cfg.data.batch_size, cfg.data.seed)
-                state, m = step_fn(state, frozen, _put(batch, accum, row_axes))
                 step += 1
+                signals.step = step
+                state, m, agreed = step_fn(state, frozen, batch, flags[signals.flag])
+                agreed.copy_to_host_async()
+                tokens_since += batch_tokens
+                if step < cfg.num_steps:  # prepared while the step runs
+                    batch, batch_tokens = next_batch(step)
                 bar.update(1)
-                boundary = step % cfg.log_every == 0 or step == cfg.num_steps
-                tokens_since += int(batch["tokens"].size)
-                if boundary:
+                preempted = bool(agreed)  # waits for this step; the same value on every process
+                if step % cfg.log_every == 0 or step == cfg.num_steps:
                     m = {k: float(v) for k, v in jax.device_get(m).items()}
                     now = time.perf_counter()  # padding included; includes compilation at first
                     m["tokens_per_second"] = tokens_since / max(now - since, 1e-9)
@@ -303,28 +349,19 @@ def run(
                     since, since_step, tokens_since = now, step, 0
                     writer.write(step, m)
                     bar.set_postfix(loss=f"{m['loss']:.4f}")
-                if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.num_steps):
-                    ev = validate(state.variables, "valid")
-                    if key in ev:
-                        value = ev[key]
-                        better = best["value"] is None or (
-                            value < best["value"] if lower_better else value > best["value"]
-                        )
-                        if better and np.isfinite(value):
-                            best = {"value": value, "step": step, "since": 0}
-                            best_ckptr.save(state, {"best": best})
-                        else:
-                            best["since"] += 1
-                        ev["best_" + key] = best["value"]
-                        stopped_early = bool(cfg.patience and best["since"] >= cfg.patience)
-                    writer.write(step, ev)
-                stop = (boundary and agree_on_host(preemption.flag)) or stopped_early
+                due = bool(cfg.eval_every) and (step % cfg.eval_every == 0 or step == cfg.num_steps)
+                # On preemption the checkpoint comes first: the validation (which could outlast
+                # the grace period) is marked pending and run by the resumed run.
+                if due and not preempted:
+                    check_validation(state)
+                stop = preempted or stopped_early
                 if stop_after is not None and step - start >= stop_after:
                     stop = True
                 if step % cfg.checkpoint.every == 0 or step == cfg.num_steps or stop:
                     meta_out = {
                         "best": best,
                         "early_stopped": stopped_early,
+                        "pending_eval": due and preempted,
                         "config": to_dict(cfg),
                     }
                     ckptr.save(state, meta_out)
@@ -335,13 +372,13 @@ def run(
                     break
         finally:
             bar.close()
-            preemption.restore()
+            signals.restore()
             ckptr.close()
         if stopped_early:
             log.info(
                 "early stop at step %d: no better %s for %d evaluations", step, key, cfg.patience
             )
-        if step < cfg.num_steps and not stopped_early:
+        if preempted or (step < cfg.num_steps and not stopped_early):
             writer.close()
             best_ckptr.close()
             return {"step": step}
@@ -386,7 +423,8 @@ def run(
         writer.close()
         if jax.process_index() == 0:
             clean = json.loads(json.dumps(report, default=float).replace("NaN", "null"))
-            (workdir / "report.json").write_text(json.dumps(clean, indent=2))
+            with paths.remote_errors(workdir):
+                (workdir / "report.json").write_text(json.dumps(clean, indent=2))
             shown = [k for k in report if k.startswith("test_")]
             nan = float("nan")
             line = ", ".join(

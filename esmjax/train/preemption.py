@@ -20,6 +20,13 @@ signalled, without a host round trip per step:
    resumed run continues exactly) and leaves. Every process reads the same value after the same
    step, so they all save the same step.
 
+Both loops work this way: pretraining (``esmjax/train/loop.py``) and fine-tuning
+(``esmjax/train/finetune.py``, whose batch order is a function of the step, so its checkpoint
+needs no iterator position). Work that could outlast the grace period is left to the resumed run:
+pretraining skips a due evaluation; fine-tuning marks a skipped validation as pending in the
+checkpoint and runs it first when it resumes, since validation decides the best step and early
+stopping.
+
 A signal that arrives while step ``n`` is being dispatched or run is carried by step ``n`` or
 ``n + 1``, and the run saves and exits right after that step: within one step of where the signal
 found it. The price is that the host waits for each step to finish before dispatching the next (it
@@ -78,17 +85,6 @@ class StopSignal:
             signal.signal(s, old)
 
 
-def agree_on_host(flag: bool) -> bool:
-    """Whether any process's ``flag`` is set, by a host all-gather: a round trip, so only for loops
-    that look at the flag on logging steps (fine-tuning does today; pretraining reduces the flag
-    inside its jitted step instead)."""
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils
-
-    return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
-
-
 def flag_sharding(mesh: Mesh) -> NamedSharding:
     """One element per device: the flag vector [D] split over every mesh axis."""
     return NamedSharding(mesh, P(tuple(mesh.axis_names)))
@@ -113,12 +109,15 @@ def flag_inputs(mesh: Mesh) -> tuple[jax.Array, jax.Array]:
 
 
 def with_stop_flag(train_step: Callable) -> Callable:
-    """``train_step(state, batch) -> (state, metrics)`` to
-    ``step(state, batch, flags) -> (state, metrics, stop)``: ``flags`` [D] int32 from
-    :func:`flag_inputs`, ``stop`` the max over every device (so over every process), a scalar."""
+    """``train_step(state, *inputs) -> (state, metrics)`` to
+    ``step(state, *inputs, flags) -> (state, metrics, stop)``: ``flags`` [D] int32 from
+    :func:`flag_inputs` (always the last argument), ``stop`` the max over every device (so over
+    every process), a scalar. Pretraining's step takes ``(state, batch)``, fine-tuning's
+    ``(state, frozen, batch)``; both loops use this one wrapper."""
 
-    def step(state, batch, flags: jax.Array):
-        state, metrics = train_step(state, batch)
+    def step(state, *args):
+        *inputs, flags = args
+        state, metrics = train_step(state, *inputs)
         return state, metrics, jnp.max(flags)
 
     return step
