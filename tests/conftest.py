@@ -40,3 +40,31 @@ def scope_dir(tmp_path_factory):
     from data_fixtures import built
 
     return built(tmp_path_factory, "scope")
+
+
+_CACHE_OPTIONS = {
+    "jax_compilation_cache_dir": None,
+    "jax_persistent_cache_min_compile_time_secs": 0,
+    "jax_persistent_cache_min_entry_size_bytes": 0,
+}
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+    """JAX's persistent compilation cache in a temporary folder while the module that asks for it
+    runs (for modules whose runs compile the same programs again: a new ``jax.jit`` of the same
+    step misses the in-memory cache); the previous settings afterwards (``reset_cache`` makes JAX
+    read them again). Uses ``jax._src.compilation_cache.reset_cache``, a private function."""
+    from jax._src import compilation_cache as cc
+
+    old = {k: getattr(jax.config, k) for k in _CACHE_OPTIONS}
+    new = dict(_CACHE_OPTIONS, jax_compilation_cache_dir=str(tmp_path_factory.mktemp("xla")))
+    for k, v in new.items():
+        jax.config.update(k, v)
+    cc.reset_cache()
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            jax.config.update(k, v)
+        cc.reset_cache()

@@ -29,7 +29,6 @@ import signal
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 from test_finetune import files  # noqa: F401  (the module fixture: backbone and SCOPe CSV)
@@ -52,30 +51,7 @@ CONFIG = {
 }
 
 
-CACHE_OPTIONS = {
-    "jax_compilation_cache_dir": None,
-    "jax_persistent_cache_min_compile_time_secs": 0,
-    "jax_persistent_cache_min_entry_size_bytes": 0,
-}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """JAX's persistent compilation cache in a temporary folder while this module runs; the
-    previous settings afterwards (``reset_cache`` makes JAX read them again)."""
-    from jax._src import compilation_cache as cc
-
-    old = {k: getattr(jax.config, k) for k in CACHE_OPTIONS}
-    new = dict(CACHE_OPTIONS, jax_compilation_cache_dir=str(tmp_path_factory.mktemp("xla")))
-    for k, v in new.items():
-        jax.config.update(k, v)
-    cc.reset_cache()
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            jax.config.update(k, v)
-        cc.reset_cache()
+pytestmark = pytest.mark.usefixtures("compilation_cache")  # tests/conftest.py
 
 
 def _config(tmp_path, files):  # noqa: F811
