@@ -8,8 +8,9 @@
 # GPU cluster / a TPU VM", "Object storage") on every host, then starts the same command on all of them;
 # jax.distributed.initialize() detects the pod (coordinator, process ids) by itself. The workdir and dataset are
 # gs:// URLs every host reads with the TPU VM's service account (application-default credentials): Orbax writes
-# the checkpoints from every host straight to the bucket, each host stages the dataset to local disk once
-# (~/.cache/esmjax/staged, or ESMJAX_STAGE_DIR: the dataset's size must fit there).
+# the checkpoints from every host straight to the bucket, and each host streams the records it draws from the
+# dataset by range requests, keeping only the index files on local disk (~/.cache/esmjax/staged, or
+# ESMJAX_STAGE_DIR); a dataset built before token files existed is staged whole there instead.
 # Preemptible/spot slices: SIGTERM (about 30 s of notice) saves the current step within one step and exits 0;
 # re-run the same command after the slice is back and it resumes.
 set -euo pipefail

@@ -25,12 +25,22 @@ def free_port() -> int:
     return port
 
 
+# The emulator serves one connection at a time from a listen queue of 5 (the default of
+# ``http.server.HTTPServer``): concurrent clients beyond that (gcsfs sends a batch's range reads at
+# once) have their connection attempts dropped and retried by TCP after 1 s, 3 s, ... A longer
+# queue lets them wait their turn instead.
+BOOT = (
+    "import sys, http.server; http.server.HTTPServer.request_queue_size = 1024; "
+    "from gcp_storage_emulator.__main__ import main; main(sys.argv[1:])"
+)
+
+
 def start_emulator(port: int, data_dir: Path | None = None) -> subprocess.Popen:
     """The server in memory, or persisting to ``data_dir`` (a restart on the same folder serves
     the same objects)."""
     store = ["--data-dir", str(data_dir)] if data_dir else []
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gcp_storage_emulator", *store, "start"]
+        [sys.executable, "-c", BOOT, *store, "start"]
         + ["--host", "127.0.0.1", "--port", str(port), "--default-bucket", BUCKET]
         + ([] if data_dir else ["--in-memory"]),
         stdout=subprocess.DEVNULL,

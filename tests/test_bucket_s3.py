@@ -1,6 +1,7 @@
-"""``s3://`` paths (datasets, FASTA inputs) against moto's S3 API server on 127.0.0.1, in process:
-s3fs (behind ``etils.epath``) reaches it through ``AWS_ENDPOINT_URL_S3`` and dummy ``AWS_*``
-credentials. Checkpoints cannot be stored in ``s3://`` with this Orbax (README "Object storage")."""
+"""``s3://`` paths (datasets built, inspected and streamed; FASTA inputs) against moto's S3 API
+server on 127.0.0.1, in process: s3fs (behind ``etils.epath``) reaches it through
+``AWS_ENDPOINT_URL_S3`` and dummy ``AWS_*`` credentials. Checkpoints cannot be stored in ``s3://``
+with this Orbax (README "Object storage")."""
 
 import io
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from esmjax.cli import main as cli
+from esmjax.data.source import open_split
 from esmjax.io.fasta import read_fasta
 
 BUCKET = "esmjax-s3"
@@ -71,6 +73,14 @@ def test_s3_data_build_inspect_and_embed(s3, tmp_path, shared_data, capsys):
     capsys.readouterr()
     assert cli(["data", "inspect", ds]) == 0
     assert "100" in capsys.readouterr().out
+
+    # streamed by range requests; the ArrayRecord files (staged for describe) hold the same tokens
+    split = open_split(ds, "train")
+    assert split.remote == ds
+    idx = np.arange(split.num_records)
+    for a, b in zip(split.read(idx[::-1]), split.read_array_record(idx[::-1])):
+        np.testing.assert_array_equal(a, b)
+    assert split.token_file().requests >= 1
 
     ck = tmp_path / "ck"
     model = ESM2(ESM2_PRESETS["tiny"], rngs=nnx.Rngs(0))

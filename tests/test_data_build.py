@@ -191,10 +191,29 @@ def test_membership_groups_clusters(tmp_path_factory):
 def test_fast_record_reads_match_tfds_decoding(tmp_path_factory):
     split = open_split(built(tmp_path_factory, "cath"), "validation")
     idx = np.arange(split.num_records)[::-1]
-    fast = split.read(idx)
+    fast = split.read(idx)  # the token file
     slow = split.source.__getitems__(idx.tolist())  # TFDS's own decoding
     assert all(np.array_equal(a, b["tokens"]) and a.dtype == np.uint8 for a, b in zip(fast, slow))
     assert [len(a) for a in fast] == np.asarray(split.lengths)[idx].tolist()
+
+
+def test_token_file_holds_the_array_record_tokens_in_record_order(tmp_path_factory):
+    """``<split>.tokens.bin`` is every record's residue ids concatenated in record order: its size
+    is in the metadata, and reads from it equal the ArrayRecord reads (multi-member clusters)."""
+    ds = built(tmp_path_factory, "scope")
+    meta = read_meta(ds)
+    for name in ("train", "validation"):
+        split = open_split(ds, name)
+        info = meta["splits"][name]
+        data = (ds / f"{name}.tokens.bin").read_bytes()
+        assert len(data) == info["tokens_bytes"] == info["residues"] == split.lengths.sum()
+        idx = np.arange(split.num_records)
+        from_array_record = split.read_array_record(idx)
+        assert data == b"".join(a.tobytes() for a in from_array_record)
+        rng = np.random.default_rng(0)
+        some = rng.integers(0, split.num_records, 2000)
+        for a, b in zip(split.read(some), split.read_array_record(some)):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_beam_direct_runner_matches_the_local_build(tmp_path):
@@ -214,6 +233,8 @@ def test_beam_direct_runner_matches_the_local_build(tmp_path):
     )
     for s in ("train", "validation"):
         assert local["splits"][s] == beam["splits"][s]
+        name = f"{s}.tokens.bin"
+        assert (tmp_path / "local" / name).read_bytes() == (tmp_path / "beam" / name).read_bytes()
     assert beam["stats"]["summary"] == local["stats"]["summary"]
     dup = write(tmp_path / "dup.fa", GOOD + ">b\nMKT\n")
     with pytest.raises(BuildError, match=r"dup\.fa:7: duplicate record id 'b'"):

@@ -15,8 +15,11 @@ A build has four steps; a back-end (``Backend``) does steps 1-3 and this module 
    falls below ``val_fraction`` (``source.held_out``). Records are keyed by (cluster hash, member
    hash) with shuffling disabled, so TFDS's external sort writes each cluster's members contiguously
    (ESM-2 / BioNeMo hold out whole UniRef50 clusters).
-4. An index pass (``write_index``) reads the splits back once and writes ``<split>.lengths.npy`` and
-   ``<split>.offsets.npy``; ``esmjax_dataset.json`` records sources, counts and the skip summary.
+4. An index pass (``write_index``) reads the splits back once and writes ``<split>.lengths.npy``,
+   ``<split>.offsets.npy`` and the token file ``<split>.tokens.bin`` (every record's residue ids
+   concatenated in record order, ``esmjax.data.tokens``: what training reads, locally memory-mapped
+   and from a bucket by byte ranges); ``esmjax_dataset.json`` records sources, counts, each token
+   file's size and the skip summary.
 
 The back-ends are ``esmjax.data.build_local`` (one process; an SQLite registry keeps memory bounded)
 and ``esmjax.data.build_beam`` (Apache Beam, for UniRef scale); ``esmjax.data.build`` picks one
@@ -47,7 +50,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tqdm import tqdm
 
-from esmjax.data import source
+from esmjax.data import source, tokens
 from esmjax.io import paths
 from esmjax.io.fasta import FastaError, FastaStats, open_text
 from esmjax.models.alphabet import encode
@@ -214,8 +217,8 @@ def _write_npy(path: Path, chunks_file: Path, dtype: np.dtype, count: int) -> No
 
 
 def write_index(folder: Path, split: str, num_records: int) -> dict[str, Any]:
-    """Reads a written split in order and writes its lengths and cluster offsets; returns the
-    split's stats."""
+    """Reads a written split in order and writes its lengths, cluster offsets and token file;
+    returns the split's stats (``tokens_bytes``: the token file's size, which readers check)."""
     builder = tfds.builder_from_directory(str(folder / source.TFDS_NAME / source.TFDS_VERSION))
     data = builder.as_data_source(split=split)
     if len(data) != num_records:
@@ -224,12 +227,14 @@ def write_index(folder: Path, split: str, num_records: int) -> dict[str, Any]:
     digest_len, digest_off = hashlib.blake2b(digest_size=8), hashlib.blake2b(digest_size=8)
     prev: bytes | None = None
     clusters = residues = 0
-    with open(raw_len, "wb") as fl, open(raw_off, "wb") as fo:
+    tokens_file = folder / tokens.file_name(split)
+    with open(raw_len, "wb") as fl, open(raw_off, "wb") as fo, open(tokens_file, "wb") as ft:
         for lo in tqdm(
             range(0, num_records, _BATCH), desc=f"indexing {split}", unit=" chunks", file=sys.stderr
         ):
             recs = data.__getitems__(list(range(lo, min(lo + _BATCH, num_records))))
             lengths = np.fromiter((len(r["tokens"]) for r in recs), np.int32, len(recs))
+            ft.write(b"".join(np.asarray(r["tokens"], np.uint8).tobytes() for r in recs))
             starts = []
             for i, r in enumerate(recs):
                 if r["cluster"] != prev:
@@ -250,7 +255,15 @@ def write_index(folder: Path, split: str, num_records: int) -> dict[str, Any]:
     _write_npy(folder / f"{split}.offsets.npy", raw_off, np.dtype(np.int64), clusters + 1)
     # Same value as source.fingerprint(lengths, offsets), computed while streaming.
     fp = hashlib.blake2b(digest_len.digest() + digest_off.digest(), digest_size=8).hexdigest()
-    return {"records": num_records, "clusters": clusters, "residues": residues, "fingerprint": fp}
+    if tokens_file.stat().st_size != residues:
+        raise BuildError(f"{tokens_file}: wrote {tokens_file.stat().st_size} bytes, not {residues}")
+    return {
+        "records": num_records,
+        "clusters": clusters,
+        "residues": residues,
+        "fingerprint": fp,
+        "tokens_bytes": residues,
+    }
 
 
 def build(

@@ -37,7 +37,6 @@ import queue
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -46,7 +45,7 @@ from esmjax.config import DataConfig
 from esmjax.data.masking import mask_tokens
 from esmjax.data.packing import Packed, assemble, pack_block
 from esmjax.data.sampling import TAG_MASK, ClusterSampler, Draws, derive_key
-from esmjax.data.source import DatasetError, Split, open_split
+from esmjax.data.source import DatasetError, Split, is_dataset_dir, open_split
 
 BLOCK_DRAWS = 4096
 EVAL_SEED = 0x5EED
@@ -438,7 +437,7 @@ def eval_split(cfg: DataConfig) -> Split:
     """``cfg.eval`` (a built folder's ``validation`` split or a whole FASTA file) or, when empty,
     the held-out part of ``cfg.train``."""
     if cfg.eval:
-        return open_split(cfg.eval, "validation" if Path(cfg.eval).is_dir() else "all")
+        return open_split(cfg.eval, "validation" if is_dataset_dir(cfg.eval) else "all")
     return open_split(cfg.train, "validation", val_fraction=cfg.val_fraction)
 
 

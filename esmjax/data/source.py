@@ -1,14 +1,26 @@
-"""Read side of a dataset: a split's records grouped by cluster, from a built folder or straight
-from a FASTA file.
+"""Read side of a dataset: a split's records grouped by cluster, from a built folder (local or in a
+bucket) or straight from a FASTA file.
 
 A split exposes ``lengths`` [N] (residues per record) and ``offsets`` [C + 1] (cluster ``c`` owns
 records ``offsets[c] .. offsets[c + 1] - 1``), both small integer arrays (memory-mapped for a built
 folder), and reads records by index. A built folder (``esmjax data build``) holds the TFDS
-ArrayRecord files, read through ``tfds``'s NumPy-only data source (no TensorFlow), plus
-``<split>.lengths.npy`` / ``<split>.offsets.npy`` and ``esmjax_dataset.json``. A FASTA file is read
-whole into memory, each record its own cluster; its ``train`` and ``validation`` splits follow the
-same hold-out rule as ``esmjax data build`` (``held_out``), and ``all`` is everything (for
-evaluating on a FASTA file).
+ArrayRecord files, ``<split>.lengths.npy`` / ``<split>.offsets.npy``, the token file
+``<split>.tokens.bin`` (every record's residue ids concatenated, ``esmjax.data.tokens``) and
+``esmjax_dataset.json``. Records are read from the token file: memory-mapped from a local folder;
+from a bucket folder (``gs://``, ``s3://``) by HTTP range requests for just the records this host
+draws (``esmjax.io.ranges``), after the split's index files alone were downloaded to the stage root
+(``_open_bucket_folder``). Cluster sampling draws every host's rows from the whole dataset, so no
+partition of the files would spare a host any of them; reading by record does.
+
+Folders built before the token file existed are read from the ArrayRecord files through TFDS's
+NumPy-only data source (no TensorFlow), and from a bucket they are still copied whole to every host
+(``paths.stage``: ArrayRecord 0.8.6 opens local files only), with a warning that suggests
+rebuilding. Record ids and cluster names (``describe``, ``esmjax data inspect --sample``) live in
+the ArrayRecord files only; for a bucket folder ``describe`` stages those files on first use.
+
+A FASTA file is read whole into memory, each record its own cluster; its ``train`` and
+``validation`` splits follow the same hold-out rule as ``esmjax data build`` (``held_out``), and
+``all`` is everything (for evaluating on a FASTA file).
 """
 
 from __future__ import annotations
@@ -16,14 +28,17 @@ from __future__ import annotations
 import abc
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from esmjax.data import tokens
 from esmjax.errors import InputError
 from esmjax.io import paths
 from esmjax.io.fasta import read_fasta
+from esmjax.io.ranges import RangeFile
 from esmjax.models.alphabet import encode
 
 META_FILE = "esmjax_dataset.json"
@@ -32,6 +47,8 @@ FORMAT_VERSION = 1
 TFDS_NAME = "esmjax_protein_clusters"
 TFDS_VERSION = "1.0.0"
 SPLITS = ("train", "validation")
+
+log = logging.getLogger(__name__)
 
 
 class DatasetError(InputError):
@@ -55,10 +72,16 @@ def record_key(cluster: str, member: str) -> int:
     return (hash64("c\0" + cluster) << 64) | hash64("m\0" + member)
 
 
+def _digest(a: np.ndarray, dtype: type) -> bytes:
+    h = hashlib.blake2b(digest_size=8)
+    for lo in range(0, len(a), 1 << 24):  # chunked: the array may be memory-mapped and huge
+        h.update(np.ascontiguousarray(a[lo : lo + (1 << 24)], dtype).tobytes())
+    return h.digest()
+
+
 def fingerprint(lengths: np.ndarray, offsets: np.ndarray) -> str:
     """A short hash of a split's index (``esmjax data build`` computes the same while streaming)."""
-    a = hashlib.blake2b(np.ascontiguousarray(lengths, np.int32).tobytes(), digest_size=8).digest()
-    b = hashlib.blake2b(np.ascontiguousarray(offsets, np.int64).tobytes(), digest_size=8).digest()
+    a, b = _digest(lengths, np.int32), _digest(offsets, np.int64)
     return hashlib.blake2b(a + b, digest_size=8).hexdigest()
 
 
@@ -67,16 +90,27 @@ def is_dataset_dir(path: str | Path) -> bool:
         return (paths.path(path) / META_FILE).is_file()
 
 
-def read_meta(folder: str | Path) -> dict[str, Any]:
+def _parse_meta(text: str, where: str) -> dict[str, Any]:
+    try:
+        meta = json.loads(text)
+    except ValueError as e:
+        raise DatasetError(f"{where}: cannot read dataset metadata ({e})") from None
+    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+        raise DatasetError(f"{where}: not an esmjax dataset of format version {FORMAT_VERSION}")
+    return meta
+
+
+def _meta_text(folder: str | Path) -> str:
     p = (paths.path(folder) if paths.is_remote(folder) else Path(folder)) / META_FILE
     try:
         with paths.remote_errors(folder):
-            meta = json.loads(p.read_text())
-    except (OSError, ValueError) as e:
+            return p.read_text()
+    except OSError as e:
         raise DatasetError(f"{p}: cannot read dataset metadata ({e})") from None
-    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
-        raise DatasetError(f"{p}: not an esmjax dataset of format version {FORMAT_VERSION}")
-    return meta
+
+
+def read_meta(folder: str | Path) -> dict[str, Any]:
+    return _parse_meta(_meta_text(folder), f"{folder}/{META_FILE}")
 
 
 class Split(abc.ABC):
@@ -122,44 +156,104 @@ class Split(abc.ABC):
 
 
 class FolderSplit(Split):
-    """A split of a folder made by ``esmjax data build`` (TFDS ArrayRecord + index arrays)."""
+    """A split of a folder made by ``esmjax data build``.
 
-    def __init__(self, folder: str | Path, split: str):
+    Args:
+      folder: the local dataset folder, or (streaming) the local folder holding copies of the
+        bucket folder's ``esmjax_dataset.json`` and the split's index files.
+      split: ``train`` or ``validation``.
+      remote: the dataset's bucket URL when its token file is read from there by range requests.
+      check: compare the token file's size with the metadata (skipped when a data worker
+        unpickles the split: the parent process checked).
+    """
+
+    def __init__(
+        self, folder: str | Path, split: str, *, remote: str | None = None, check: bool = True
+    ):
         self.folder = Path(folder)
         self.name = split
+        self.remote = remote
         meta = read_meta(self.folder)
         info = meta["splits"].get(split)
+        where = remote or self.folder
         if info is None or info["records"] == 0:
-            raise DatasetError(f"{self.folder}: the dataset has no {split} records")
+            raise DatasetError(f"{where}: the dataset has no {split} records")
         self.lengths = np.load(self.folder / f"{split}.lengths.npy", mmap_mode="r")
         self.offsets = np.load(self.folder / f"{split}.offsets.npy", mmap_mode="r")
         self.fingerprint = info["fingerprint"]
+        # None: built before token files existed, read from ArrayRecord
+        self.tokens_bytes: int | None = info.get("tokens_bytes")
         self._source = None
+        self._index: tokens.TokenIndex | None = None
+        self._data: np.ndarray | None = None  # the local token file, memory-mapped
+        self._remote: RangeFile | None = None
+        if remote is not None and self.tokens_bytes is None:
+            raise DatasetError(f"{remote}: no {tokens.file_name(split)} to stream from")
+        if check and self.tokens_bytes is not None:
+            file = self.token_file()
+            size = file.size() if isinstance(file, RangeFile) else file.stat().st_size
+            if size != self.tokens_bytes:
+                raise DatasetError(
+                    f"{file.url if isinstance(file, RangeFile) else file}: {size} bytes, the "
+                    f"dataset's metadata says {self.tokens_bytes} (an incomplete copy?)"
+                )
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"folder": self.folder, "name": self.name}
+        return {"folder": self.folder, "name": self.name, "remote": self.remote}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["folder"], state["name"])
+        self.__init__(state["folder"], state["name"], remote=state.get("remote"), check=False)
+
+    def token_file(self) -> Path | RangeFile:
+        """The token file: a local path, or a ``RangeFile`` on the bucket object (made once; it
+        counts the requests and bytes this process sent)."""
+        if self.remote is None:
+            file = self.folder / tokens.file_name(self.name)
+            if not file.is_file():
+                raise DatasetError(f"{file}: missing (an incomplete copy of the dataset?)")
+            return file
+        if self._remote is None:
+            self._remote = RangeFile(str(paths.path(self.remote) / tokens.file_name(self.name)))
+        return self._remote
 
     @property
     def source(self) -> Any:
+        """TFDS's data source over the split's ArrayRecord files (staged first for a bucket
+        folder: ArrayRecord reads local files only)."""
         if self._source is None:
             import tensorflow_datasets as tfds
 
-            builder = tfds.builder_from_directory(str(self.folder / TFDS_NAME / TFDS_VERSION))
+            if self.remote is None:
+                tfds_dir = self.folder / TFDS_NAME / TFDS_VERSION
+            else:
+                tfds_dir = paths.stage(str(paths.path(self.remote) / TFDS_NAME / TFDS_VERSION))
+            builder = tfds.builder_from_directory(str(tfds_dir))
             self._source = builder.as_data_source(split=self.name)
         return self._source
 
     def _read(self, records: np.ndarray) -> list[np.ndarray]:
-        # The raw ArrayRecord bytes parsed straight into the token bytes: 4x faster than TFDS's
-        # generic decoding
-        # (each record is a tf.train.Example whose "tokens" feature holds the raw uint8 ids,
-        # Encoding.BYTES).
+        if self.tokens_bytes is None:
+            return self.read_array_record(records)
+        if self._index is None:
+            self._index = tokens.TokenIndex(self.lengths)
+        starts, ends = self._index.ranges(records)
+        file = self.token_file()
+        if isinstance(file, RangeFile):
+            return [np.frombuffer(b, np.uint8) for b in file.read(starts, ends)]
+        if self._data is None:
+            self._data = np.asarray(np.memmap(file, np.uint8, mode="r"))
+        return [self._data[a:z] for a, z in zip(starts.tolist(), ends.tolist())]
+
+    def read_array_record(self, records: np.ndarray) -> list[np.ndarray]:
+        """Residue ids of records read from the ArrayRecord files (datasets without token files).
+
+        The raw ArrayRecord bytes are parsed straight into the token bytes, 4x faster than TFDS's
+        generic decoding: each record is a tf.train.Example whose "tokens" feature holds the raw
+        uint8 ids (Encoding.BYTES)."""
         from tensorflow_datasets.proto import tf_example_pb2
 
         parse = tf_example_pb2.Example.FromString
-        raw = self.source.data_source.__getitems__(records.tolist())
+        raw = self.source.data_source.__getitems__(np.asarray(records, np.int64).tolist())
         return [
             np.frombuffer(parse(r).features.feature["tokens"].bytes_list.value[0], np.uint8)
             for r in raw
@@ -218,10 +312,10 @@ def open_split(path: str | Path, split: str, *, val_fraction: float = 0.0) -> Sp
         with paths.remote_errors(url):
             is_folder = (paths.path(url) / META_FILE).exists()
             is_file = not is_folder and paths.path(url).is_file()
-        if is_folder:  # ArrayRecord reads local files only: stage the folder once per host
+        if is_folder:
             if split not in SPLITS:
                 raise DatasetError(f"{url}: a dataset folder has splits {SPLITS}, not {split!r}")
-            return FolderSplit(paths.stage(url), split)
+            return _open_bucket_folder(url, split)
         if not is_file:
             raise DatasetError(f"{url}: no dataset folder ({META_FILE}) or FASTA file there")
         return FastaSplit(url, split, val_fraction)
@@ -237,3 +331,55 @@ def open_split(path: str | Path, split: str, *, val_fraction: float = 0.0) -> Sp
     if not p.exists():
         raise DatasetError(f"{p}: no such file or folder")
     return FastaSplit(p, split, val_fraction)
+
+
+def _index_matches(folder: Path, split: str, fp: str) -> bool:
+    try:
+        lengths = np.load(folder / f"{split}.lengths.npy", mmap_mode="r")
+        offsets = np.load(folder / f"{split}.offsets.npy", mmap_mode="r")
+    except (OSError, ValueError):
+        return False
+    return fingerprint(lengths, offsets) == fp
+
+
+def _open_bucket_folder(url: str, split: str) -> FolderSplit:
+    """A split of the dataset folder at the bucket URL ``url``, streamed.
+
+    Downloads ``esmjax_dataset.json`` (every time: it names the current build) and, unless the
+    stage root already holds them with the fingerprint that metadata records, the split's
+    ``lengths``/``offsets`` arrays (4 bytes per record and 8 per cluster) into
+    ``paths.staged_path(url, "index")``, each file written whole or not at all; records are then
+    read by range requests. A folder without token files is staged whole.
+    """
+    text = _meta_text(url)
+    info = _parse_meta(text, f"{url}/{META_FILE}")["splits"].get(split)
+    if not info or not info["records"]:
+        raise DatasetError(f"{url}: the dataset has no {split} records")
+    if "tokens_bytes" not in info:
+        log.warning(
+            "%s was built before esmjax streamed bucket datasets (no %s): every host copies the "
+            "whole dataset to local disk. Rebuild it with `esmjax data build` to read only the "
+            "records a host needs.",
+            url,
+            tokens.file_name(split),
+        )
+        return FolderSplit(paths.stage(url), split)
+    index = paths.staged_path(url, "index")
+    if not _index_matches(index, split, info["fingerprint"]):
+        for name in (f"{split}.lengths.npy", f"{split}.offsets.npy"):
+            paths.download(str(paths.path(url) / name), index / name)
+        if not _index_matches(index, split, info["fingerprint"]):
+            raise DatasetError(
+                f"{url}: the {split} index files do not match {META_FILE} (a dataset being "
+                "replaced?)"
+            )
+    paths.keep(index / META_FILE, text.encode())
+    opened = FolderSplit(index, split, remote=url)
+    log.info(
+        "streaming %s (%s split, %.1f MB of records) by range requests; its index is in %s",
+        url,
+        split,
+        opened.tokens_bytes / 1e6,
+        index,
+    )
+    return opened

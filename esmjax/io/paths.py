@@ -16,10 +16,14 @@ TensorStore (Orbax's array writer) at it. Failures of the store (unknown bucket,
 no credentials, server unreachable) become one ``InputError`` line naming the URL
 (``remote_errors``).
 
-Datasets in a bucket are staged: ``stage()`` copies a folder once per host to local disk
-(``ESMJAX_STAGE_DIR``, default ``~/.cache/esmjax/staged``) with a progress bar and a size check,
-because ArrayRecord's reader opens local files only (pointed at ``gs://`` it blocks; see README
-"Object storage").
+A dataset in a bucket is streamed (``esmjax.data.source``): only its small index files are
+downloaded (``download()``, each file whole or not at all) into the folder ``staged_path(url,
+"index")`` under the stage root (``ESMJAX_STAGE_DIR``, default ``~/.cache/esmjax/staged``), and
+records are read with byte-range requests (``esmjax.io.ranges``). ``stage()`` copies a whole folder
+once per host to the same root, with a progress bar and a size check. Datasets built before token
+files existed still need that, because ArrayRecord's reader opens local files only (pointed at
+``gs://`` it blocks; see README "Object storage"), and so does ``esmjax data inspect --sample`` of
+a bucket dataset, for the record ids in its ArrayRecord files.
 """
 
 from __future__ import annotations
@@ -33,9 +37,9 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, BinaryIO
 
 from etils import epath
 
@@ -160,6 +164,46 @@ def _complete(dest: Path, files: dict[str, int]) -> bool:
     )
 
 
+def staged_path(url: str, suffix: str = "") -> Path:
+    """Where a host keeps its local copy of (part of) the bucket folder ``url``: under
+    ``stage_root()``, named after the folder and a hash of its URL (``-suffix`` appended, so that
+    copies of different parts of one folder do not meet)."""
+    src = path(url)
+    key = hashlib.blake2b(str(src).encode(), digest_size=8).hexdigest()
+    return stage_root() / f"{src.name}-{key}{'-' + suffix if suffix else ''}"
+
+
+def _replace(local: Path, fill: Callable[[BinaryIO], None]) -> None:
+    """Writes ``local`` whole or not at all: ``fill`` writes a uniquely named temporary sibling
+    (private to the user, as the rest of the stage root), which is then renamed into place, so that
+    a reader, or another process of the host writing the same file, never sees a partial file."""
+    local.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{local.name}.", dir=local.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fill(f)
+        os.replace(tmp, local)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def download(url: str, local: Path) -> None:
+    """Copies the bucket file ``url`` to the local cache file ``local`` (``_replace``)."""
+
+    def fill(fo: BinaryIO) -> None:
+        with remote_errors(url), path(url).open("rb") as fi:
+            shutil.copyfileobj(fi, fo, 8 << 20)
+
+    _replace(local, fill)
+
+
+def keep(local: Path, data: bytes) -> None:
+    """Writes ``data`` (already downloaded) to the local cache file ``local`` (``_replace``)."""
+    _replace(local, lambda f: f.write(data))
+
+
 def stage(url: str) -> Path:
     """A local copy of the folder at ``url`` (a bucket URL), made once per host.
 
@@ -171,8 +215,7 @@ def stage(url: str) -> Path:
     from tqdm import tqdm
 
     src = path(url)
-    key = hashlib.blake2b(str(src).encode(), digest_size=8).hexdigest()
-    dest = stage_root() / f"{src.name}-{key}"
+    dest = staged_path(url)
     with remote_errors(url):
         files = {f.relative_to(src).as_posix(): f.stat().length for f in _files(src)}
         if not files:
