@@ -26,8 +26,10 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix esmjax tests tools
 	$(VENV)/bin/ruff format esmjax tests tools
 
+# Two pytest-xdist workers, a test file per worker at a time (module fixtures built once); the
+# test run's processes share a JAX compilation cache (tests/conftest.py). Slow tests: pytest -m slow.
 test: lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # Trains the demo ESM-2 on the bundled CATH S20 sample on every local device; run again to resume.
 DEMO_DATA := runs/data/cath_s20

@@ -1,8 +1,21 @@
 """Test setup: 8 host CPU devices, so every sharded path runs in CI; shared fixtures."""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# JAX's persistent compilation cache, shared by this test run's processes: the pytest-xdist workers
+# (one PYTEST_XDIST_TESTRUNUID) and every esmjax subprocess a test starts (they inherit the
+# environment). Many tests compile the same small programs again (the same training step in a fresh
+# CLI process, a new jax.jit of the same step), which the in-memory cache cannot serve. A size limit
+# turns on JAX's file lock around reads and writes, so that concurrent processes never read a
+# half-written entry. Removed at the end of the run.
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
+XLA_CACHE = os.path.join(tempfile.gettempdir(), f"esmjax-tests-xla-{_RUN}")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", XLA_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
@@ -42,29 +55,7 @@ def scope_dir(tmp_path_factory):
     return built(tmp_path_factory, "scope")
 
 
-_CACHE_OPTIONS = {
-    "jax_compilation_cache_dir": None,
-    "jax_persistent_cache_min_compile_time_secs": 0,
-    "jax_persistent_cache_min_entry_size_bytes": 0,
-}
-
-
-@pytest.fixture(scope="module")
-def compilation_cache(tmp_path_factory):
-    """JAX's persistent compilation cache in a temporary folder while the module that asks for it
-    runs (for modules whose runs compile the same programs again: a new ``jax.jit`` of the same
-    step misses the in-memory cache); the previous settings afterwards (``reset_cache`` makes JAX
-    read them again). Uses ``jax._src.compilation_cache.reset_cache``, a private function."""
-    from jax._src import compilation_cache as cc
-
-    old = {k: getattr(jax.config, k) for k in _CACHE_OPTIONS}
-    new = dict(_CACHE_OPTIONS, jax_compilation_cache_dir=str(tmp_path_factory.mktemp("xla")))
-    for k, v in new.items():
-        jax.config.update(k, v)
-    cc.reset_cache()
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            jax.config.update(k, v)
-        cc.reset_cache()
+def pytest_sessionfinish(session):
+    """The compilation cache goes with the run (by the xdist controller, or the only process)."""
+    if not hasattr(session.config, "workerinput"):
+        shutil.rmtree(XLA_CACHE, ignore_errors=True)

@@ -236,7 +236,6 @@ def test_export_to_a_bucket_equals_the_local_export(cls_run, tmp_path, monkeypat
     assert {"hf/config.json", "ad/adapter_config.json", "pt/esm2_t2_merged.pt"} <= set(got)
 
 
-@pytest.mark.slow  # about 40-70 s on 2 shared cores (compilation)
 def test_sequence_classification_lora_stores_only_adapters_and_head(cls_run):
     w, rep, out = cls_run
     assert "trainable parameters stored per checkpoint" in out and "test (step" in out
@@ -267,7 +266,6 @@ def _hf_logits(folder, tokens, token_level):
         return model(input_ids=t, attention_mask=(t != 1).long()).logits.numpy()
 
 
-@pytest.mark.slow  # about 40-70 s on 2 shared cores (compilation)
 def test_export_hf_sequence_classification_matches_and_predict(cls_run, files, tmp_path):
     w = cls_run[0]
     assert cli(["export", str(w), "--to", "hf", str(tmp_path / "hf")]) == 0
@@ -303,7 +301,6 @@ def test_export_hf_sequence_classification_matches_and_predict(cls_run, files, t
         assert abs(sum(probs) - 1) < 1e-4 and r["prediction"] == "abcd"[int(np.argmax(o))]
 
 
-@pytest.mark.slow  # about 60 s on 2 shared cores
 def test_export_peft_adapters_load_in_peft_and_fair_esm_backbone(cls_run, files, tmp_path):
     peft = pytest.importorskip("peft")
     import torch
@@ -384,7 +381,6 @@ def test_residue_classification_frozen_flip_layout_learns(res_run):
     assert rep["test_accuracy"] > rep["baseline_test_accuracy"] + 0.1, rep
 
 
-@pytest.mark.slow  # about 40 s on 2 shared cores
 def test_export_hf_token_classification_matches_and_predict_jsonl(res_run, tmp_path):
     w = res_run[0]
     assert cli(["export", str(w), "--to", "hf", str(tmp_path / "hf")]) == 0

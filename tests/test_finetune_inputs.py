@@ -16,9 +16,9 @@
   and a ProteinGym folder are read from the bucket as from disk. The bucket run's checkpoints go
   through TensorStore to the emulator, a Python server: most of that test's time.
 
-The five fine-tuning runs of the module compile the same programs, so the module turns on JAX's
-persistent compilation cache (in a temporary folder, for this module only): the first run compiles
-(about 15-30 s on 2 loaded cores), the others load the executables (2-4 s each).
+The five fine-tuning runs of the module compile the same programs: the first run compiles (about
+15-30 s on 2 loaded cores), the others load the executables from the test run's persistent
+compilation cache (tests/conftest.py; 2-4 s each).
 """
 
 import contextlib
@@ -49,9 +49,6 @@ CONFIG = {
     "eval_every": 4,
     "checkpoint": {"every": 1000},
 }
-
-
-pytestmark = pytest.mark.usefixtures("compilation_cache")  # tests/conftest.py
 
 
 def _config(tmp_path, files):  # noqa: F811

@@ -94,7 +94,6 @@ def test_init_from_another_model_is_one_line_error(source, tmp_path, capsys):
     assert rc == 2 and len(err) == 1 and "another model" in err[0] and "num_layers" not in err[0]
 
 
-@pytest.mark.slow  # two CLI runs, 30-55 s on 2 shared cores
 def test_restarted_run_resumes_its_own_checkpoint(source, tmp_path):
     _, pt, fa = source
     c = _config(tmp_path / "c.yaml", fa, num_steps=4)
