@@ -118,3 +118,27 @@ def test_bucket_output_errors_are_one_line(gcs, ckpt, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         named = url or next(a for a in args if a.startswith("gs://"))
         assert "\n" not in err and named in err, err
+
+
+def test_config_and_suite_files_in_a_bucket(gcs):
+    """``--config`` (training and fine-tuning) and ``evaluate all --suite`` files read from a
+    bucket as from disk; a suite's relative paths resolve next to it, in the bucket."""
+    from etils import epath
+
+    from esmjax.config import ConfigError, load_config, load_finetune_config
+    from esmjax.evaluate.suite import read_suite
+
+    base = f"gs://{BUCKET}/configs"
+    epath.Path(f"{base}/t.yaml").write_text("model: tiny\ndata: {seq_len: 64}\nnum_steps: 3\n")
+    cfg = load_config(f"{base}/t.yaml", ["optim.peak_lr=0.002"])
+    assert cfg.num_steps == 3 and cfg.data.seq_len == 64 and cfg.optim.peak_lr == 0.002
+    epath.Path(f"{base}/f.yaml").write_text("backbone: gs://b/bb\ntask: sequence_regression\n")
+    assert load_finetune_config(f"{base}/f.yaml").backbone == "gs://b/bb"
+    with pytest.raises(ConfigError, match=f"config file {base}/missing.yaml does not exist"):
+        load_config(f"{base}/missing.yaml")
+    epath.Path(f"{base}/s.yaml").write_text(
+        "perplexity: {data: held_out.fa}\nvariants: {dms: gs://other/dms.csv}\n"
+    )
+    suite = read_suite(f"{base}/s.yaml")
+    assert suite["perplexity"]["data"] == f"{base}/held_out.fa"
+    assert suite["variants"]["dms"] == "gs://other/dms.csv"

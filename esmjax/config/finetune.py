@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from esmjax.config.base import ConfigError
-from esmjax.config.serialize import _set_path, from_dict
+from esmjax.config.serialize import _set_path, config_file, from_dict, read_config_text
 from esmjax.config.train import CheckpointConfig, MeshConfig, OptimConfig
 
 # --------------------------------------------------------------------------------------------------
@@ -143,10 +143,8 @@ def load_finetune_config(path: str | Path | None, overrides: list[str] | tuple =
     """Reads a YAML fine-tuning config (``configs/finetune/*.yaml``) plus ``--set`` overrides."""
     tree: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"config file {p} does not exist")
-        tree = yaml.safe_load(p.read_text()) or {}
+        p = config_file(path)
+        tree = yaml.safe_load(read_config_text(p)) or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"{p}: top level must be a mapping")
     for item in overrides:

@@ -19,6 +19,30 @@ from esmjax.config.model import ESM2Config, esm2_preset
 # --------------------------------------------------------------------------------------------------
 # Loading and dumping
 # --------------------------------------------------------------------------------------------------
+def config_file(path: Any) -> Any:
+    """A config file the user named, local or in a bucket (``gs://``, ``s3://``): an
+    ``etils.epath.Path`` (the path layer esmjax.io.paths builds on; its ``str`` is the path as
+    given), checked to exist. A missing file, bucket or client is one ``ConfigError`` line."""
+    from etils import epath
+
+    try:
+        p = epath.Path(str(path))
+        found = p.is_file()
+    except Exception as e:  # noqa: BLE001 - a missing fsspec client, auth or HTTP errors
+        raise ConfigError(f"config file {path}: cannot be read ({type(e).__name__}: {e})") from None
+    if not found:
+        raise ConfigError(f"config file {path} does not exist")
+    return p
+
+
+def read_config_text(p: Any) -> str:
+    """The text of a file from ``config_file``; a store failure is one ``ConfigError`` line."""
+    try:
+        return p.read_text()
+    except Exception as e:  # noqa: BLE001 - as above
+        raise ConfigError(f"config file {p}: cannot be read ({type(e).__name__}: {e})") from None
+
+
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:

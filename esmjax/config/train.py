@@ -12,7 +12,7 @@ import yaml
 
 from esmjax.config.base import ConfigError, _key
 from esmjax.config.model import ESM2Config, check_same_architecture, resolve_rules
-from esmjax.config.serialize import _set_path, from_dict, to_dict
+from esmjax.config.serialize import _set_path, config_file, from_dict, read_config_text, to_dict
 
 
 # --------------------------------------------------------------------------------------------------
@@ -172,11 +172,9 @@ def load_config(
     """
     tree: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
+        p = config_file(path)
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            tree = yaml.safe_load(read_config_text(p)) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(tree, dict):

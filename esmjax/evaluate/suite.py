@@ -47,11 +47,13 @@ def read_suite(path: str | Path) -> dict[str, dict[str, Any]]:
     """The suite's sections in file order, keys normalised to ``snake_case``, paths resolved."""
     import yaml
 
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such suite file")
+    path = paths.given(path)  # a local file or a bucket URL
+    with paths.remote_errors(str(path)):
+        if not path.is_file():
+            raise InputError(f"{path}: no such suite file")
+        text = path.read_text()
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise InputError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict) or not raw:
@@ -78,17 +80,19 @@ def read_suite(path: str | Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _resolve(suite: Path, value: Any) -> str:
+def _resolve(suite: Any, value: Any) -> str:
+    """A path of the suite file: a bucket URL or an absolute path as written, a relative one
+    relative to the suite's folder (which may be in a bucket)."""
     text = str(value)
-    p = Path(text)
-    if p.is_absolute():
+    if paths.is_remote(text) or Path(text).is_absolute():
         return text
-    candidate = suite.parent / p
+    candidate = suite.parent / text
     # FILE:CHAIN specs: resolve the file part
-    if not candidate.exists() and ":" in text:
-        file, chain = text.rsplit(":", 1)
-        if (suite.parent / file).exists():
-            return f"{suite.parent / file}:{chain}"
+    with paths.remote_errors(str(suite)):
+        if not candidate.exists() and ":" in text:
+            file, chain = text.rsplit(":", 1)
+            if (suite.parent / file).exists():
+                return f"{suite.parent / file}:{chain}"
     return str(candidate)
 
 
@@ -150,7 +154,7 @@ def card(
         "checkpoint": info["checkpoint"],
         "step": info["step"],
         "config_hash": info["config_hash"],
-        "suite": str(Path(suite).absolute()),
+        "suite": paths.absolute(suite),
         "metrics": metrics,
         "reports": {k: paths.absolute(v) for k, v in reports.items()},
         "skipped": skipped,
