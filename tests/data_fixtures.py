@@ -17,6 +17,18 @@ SCOPE_LABELS = SHARED / "scope_astral40" / "derived_astral40_labels.tsv"
 _BUILT: dict[str, Path] = {}
 
 
+def cath_head(out: Path, n: int) -> Path:
+    """The first ``n`` records of the shared CATH S20 FASTA, written to ``out``."""
+    from esmjax.io.fasta import read_fasta
+
+    with open(out, "w") as f:
+        for i, r in enumerate(read_fasta(CATH_FASTA)):
+            if i == n:
+                break
+            f.write(f">{r.id}\n{r.sequence}\n")
+    return out
+
+
 def scope_family_tsv(out: Path) -> Path:
     """SCOPe family -> domain membership (4,583 families, 1 to 156 members): very skewed
     clusters."""

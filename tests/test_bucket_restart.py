@@ -12,9 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+from data_fixtures import cath_head
 from gcs_emulator import BUCKET, committed_steps, emulator_env, free_port, start_emulator
-
-from esmjax.io.fasta import read_fasta
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,12 +35,7 @@ def test_server_stopped_mid_run_then_resume(tmp_path, shared_data, monkeypatch):
     from esmjax.data.build import build_dataset
 
     fasta = tmp_path / "small.fa"
-    cath = shared_data / "cath_s20" / "cath-dataset-nonredundant-S20-v4_3_0.fa"
-    with open(fasta, "w") as f:
-        for i, r in enumerate(read_fasta(cath)):
-            if i == 300:
-                break
-            f.write(f">{r.id}\n{r.sequence}\n")
+    cath_head(fasta, 300)
     build_dataset([fasta], tmp_path / "ds", val_fraction=0.05)
     cfg = {
         "model": {"preset": "tiny"},

@@ -7,10 +7,10 @@ import io
 
 import numpy as np
 import pytest
+from data_fixtures import cath_head
 
 from esmjax.cli import main as cli
 from esmjax.data.source import open_split
-from esmjax.io.fasta import read_fasta
 
 BUCKET = "esmjax-s3"
 
@@ -58,12 +58,7 @@ def test_s3_data_build_inspect_and_embed(s3, tmp_path, shared_data, capsys):
     from esmjax.models.esm2 import ESM2
 
     fasta = tmp_path / "small.fa"
-    cath = shared_data / "cath_s20" / "cath-dataset-nonredundant-S20-v4_3_0.fa"
-    with open(fasta, "w") as f:
-        for i, r in enumerate(read_fasta(cath)):
-            if i == 100:
-                break
-            f.write(f">{r.id}\n{r.sequence}\n")
+    cath_head(fasta, 100)
     fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
     fs.put_file(str(fasta), f"{BUCKET}/in/small.fa")
 

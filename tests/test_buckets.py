@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from data_fixtures import cath_head
 from gcs_emulator import (
     BUCKET,
     committed_steps,
@@ -24,8 +25,6 @@ from gcs_emulator import (
     free_port,
     running,
 )
-
-from esmjax.io.fasta import read_fasta
 
 ROOT = Path(__file__).resolve().parents[1]
 ESMJAX = [sys.executable, "-m", "esmjax.cli"]
@@ -61,13 +60,7 @@ def losses(text: str) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def fasta(tmp_path_factory, shared_data):
     path = tmp_path_factory.mktemp("bucket_fasta") / "small.fa"
-    cath = shared_data / "cath_s20" / "cath-dataset-nonredundant-S20-v4_3_0.fa"
-    with open(path, "w") as f:
-        for i, r in enumerate(read_fasta(cath)):
-            if i == 600:
-                break
-            f.write(f">{r.id}\n{r.sequence}\n")
-    return path
+    return cath_head(path, 600)
 
 
 def write_config(path: Path, train: str) -> Path:

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from data_fixtures import cath_head
 from reference import fair_esm_model
 from test_convert import save_fair_esm_pt
 
@@ -14,7 +15,6 @@ from esmjax.cli import main as cli
 from esmjax.config import load_config
 from esmjax.data.pipeline import eval_batches
 from esmjax.io.convert import source_model_config
-from esmjax.io.fasta import read_fasta
 from esmjax.train.loop import run
 
 SHAPE = (2, 48, 3)  # layers, width, heads (head_dim 16)
@@ -27,13 +27,7 @@ def source(tmp_path_factory, shared_data):
     pt = d / "esm2_t2_test_UR50D.pt"
     save_fair_esm_pt(model, pt, *SHAPE)
     fa = d / "small.fa"
-    with open(fa, "w") as f:
-        for i, r in enumerate(
-            read_fasta(shared_data / "cath_s20" / "cath-dataset-nonredundant-S20-v4_3_0.fa")
-        ):
-            if i == 120:
-                break
-            f.write(f">{r.id}\n{r.sequence}\n")
+    cath_head(fa, 120)
     return model, pt, fa
 
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from data_fixtures import cath_head
 
 from esmjax.data.build import build_dataset
 from esmjax.io import checkpoint
-from esmjax.io.fasta import read_fasta
 from esmjax.train.preemption import StopSignal
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,13 +26,7 @@ ESMJAX = [sys.executable, "-m", "esmjax.cli"]
 def dataset(tmp_path_factory, shared_data):
     d = tmp_path_factory.mktemp("train_data")
     fa = d / "small.fa"
-    with open(fa, "w") as f:
-        for i, r in enumerate(
-            read_fasta(shared_data / "cath_s20" / "cath-dataset-nonredundant-S20-v4_3_0.fa")
-        ):
-            if i == 800:
-                break
-            f.write(f">{r.id}\n{r.sequence}\n")
+    cath_head(fa, 800)
     build_dataset([fa], d / "ds", val_fraction=0.05)
     return d / "ds"
 
