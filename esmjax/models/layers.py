@@ -204,22 +204,22 @@ class Embed(nnx.Module):
 
 @jax.custom_vjp
 def gelu(x: jax.Array) -> jax.Array:
-    """The exact erf GELU, ``x * 0.5 * (1 + erf(x / sqrt 2))`` (fair-esm ``esm.modules.gelu``;
-    Hendrycks and Gimpel 2016), as ``jax.nn.gelu(approximate=False)`` computes it.
+    """The exact GELU, ``x * 0.5 * (1 + erf(x / sqrt 2))`` (Hendrycks and Gimpel 2016), in the erf
+    form fair-esm (``esm.modules.gelu``) and PyTorch's ``F.gelu`` compute.
 
-    Its backward evaluates the normal CDF once, for ``Phi(x) + x phi(x)``: autodiff of the erfc
-    form kept the erfc's intermediates for the backward and evaluated it again in several fusions
-    (the erf polynomial was 5-7% of a CPU train step).
+    Its backward evaluates ``erf`` once, for ``Phi(x) + x phi(x)``. ``jax.nn.gelu`` (the erfc
+    form) expands on XLA:CPU into a branchy rational approximation with ``exp`` and divisions,
+    which autodiff then evaluated in five fusions per layer (the erfc was 7-10% of a demo-model
+    train step; BENCHMARKS.md, "CPU training profile").
     """
-    return jax.nn.gelu(x, approximate=False)
+    return _gelu_and_slope(x)[0]
 
 
 def _gelu_and_slope(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(gelu(x), gelu'(x))`` from one evaluation of the normal CDF ``Phi``: the value as
-    ``jax.nn.gelu`` computes it (``0.5 x erfc(-x / sqrt 2)``), the slope ``Phi(x) + x phi(x)``."""
-    cdf2 = jax.lax.erfc(-x * np.sqrt(0.5).astype(x.dtype))  # 2 Phi(x)
+    """``(gelu(x), gelu'(x))`` from one ``erf``: ``x Phi(x)`` and ``Phi(x) + x phi(x)``."""
+    cdf = 0.5 * (1.0 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype)))  # Phi(x)
     pdf = jnp.exp(-0.5 * x * x) * np.float32(1 / math.sqrt(2 * math.pi)).astype(x.dtype)
-    return 0.5 * x * cdf2, 0.5 * cdf2 + x * pdf
+    return x * cdf, cdf + x * pdf
 
 
 def _gelu_fwd(x):
