@@ -50,12 +50,12 @@ class TriangleMultiplication(nnx.Module):
     def __call__(self, z: jax.Array, mask: jax.Array) -> jax.Array:
         """z [B, L, L, Z], mask [B, L, L] -> update [B, L, L, Z].
 
-        The product runs channel-major, as a batch of Z matrix products [I, K] x [K, J] that
-        contract the last axis of both operands: the gated ``a`` and ``b`` are transposed once each
-        (for incoming edges with I and K swapped) and the product once back. As the einsum reads
-        (contracted over K with the channels last), XLA:CPU ran it at a fifth of its matmul speed
-        and fused transposes into the gating; the two updates were 40% of a 256-residue CPU fold
-        (BENCHMARKS.md, "ESMFold trunk").
+        The product runs channel-major, as a batch of Z matrix products: ``a`` and ``b`` are
+        transposed once each to [B, Z, X, Y] (the order whose transposing loop XLA:CPU runs fast),
+        outgoing edges then contract their last axis, incoming edges their leading one, and the
+        product is transposed back once. As the channels-last einsum reads, XLA fused the
+        transposes into the gating, for incoming edges in an order that ran 3x slower; the two
+        updates were 40% of a 256-residue CPU fold (BENCHMARKS.md, "Second pass").
         """
         z = self.layer_norm_in(z)
         m = mask[..., None]
