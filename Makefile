@@ -3,17 +3,26 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
 
 .PHONY: venv lint format test train finetune clean device-wheels
 
-# (Re)install when pyproject.toml changes. The CPU build of JAX (extra cpu) and the test extra, which
-# pins a CPU build of torch (an unpinned torch would pull a multi-GB CUDA build). On a GPU node or TPU
-# VM install '.[cuda12]' / '.[tpu]' instead (README "Install on a GPU cluster / a TPU VM").
+# (Re)install when pyproject.toml changes. `make train` and `make finetune` need the package and the
+# CPU build of JAX only (extra cpu; RUN_STAMP); `make test` adds the test extra (STAMP), which pins a
+# CPU build of torch (an unpinned torch would pull a multi-GB CUDA build) and also satisfies RUN_STAMP.
+# On a GPU node or TPU VM install '.[cuda12]' / '.[tpu]' instead (README "Install on a GPU cluster / a
+# TPU VM").
+$(RUN_STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[cpu]"
+	touch $(RUN_STAMP)
+
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[cpu,test]"
-	touch $(STAMP)
+	touch $(STAMP) $(RUN_STAMP)
 
 venv: $(STAMP)
 
@@ -33,10 +42,10 @@ test: lint
 
 # Trains the demo ESM-2 on the bundled CATH S20 sample on every local device; run again to resume.
 DEMO_DATA := runs/data/cath_s20
-$(DEMO_DATA): | $(STAMP)
+$(DEMO_DATA): | $(RUN_STAMP)
 	$(VENV)/bin/esmjax data build --fasta data/cath_s20.fa.gz --out $(DEMO_DATA) --val-fraction 0.05
 
-train: $(STAMP) $(DEMO_DATA)
+train: $(RUN_STAMP) $(DEMO_DATA)
 	$(VENV)/bin/esmjax train --config configs/demo.yaml --workdir runs/demo
 
 # Wheels for tools/device_check.sh on an accelerator image without internet (README "Device check"):
@@ -58,7 +67,7 @@ device-wheels: $(STAMP)
 runs/demo/config.json:
 	$(MAKE) train
 
-finetune: $(STAMP) runs/demo/config.json
+finetune: $(RUN_STAMP) runs/demo/config.json
 	$(VENV)/bin/esmjax finetune --config configs/finetune/sequence_regression.yaml --workdir runs/finetune_tem1
 
 clean:

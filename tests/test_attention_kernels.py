@@ -6,6 +6,7 @@ so these check the kernels' tiling, segment masking and backward math, at fp32 t
 """
 
 import dataclasses
+import functools
 import logging
 
 import jax
@@ -260,13 +261,17 @@ def test_xla_attention_matches_plain_softmax(weights):
         assert rel_err(a, b) < 2e-6, what
 
 
+@pytest.mark.parametrize("transposed_copy", [True, False], ids=["wide", "narrow"])
 @pytest.mark.parametrize("gelu_input", [False, True], ids=["plain", "gelu"])
 @pytest.mark.parametrize("n_in,out", [(1, (6,)), (1, (2, 3)), (2, (5,))])
-def test_dense_matmul_gradient_matches_dot_general(n_in, out, gelu_input, monkeypatch):
-    """``layers.matmul`` (on a CPU, from width 256, a ``dot_general`` with its own backward: weight
-    gradient from a transposed input, GELU recomputed) equals ``dot_general`` and its autodiff, for
-    q/k/v-like [E, H, D], out_proj-like [H, D, E] and fc2-like (GELU input) kernels."""
-    monkeypatch.setattr(nn, "_CPU_MIN_WIDTH", 1)  # the custom backward at these small widths too
+def test_dense_matmul_gradient_matches_dot_general(
+    n_in, out, gelu_input, transposed_copy, monkeypatch
+):
+    """``layers.matmul`` (on a CPU, a ``dot_general`` with its own backward: GELU recomputed once,
+    from width 256 the weight gradient from a transposed input) equals ``dot_general`` of
+    ``jax.nn.gelu`` and their autodiff, for q/k/v-like [E, H, D], out_proj-like [H, D, E] and
+    fc2-like (GELU input) kernels, with and without the transposed copy."""
+    monkeypatch.setattr(nn, "_CPU_MIN_WIDTH", 1 if transposed_copy else 10**6)
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.standard_normal((3, 7, *((4,) if n_in == 1 else (2, 3)))), jnp.float32)
     w = jnp.asarray(rng.standard_normal((*x.shape[2:], *out)), jnp.float32)
@@ -274,7 +279,7 @@ def test_dense_matmul_gradient_matches_dot_general(n_in, out, gelu_input, monkey
     lhs = tuple(range(2, x.ndim))
 
     def plain(x, w):
-        a = nn.gelu(x) if gelu_input else x
+        a = jax.nn.gelu(x, approximate=False) if gelu_input else x
         return jax.lax.dot_general(a, w, ((lhs, tuple(range(n_in))), ((), ())))
 
     def ours(x, w):
@@ -286,3 +291,29 @@ def test_dense_matmul_gradient_matches_dot_general(n_in, out, gelu_input, monkey
     assert rel_err(jax.jit(ours)(x, w), plain(x, w)) < 1e-6
     for a, b in zip(grads(ours)(x, w), grads(plain)(x, w)):
         assert a.shape == b.shape and rel_err(a, b) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gelu_value_and_gradient_match_autodiff(dtype):
+    """``layers.gelu`` is fair-esm's ``x * 0.5 * (1 + erf(x / sqrt 2))``; its backward (``erf``
+    evaluated once: ``Phi(x) + x phi(x)``) equals autodiff of that expression, and both agree with
+    ``jax.nn.gelu(approximate=False)`` (the erfc form), over the range activations take and into
+    both tails."""
+    x = jnp.concatenate([jnp.linspace(-12.0, 12.0, 4001), jnp.array([-40.0, -6.5, 0.0, 6.5, 40.0])])
+    x = x.astype(dtype)
+
+    def fair_esm(x):
+        return x * 0.5 * (1.0 + jax.lax.erf(x / np.sqrt(2.0).astype(dtype)))
+
+    erfc_form = functools.partial(jax.nn.gelu, approximate=False)
+    g = jnp.asarray(np.random.default_rng(0).standard_normal(x.shape), dtype)
+
+    def value_and_grad(fn):
+        f = jax.value_and_grad(lambda x: jnp.vdot(fn(x).astype(jnp.float32), g.astype(jnp.float32)))
+        return jax.jit(lambda x: (fn(x), f(x)[1]))(x)
+
+    tol = 1e-6 if dtype == jnp.float32 else 1e-2
+    ours = [np.asarray(a, np.float32) for a in value_and_grad(nn.gelu)]
+    for ref in (fair_esm, erfc_form):
+        for a, b in zip(ours, value_and_grad(ref)):
+            np.testing.assert_allclose(a, np.asarray(b, np.float32), rtol=tol, atol=2 * tol)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Init = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
@@ -63,17 +64,17 @@ def matmul(x: jax.Array, w: jax.Array, n_in: int, gelu_input: bool = False) -> j
     ``gelu_input``) with the leading ones of ``w`` [*in, *out] -> [..., *out]: one
     ``dot_general``.
 
-    On a CPU the backward is written out (``_cpu_matmul``): contracted over the token axis as
-    autodiff writes it, the weight gradient misses XLA:CPU's fast matmul kernels and took 2-6x
-    longer, so it is computed from a transposed copy of the input; and the GELU is recomputed from
-    its input, so the layer scan stores one [B, L, F] array per layer instead of the GELU's output
-    and intermediates (BENCHMARKS.md, "CPU training profile"). The forward is the same
-    everywhere.
+    On a CPU the backward is written out (``_cpu_matmul``). The GELU is recomputed from its input,
+    once, for both its value (the weight gradient's operand) and its derivative, so the layer scan
+    stores one [B, L, F] array per layer, not the GELU's output and intermediates. At widths of 256
+    and more the weight gradient is computed from a transposed copy of one operand: contracted over
+    the token axis as autodiff writes it, it misses XLA:CPU's fast matmul kernels and took 2-6x
+    longer (BENCHMARKS.md, "CPU training profile"). The forward is the same everywhere.
     """
-    k, n = math.prod(w.shape[:n_in]), math.prod(w.shape[n_in:])
-    if jax.default_backend() != "cpu" or min(k, n) < _CPU_MIN_WIDTH:
+    if jax.default_backend() != "cpu":
         return _dot(gelu(x) if gelu_input else x, w, n_in)
-    return _cpu_matmul(x, w, n_in, gelu_input)
+    k, n = math.prod(w.shape[:n_in]), math.prod(w.shape[n_in:])
+    return _cpu_matmul(x, w, n_in, gelu_input, min(k, n) >= _CPU_MIN_WIDTH)
 
 
 # Below this width the transposed copy costs more than it saves: the 0.8M demo model (width 128)
@@ -81,34 +82,37 @@ def matmul(x: jax.Array, w: jax.Array, n_in: int, gelu_input: bool = False) -> j
 _CPU_MIN_WIDTH = 256
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _cpu_matmul(x: jax.Array, w: jax.Array, n_in: int, gelu_input: bool) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _cpu_matmul(
+    x: jax.Array, w: jax.Array, n_in: int, gelu_input: bool, transposed_copy: bool
+) -> jax.Array:
     return _dot(gelu(x) if gelu_input else x, w, n_in)
 
 
-def _cpu_matmul_fwd(x, w, n_in, gelu_input):
-    return _cpu_matmul(x, w, n_in, gelu_input), (x, w)
+def _cpu_matmul_fwd(x, w, n_in, gelu_input, transposed_copy):
+    return _cpu_matmul(x, w, n_in, gelu_input, transposed_copy), (x, w)
 
 
-def _cpu_matmul_bwd(n_in, gelu_input, res, dy):
+def _cpu_matmul_bwd(n_in, gelu_input, transposed_copy, res, dy):
     x, w = res
-    a = gelu(x) if gelu_input else x
     k = math.prod(w.shape[:n_in])
-    a2, w2 = a.reshape(-1, k), w.reshape(k, -1)  # [T, K], [K, N]
+    x2, w2 = x.reshape(-1, k), w.reshape(k, -1)  # [T, K], [K, N]
+    a2, da_dx = _gelu_and_slope(x2) if gelu_input else (x2, None)
     dy2 = dy.reshape(a2.shape[0], -1)  # [T, N]
     da = jax.lax.dot_general(dy2, w2, (((1,), (1,)), ((), ())))  # [T, K]
-    # The weight gradient contracts the token axis T: one operand is transposed first (a copy) so
-    # that both have T contiguous. For fc2 that is the narrow output gradient, and the result: a
-    # transposed copy of gelu(x) recomputes the GELU in transposed order, which cost 8-14% of an 8M
-    # or 35M step (BENCHMARKS.md, "CPU training profile").
-    if gelu_input:
+    # The weight gradient contracts the token axis T. With ``transposed_copy`` one operand is
+    # transposed first (a copy) so that both have T contiguous: for fc2 the narrow output gradient,
+    # and the result (a transposed copy of gelu(x) recomputed the GELU in transposed order, which
+    # cost 8-14% of an 8M or 35M step; BENCHMARKS.md, "CPU training profile").
+    if not transposed_copy:
+        dw = jax.lax.dot_general(a2, dy2, (((0,), (0,)), ((), ())))
+    elif gelu_input:
         dw = _copy_transposed(_copy_transposed(dy2) @ a2)
     else:
         dw = _copy_transposed(a2) @ dy2
-    da = da.reshape(x.shape)
     if gelu_input:
-        da = jax.vjp(gelu, x)[1](da.astype(a.dtype))[0]
-    return da.astype(x.dtype), dw.reshape(w.shape).astype(w.dtype)
+        da = da.astype(x.dtype) * da_dx
+    return da.reshape(x.shape).astype(x.dtype), dw.reshape(w.shape).astype(w.dtype)
 
 
 def _copy_transposed(a: jax.Array) -> jax.Array:
@@ -198,9 +202,35 @@ class Embed(nnx.Module):
         return jnp.einsum("...e,ve->...v", x, self.embedding[...].astype(x.dtype))
 
 
+@jax.custom_vjp
 def gelu(x: jax.Array) -> jax.Array:
-    """The exact erf GELU, ``x * 0.5 * (1 + erf(x / sqrt 2))`` (fair-esm ``esm.modules.gelu``)."""
-    return jax.nn.gelu(x, approximate=False)
+    """The exact GELU, ``x * 0.5 * (1 + erf(x / sqrt 2))`` (Hendrycks and Gimpel 2016), in the erf
+    form fair-esm (``esm.modules.gelu``) and PyTorch's ``F.gelu`` compute.
+
+    Its backward evaluates ``erf`` once, for ``Phi(x) + x phi(x)``. ``jax.nn.gelu`` (the erfc
+    form) expands on XLA:CPU into a branchy rational approximation with ``exp`` and divisions,
+    which autodiff then evaluated in five fusions per layer (the erfc was 7-10% of a demo-model
+    train step; BENCHMARKS.md, "CPU training profile").
+    """
+    return _gelu_and_slope(x)[0]
+
+
+def _gelu_and_slope(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(gelu(x), gelu'(x))`` from one ``erf``: ``x Phi(x)`` and ``Phi(x) + x phi(x)``."""
+    cdf = 0.5 * (1.0 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype)))  # Phi(x)
+    pdf = jnp.exp(-0.5 * x * x) * np.float32(1 / math.sqrt(2 * math.pi)).astype(x.dtype)
+    return x * cdf, cdf + x * pdf
+
+
+def _gelu_fwd(x):
+    return gelu(x), x
+
+
+def _gelu_bwd(x, g):
+    return (g * _gelu_and_slope(x)[1],)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 def rope_inv_freq(head_dim: int, theta: float = 10000.0) -> jax.Array:
@@ -264,14 +294,19 @@ def _row_attention(
     return jnp.einsum("hlm,hmd->hld", weights.astype(v.dtype), v), weights
 
 
-def _rows_per_chunk(batch: int) -> int:
-    # On a CPU one row at a time keeps the [H, L, M] scores in cache (3-5x faster than one batched
-    # op there); accelerators take the whole batch at once.
-    return 1 if jax.default_backend() == "cpu" else batch
+def _rows_per_chunk(q: jax.Array, k: jax.Array) -> int:
+    """Batch rows per attention iteration. On a CPU, as many as keep their float32 [H, L, M] scores
+    within 1 MiB (one row of the 8M or 35M shapes at 256 tokens, four of the demo model's 128-token
+    rows), so the scores stay in cache (one batched op over all rows was 3-5x slower there; four
+    demo rows per iteration 2-4% faster than one). Accelerators take the whole batch at once."""
+    batch, heads, length = q.shape[:3]
+    if jax.default_backend() != "cpu":
+        return batch
+    return max(1, min(batch, (1 << 20) // (4 * heads * length * k.shape[2])))
 
 
 def _map_rows(fn: Callable, *xs: jax.Array):
-    return jax.lax.map(lambda a: fn(*a), xs, batch_size=_rows_per_chunk(xs[0].shape[0]))
+    return jax.lax.map(lambda a: fn(*a), xs, batch_size=_rows_per_chunk(xs[0], xs[1]))
 
 
 @jax.custom_vjp
