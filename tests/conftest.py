@@ -55,6 +55,19 @@ def scope_dir(tmp_path_factory):
     return built(tmp_path_factory, "scope")
 
 
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+    """A GCS emulator running for one test module; yields the environment that points every
+    client at it (``gcs_emulator.running``). Skips where the test extra's gcsfs or emulator is
+    missing."""
+    pytest.importorskip("gcsfs")
+    pytest.importorskip("gcp_storage_emulator")
+    from gcs_emulator import running
+
+    with running(tmp_path_factory.mktemp("staged")) as env:
+        yield env
+
+
 def pytest_sessionfinish(session):
     """The compilation cache goes with the run (by the xdist controller, or the only process)."""
     if not hasattr(session.config, "workerinput"):

@@ -10,20 +10,12 @@ import json
 import numpy as np
 import pytest
 from flax import nnx
-from gcs_emulator import BUCKET, running
+from gcs_emulator import BUCKET
 
 from esmjax.cli import main as cli
 from esmjax.config import ESM2_PRESETS
 from esmjax.io import checkpoint
 from esmjax.models.esm2 import ESM2
-
-
-@pytest.fixture(scope="module")
-def gcs(tmp_path_factory):
-    pytest.importorskip("gcsfs")
-    pytest.importorskip("gcp_storage_emulator")
-    with running(tmp_path_factory.mktemp("staged")) as env:
-        yield env
 
 
 @pytest.fixture(scope="module")

@@ -23,20 +23,10 @@ from gcs_emulator import (
     emulator_env,
     forget_clients,
     free_port,
-    running,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
 ESMJAX = [sys.executable, "-m", "esmjax.cli"]
-
-
-@pytest.fixture(scope="module")
-def gcs(tmp_path_factory):
-    """A running emulator; yields the environment that points every client at it."""
-    pytest.importorskip("gcsfs")
-    pytest.importorskip("gcp_storage_emulator")
-    with running(tmp_path_factory.mktemp("staged")) as env:
-        yield env
 
 
 def run(args, devices=1, processes=1, check=True, extra_env=None, **kw):

@@ -128,16 +128,6 @@ def test_sigterm_saves_within_one_step_and_resumes_exactly(
 # --------------------------------------------------------------------------------------------------
 # Inputs (and a workdir) in a bucket
 # --------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def gcs(tmp_path_factory):
-    pytest.importorskip("gcsfs")
-    pytest.importorskip("gcp_storage_emulator")
-    from gcs_emulator import running
-
-    with running(tmp_path_factory.mktemp("staged")) as environment:
-        yield environment
-
-
 def _bucket(name: str) -> str:
     from gcs_emulator import BUCKET
 

@@ -212,12 +212,17 @@ def gelu(x: jax.Array) -> jax.Array:
     which autodiff then evaluated in five fusions per layer (the erfc was 7-10% of a demo-model
     train step; BENCHMARKS.md, "CPU training profile").
     """
-    return _gelu_and_slope(x)[0]
+    return x * _normal_cdf(x)
+
+
+def _normal_cdf(x: jax.Array) -> jax.Array:
+    """``Phi(x) = 0.5 (1 + erf(x / sqrt 2))``."""
+    return 0.5 * (1.0 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
 
 
 def _gelu_and_slope(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(gelu(x), gelu'(x))`` from one ``erf``: ``x Phi(x)`` and ``Phi(x) + x phi(x)``."""
-    cdf = 0.5 * (1.0 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype)))  # Phi(x)
+    cdf = _normal_cdf(x)
     pdf = jnp.exp(-0.5 * x * x) * np.float32(1 / math.sqrt(2 * math.pi)).astype(x.dtype)
     return x * cdf, cdf + x * pdf
 
