@@ -202,6 +202,25 @@ class Embed(nnx.Module):
         return jnp.einsum("...e,ve->...v", x, self.embedding[...].astype(x.dtype))
 
 
+def map_positions(fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
+    """``fn(x)`` for a ``fn`` that transforms each position's last-axis vector on its own (a
+    LayerNorm, dense layers, activations): [..., C] -> [..., C'].
+
+    On a CPU the positions go through ``fn`` ``_POSITION_BLOCK`` rows at a time (``lax.map``), so
+    that a block's hidden activations stay in cache instead of making a round trip through memory:
+    ESMFold's pair transition over 256 x 256 positions (a [65536, 4Z] hidden array) ran 1.4-1.6x
+    faster. Accelerators, and arrays of at most one block, take ``fn(x)`` whole."""
+    rows = math.prod(x.shape[:-1])
+    if jax.default_backend() != "cpu" or rows <= _POSITION_BLOCK:
+        return fn(x)
+    out = jax.lax.map(fn, x.reshape(rows, x.shape[-1]), batch_size=_POSITION_BLOCK)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+# [1024, 4Z] float32 hidden activations of ESMFold's pair transition: 2 MiB (Z = 128).
+_POSITION_BLOCK = 1024
+
+
 @jax.custom_vjp
 def gelu(x: jax.Array) -> jax.Array:
     """The exact GELU, ``x * 0.5 * (1 + erf(x / sqrt 2))`` (Hendrycks and Gimpel 2016), in the erf
