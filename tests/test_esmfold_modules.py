@@ -2,6 +2,7 @@
 the reference's scale for simple modules, 1e-4 for composite ones), plus geometry and residue
 constants against OpenFold's."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from esmjax.models.esmfold.config import StructureModuleConfig, TrunkConfig
 from esmjax.models.esmfold.model import AF2_TO_ESM, lm_tokens
 from esmjax.models.esmfold.structure import InvariantPointAttention, StructureModule
 from esmjax.models.esmfold.triangle import TriangleAttention, TriangleMultiplication
-from esmjax.models.esmfold.trunk import TriangularSelfAttentionBlock, recycle_bins
+from esmjax.models.esmfold.trunk import ResidueMLP, TriangularSelfAttentionBlock, recycle_bins
 from esmjax.models.geometry import all_atom
 from esmjax.models.geometry import residue_constants as rc
 from esmjax.models.geometry.rigid import Rigid3, Rot3, Vec3, compose_quat_update
@@ -58,6 +59,18 @@ def test_triangle_multiplication(ref, inputs, outgoing):
     with torch.no_grad():
         want = theirs(torch.from_numpy(inputs["z"]), mask=tm).numpy()
     assert rel_err(ours(jnp.asarray(inputs["z"]), jnp.asarray(tm.numpy())), want) < SIMPLE
+
+
+def test_pair_transition_in_position_blocks(ref):
+    """The pair MLP over more positions than one CPU block (37 x 37 = 1,024 + 345 rows, so a
+    remainder block too) runs blocked (a scan in its program) and equals HF's ``ResidueMLP``."""
+    theirs = ref.trunk.blocks[0].mlp_pair
+    ours = load_module(nnx.eval_shape(lambda: ResidueMLP(32, 128, rngs=nnx.Rngs(0))), theirs)
+    z = np.random.default_rng(1).standard_normal((1, 37, 37, 32)).astype(np.float32)
+    assert "scan" in str(jax.make_jaxpr(ours)(jnp.asarray(z)))
+    with torch.no_grad():
+        want = theirs(torch.from_numpy(z)).numpy()
+    assert rel_err(ours(jnp.asarray(z)), want) < SIMPLE
 
 
 @pytest.mark.parametrize("starting", [True, False], ids=["starting", "ending"])
@@ -105,8 +118,6 @@ def test_block_parts_and_every_trunk_block(ref, inputs):
 
 
 def jax_slice(tree, i):
-    import jax
-
     return jax.tree.map(lambda x: x[i], tree)
 
 

@@ -50,23 +50,28 @@ class TriangleMultiplication(nnx.Module):
     def __call__(self, z: jax.Array, mask: jax.Array) -> jax.Array:
         """z [B, L, L, Z], mask [B, L, L] -> update [B, L, L, Z].
 
-        The product runs channel-major, as a batch of Z matrix products: ``a`` and ``b`` are
-        transposed once each to [B, Z, X, Y] (the order whose transposing loop XLA:CPU runs fast),
-        outgoing edges then contract their last axis, incoming edges their leading one, and the
-        product is transposed back once. As the channels-last einsum reads, XLA fused the
-        transposes into the gating, for incoming edges in an order that ran 3x slower; the two
-        updates were 40% of a 256-residue CPU fold (BENCHMARKS.md, "Second pass").
+        The product runs channel-major, as a batch of Z matrix products over [Z, B, X, Y] arrays
+        (outgoing edges contract their last axis, incoming edges their leading one). The four
+        gated projections are one matrix product whose left operand is the transposed [4Z, Z]
+        kernel, so they come out channel-major and the gating runs in that layout, with no
+        transpose of ``a`` or ``b``; the product is transposed back once. Channels-last, as the
+        reference writes it, XLA:CPU fused transposes into the gating, and the two updates were
+        40% of a 256-residue CPU fold (BENCHMARKS.md, "Second pass"; "Third pass" for this form).
         """
         z = self.layer_norm_in(z)
-        m = mask[..., None]
-        a = m * jax.nn.sigmoid(self.linear_a_g(z)) * self.linear_a_p(z)  # [B, I, K, Z]
-        b = m * jax.nn.sigmoid(self.linear_b_g(z)) * self.linear_b_p(z)  # [B, J, K, Z]
-        a, b = jnp.transpose(a, (0, 3, 1, 2)), jnp.transpose(b, (0, 3, 1, 2))  # [B, Z, ., .]
+        lins = (self.linear_a_p, self.linear_a_g, self.linear_b_p, self.linear_b_g)
+        kernel_t = jnp.concatenate([lin.kernel[...] for lin in lins], axis=1).T  # [4Z, Z]
+        bias = jnp.concatenate([lin.bias[...] for lin in lins])[:, None, None, None]
+        proj = jax.lax.dot_general(kernel_t, z, (((1,), (3,)), ((), ()))) + bias  # [4Z, B, X, Y]
+        a_p, a_g, b_p, b_g = jnp.split(proj, 4)
+        m = mask[None]  # [1, B, X, Y]
+        a = m * jax.nn.sigmoid(a_g) * a_p  # [Z, B, I, K] (incoming: [Z, B, K, I])
+        b = m * jax.nn.sigmoid(b_g) * b_p  # [Z, B, J, K] (incoming: [Z, B, K, J])
         if self.outgoing:
-            p = jnp.einsum("bcik,bcjk->bcij", a, b)
+            p = jnp.einsum("cbik,cbjk->cbij", a, b)
         else:
-            p = jnp.einsum("bcki,bckj->bcij", a, b)
-        p = jnp.transpose(p, (0, 2, 3, 1))  # [B, I, J, Z]
+            p = jnp.einsum("cbki,cbkj->cbij", a, b)
+        p = jnp.transpose(p, (1, 2, 3, 0))  # [B, I, J, Z]
         return self.linear_z(self.layer_norm_out(p)) * jax.nn.sigmoid(self.linear_g(z))
 
 

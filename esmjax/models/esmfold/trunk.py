@@ -47,7 +47,10 @@ class ResidueMLP(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return x + self.mlp[3](jax.nn.relu(self.mlp[1](self.mlp[0](x))))
+        def residue(x):  # [..., C] -> [..., C]
+            return x + self.mlp[3](jax.nn.relu(self.mlp[1](self.mlp[0](x))))
+
+        return nn.map_positions(residue, x)
 
 
 class SequenceAttention(nnx.Module):
