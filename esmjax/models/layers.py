@@ -208,8 +208,10 @@ def map_positions(fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Arr
 
     On a CPU the positions go through ``fn`` ``_POSITION_BLOCK`` rows at a time (``lax.map``), so
     that a block's hidden activations stay in cache instead of making a round trip through memory:
-    ESMFold's pair transition over 256 x 256 positions (a [65536, 4Z] hidden array) ran 1.4-1.6x
-    faster. Accelerators, and arrays of at most one block, take ``fn(x)`` whole."""
+    ESMFold's pair transition over 256 x 256 positions (a [65536, 4Z] hidden array) ran 1.6-1.7x
+    faster alone at Z = 128 (194-207 -> 121 ms) and took 0.41 s instead of 1.39 s of a CPU fold
+    (BENCHMARKS.md, "Third pass"). Accelerators, and arrays of at most one block, take ``fn(x)``
+    whole."""
     rows = math.prod(x.shape[:-1])
     if jax.default_backend() != "cpu" or rows <= _POSITION_BLOCK:
         return fn(x)
