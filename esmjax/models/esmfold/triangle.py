@@ -96,8 +96,8 @@ class GatedAttention(nnx.Module):
         On a CPU the layout decides the speed, so q, k, v are made heads-major ([..., H, J, D]) and
         the softmax is normalised after the product with v, as flash attention does (Dao et al.
         2022, Alg. 1): the [..., H, J, D] output is divided by the softmax denominators instead of
-        the [..., H, J, K] weights. Together they took a 256-residue fold from 7.1-8.5 s to
-        5.3-6.3 s on 2 CPU threads; either alone gave nothing (BENCHMARKS.md, "Fourth pass").
+        the [..., H, J, K] weights. Together they took a 256-residue fold from 7.1-9.1 s to
+        5.3-6.5 s on 2 CPU threads; either alone gave nothing (BENCHMARKS.md, "Fourth pass").
         """
         h, d = self.num_heads, self.head_width
 
