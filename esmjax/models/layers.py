@@ -388,6 +388,33 @@ def _attention_bwd(res, d_out):
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
+# XLA:CPU (jaxlib 0.10.2) fuses a row's attention into one YNNPACK kernel that slows sharply once
+# the row is long: at 1,024 tokens (20 heads of 16), forward+backward of 2 rows took 432-461 ms
+# whole and 242 ms with the queries in blocks of 256 (forward 158-175 -> 77 ms); at 512 tokens
+# blocks gave nothing (BENCHMARKS.md, "Fourth pass"). So on a CPU, beyond 512 tokens, each row's
+# queries run in blocks of 256 against all of its keys.
+_CPU_QUERY_BLOCK = 256
+_CPU_BLOCK_BEYOND = 512
+
+
+def _query_blocked(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
+    """``_attention`` with each row's queries split into blocks of ``_CPU_QUERY_BLOCK`` (the
+    blocks become rows; k and v are repeated per block, and autodiff sums their gradients back).
+    Queries padded up to a whole block get a zero bias: finite outputs that are sliced off, and
+    their zero output gradient adds nothing to dk and dv."""
+    b, h, length, d = q.shape
+    blk = _CPU_QUERY_BLOCK
+    nb = -(-length // blk)
+    pad = nb * blk - length
+    q = jnp.pad(q, ((0, 0), (0, 0), (0, pad), (0, 0)))
+    bias = jnp.pad(bias, ((0, 0), (0, 0), (0, pad), (0, 0)))
+    qb = q.reshape(b, h, nb, blk, d).transpose(0, 2, 1, 3, 4).reshape(b * nb, h, blk, d)
+    bb = bias.reshape(b, 1, nb, blk, -1).transpose(0, 2, 1, 3, 4).reshape(b * nb, 1, blk, -1)
+    kb, vb = (jnp.repeat(t, nb, axis=0) for t in (k, v))
+    out = _attention(qb, kb, vb, bb)  # [B * nb, H, blk, D]
+    out = out.reshape(b, nb, h, blk, d).transpose(0, 2, 1, 3, 4).reshape(b, h, nb * blk, d)
+    return out[:, :, :length]
+
 
 def dot_product_attention(
     q: jax.Array,
@@ -402,7 +429,8 @@ def dot_product_attention(
 
     ``q`` is expected pre-scaled. A query with no allowed key (a padding row) gets uniform weights
     instead of NaN. Training (no weights returned) never stores the [B, H, L, M] weights: the
-    backward pass recomputes them row by row. With ``cudnn`` (an NVIDIA GPU, 16-bit inputs) the
+    backward pass recomputes them row by row (on a CPU, beyond 512 tokens, in blocks of 256
+    queries: ``_query_blocked``). With ``cudnn`` (an NVIDIA GPU, 16-bit inputs) the
     cuDNN flash-attention kernel computes the same function from the dense mask. The packed
     kernels that take segment ids instead are in ``attention_kernels``; ``choose_attention``
     there picks the path.
@@ -424,7 +452,9 @@ def dot_product_attention(
         return jax.nn.dot_product_attention(
             q, k, v, mask=mask, scale=1.0, implementation="cudnn"
         ), None
-    out = _attention(*(_heads_major(x) for x in (q, k, v)), _bias(mask))
+    qh, kh, vh = (_heads_major(x) for x in (q, k, v))
+    long_rows = q.shape[1] > _CPU_BLOCK_BEYOND and jax.default_backend() == "cpu"
+    out = (_query_blocked if long_rows else _attention)(qh, kh, vh, _bias(mask))
     return _heads_major(out), None
 
 
