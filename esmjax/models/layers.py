@@ -329,10 +329,51 @@ def _map_rows(fn: Callable, *xs: jax.Array):
     return jax.lax.map(lambda a: fn(*a), xs, batch_size=_rows_per_chunk(xs[0], xs[1]))
 
 
+# XLA:CPU (jaxlib 0.10.2) fuses a row's attention into one YNNPACK kernel that slows sharply once
+# the row is long (BENCHMARKS.md, "Fourth pass"). So on a CPU, beyond 512 tokens, each row's
+# queries run in blocks against all of its keys, one block after another (forward: ``lax.map``;
+# backward: a ``scan`` that sums the blocks' dk and dv).
+_CPU_QUERY_BLOCK = 64
+_CPU_BLOCK_BEYOND = 512
+
+
+def _query_blocks(length: int) -> int | None:
+    """Query blocks per row, or None for the row whole (accelerators; up to 512 tokens)."""
+    if jax.default_backend() != "cpu" or length <= _CPU_BLOCK_BEYOND:
+        return None
+    return -(-length // _CPU_QUERY_BLOCK)
+
+
+def _split_queries(x: jax.Array, axis: int, blocks: int) -> jax.Array:
+    """The query axis padded with zeros to whole blocks, blocks leading: [..., L, ...] -> [nb,
+    ..., blk, ...]. A padded query gets bias 0 (finite, sliced off) and, in the backward, a zero
+    output gradient and ``live`` 0, so it adds nothing to dk and dv."""
+    pad = blocks * _CPU_QUERY_BLOCK - x.shape[axis]
+    x = jnp.pad(x, [(0, pad if a == axis else 0) for a in range(x.ndim)])
+    x = x.reshape(x.shape[:axis] + (blocks, _CPU_QUERY_BLOCK) + x.shape[axis + 1 :])
+    return jnp.moveaxis(x, axis, 0)
+
+
+def _join_queries(x: jax.Array, axis: int, length: int) -> jax.Array:
+    """Inverse of ``_split_queries``: [nb, ..., blk, ...] -> [..., L, ...]."""
+    x = jnp.moveaxis(x, 0, axis)
+    x = x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2 :])
+    return jax.lax.slice_in_dim(x, 0, length, axis=axis)
+
+
+def _row_out_blocked(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
+    blocks = _query_blocks(q.shape[1])
+    if blocks is None:
+        return _row_out(q, k, v, bias)
+    xs = (_split_queries(q, 1, blocks), _split_queries(bias, 1, blocks))
+    out = jax.lax.map(lambda a: _row_out(a[0], k, v, a[1]), xs)
+    return _join_queries(out, 1, q.shape[1])
+
+
 @jax.custom_vjp
 def _attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
     """Heads-major q, k, v [B, H, L, D] and bias [B, 1, L, M] -> out [B, H, L, D]."""
-    return _map_rows(_row_out, q, k, v, bias)
+    return _map_rows(_row_out_blocked, q, k, v, bias)
 
 
 def _row_out(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
@@ -379,41 +420,29 @@ def _attention_bwd(res, d_out):
         dq = jnp.swapaxes(jnp.einsum("hdm,hml->hdl", k_t, ds_t), 1, 2)
         return dq, dk, dv
 
+    def row_blocked(q, k, v, bias_t, live, out, do):
+        blocks = _query_blocks(q.shape[1])
+        if blocks is None:
+            return row(q, k, v, bias_t, live, out, do)
+        split = (1, 2, 2, 1, 1)  # the query axis of q, bias_t, live, out, do
+        xs = tuple(_split_queries(x, a, blocks) for x, a in zip((q, bias_t, live, out, do), split))
+
+        def step(acc, blk):
+            dq, dk, dv = row(blk[0], k, v, *blk[1:])
+            return (acc[0] + dk, acc[1] + dv), dq
+
+        zeros = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+        (dk, dv), dq = jax.lax.scan(step, zeros, xs)
+        return _join_queries(dq, 1, q.shape[1]), dk, dv
+
     q, k, v, bias, out = res
     bias_t = jnp.swapaxes(bias, 2, 3)  # [B, 1, M, L]
     live = jnp.any(bias_t == 0.0, axis=2, keepdims=True).astype(jnp.float32)  # [B, 1, 1, L]
-    dq, dk, dv = _map_rows(row, q, k, v, bias_t, live, out, d_out)
+    dq, dk, dv = _map_rows(row_blocked, q, k, v, bias_t, live, out, d_out)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
-
-# XLA:CPU (jaxlib 0.10.2) fuses a row's attention into one YNNPACK kernel that slows sharply once
-# the row is long: at 1,024 tokens (20 heads of 16), forward+backward of 2 rows took 432-461 ms
-# whole and 242 ms with the queries in blocks of 256 (forward 158-175 -> 77 ms); at 512 tokens
-# blocks gave nothing (BENCHMARKS.md, "Fourth pass"). So on a CPU, beyond 512 tokens, each row's
-# queries run in blocks of 256 against all of its keys.
-_CPU_QUERY_BLOCK = 256
-_CPU_BLOCK_BEYOND = 512
-
-
-def _query_blocked(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
-    """``_attention`` with each row's queries split into blocks of ``_CPU_QUERY_BLOCK`` (the
-    blocks become rows; k and v are repeated per block, and autodiff sums their gradients back).
-    Queries padded up to a whole block get a zero bias: finite outputs that are sliced off, and
-    their zero output gradient adds nothing to dk and dv."""
-    b, h, length, d = q.shape
-    blk = _CPU_QUERY_BLOCK
-    nb = -(-length // blk)
-    pad = nb * blk - length
-    q = jnp.pad(q, ((0, 0), (0, 0), (0, pad), (0, 0)))
-    bias = jnp.pad(bias, ((0, 0), (0, 0), (0, pad), (0, 0)))
-    qb = q.reshape(b, h, nb, blk, d).transpose(0, 2, 1, 3, 4).reshape(b * nb, h, blk, d)
-    bb = bias.reshape(b, 1, nb, blk, -1).transpose(0, 2, 1, 3, 4).reshape(b * nb, 1, blk, -1)
-    kb, vb = (jnp.repeat(t, nb, axis=0) for t in (k, v))
-    out = _attention(qb, kb, vb, bb)  # [B * nb, H, blk, D]
-    out = out.reshape(b, nb, h, blk, d).transpose(0, 2, 1, 3, 4).reshape(b, h, nb * blk, d)
-    return out[:, :, :length]
 
 
 def dot_product_attention(
@@ -429,8 +458,8 @@ def dot_product_attention(
 
     ``q`` is expected pre-scaled. A query with no allowed key (a padding row) gets uniform weights
     instead of NaN. Training (no weights returned) never stores the [B, H, L, M] weights: the
-    backward pass recomputes them row by row (on a CPU, beyond 512 tokens, in blocks of 256
-    queries: ``_query_blocked``). With ``cudnn`` (an NVIDIA GPU, 16-bit inputs) the
+    backward pass recomputes them row by row (on a CPU, beyond 512 tokens, in blocks of
+    queries: ``_query_blocks``). With ``cudnn`` (an NVIDIA GPU, 16-bit inputs) the
     cuDNN flash-attention kernel computes the same function from the dense mask. The packed
     kernels that take segment ids instead are in ``attention_kernels``; ``choose_attention``
     there picks the path.
@@ -452,9 +481,7 @@ def dot_product_attention(
         return jax.nn.dot_product_attention(
             q, k, v, mask=mask, scale=1.0, implementation="cudnn"
         ), None
-    qh, kh, vh = (_heads_major(x) for x in (q, k, v))
-    long_rows = q.shape[1] > _CPU_BLOCK_BEYOND and jax.default_backend() == "cpu"
-    out = (_query_blocked if long_rows else _attention)(qh, kh, vh, _bias(mask))
+    out = _attention(*(_heads_major(x) for x in (q, k, v)), _bias(mask))
     return _heads_major(out), None
 
 
