@@ -263,7 +263,7 @@ def test_xla_attention_matches_plain_softmax(weights):
 
 
 def test_long_rows_run_in_query_blocks_and_match_plain_softmax():
-    """Beyond 512 tokens a CPU runs each row's queries in blocks of 64 (600 tokens: 10 blocks, the
+    """Beyond 256 tokens a CPU runs each row's queries in blocks of 64 (600 tokens: 10 blocks, the
     last padded): packed segments, a row whose tail is padding, and a fully padded row give the
     plain softmax attention, gradients included, with a cotangent nonzero everywhere."""
     n = 600

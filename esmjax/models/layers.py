@@ -330,15 +330,18 @@ def _map_rows(fn: Callable, *xs: jax.Array):
 
 
 # XLA:CPU (jaxlib 0.10.2) fuses a row's attention into one YNNPACK kernel that slows sharply once
-# the row is long (BENCHMARKS.md, "Fourth pass"). So on a CPU, beyond 512 tokens, each row's
-# queries run in blocks against all of its keys, one block after another (forward: ``lax.map``;
-# backward: a ``scan`` that sums the blocks' dk and dv).
+# the row is longer than 256 tokens (as ESMFold's triangle attention does). So on a CPU, beyond 256
+# tokens, each row's queries run in blocks of 64 against all of its keys, one block after another
+# (forward: ``lax.map``; backward: a ``scan`` that sums the blocks' dk and dv). Forward+backward,
+# 20 heads of 24 (35M): 2 rows of 1,024 tokens 506 ms whole, 246-258 ms in blocks of 64 (128:
+# 284-299, 256: 306-376); 4 rows of 512 229-283 -> 194-207 ms; of 384 130 -> 88 ms; but 8 rows of
+# 256 (20 heads of 16) 63-76 ms whole against 76-82 in blocks (BENCHMARKS.md, "Fourth pass").
 _CPU_QUERY_BLOCK = 64
-_CPU_BLOCK_BEYOND = 512
+_CPU_BLOCK_BEYOND = 256
 
 
 def _query_blocks(length: int) -> int | None:
-    """Query blocks per row, or None for the row whole (accelerators; up to 512 tokens)."""
+    """Query blocks per row, or None for the row whole (accelerators; up to 256 tokens)."""
     if jax.default_backend() != "cpu" or length <= _CPU_BLOCK_BEYOND:
         return None
     return -(-length // _CPU_QUERY_BLOCK)
@@ -458,7 +461,7 @@ def dot_product_attention(
 
     ``q`` is expected pre-scaled. A query with no allowed key (a padding row) gets uniform weights
     instead of NaN. Training (no weights returned) never stores the [B, H, L, M] weights: the
-    backward pass recomputes them row by row (on a CPU, beyond 512 tokens, in blocks of
+    backward pass recomputes them row by row (on a CPU, beyond 256 tokens, in blocks of
     queries: ``_query_blocks``). With ``cudnn`` (an NVIDIA GPU, 16-bit inputs) the
     cuDNN flash-attention kernel computes the same function from the dense mask. The packed
     kernels that take segment ids instead are in ``attention_kernels``; ``choose_attention``
