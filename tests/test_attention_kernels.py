@@ -8,6 +8,7 @@ so these check the kernels' tiling, segment masking and backward math, at fp32 t
 import dataclasses
 import functools
 import logging
+import re
 
 import jax
 import jax.numpy as jnp
@@ -256,6 +257,31 @@ def test_xla_attention_matches_plain_softmax(weights):
     def grads(fn):
         return jax.jit(jax.grad(lambda q, k, v: jnp.vdot(fn(q, k, v, seg), g), argnums=(0, 1, 2)))
 
+    assert rel_err(jax.jit(ours)(q, k, v, seg), _plain_attention(q, k, v, seg)) < 2e-6
+    for a, b, what in zip(grads(ours)(q, k, v), grads(_plain_attention)(q, k, v), "qkv"):
+        assert rel_err(a, b) < 2e-6, what
+
+
+def test_long_rows_run_in_query_blocks_and_match_plain_softmax():
+    """Beyond 256 tokens a CPU runs each row's queries in blocks of 64 (600 tokens: 10 blocks, the
+    last padded): packed segments, a row whose tail is padding, and a fully padded row give the
+    plain softmax attention, gradients included, with a cotangent nonzero everywhere."""
+    n = 600
+    seg = np.zeros((3, n), np.int32)
+    seg[0, :300], seg[0, 300:580] = 1, 2
+    seg[1, :450] = 1
+    seg = jnp.asarray(seg)
+    q, k, v = qkv(3, length=n, seed=5)
+    g = jax.random.normal(jax.random.key(6), q.shape)
+
+    def ours(q, k, v, seg):
+        return nn.dot_product_attention(q, k, v, nn.attention_mask(seg), return_weights=False)[0]
+
+    def grads(fn):
+        return jax.jit(jax.grad(lambda q, k, v: jnp.vdot(fn(q, k, v, seg), g), argnums=(0, 1, 2)))
+
+    hlo = grads(ours).lower(q, k, v).as_text()
+    assert re.search(rf"tensor<10x(1x)?{H}x64x{D}xf32>", hlo)  # a row's queries as 10 blocks
     assert rel_err(jax.jit(ours)(q, k, v, seg), _plain_attention(q, k, v, seg)) < 2e-6
     for a, b, what in zip(grads(ours)(q, k, v), grads(_plain_attention)(q, k, v), "qkv"):
         assert rel_err(a, b) < 2e-6, what

@@ -13,7 +13,11 @@ from flax import nnx
 from esmjax.models.esmfold.config import StructureModuleConfig, TrunkConfig
 from esmjax.models.esmfold.model import AF2_TO_ESM, lm_tokens
 from esmjax.models.esmfold.structure import InvariantPointAttention, StructureModule
-from esmjax.models.esmfold.triangle import TriangleAttention, TriangleMultiplication
+from esmjax.models.esmfold.triangle import (
+    TriangleAttention,
+    TriangleMultiplication,
+    cpu_row_chunk,
+)
 from esmjax.models.esmfold.trunk import ResidueMLP, TriangularSelfAttentionBlock, recycle_bins
 from esmjax.models.geometry import all_atom
 from esmjax.models.geometry import residue_constants as rc
@@ -88,6 +92,28 @@ def test_triangle_attention_and_chunking(ref, inputs, starting):
         np.testing.assert_allclose(
             np.asarray(ours(z, m, chunk_size=chunk)), full, rtol=0, atol=1e-6
         )
+
+
+def test_triangle_attention_beyond_256_residues_runs_in_cpu_row_chunks(ref):
+    """Beyond 256 residues a CPU runs triangle attention in row chunks (a scan in its program; 261
+    rows at 2 heads: chunks of 15, with a remainder chunk), equal to HF's module, and a smaller
+    ``chunk_size`` still caps the chunk."""
+    theirs = ref.trunk.blocks[1].tri_att_start
+    shape = lambda: TriangleAttention(32, 16, 2, starting=True, rngs=nnx.Rngs(0))  # noqa: E731
+    ours = load_module(nnx.eval_shape(shape), theirs)
+    n = 261
+    rng = np.random.default_rng(2)
+    z = rng.standard_normal((1, n, n, 32)).astype(np.float32)
+    mask = np.ones((1, n), np.float32)
+    mask[0, 250:] = 0
+    tm = _pair_mask(mask)
+    assert cpu_row_chunk(1, n, 2, None) == 15 and cpu_row_chunk(1, n, 2, 4) == 4
+    assert cpu_row_chunk(1, 256, 2, None) is None and cpu_row_chunk(1, 256, 2, 7) == 7
+    zj, mj = jnp.asarray(z), jnp.asarray(tm.numpy())
+    assert "scan" in str(jax.make_jaxpr(lambda a, b: ours(a, b))(zj, mj))
+    with torch.no_grad():
+        want = theirs(torch.from_numpy(z), mask=tm).numpy()
+    assert rel_err(ours(zj, mj), want) < SIMPLE
 
 
 def test_block_parts_and_every_trunk_block(ref, inputs):

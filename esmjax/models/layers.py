@@ -329,10 +329,54 @@ def _map_rows(fn: Callable, *xs: jax.Array):
     return jax.lax.map(lambda a: fn(*a), xs, batch_size=_rows_per_chunk(xs[0], xs[1]))
 
 
+# XLA:CPU (jaxlib 0.10.2) fuses a row's attention into one YNNPACK kernel that slows sharply once
+# the row is longer than 256 tokens (as ESMFold's triangle attention does). So on a CPU, beyond 256
+# tokens, each row's queries run in blocks of 64 against all of its keys, one block after another
+# (forward: ``lax.map``; backward: a ``scan`` that sums the blocks' dk and dv). Forward+backward,
+# 20 heads of 24 (35M): 2 rows of 1,024 tokens 506 ms whole, 246-258 ms in blocks of 64 (128:
+# 284-299, 256: 306-376); 4 rows of 512 229-283 -> 194-207 ms; of 384 130 -> 88 ms; but 8 rows of
+# 256 (20 heads of 16) 63-76 ms whole against 76-82 in blocks (BENCHMARKS.md, "Fourth pass").
+_CPU_QUERY_BLOCK = 64
+_CPU_BLOCK_BEYOND = 256
+
+
+def _query_blocks(length: int) -> int | None:
+    """Query blocks per row, or None for the row whole (accelerators; up to 256 tokens)."""
+    if jax.default_backend() != "cpu" or length <= _CPU_BLOCK_BEYOND:
+        return None
+    return -(-length // _CPU_QUERY_BLOCK)
+
+
+def _split_queries(x: jax.Array, axis: int, blocks: int) -> jax.Array:
+    """The query axis padded with zeros to whole blocks, blocks leading: [..., L, ...] -> [nb,
+    ..., blk, ...]. A padded query gets bias 0 (finite, sliced off) and, in the backward, a zero
+    output gradient and ``live`` 0, so it adds nothing to dk and dv."""
+    pad = blocks * _CPU_QUERY_BLOCK - x.shape[axis]
+    x = jnp.pad(x, [(0, pad if a == axis else 0) for a in range(x.ndim)])
+    x = x.reshape(x.shape[:axis] + (blocks, _CPU_QUERY_BLOCK) + x.shape[axis + 1 :])
+    return jnp.moveaxis(x, axis, 0)
+
+
+def _join_queries(x: jax.Array, axis: int, length: int) -> jax.Array:
+    """Inverse of ``_split_queries``: [nb, ..., blk, ...] -> [..., L, ...]."""
+    x = jnp.moveaxis(x, 0, axis)
+    x = x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2 :])
+    return jax.lax.slice_in_dim(x, 0, length, axis=axis)
+
+
+def _row_out_blocked(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
+    blocks = _query_blocks(q.shape[1])
+    if blocks is None:
+        return _row_out(q, k, v, bias)
+    xs = (_split_queries(q, 1, blocks), _split_queries(bias, 1, blocks))
+    out = jax.lax.map(lambda a: _row_out(a[0], k, v, a[1]), xs)
+    return _join_queries(out, 1, q.shape[1])
+
+
 @jax.custom_vjp
 def _attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
     """Heads-major q, k, v [B, H, L, D] and bias [B, 1, L, M] -> out [B, H, L, D]."""
-    return _map_rows(_row_out, q, k, v, bias)
+    return _map_rows(_row_out_blocked, q, k, v, bias)
 
 
 def _row_out(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
@@ -379,10 +423,25 @@ def _attention_bwd(res, d_out):
         dq = jnp.swapaxes(jnp.einsum("hdm,hml->hdl", k_t, ds_t), 1, 2)
         return dq, dk, dv
 
+    def row_blocked(q, k, v, bias_t, live, out, do):
+        blocks = _query_blocks(q.shape[1])
+        if blocks is None:
+            return row(q, k, v, bias_t, live, out, do)
+        split = (1, 2, 2, 1, 1)  # the query axis of q, bias_t, live, out, do
+        xs = tuple(_split_queries(x, a, blocks) for x, a in zip((q, bias_t, live, out, do), split))
+
+        def step(acc, blk):
+            dq, dk, dv = row(blk[0], k, v, *blk[1:])
+            return (acc[0] + dk, acc[1] + dv), dq
+
+        zeros = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+        (dk, dv), dq = jax.lax.scan(step, zeros, xs)
+        return _join_queries(dq, 1, q.shape[1]), dk, dv
+
     q, k, v, bias, out = res
     bias_t = jnp.swapaxes(bias, 2, 3)  # [B, 1, M, L]
     live = jnp.any(bias_t == 0.0, axis=2, keepdims=True).astype(jnp.float32)  # [B, 1, 1, L]
-    dq, dk, dv = _map_rows(row, q, k, v, bias_t, live, out, d_out)
+    dq, dk, dv = _map_rows(row_blocked, q, k, v, bias_t, live, out, d_out)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
@@ -402,7 +461,8 @@ def dot_product_attention(
 
     ``q`` is expected pre-scaled. A query with no allowed key (a padding row) gets uniform weights
     instead of NaN. Training (no weights returned) never stores the [B, H, L, M] weights: the
-    backward pass recomputes them row by row. With ``cudnn`` (an NVIDIA GPU, 16-bit inputs) the
+    backward pass recomputes them row by row (on a CPU, beyond 256 tokens, in blocks of
+    queries: ``_query_blocks``). With ``cudnn`` (an NVIDIA GPU, 16-bit inputs) the
     cuDNN flash-attention kernel computes the same function from the dense mask. The packed
     kernels that take segment ids instead are in ``attention_kernels``; ``choose_attention``
     there picks the path.

@@ -114,6 +114,24 @@ class GatedAttention(nnx.Module):
         return self.linear_o(o.reshape(o.shape[:-2] + (-1,)))
 
 
+# XLA:CPU (jaxlib 0.10.2) runs a triangle attention call as one fused YNNPACK kernel, which is fast
+# up to 256 keys and falls off a cliff beyond (two calls at Z 64, 2 heads: 170 ms at 256 residues,
+# 817 ms at 272, 1.47 s at 384). Row chunks whose [chunk, H, L, L] scores fit in 8 MiB run 2-3x
+# faster there (272: 303 ms, 384: 591 ms, 512: 1.29-1.69 s against 2.62 s; BENCHMARKS.md, "Fourth
+# pass"); up to 256 keys the whole map is faster than any chunking.
+_CPU_FUSED_MAX_KEYS = 256
+_CPU_CHUNK_BYTES = 8 << 20
+
+
+def cpu_row_chunk(batch: int, length: int, heads: int, chunk_size: int | None) -> int | None:
+    """The row chunk a triangle attention over ``length`` x ``length`` uses: ``chunk_size`` (a
+    memory cap) or, on a CPU beyond 256 keys, the smaller of it and the 8 MiB chunk above."""
+    if jax.default_backend() != "cpu" or length <= _CPU_FUSED_MAX_KEYS:
+        return chunk_size
+    fast = max(1, _CPU_CHUNK_BYTES // (4 * batch * heads * length * length))
+    return fast if chunk_size is None else min(chunk_size, fast)
+
+
 class TriangleAttention(nnx.Module):
     """Triangle self-attention around the starting node (Suppl. Alg. 13) or the ending node (Alg.
     14, the same computation on the transposed pair map).
@@ -121,7 +139,8 @@ class TriangleAttention(nnx.Module):
     ``chunk_size`` splits the rows (the batch-like axis of the axial attention) into groups of that
     many, run one after another with ``lax.map``: the [H, L, L] logits then exist for ``chunk_size``
     rows at a time instead of all L, the same memory saving as OpenFold's ``chunk_layer``; results
-    are identical.
+    are identical. On a CPU, beyond 256 residues, rows are chunked for speed too
+    (``cpu_row_chunk``).
     """
 
     def __init__(
@@ -152,6 +171,7 @@ class TriangleAttention(nnx.Module):
             return self.mha(xr, mr[:, None, None, :] + tri_bias)
 
         xs = (jnp.moveaxis(x, 1, 0), jnp.moveaxis(mask_bias, 1, 0))
+        chunk_size = cpu_row_chunk(x.shape[0], x.shape[2], self.mha.num_heads, chunk_size)
         # lax.map with batch_size vmaps ``row`` over chunk_size rows at a time (the last chunk may
         # be shorter).
         out = (
