@@ -329,20 +329,23 @@ def _map_rows(fn: Callable, *xs: jax.Array):
     return jax.lax.map(lambda a: fn(*a), xs, batch_size=_rows_per_chunk(xs[0], xs[1]))
 
 
-# XLA:CPU (jaxlib 0.10.2) fuses a row's attention into one YNNPACK kernel that slows sharply once
-# the row is longer than 256 tokens (as ESMFold's triangle attention does). So on a CPU, beyond 256
-# tokens, each row's queries run in blocks of 64 against all of its keys, one block after another
-# (forward: ``lax.map``; backward: a ``scan`` that sums the blocks' dk and dv). Forward+backward,
-# 20 heads of 24 (35M): 2 rows of 1,024 tokens 506 ms whole, 246-258 ms in blocks of 64 (128:
-# 284-299, 256: 306-376); 4 rows of 512 229-283 -> 194-207 ms; of 384 130 -> 88 ms; but 8 rows of
-# 256 (20 heads of 16) 63-76 ms whole against 76-82 in blocks (BENCHMARKS.md, "Fourth pass").
+# XLA:CPU (jaxlib 0.10.2) fuses one attention (``softmax_attention``) into one YNNPACK kernel that
+# slows sharply past this many keys, here and in ESMFold's triangle attention
+# (``triangle.cpu_row_chunk``).
+CPU_FUSED_MAX_KEYS = 256
+
+# So on a CPU, beyond 256 tokens, each row's queries run in blocks of 64 against all of its keys,
+# one block after another (forward: ``lax.map``; backward: a ``scan`` that sums the blocks' dk and
+# dv). Forward+backward, 20 heads of 24 (35M): 2 rows of 1,024 tokens 506 ms whole, 246-258 ms in
+# blocks of 64 (128: 284-299, 256: 306-376); 4 rows of 512 229-283 -> 194-207 ms; of 384 130 -> 88
+# ms; but 8 rows of 256 (20 heads of 16) 63-76 ms whole against 76-82 in blocks (BENCHMARKS.md,
+# "Fourth pass").
 _CPU_QUERY_BLOCK = 64
-_CPU_BLOCK_BEYOND = 256
 
 
 def _query_blocks(length: int) -> int | None:
     """Query blocks per row, or None for the row whole (accelerators; up to 256 tokens)."""
-    if jax.default_backend() != "cpu" or length <= _CPU_BLOCK_BEYOND:
+    if jax.default_backend() != "cpu" or length <= CPU_FUSED_MAX_KEYS:
         return None
     return -(-length // _CPU_QUERY_BLOCK)
 
@@ -367,9 +370,9 @@ def _join_queries(x: jax.Array, axis: int, length: int) -> jax.Array:
 def _row_out_blocked(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
     blocks = _query_blocks(q.shape[1])
     if blocks is None:
-        return _row_out(q, k, v, bias)
+        return softmax_attention(q, k, v, bias)
     xs = (_split_queries(q, 1, blocks), _split_queries(bias, 1, blocks))
-    out = jax.lax.map(lambda a: _row_out(a[0], k, v, a[1]), xs)
+    out = jax.lax.map(lambda a: softmax_attention(a[0], k, v, a[1]), xs)
     return _join_queries(out, 1, q.shape[1])
 
 
@@ -379,16 +382,20 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax
     return _map_rows(_row_out_blocked, q, k, v, bias)
 
 
-def _row_out(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
-    """The training forward of one row: its backward is ``_attention_bwd``, so the mask can be an
-    additive bias, which XLA:CPU fuses with both matmuls and the softmax. As in flash attention
-    (Dao et al. 2022, Alg. 1) the softmax is normalised after the product with ``v``: the [H, L, D]
-    output is divided by the softmax denominators, not the [H, L, M] weights, a pass over the
-    weights less (the 35M-shape attention forward 19.6 -> 14.3 ms on 2 CPU threads, BENCHMARKS.md
-    "Third pass")."""
-    scores = jnp.einsum("hld,hmd->hlm", q, k, preferred_element_type=jnp.float32) + bias
-    e = jnp.exp(scores - scores.max(-1, keepdims=True))
-    out = jnp.einsum("hlm,hmd->hld", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
+def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
+    """``softmax(q k^T + bias) v`` with an additive bias: q [..., L, D], k and v [..., M, D], bias
+    broadcastable to [..., L, M] -> [..., L, D] in v's dtype, the softmax in float32.
+
+    As in flash attention (Dao et al. 2022, Alg. 1) the softmax is normalised after the product
+    with ``v``: the [..., L, D] output is divided by the softmax denominators, not the [..., L, M]
+    weights, a pass over the weights less, and XLA:CPU fuses the whole of it into one kernel (the
+    35M-shape attention forward 19.6 -> 14.3 ms on 2 CPU threads, "Third pass"; ESMFold's triangle
+    attention about 100 -> 37 ms per call with heads-major inputs, "Fourth pass", BENCHMARKS.md).
+    ESM-2's training forward (its backward is ``_attention_bwd``, so the mask can be a bias) and
+    ESMFold's ``GatedAttention`` both use it."""
+    scores = jnp.einsum("...ld,...md->...lm", q, k, preferred_element_type=jnp.float32) + bias
+    e = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True)))
+    out = jnp.einsum("...lm,...md->...ld", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return (out / e.sum(-1)[..., None]).astype(v.dtype)
 
 

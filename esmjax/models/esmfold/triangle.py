@@ -93,11 +93,10 @@ class GatedAttention(nnx.Module):
         """x [..., J, C] (rows of the pair map), bias broadcastable to [..., H, J, K] -> [..., J,
         C].
 
-        On a CPU the layout decides the speed, so q, k, v are made heads-major ([..., H, J, D]) and
-        the softmax is normalised after the product with v, as flash attention does (Dao et al.
-        2022, Alg. 1): the [..., H, J, D] output is divided by the softmax denominators instead of
-        the [..., H, J, K] weights. Together they took a 256-residue fold from 7.1-9.1 s to
-        5.3-6.5 s on 2 CPU threads; either alone gave nothing (BENCHMARKS.md, "Fourth pass").
+        On a CPU the layout decides the speed, so q, k, v are made heads-major ([..., H, J, D]) for
+        ``layers.softmax_attention``, which normalises the softmax after the product with v.
+        Together they took a 256-residue fold from 7.1-9.1 s to 5.3-6.5 s on 2 CPU threads; either
+        alone gave nothing (BENCHMARKS.md, "Fourth pass").
         """
         h, d = self.num_heads, self.head_width
 
@@ -106,27 +105,24 @@ class GatedAttention(nnx.Module):
 
         q = heads_major(self.linear_q(x) / jnp.sqrt(jnp.float32(d)))
         k, v = heads_major(self.linear_k(x)), heads_major(self.linear_v(x))
-        logits = jnp.einsum("...qd,...kd->...qk", q, k) + bias  # [..., H, J, K]
-        e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
-        o = jnp.einsum("...qk,...kd->...qd", e, v) / e.sum(-1)[..., None]  # [..., H, J, D]
+        o = nn.softmax_attention(q, k, v, bias)  # [..., H, J, D]
         g = jax.nn.sigmoid(self.linear_g(x))
         o = jnp.swapaxes(o, -2, -3) * g.reshape(g.shape[:-1] + (h, d))  # [..., J, H, D]
         return self.linear_o(o.reshape(o.shape[:-2] + (-1,)))
 
 
-# XLA:CPU (jaxlib 0.10.2) runs a triangle attention call as one fused YNNPACK kernel, which is fast
-# up to 256 keys and falls off a cliff beyond (two calls at Z 64, 2 heads: 170 ms at 256 residues,
-# 817 ms at 272, 1.47 s at 384). Row chunks whose [chunk, H, L, L] scores fit in 8 MiB run 2-3x
-# faster there (272: 303 ms, 384: 591 ms, 512: 1.29-1.69 s against 2.62 s; BENCHMARKS.md, "Fourth
-# pass"); up to 256 keys the whole map is faster than any chunking.
-_CPU_FUSED_MAX_KEYS = 256
+# XLA:CPU runs a triangle attention call as one fused kernel that falls off a cliff past
+# ``layers.CPU_FUSED_MAX_KEYS`` (256) keys (two calls at Z 64, 2 heads: 170 ms at 256 residues, 817
+# ms at 272, 1.47 s at 384). Row chunks whose [chunk, H, L, L] scores fit in 8 MiB run 2-3x faster
+# there (272: 303 ms, 384: 591 ms, 512: 1.29-1.69 s against 2.62 s; BENCHMARKS.md, "Fourth pass");
+# up to 256 keys the whole map is faster than any chunking.
 _CPU_CHUNK_BYTES = 8 << 20
 
 
 def cpu_row_chunk(batch: int, length: int, heads: int, chunk_size: int | None) -> int | None:
     """The row chunk a triangle attention over ``length`` x ``length`` uses: ``chunk_size`` (a
     memory cap) or, on a CPU beyond 256 keys, the smaller of it and the 8 MiB chunk above."""
-    if jax.default_backend() != "cpu" or length <= _CPU_FUSED_MAX_KEYS:
+    if jax.default_backend() != "cpu" or length <= nn.CPU_FUSED_MAX_KEYS:
         return chunk_size
     fast = max(1, _CPU_CHUNK_BYTES // (4 * batch * heads * length * length))
     return fast if chunk_size is None else min(chunk_size, fast)
