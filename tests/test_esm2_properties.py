@@ -1,5 +1,7 @@
 """Padding invariance, packed rows, bf16 and sharded execution of the ESM2 model."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,7 @@ from reference import rel_err
 
 from esmjax.config import ESM2_PRESETS, MeshConfig
 from esmjax.models import alphabet as tok
+from esmjax.models import layers as nn
 from esmjax.models.esm2 import ESM2
 from esmjax.parallel import sharding as shd
 
@@ -99,3 +102,24 @@ def test_sharded_forward_equals_single_device(model):
         out = fwd(sharded, jax.device_put(t, shd.batch_sharding(mesh, rules, 2)))
     ref = model(jnp.asarray(t))["logits"]
     assert rel_err(np.asarray(out), np.asarray(ref)) < 1e-5
+
+
+def test_rotary_tables_are_computed_once_for_all_layers(model):
+    """Every layer's rotary sines and cosines are computed once, before the layer loop, as [N, B,
+    L, 1, D] tables. Built inside a layer, XLA:CPU fused them into the rotation of every head
+    (``layers.rotary_tables``). The rotation itself still equals fair-esm's rotate-half form."""
+    t = jnp.asarray(tok.batch_encode(SEQS))
+    n, (b, length) = model.cfg.num_layers, t.shape
+    text = jax.jit(lambda m, x: m(x)["logits"]).lower(model, t).compile().as_text()
+    shapes = re.findall(r"f32\[([0-9,]+)\]\{[0-9,]*\} (?:cosine|sine)\(", text)
+    assert shapes, "no sine or cosine in the compiled forward"
+    assert all(s.split(",")[:3] == [str(n), str(b), str(length)] for s in shapes), shapes
+
+    x = jax.random.normal(jax.random.key(0), (b, length, 3, 16))
+    positions = jnp.broadcast_to(jnp.arange(length), (b, length))
+    inv_freq = 1.0 / 10000 ** (jnp.arange(0, 16, 2) / 16)
+    cos, sin = (a[0] for a in nn.rotary_tables(positions, inv_freq[None]))
+    angle = positions[..., None, None] * jnp.concatenate([inv_freq, inv_freq])  # [B, L, 1, D]
+    rotate_half = jnp.concatenate([-x[..., 8:], x[..., :8]], axis=-1)
+    expected = x * jnp.cos(angle) + rotate_half * jnp.sin(angle)
+    assert rel_err(np.asarray(nn.apply_rotary(x, (cos, sin))), np.asarray(expected)) < 1e-6

@@ -74,18 +74,18 @@ class MultiheadAttention(nnx.Module):
         x: jax.Array,
         mask: jax.Array,
         segment_ids: jax.Array,
-        positions: jax.Array,
+        rope: tuple[jax.Array, jax.Array],
         path: AttentionPath,
         need_weights: bool = False,
     ) -> tuple[jax.Array, jax.Array | None]:
-        """x [B, L, E], mask [B, 1, L, L], segment_ids [B, L], positions [B, L] -> ([B, L, E],
-        weights [B, H, L, L] float32 or None). ``path`` (``choose_attention``) picks the kernel:
-        the dense-mask XLA / cuDNN paths or a packed kernel reading ``segment_ids``."""
-        inv_freq = self.rot_emb.inv_freq[...].astype(jnp.float32)
+        """x [B, L, E], mask [B, 1, L, L], segment_ids [B, L], rope (cos, sin [B, L, 1, D] from
+        ``rotary_tables`` of this layer's ``rot_emb.inv_freq``) -> ([B, L, E], weights [B, H, L,
+        L] float32 or None). ``path`` (``choose_attention``) picks the kernel: the dense-mask XLA /
+        cuDNN paths or a packed kernel reading ``segment_ids``."""
         # fair-esm scales q before the rotation (equivalent, since the rotation is linear).
         q = self.q_proj(x) * jnp.asarray(self.scaling, x.dtype)  # [B, L, H, D]
-        q = nn.apply_rotary(q, positions, inv_freq)
-        k = nn.apply_rotary(self.k_proj(x), positions, inv_freq)
+        q = nn.apply_rotary(q, rope)
+        k = nn.apply_rotary(self.k_proj(x), rope)
         v = self.v_proj(x)
         q = constrain(q, (ACT_BATCH, ACT_LEN, ACT_HEADS, None))
         if path.kernel in ("splash", "pallas_gpu"):
@@ -114,12 +114,12 @@ class TransformerLayer(nnx.Module):
         x: jax.Array,
         mask: jax.Array,
         segment_ids: jax.Array,
-        positions: jax.Array,
+        rope: tuple[jax.Array, jax.Array],
         path: AttentionPath,
         need_weights: bool = False,
     ) -> tuple[jax.Array, jax.Array | None]:
         h, weights = self.self_attn(
-            self.self_attn_layer_norm(x), mask, segment_ids, positions, path, need_weights
+            self.self_attn_layer_norm(x), mask, segment_ids, rope, path, need_weights
         )
         x = x + h
         h = self.fc1(self.final_layer_norm(x))  # [B, L, F]
@@ -286,16 +286,20 @@ class ESM2(nnx.Module):
             cfg.attention, dtype=dtype, head_dim=cfg.head_dim, need_weights=need_head_weights
         )
         collect_hidden = any(0 < r < cfg.num_layers for r in repr_layers)
+        # Every layer's rotary cos/sin, computed once: [N, B, L, 1, D] each.
+        inv_freq = self.layers.self_attn.rot_emb.inv_freq[...].astype(jnp.float32)  # [N, D/2]
+        rope = nn.rotary_tables(positions, inv_freq)
         graphdef, stacked = nnx.split(self.layers)
 
-        def body(h: jax.Array, layer_state) -> tuple[jax.Array, tuple]:
+        def body(h: jax.Array, xs) -> tuple[jax.Array, tuple]:
+            layer_state, layer_rope = xs
             layer = nnx.merge(graphdef, layer_state)
-            h, weights = layer(h, mask, segment_ids, positions, path, need_head_weights)
+            h, weights = layer(h, mask, segment_ids, layer_rope, path, need_head_weights)
             return h, (h if collect_hidden else None, weights)
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=False)
-        x, (hidden, weights) = jax.lax.scan(body, x, stacked)
+        x, (hidden, weights) = jax.lax.scan(body, x, (stacked, rope))
 
         for r in repr_layers:
             if 0 < r < cfg.num_layers:

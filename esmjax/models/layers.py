@@ -265,20 +265,43 @@ def rope_inv_freq(head_dim: int, theta: float = 10000.0) -> jax.Array:
     return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
 
 
-def apply_rotary(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotary position embedding in the GPT-NeoX "rotate half" form used by ESM-2 (Su et al. 2021).
+def rotary_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The cosines and signed sines of the rotary angles, for ``apply_rotary``.
+
+    Computed once per forward pass for all layers (``ESM2`` passes them to the layer scan): built
+    inside a layer, XLA:CPU fused the sine and cosine into each consumer of the [B, L, H, D]
+    rotated q and k, so every head recomputed them (8M training step, one core: four such fusions
+    at 3.8 ms per layer, 0.8 ms from stored tables; BENCHMARKS.md, "Fifth pass").
+
+    Args:
+      positions: [B, L] integer positions (restarting per packed segment).
+      inv_freq: [..., D/2] float32 (the layers' stacked buffers: [N, D/2]).
+    Returns:
+      cos and sin, each [..., B, L, 1, D] float32. ``sin`` carries the signs of "rotate half":
+      negative on the first half of D.
+    """
+    lead = inv_freq.shape[:-1]
+    inv = inv_freq.reshape(lead + (1,) * positions.ndim + inv_freq.shape[-1:])
+    freqs = positions.astype(jnp.float32)[..., None] * inv  # [..., B, L, D/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[..., None, :]  # [..., B, L, 1, D]
+    half = inv_freq.shape[-1]
+    sign = jnp.concatenate([-jnp.ones(half, jnp.float32), jnp.ones(half, jnp.float32)])
+    return jnp.cos(emb), jnp.sin(emb) * sign
+
+
+def apply_rotary(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotary position embedding in the GPT-NeoX "rotate half" form used by ESM-2 (Su et al. 2021):
+    ``x cos + rotate_half(x) sin`` with ``rotate_half(x) = [-x2, x1]``. Here the minus sits in the
+    signed sines of ``rotary_tables``, so the rotation is a roll by D/2 (the same products: a sign
+    flip is exact).
 
     Args:
       x: [B, L, H, D].
-      positions: [B, L] integer positions (restarting per packed segment).
-      inv_freq: [D/2] float32.
+      rope: ``rotary_tables`` for one layer: cos and signed sin, each [B, L, 1, D].
     """
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, D/2]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, L, 1, D]
-    cos, sin = jnp.cos(emb), jnp.sin(emb)
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+    cos, sin = rope
+    x32 = x.astype(jnp.float32)
+    return (x32 * cos + jnp.roll(x32, x.shape[-1] // 2, axis=-1) * sin).astype(x.dtype)
 
 
 def attention_mask(segment_ids: jax.Array) -> jax.Array:
@@ -315,10 +338,13 @@ def _row_attention(
 
 
 def _rows_per_chunk(q: jax.Array, k: jax.Array) -> int:
-    """Batch rows per attention iteration. On a CPU, as many as keep their float32 [H, L, M] scores
-    within 1 MiB (one row of the 8M or 35M shapes at 256 tokens, four of the demo model's 128-token
-    rows), so the scores stay in cache (one batched op over all rows was 3-5x slower there; four
-    demo rows per iteration 2-4% faster than one). Accelerators take the whole batch at once."""
+    """Batch rows per attention iteration of the backward, the weights path and long rows. On a
+    CPU, as many as keep their float32 [H, L, M] scores within 1 MiB (one row of the 8M or 35M
+    shapes at 256 tokens, four of the demo model's 128-token rows), so the scores stay in cache
+    (the backward over all rows at once was 1.6-3x slower: XLA splits it into several operations
+    that pass [B, H, L, M] arrays through memory; four demo rows per iteration 2-4% faster than
+    one). Accelerators take the whole batch at once. (The forward of training and inference is one
+    fused operation for the whole batch up to 256 tokens: ``_attention``.)"""
     batch, heads, length = q.shape[:3]
     if jax.default_backend() != "cpu":
         return batch
@@ -368,9 +394,8 @@ def _join_queries(x: jax.Array, axis: int, length: int) -> jax.Array:
 
 
 def _row_out_blocked(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
+    """One row, its queries in blocks: q [H, L, D], k and v [H, M, D], bias [1, L, M]."""
     blocks = _query_blocks(q.shape[1])
-    if blocks is None:
-        return softmax_attention(q, k, v, bias)
     xs = (_split_queries(q, 1, blocks), _split_queries(bias, 1, blocks))
     out = jax.lax.map(lambda a: softmax_attention(a[0], k, v, a[1]), xs)
     return _join_queries(out, 1, q.shape[1])
@@ -378,7 +403,14 @@ def _row_out_blocked(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) 
 
 @jax.custom_vjp
 def _attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
-    """Heads-major q, k, v [B, H, L, D] and bias [B, 1, L, M] -> out [B, H, L, D]."""
+    """Heads-major q, k, v [B, H, L, D] and bias [B, 1, L, M] -> out [B, H, L, D].
+
+    Up to ``CPU_FUSED_MAX_KEYS`` tokens (and on accelerators) the whole batch is one
+    ``softmax_attention``: XLA:CPU runs it as one fused kernel spread over all cores, where one
+    row at a time ran on one core (8M shape, 8 rows x 256 tokens, 2 threads: 12.6 -> 8.6 ms;
+    BENCHMARKS.md, "Fifth pass"). Longer rows go row by row, in query blocks."""
+    if _query_blocks(q.shape[2]) is None:
+        return softmax_attention(q, k, v, bias)
     return _map_rows(_row_out_blocked, q, k, v, bias)
 
 
