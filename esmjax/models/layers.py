@@ -341,10 +341,10 @@ def _rows_per_chunk(q: jax.Array, k: jax.Array) -> int:
     """Batch rows per attention iteration of the backward, the weights path and long rows. On a
     CPU, as many as keep their float32 [H, L, M] scores within 1 MiB (one row of the 8M or 35M
     shapes at 256 tokens, four of the demo model's 128-token rows), so the scores stay in cache
-    (the backward over all rows at once was 1.6-3x slower: XLA splits it into several operations
-    that pass [B, H, L, M] arrays through memory; four demo rows per iteration 2-4% faster than
-    one). Accelerators take the whole batch at once. (The forward of training and inference is one
-    fused operation for the whole batch up to 256 tokens: ``_attention``.)"""
+    (the backward over all rows at once was 1.6x slower at the 8M shape: XLA splits it into
+    several operations that pass [B, H, L, M] arrays through memory; four demo rows per iteration
+    2-4% faster than one). Accelerators take the whole batch at once. (The forward of training and
+    inference is one fused operation for the whole batch up to 256 tokens: ``_attention``.)"""
     batch, heads, length = q.shape[:3]
     if jax.default_backend() != "cpu":
         return batch
