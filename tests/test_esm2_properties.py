@@ -117,7 +117,7 @@ def test_rotary_tables_are_computed_once_for_all_layers(model):
 
     x = jax.random.normal(jax.random.key(0), (b, length, 3, 16))
     positions = jnp.broadcast_to(jnp.arange(length), (b, length))
-    inv_freq = 1.0 / 10000 ** (jnp.arange(0, 16, 2) / 16)
+    inv_freq = nn.rope_inv_freq(16)
     cos, sin = (a[0] for a in nn.rotary_tables(positions, inv_freq[None]))
     angle = positions[..., None, None] * jnp.concatenate([inv_freq, inv_freq])  # [B, L, 1, D]
     rotate_half = jnp.concatenate([-x[..., 8:], x[..., :8]], axis=-1)

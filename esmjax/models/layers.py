@@ -280,8 +280,7 @@ def rotary_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array,
       cos and sin, each [..., B, L, 1, D] float32. ``sin`` carries the signs of "rotate half":
       negative on the first half of D.
     """
-    lead = inv_freq.shape[:-1]
-    inv = inv_freq.reshape(lead + (1,) * positions.ndim + inv_freq.shape[-1:])
+    inv = inv_freq[..., None, None, :]  # [..., 1, 1, D/2]
     freqs = positions.astype(jnp.float32)[..., None] * inv  # [..., B, L, D/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)[..., None, :]  # [..., B, L, 1, D]
     half = inv_freq.shape[-1]
