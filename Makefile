@@ -18,10 +18,19 @@ $(RUN_STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[cpu]"
 	touch $(RUN_STAMP)
 
+# The tests also compile for accelerators without one (README "Plans by the accelerators'
+# compilers"): libtpu comes with the tpu extra; the GPU compiler (pyproject's aot-gpu extra, these
+# pins) goes aside into $(AOT_GPU_DIR), put on PYTHONPATH only by the tests that compile for a GPU,
+# since on a machine without a GPU the CUDA plugin logs from every JAX process that loads it.
+AOT_GPU := jax-cuda12-plugin==0.10.2 jax-cuda12-pjrt==0.10.2 nvidia-cuda-nvcc-cu12==12.9.86
+AOT_GPU_DIR := $(VENV)/aot-gpu
+
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[cpu,test]"
+	$(PY) -m pip install -q -e ".[cpu,test,tpu]"
+	rm -rf $(AOT_GPU_DIR)
+	$(PY) -m pip install -q --no-deps --target $(AOT_GPU_DIR) $(AOT_GPU)
 	touch $(STAMP) $(RUN_STAMP)
 
 venv: $(STAMP)

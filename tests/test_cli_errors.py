@@ -115,6 +115,22 @@ def test_plan_errors(capsys, mesh, expected):
     assert expected in error_line(capsys, ["plan", "--config", DEMO, "--mesh", mesh])
 
 
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        (["--target", "v9x-8"], "--target: 'v9x-8' is not a target; use a Cloud TPU name"),
+        (["--target", "v5p-24"], "--target: v5p slices come in powers of two from 4 chips, got 12"),
+        (["--target", "h100-12"], "--target: 12 GPUs do not fill hosts of 8"),
+        (["--target", "h100", "--slices", "2"], "--slices is for TPU targets"),
+        (["--target", "v5p-8", "--mesh", "data=1,fsdp=8"], "--mesh data=1,fsdp=8 has 8 devices;"),
+        (["--target", "v5p-8", "--json", "/no/such/dir/p.json"], "--json /no/such/dir/p.json"),
+    ],
+)
+def test_plan_target_errors(capsys, argv, expected):
+    """Checked before any compiler starts."""
+    assert expected in error_line(capsys, ["plan", "--config", DEMO, *argv])
+
+
 def test_plan_config_error(capsys, tmp_path):
     cfg = write_config(tmp_path, {"model": "tiny", "mesh": {"rules": "bogus"}})
     line = error_line(capsys, ["plan", "--config", str(cfg), "--mesh", "data=1,fsdp=8"])

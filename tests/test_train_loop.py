@@ -259,3 +259,36 @@ def test_training_eval_is_evaluate_perplexity(dataset, tmp_path):
     assert ml["masked_tokens"] == at_train["eval_masked_tokens"]
     assert ml["perplexity"] == at_train["eval_perplexity"]
     assert ml["unigram_perplexity"] == at_train["eval_unigram_perplexity"]
+
+
+def test_restart_finds_the_compilation_cache(dataset, tmp_path):
+    """``compile_cache: auto`` (no JAX_COMPILATION_CACHE_DIR set): the first start fills
+    <workdir>/compile_cache; a restart (here: resuming to more steps) reports the programs it finds
+    there and compiles nothing new into it."""
+    cfg = write_config(tmp_path / "c.yaml", dataset, num_steps=2)
+    w = tmp_path / "w"
+    e = {**env(1), "ESMJAX_LOG": "INFO"}
+    e.pop("JAX_COMPILATION_CACHE_DIR", None)
+    base = ESMJAX + ["train", "--no-progress", "--config", str(cfg), "--workdir", str(w)]
+    first = subprocess.run(base, env=e, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert f"compilation cache {w}/compile_cache: 0 compiled programs" in first.stderr
+
+    def programs():
+        return sorted(p.name for p in (w / "compile_cache").iterdir() if p.name.endswith("-cache"))
+
+    cached = programs()
+    assert any(n.startswith("jit_step-") for n in cached), cached  # the train step
+    again = subprocess.run(
+        [*base, "--set", "num_steps=4"],
+        env=e,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    found = [ln for ln in again.stderr.splitlines() if "compilation cache" in ln]
+    assert found and f": {len(cached)} compiled programs" in found[0], found
+    assert programs() == cached
+    assert losses(w).keys() == {1, 2, 3, 4}

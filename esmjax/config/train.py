@@ -153,6 +153,11 @@ class TrainConfig:
     # schedule start fresh; a run that has its own checkpoints resumes them and ignores this.
     init_from: str = ""
     init_step: int = -1
+    # JAX's persistent compilation cache, so that a restart or a preempted run coming back loads
+    # the compiled step instead of compiling it again (minutes for 15B): "auto" is
+    # $JAX_COMPILATION_CACHE_DIR when set, else <workdir>/compile_cache (local or a bucket,
+    # shared by the run's hosts); "off", or a folder or bucket URL of its own.
+    compile_cache: str = "auto"
 
 
 def load_config(

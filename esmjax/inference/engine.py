@@ -148,15 +148,7 @@ class Engine:
         come back as host NumPy trees, replicated on every process.
         """
         statics = tuple(static_argnums)
-
-        def body(state, *args):
-            self.traces += 1
-            return fn(nnx.merge(self.graphdef, state), *args)
-
-        replicated = NamedSharding(self.mesh, P())
-        jitted = jax.jit(
-            body, static_argnums=tuple(i + 1 for i in statics), out_shardings=replicated
-        )
+        jitted = self._jit(fn, statics)
 
         def call(*args, local: bool = False):
             put = self.put_local if local else self.put_global
@@ -166,6 +158,30 @@ class Engine:
             return jax.device_get(out)
 
         return call
+
+    def _jit(self, fn: Callable, statics: tuple[int, ...]) -> Callable:
+        def body(state, *args):
+            self.traces += 1
+            return fn(nnx.merge(self.graphdef, state), *args)
+
+        replicated = NamedSharding(self.mesh, P())
+        return jax.jit(body, static_argnums=tuple(i + 1 for i in statics), out_shardings=replicated)
+
+    def compile(self, fn: Callable, args: Sequence[Any], static_argnums: Sequence[int] = ()) -> Any:
+        """The compiled executable of the pass ``forward(fn)`` runs, for ``args`` given as shapes
+        (``jax.ShapeDtypeStruct``; statics as values), without running it: what ``esmjax plan
+        --job embed|fold`` reads memory and kernels from. The engine's state may be abstract too
+        (a model merged from shapes with shardings)."""
+        statics = tuple(static_argnums)
+        placed = [
+            a if i in statics else jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self._place(a))
+            for i, a in enumerate(args)
+        ]
+        with shd.use_mesh(self.mesh, self.rules):
+            return self._jit(fn, statics).trace(self.state, *placed).lower().compile()
+
+    def _place(self, a: Any) -> NamedSharding:
+        return shd.batch_sharding(self.mesh, self.rules, len(a.shape))
 
     def cached_forward(
         self, name: str, fn: Callable, static_argnums: Sequence[int] = ()
@@ -180,7 +196,7 @@ class Engine:
         self, tokens: np.ndarray, repr_layers: tuple[int, ...], contacts: bool, logits: bool
     ) -> dict:
         """Representations (float32) of ``repr_layers``, logits and contacts of a [R, T] batch."""
-        return self.cached_forward("embed", _embed, static_argnums=(1, 2, 3))(
+        return self.cached_forward("embed", embed_pass, static_argnums=(1, 2, 3))(
             tokens, repr_layers, contacts, logits
         )
 
@@ -228,7 +244,7 @@ class Engine:
 
 
 # -- ESM-2 pass bodies: (model, *arrays) -> small results
-def _embed(model: ESM2, tokens, repr_layers, contacts, logits):
+def embed_pass(model: ESM2, tokens, repr_layers, contacts, logits):
     out = model(tokens, repr_layers=repr_layers, return_contacts=contacts, return_logits=logits)
     out["representations"] = {k: v.astype(jnp.float32) for k, v in out["representations"].items()}
     out.pop("attentions", None)

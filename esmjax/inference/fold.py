@@ -80,7 +80,7 @@ def encode(sequence: str) -> Encoded:
     )
 
 
-def _fold(model: ESMFold, aatype, mask, residx, num_recycles, chunk_size):
+def fold_pass(model: ESMFold, aatype, mask, residx, num_recycles, chunk_size):
     out = model(aatype, mask, residx, num_recycles=num_recycles, chunk_size=chunk_size)
     keys = ("atom37", "atom37_exists", "plddt", "ptm", "predicted_aligned_error")
     return {k: out[k] for k in keys}
@@ -95,7 +95,7 @@ def fold_batch(
     chunk_size: int | None = None,
 ) -> dict[str, np.ndarray]:
     """One jitted ESMFold pass over a padded batch (compiled once per shape)."""
-    fold = engine.cached_forward("fold", _fold, static_argnums=(3, 4))
+    fold = engine.cached_forward("fold", fold_pass, static_argnums=(3, 4))
     return fold(aatype, mask, residx, num_recycles, chunk_size)
 
 

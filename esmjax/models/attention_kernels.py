@@ -20,6 +20,14 @@ Paths (``ESM2Config.attention``, ``model.attention`` in YAML):
 
 ``auto`` picks ``splash`` on a TPU, ``pallas_gpu`` on a GPU with 16-bit compute, else ``xla`` (so
 a CPU run is bit-for-bit the XLA path). Any path asked to return attention weights is ``xla``.
+The platform is the one the program is compiled for (the mesh's devices, ``compute_platform``),
+not the machine's default backend: ``esmjax plan --target v5p-8`` on a CPU machine compiles the
+Mosaic splash kernel, as a TPU run would. Interpret mode is used only when a kernel is named
+explicitly on a platform it does not compile for (a CPU).
+
+Why not the Hopper kernel that ships in the same jax (``pallas.ops.gpu.attention_mgpu``): it has
+no segment ids (only a causal flag), and packed rows need them; the Triton kernel takes them and
+compiles for sm_90 (``tests/test_aot_gpu.py``).
 
 Why ``pallas_gpu`` and not cuDNN's packed (THD offsets) layout on the GPU: the Pallas kernel is
 one Python function that also runs in Pallas interpret mode, so its segment handling, forward and
@@ -54,7 +62,7 @@ import jax
 import jax.numpy as jnp
 
 from esmjax.errors import InputError
-from esmjax.parallel.sharding import ACT_BATCH, ACT_HEADS, map_shards
+from esmjax.parallel.sharding import ACT_BATCH, ACT_HEADS, compute_platform, map_shards
 
 log = logging.getLogger("esmjax.attention")
 
@@ -96,9 +104,10 @@ def choose_attention(
       dtype: the compute dtype of q, k, v.
       head_dim: D.
       need_weights: the caller needs the [B, H, L, L] weights (attention maps, contacts).
-      backend: ``jax.default_backend()`` unless given.
+      backend: the platform the program is compiled for (``compute_platform``: the mesh's, so a
+        plan for a TPU from a CPU machine picks the Mosaic kernel) unless given.
     """
-    backend = backend or jax.default_backend()
+    backend = backend or compute_platform()
     dtype = jnp.dtype(dtype)
     if need_weights:
         path = AttentionPath("xla", False, "attention weights requested (only xla returns them)")

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from esmjax.parallel.sharding import compute_platform
+
 Init = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
 
 
@@ -71,7 +73,7 @@ def matmul(x: jax.Array, w: jax.Array, n_in: int, gelu_input: bool = False) -> j
     the token axis as autodiff writes it, it misses XLA:CPU's fast matmul kernels and took 2-6x
     longer (BENCHMARKS.md, "CPU training profile"). The forward is the same everywhere.
     """
-    if jax.default_backend() != "cpu":
+    if compute_platform() != "cpu":
         return _dot(gelu(x) if gelu_input else x, w, n_in)
     k, n = math.prod(w.shape[:n_in]), math.prod(w.shape[n_in:])
     return _cpu_matmul(x, w, n_in, gelu_input, min(k, n) >= _CPU_MIN_WIDTH)
@@ -213,7 +215,7 @@ def map_positions(fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Arr
     (BENCHMARKS.md, "Third pass"). Accelerators, and arrays of at most one block, take ``fn(x)``
     whole."""
     rows = math.prod(x.shape[:-1])
-    if jax.default_backend() != "cpu" or rows <= _POSITION_BLOCK:
+    if compute_platform() != "cpu" or rows <= _POSITION_BLOCK:
         return fn(x)
     out = jax.lax.map(fn, x.reshape(rows, x.shape[-1]), batch_size=_POSITION_BLOCK)
     return out.reshape(*x.shape[:-1], out.shape[-1])
@@ -345,7 +347,7 @@ def _rows_per_chunk(q: jax.Array, k: jax.Array) -> int:
     2-4% faster than one). Accelerators take the whole batch at once. (The forward of training and
     inference is one fused operation for the whole batch up to 256 tokens: ``_attention``.)"""
     batch, heads, length = q.shape[:3]
-    if jax.default_backend() != "cpu":
+    if compute_platform() != "cpu":
         return batch
     return max(1, min(batch, (1 << 20) // (4 * heads * length * k.shape[2])))
 
@@ -370,7 +372,7 @@ _CPU_QUERY_BLOCK = 64
 
 def _query_blocks(length: int) -> int | None:
     """Query blocks per row, or None for the row whole (accelerators; up to 256 tokens)."""
-    if jax.default_backend() != "cpu" or length <= CPU_FUSED_MAX_KEYS:
+    if compute_platform() != "cpu" or length <= CPU_FUSED_MAX_KEYS:
         return None
     return -(-length // _CPU_QUERY_BLOCK)
 

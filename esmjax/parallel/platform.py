@@ -100,3 +100,34 @@ def log_startup(compute_dtype: str) -> list[str]:
     for w in warnings:
         log.warning(w)
     return warnings
+
+
+def use_compilation_cache(setting: str, workdir: Any) -> str | None:
+    """Points JAX's persistent compilation cache at ``setting`` (``TrainConfig.compile_cache``:
+    ``auto``, ``off`` or a folder/URL) before the run compiles anything; returns the folder in use
+    and logs how many programs it already holds (0 on a first start)."""
+    if setting == "off":
+        return None
+    if setting == "auto":
+        default = f"{str(workdir).rstrip('/')}/compile_cache"
+        folder = os.environ.get("JAX_COMPILATION_CACHE_DIR") or default
+    else:
+        folder = setting
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    if jax.config.jax_compilation_cache_dir != folder:
+        cc.reset_cache()  # a cache opened earlier in this process would keep its old folder
+        jax.config.update("jax_compilation_cache_dir", folder)
+    log.info("compilation cache %s: %d compiled programs", folder, cached_programs(folder))
+    return folder
+
+
+def cached_programs(folder: str) -> int:
+    """Programs in a JAX compilation cache folder (local or a bucket)."""
+    from etils import epath
+
+    root = epath.Path(folder)
+    try:
+        return sum(1 for p in root.iterdir() if p.name.endswith("-cache"))
+    except (FileNotFoundError, NotADirectoryError):
+        return 0

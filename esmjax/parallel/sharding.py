@@ -100,6 +100,44 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
+def target_mesh(sizes: dict[str, int], devices: Sequence[jax.Device], granules: int = 1) -> Mesh:
+    """A ``(data, fsdp, tensor)`` mesh of ``sizes`` over ``devices`` that are ``granules`` groups
+    joined by the slow network (TPU slices over DCN, GPU hosts over the datacenter network).
+
+    The granules go on ``data`` first, then on ``fsdp``; ``tensor`` never crosses them. Inside a
+    granule the devices follow the physical topology (``mesh_utils``), so a TPU's fsdp ring runs
+    over neighbouring chips.
+    """
+    from jax.experimental import mesh_utils
+
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    if math.prod(shape) != len(devices):
+        raise ShardingError(
+            f"--mesh {_fmt_mesh(sizes)} needs {math.prod(shape)} devices; the target has "
+            f"{len(devices)}"
+        )
+    if granules == 1:
+        array = mesh_utils.create_device_mesh(shape, list(devices), allow_split_physical_axes=True)
+        return Mesh(array, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    on_data = math.gcd(sizes["data"], granules)
+    on_fsdp = granules // on_data
+    if sizes["fsdp"] % on_fsdp:
+        raise ShardingError(
+            f"--mesh {_fmt_mesh(sizes)}: {granules} hosts or slices do not split over data "
+            f"x fsdp (tensor stays inside one); make data or fsdp a multiple of {granules}"
+        )
+    dcn = (on_data, on_fsdp, 1)
+    ici = tuple(s // d for s, d in zip(shape, dcn))
+    array = mesh_utils.create_hybrid_device_mesh(
+        ici,
+        dcn,
+        list(devices),
+        process_is_granule=devices[0].platform != "tpu",
+        allow_split_physical_axes=True,
+    )
+    return Mesh(array, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
 def single_device_mesh() -> Mesh:
     return Mesh(
         np.asarray(jax.devices()[:1]).reshape(1, 1, 1), MESH_AXES, axis_types=(AxisType.Auto,) * 3
@@ -419,6 +457,17 @@ def use_mesh(mesh: Mesh, rules: Rules) -> Iterator[None]:
         yield
     finally:
         _CONTEXT.reset(token)
+
+
+def compute_platform() -> str:
+    """The platform the program being traced is for: that of the mesh in ``use_mesh`` (a plan
+    compiling for a TPU or GPU from a CPU machine), else JAX's default backend. Every choice of a
+    CPU-only or accelerator-only code path reads this, never ``jax.default_backend()``, so that a
+    compiled plan holds the program the accelerator would run."""
+    ctx = _CONTEXT.get()
+    if ctx is None:
+        return jax.default_backend()
+    return ctx[0].devices.flat[0].platform
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:

@@ -115,6 +115,7 @@ def run(
     workdir = paths.path(workdir)  # a local folder or a bucket URL (gs://, s3://)
     _check_workdir_config(workdir, cfg)
     plat.log_startup(cfg.model.dtype)
+    plat.use_compilation_cache(cfg.compile_cache, workdir)
     peak = tm.device_peak_flops(cfg.accelerator)  # per device, for MFU; None when unknown
     mesh = shd.make_mesh(cfg.mesh)
     rules = shd.resolve_rules(cfg.mesh.rules)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from esmjax.models import layers as nn
+from esmjax.parallel.sharding import compute_platform
 
 
 def dense(in_dim: int, out_dim: int, rngs: nnx.Rngs, use_bias: bool = True) -> nn.Dense:
@@ -122,7 +123,7 @@ _CPU_CHUNK_BYTES = 8 << 20
 def cpu_row_chunk(batch: int, length: int, heads: int, chunk_size: int | None) -> int | None:
     """The row chunk a triangle attention over ``length`` x ``length`` uses: ``chunk_size`` (a
     memory cap) or, on a CPU beyond 256 keys, the smaller of it and the 8 MiB chunk above."""
-    if jax.default_backend() != "cpu" or length <= nn.CPU_FUSED_MAX_KEYS:
+    if compute_platform() != "cpu" or length <= nn.CPU_FUSED_MAX_KEYS:
         return chunk_size
     fast = max(1, _CPU_CHUNK_BYTES // (4 * batch * heads * length * length))
     return fast if chunk_size is None else min(chunk_size, fast)
