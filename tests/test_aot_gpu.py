@@ -22,8 +22,9 @@ def _train(tmp_path, config, *extra):
 def test_demo_train_step_compiles_for_h100(tmp_path):
     # auto takes the Pallas kernel for 16-bit compute; the demo recipe computes in float32.
     p = _train(tmp_path, "demo", "--set", "model.dtype=bfloat16", "--set", "model.remat=dots")
-    # On a GPU `dots` saves the kernel's outputs: no forward runs again (esm2.remat_policy).
-    assert p["kernel_forwards_in_backward"] == 0
+    # `dots` saves matmul outputs only: the kernel's forward runs again in the backward (saving
+    # its outputs costs more memory than it spares: esm2.ESM2.__call__).
+    assert p["kernel_forwards_in_backward"] >= 1
 
 
 def test_8m_train_step_compiles_for_h100(tmp_path):

@@ -18,7 +18,6 @@ compute alone.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +39,6 @@ from esmjax.parallel.sharding import (
     LAYERS,
     MLP,
     VOCAB,
-    compute_platform,
     constrain,
 )
 
@@ -196,28 +194,6 @@ _REMAT = {
 }
 
 
-def remat_policy(remat: str, platform: str) -> Any:
-    """The ``jax.checkpoint`` policy of ``ESM2Config.remat`` on ``platform``.
-
-    ``dots`` saves matmul outputs only, so an attention kernel's forward (a ``pallas_call`` inside
-    a ``custom_vjp``, not a dot) runs again in the backward. Whether to save the kernel's outputs
-    instead was decided by the compilers' memory figures for the 650M preset at 16 rows of 1,024
-    tokens per device (BENCHMARKS.md, "Compiled memory on accelerators"): on 8 H100s saving them
-    lowers the peak (27.2 -> 20.7 GiB) and drops the recomputation, so on a GPU they are saved; on
-    a v5p-16 saving them costs 12.3 GiB more per chip (22.2 -> 34.5) to spare about 4% of the
-    step's FLOPs, so on a TPU the kernel runs again and the memory stays for larger micro-batches.
-    Both names are needed: JAX's remat sees the ``custom_vjp_call`` as the unit to save.
-    """
-    base = _REMAT[remat]
-    if platform != "gpu" or remat not in ("dots", "dots_no_batch"):
-        return base
-
-    def dots_and_kernels(prim: Any, *args: Any, **params: Any) -> bool:
-        return prim.name in ("pallas_call", "custom_vjp_call") or base(prim, *args, **params)
-
-    return dots_and_kernels
-
-
 def segments_from_tokens(tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Unpacked rows: one segment per row (id 1), padding id 0, positions 0..L-1 as fair-esm."""
     segment_ids = (tokens != PAD).astype(jnp.int32)
@@ -322,8 +298,12 @@ class ESM2(nnx.Module):
             return h, (h if collect_hidden else None, weights)
 
         if cfg.remat != "none":
-            policy = remat_policy(cfg.remat, compute_platform())
-            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+            # ``dots`` saves matmul outputs only, so an attention kernel's forward (a custom VJP
+            # around a pallas_call) runs again in the backward. Saving its outputs too was
+            # compiled at the 650M preset: +12.3 GiB per v5p chip (22.2 -> 34.5) and +12.8 GiB
+            # per H100 (27.2 -> 40.0) to spare about 4% of the step's FLOPs, so it is not saved
+            # (BENCHMARKS.md, "Compiled memory on accelerators").
+            body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=False)
         x, (hidden, weights) = jax.lax.scan(body, x, (stacked, rope))
 
         for r in repr_layers:

@@ -250,7 +250,7 @@ def plan(
     peak = tm.peak_flops_of_kind(report["device_kind"]) if on_accelerator else None
     return {
         "job": "train",
-        "model": f"ESM-2 {cfg.model.num_params() / 1e9:.2f}B",
+        "model": f"ESM-2 {size_label(cfg.model.num_params())}",
         "params": cfg.model.num_params(),
         "mesh": sizes,
         "rules": cfg.mesh.rules if isinstance(cfg.mesh.rules, str) else "custom",
@@ -313,7 +313,7 @@ def plan_inference(
     report = _report(compiled, round(time.perf_counter() - t0, 1), at)
     return {
         "job": job,
-        "model": "ESMFold" if job == "fold" else f"ESM-2 {params / 1e9:.2f}B",
+        "model": "ESMFold" if job == "fold" else f"ESM-2 {size_label(params)}",
         "params": params,
         "mesh": shd.mesh_sizes(mesh),
         "rows": rows,
@@ -321,6 +321,10 @@ def plan_inference(
         **report,
         "fits": report["compiled_gb"]["total"] <= at.memory_gb,
     }
+
+
+def size_label(params: int) -> str:
+    return f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
 
 
 def _fmt_collectives(p: dict[str, Any]) -> list[str]:
