@@ -21,6 +21,6 @@ gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command
   set -e
   test -d esmjax || git clone $repo esmjax
   cd esmjax && python3 -m venv .venv && .venv/bin/pip install -q -e '.[tpu,gcs]'
-  export LIBTPU_INIT_ARGS=\"\${LIBTPU_INIT_ARGS:-} \$(.venv/bin/python -m esmjax.parallel.xla_flags tpu)\"
+  export LIBTPU_INIT_ARGS=\"\$(.venv/bin/python -m esmjax.parallel.xla_flags tpu) \${LIBTPU_INIT_ARGS:-}\"
   .venv/bin/esmjax train --config $config --workdir $workdir --no-progress $*
 "
