@@ -109,6 +109,28 @@ def inference_row(args: list[str], p: dict) -> str:
     )
 
 
+TRAIN_HEAD = (
+    "model | target | mesh | rows per batch shard x accumulation | compiled GiB/device "
+    "(arguments + temp) | analytic GiB | HBM GiB | fits | kernel | compile s | command"
+)
+INFERENCE_HEAD = (
+    "job | target | rows x residues | compiled GiB/device (arguments + temp) | HBM GiB | fits | "
+    "kernel | compile s | command"
+)
+
+
+def table(head: str, plans: list, row, a: argparse.Namespace, out: Path) -> None:
+    """One markdown table: a row per plan of ``plans`` whose name matches ``--only``."""
+    print(f"| {head} |")
+    print("|" + "---|" * (head.count("|") + 1))
+    for name, args in plans:
+        if a.only and a.only not in name:
+            continue
+        p = run(name, args, out, a.aot_gpu)
+        if p:
+            print(row(args, p), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="folder for each plan's JSON and report")
@@ -117,29 +139,9 @@ def main() -> None:
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(
-        "| model | target | mesh | rows per batch shard x accumulation | compiled GiB/device "
-        "(arguments + temp) | analytic GiB | HBM GiB | fits | kernel | compile s | command |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, args in TRAIN:
-        if a.only and a.only not in name:
-            continue
-        p = run(name, args, out, a.aot_gpu)
-        if p:
-            print(train_row(args, p), flush=True)
+    table(TRAIN_HEAD, TRAIN, train_row, a, out)
     print()
-    print(
-        "| job | target | rows x residues | compiled GiB/device (arguments + temp) | HBM GiB "
-        "| fits | kernel | compile s | command |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, args in INFERENCE:
-        if a.only and a.only not in name:
-            continue
-        p = run(name, args, out, a.aot_gpu)
-        if p:
-            print(inference_row(args, p), flush=True)
+    table(INFERENCE_HEAD, INFERENCE, inference_row, a, out)
 
 
 if __name__ == "__main__":
