@@ -84,15 +84,19 @@ CHIPS: dict[str, Chip] = {
 class Target:
     """A whole job's accelerators: ``slices`` x ``hosts`` x ``per_host`` devices of ``chip``.
 
-    For a TPU ``topology`` is libtpu's name of one slice (``v5p:4x4x4``); ``hosts`` is then what
-    libtpu's compile-only devices report.
+    For a TPU ``shape`` is one slice's chips per axis (``topology``: libtpu's name, ``v5p:4x4x4``);
+    ``hosts`` is then what libtpu's compile-only devices report.
     """
 
     chip: Chip
     num_devices: int
     per_host: int
     slices: int = 1
-    topology: str = ""
+    shape: tuple[int, ...] = ()
+
+    @property
+    def topology(self) -> str:
+        return f"{self.chip.name}:{'x'.join(map(str, self.shape))}"
 
     @property
     def hosts(self) -> int:
@@ -170,8 +174,7 @@ def parse_target(text: str, slices: int = 1) -> Target:
             raise InputError(f"--target: {chip.name}-N counts {chip.cores_in_name} per chip")
         shape = _tpu_shape(chip, cores // chip.cores_in_name)
     chips = math.prod(shape)
-    topology = f"{chip.name}:{'x'.join(map(str, shape))}"
-    return Target(chip, chips * slices, min(chip.per_host, chips), slices, topology)
+    return Target(chip, chips * slices, min(chip.per_host, chips), slices, shape)
 
 
 def gpu_target_config(chip: Chip) -> str:
@@ -236,7 +239,7 @@ def _tpu_kwargs(target: Target) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"num_slices": target.slices} if target.slices > 1 else {}
     if target.chip.cores_in_name == 2:
         kwargs["chip_config_name"] = "megacore"
-    shape = tuple(int(x) for x in target.topology.split(":")[1].split("x"))
+    shape = target.shape
     if math.prod(shape) < target.chip.per_host:  # one chip, or a part of one host
         kwargs["chips_per_host_bounds"] = shape + (1,) * (3 - len(shape))
     return kwargs
