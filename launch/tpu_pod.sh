@@ -1,26 +1,63 @@
 #!/usr/bin/env bash
-# ESM-2 pretraining on a Cloud TPU pod slice (one process per TPU VM host).
+# ESM-2 pretraining on a Cloud TPU VM slice.
+#
+# Process model: one process per TPU VM host, driving every chip of its host (4 on v4/v5p/v6e
+# hosts). esmjax starts jax.distributed on every TPU VM (esmjax/parallel/distributed.py); JAX finds
+# the slice's hosts and this host's id through the TPU metadata server.
 #
 #   TPU_NAME=esm-v5p-128 ZONE=us-east5-a launch/tpu_pod.sh configs/esm2_3b.yaml gs://bucket/runs/3b \
 #       --set data.train=gs://bucket/data/uniref50_ds
 #
 # Installs esmjax with its `tpu` and `gcs` extras (jax[tpu]==0.10.2 + libtpu, gcsfs; README "Install on a
-# GPU cluster / a TPU VM", "Object storage") on every host, then starts the same command on all of them;
-# jax.distributed.initialize() detects the pod (coordinator, process ids) by itself. The workdir and dataset are
-# gs:// URLs every host reads with the TPU VM's service account (application-default credentials): Orbax writes
-# the checkpoints from every host straight to the bucket, and each host streams the records it draws from the
-# dataset by range requests, keeping only the index files on local disk (~/.cache/esmjax/staged, or
-# ESMJAX_STAGE_DIR); a dataset built before token files existed is staged whole there instead.
-# Preemptible/spot slices: SIGTERM (about 30 s of notice) saves the current step within one step and exits 0;
-# re-run the same command after the slice is back and it resumes.
-set -euo pipefail
+# GPU cluster / a TPU VM", "Object storage") on every host, then starts the same command on all of them.
+# The workdir and dataset are gs:// URLs every host reads with the TPU VM's service account
+# (application-default credentials): Orbax writes the checkpoints from every host straight to the bucket,
+# and each host streams the records it draws from the dataset by range requests, keeping only the index
+# files on local disk (~/.cache/esmjax/staged, or ESMJAX_STAGE_DIR).
+#
+# XLA flags: LIBTPU_INIT_ARGS from `python -m esmjax.parallel.xla_flags tpu` (the flags
+# `esmjax plan --target v5p-N` compiles with); LIBTPU_INIT_ARGS set on the hosts is appended and wins.
+#
+# Preemption: SIGTERM (a maintenance event, about 30 s of notice on spot VMs) makes esmjax save the
+# current step and exit 75 (esmjax/train/preemption.py); this script then starts the command again,
+# and it resumes from the latest checkpoint. When the hosts themselves went away (ssh fails, the
+# slice is not READY), it waits for the slice to be READY again (a queued resource or a
+# maintenance event brings it back; a deleted spot slice must be recreated by you) and restarts.
+# At most ESMJAX_MAX_RESTARTS restarts (default 100); exit 0 means the run is finished.
+set -uo pipefail
 config=${1:?config}; workdir=${2:?workdir}; shift 2
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
 repo=${ESMJAX_REPO:-https://github.com/esmjax/esmjax.git}
-gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command "
+max_restarts=${ESMJAX_MAX_RESTARTS:-100}
+poll=${ESMJAX_POLL_SECONDS:-60}
+preempted=75  # esmjax.train.preemption.EXIT_PREEMPTED
+remote="
   set -e
   test -d esmjax || git clone $repo esmjax
   cd esmjax && python3 -m venv .venv && .venv/bin/pip install -q -e '.[tpu,gcs]'
   export LIBTPU_INIT_ARGS=\"\$(.venv/bin/python -m esmjax.parallel.xla_flags tpu) \${LIBTPU_INIT_ARGS:-}\"
+  set +e
   .venv/bin/esmjax train --config $config --workdir $workdir --no-progress $*
 "
+state() { gcloud compute tpus tpu-vm describe "$TPU_NAME" --zone "$ZONE" --format='value(state)'; }
+restarts=0
+while :; do
+  gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command "$remote"
+  rc=$?
+  [ "$rc" -eq 0 ] && exit 0
+  if [ "$rc" -ne "$preempted" ]; then
+    s=$(state)
+    if [ "$s" = READY ] && [ "$rc" -ne 255 ]; then  # the hosts are there: a real error
+      echo "tpu_pod.sh: esmjax failed with status $rc" >&2
+      exit "$rc"
+    fi
+    echo "tpu_pod.sh: lost the hosts (status $rc, slice ${s:-unknown}); waiting for READY" >&2
+    until [ "$(state)" = READY ]; do sleep "$poll"; done
+  fi
+  restarts=$((restarts + 1))
+  if [ "$restarts" -gt "$max_restarts" ]; then
+    echo "tpu_pod.sh: $max_restarts restarts used up (ESMJAX_MAX_RESTARTS)" >&2
+    exit "$rc"
+  fi
+  echo "tpu_pod.sh: restart $restarts: resuming from the latest checkpoint" >&2
+done

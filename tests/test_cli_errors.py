@@ -3,7 +3,11 @@ and must exit 2 with a single ``esmjax CMD: error: ...`` line naming the file or
 traceback. The mesh cases are issue 11 §3 (no silent replication) seen from the command line."""
 
 import json
+import os
 import pickle
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.yaml")
 # Width 36: fsdp=8 (the 8 test devices) does not divide it, so the rules would replicate it.
 ODD_MODEL = {"preset": "tiny", "embed_dim": 36, "num_heads": 3, "mlp_dim": 144}
+# Data that exists: the cases found once the devices are known need a config that passes the
+# checks made before the start-up (esmjax.commands.train), the data named and present among them.
+DATA = {"train": str(ROOT / "data" / "cath_s20.fa.gz")}
 
 
 def error_line(capsys, argv: list[str]) -> str:
@@ -68,12 +75,16 @@ TRAIN_CASES = {
     ),
     # 3 devices asked for, 8 present.
     "devices": (
-        {"model": "tiny", "mesh": {"ici_fsdp": 3}},
+        {"model": "tiny", "data": DATA, "mesh": {"ici_fsdp": 3}},
         "needs 3 devices, but 8 are present",
         False,
     ),
     # §3: the devices cannot shard the model; refused before any data is read.
-    "replicated": ({"model": ODD_MODEL}, "not divisible by mesh axis fsdp=8", False),
+    "replicated": (
+        {"model": ODD_MODEL, "data": DATA},
+        "not divisible by mesh axis fsdp=8",
+        False,
+    ),
 }
 
 
@@ -157,3 +168,96 @@ def test_checkpoint_config_error(capsys, tmp_path):
         ["embed", "--checkpoint", str(ckpt), "--fasta", str(fasta), "--out", str(tmp_path / "o")],
     )
     assert f"{ckpt / 'config.json'}: model.num_heads: 5 does not divide model.embed_dim 32" in line
+
+
+# --------------------------------------------------------------------------------------------------
+# Fail fast (issue 26 §9): a bad input is found before the distributed start-up, which on a pod can
+# take minutes and logs the devices. Each case runs the CLI in a fresh process told to join a
+# 2-process job whose coordinator never answers: a command that started up before checking its
+# input would wait there (JAX gives up after minutes), so the time limit is the test of the order.
+# --------------------------------------------------------------------------------------------------
+def _unanswered_coordinator() -> str:
+    with socket.socket() as s:  # a port nothing listens on once this closes
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+def only_error_line(argv: list[str], cwd: Path) -> str:
+    """Runs ``esmjax ARGV`` as process 1 of 2 with no coordinator; asserts exit code 2 and that
+    stderr is exactly one ``esmjax CMD: error: ...`` line (no device or INFO log line before it);
+    returns it."""
+    env = {
+        **os.environ,
+        "ESMJAX_COORDINATOR": _unanswered_coordinator(),
+        "ESMJAX_NUM_PROCESSES": "2",
+        "ESMJAX_PROCESS_ID": "1",
+        "ESMJAX_LOG": "INFO",
+    }
+    cmd = [sys.executable, "-m", "esmjax.cli", *argv]
+    try:
+        proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=45)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(
+            f"esmjax {argv[0]} still ran after {e.timeout:.0f} s: it waited for the distributed "
+            f"start-up before checking its input; stderr: {e.stderr!r}"
+        )
+    err = proc.stderr
+    assert proc.returncode == 2, err[-3000:]
+    assert "process 0 of" not in err and " INFO " not in err, err[-3000:]
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"esmjax {argv[0]}: error: "), err[-3000:]
+    return lines[0]
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    """A FASTA, a (weightless) ESM-2 and ESMFold checkpoint folder: their config.json is all that
+    the checks read."""
+    (tmp_path / "x.fa").write_text(">a\nMKTAYIAK\n")
+    for name, tree in (("esm2", {}), ("esmfold", {"esmfold": {}})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(
+            json.dumps({"model": {"preset": "tiny"}, **tree})
+        )
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        (["evaluate", "perplexity", "--checkpoint", "missing/"], "missing/: not an esmjax check"),
+        # an evaluation's own input, checked before its restore starts up
+        (
+            ["evaluate", "variants", "--checkpoint", "esm2", "--dms", "no.csv"],
+            "no.csv: no such file",
+        ),
+        (["train", "--config", "missing.yaml", "--workdir", "w"], "config file missing.yaml does"),
+        (["train", "--config", "bad.yaml", "--workdir", "w"], "bad.yaml: not valid YAML"),
+        (["train", "--config", "heads.yaml", "--workdir", "w"], "heads.yaml: model.num_heads: 7"),
+        (["train", "--config", "nodata.yaml", "--workdir", "w"], "nodata: no such file or folder"),
+        (["finetune", "--config", "task.yaml", "--workdir", "w"], "task.yaml: task 'bogus': one"),
+        (["finetune", "--config", "bad.yaml", "--workdir", "w"], "bad.yaml: not valid YAML"),
+        (["finetune", "--config", "nocsv.yaml", "--workdir", "w"], "nocsv.csv: no such file"),
+    ],
+)
+def test_bad_input_before_startup(inputs, argv, expected):
+    (inputs / "bad.yaml").write_text("model: [tiny\n")
+    (inputs / "heads.yaml").write_text(json.dumps({"model": {"preset": "tiny", "num_heads": 7}}))
+    (inputs / "nodata.yaml").write_text(json.dumps({"model": "tiny", "data": {"train": "nodata"}}))
+    (inputs / "task.yaml").write_text(json.dumps({"backbone": "esm2", "task": "bogus"}))
+    ft = {"backbone": "esm2", "data": {"csv": "nocsv.csv"}}
+    (inputs / "nocsv.yaml").write_text(json.dumps(ft))
+    assert expected in only_error_line(argv, inputs)
+    assert not (inputs / "w").exists()
+
+
+@pytest.mark.parametrize("command", ["embed", "fold"])
+@pytest.mark.parametrize("missing", ["checkpoint", "fasta"])
+def test_inference_inputs_before_output(inputs, command, missing):
+    """A missing checkpoint or FASTA is the only line, and leaves no --out folder behind."""
+    ckpt = "esm2" if command == "embed" else "esmfold"
+    argv = [command, "--checkpoint", ckpt, "--fasta", "x.fa", "--out", "out"]
+    argv[argv.index(f"--{missing}") + 1] = "missing"
+    line = only_error_line(argv, inputs)
+    assert line.startswith(f"esmjax {command}: error: missing: "), line
+    assert not (inputs / "out").exists()

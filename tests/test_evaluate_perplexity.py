@@ -5,6 +5,8 @@ checkpoints give clear errors; ``esmjax plot`` draws a workdir's curves."""
 
 import json
 import math
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -185,7 +187,8 @@ def test_two_processes(trained, fasta, one_device_ppl, tmp_path):
         str(out),
         "--no-progress",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    env = {**os.environ, "ESMJAX_LOG": "INFO"}  # each process's restore line, checked below
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rep = json.loads((out / "perplexity.json").read_text())
     assert rep["processes"] == 2 and rep["devices"] == 4 and rep["step"] == 0
@@ -196,6 +199,12 @@ def test_two_processes(trained, fasta, one_device_ppl, tmp_path):
     assert (
         "[p0] masked-LM" in proc.stdout and "[p1] masked-LM" not in proc.stdout
     )  # process 0 reports
+    # Besides local.sh's status: each process restored the checkpoint (its INFO line) and none
+    # printed a traceback, so that a process that crashed cannot pass.
+    for i in range(2):
+        restored = re.search(rf"^\[p{i}\] .*restored step 0 of ", proc.stdout, re.M)
+        assert restored, proc.stdout[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stdout[-3000:]
 
 
 def test_pseudo_perplexity_matches_direct(trained):

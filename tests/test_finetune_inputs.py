@@ -110,7 +110,7 @@ def test_sigterm_saves_within_one_step_and_resumes_exactly(
     reached = int(text.split("SIGTERM received at step ")[1].split(":")[0])
     stopped = int(text.split("stopping at step ")[1].split(":")[0])
     assert reached <= stopped <= reached + 1, text
-    assert (reached, stopped, out) == (3, 4, {"step": 4})  # deterministic here
+    assert (reached, stopped, out) == (3, 4, {"step": 4, "preempted": True})  # deterministic here
     steps = sorted(int(p.name) for p in (w / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [4]
     assert not (w / "report.json").exists()

@@ -79,16 +79,12 @@ def test_tpu_pod_variables(tmp_path):
     assert report(tpu, env=env, sys_root=tmp_path)[1] == []
 
 
-def test_multi_process_detection_still_needs_the_pod_variables(monkeypatch):
-    # A single-host TPU VM (chip on the PCI bus, no pod variables) must not start jax.distributed.
-    for var in (
-        "TPU_WORKER_HOSTNAMES",
-        "MEGASCALE_COORDINATOR_ADDRESS",
-        "SLURM_NTASKS",
-        "SLURM_NPROCS",
-    ):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.delenv("JOB_COMPLETION_INDEX", raising=False)
-    assert distributed._cluster_detected() is None
-    monkeypatch.setenv("MEGASCALE_COORDINATOR_ADDRESS", "10.0.0.2:8080")
-    assert distributed._cluster_detected() == "Cloud TPU"
+def test_tpu_pod_variables_start_jax_distributed():
+    # GKE / multi-slice variables alone make a TPU VM (start_args' Cloud TPU rule); a plain TPU VM
+    # (chip on the PCI bus only) is in tests/test_launch_schedulers.py.
+    env = {"MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.2:8080"}
+    assert distributed.tpu_vm_detected(env, "/nonexistent")
+    assert (
+        distributed.start_args(env, on_tpu_vm=distributed.tpu_vm_detected(env, "/nonexistent"))[0]
+        == "Cloud TPU"
+    )

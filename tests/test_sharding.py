@@ -150,3 +150,85 @@ def test_mesh_config_validates_rules_at_load():
         from_dict(TrainConfig, {"model": "tiny", "mesh": {"ici_fsdp": 0}})
     cfg = from_dict(TrainConfig, {"model": "tiny", "mesh": {"allow_replicated": "true"}})
     assert cfg.mesh.allow_replicated is True and MeshConfig().allow_replicated is False
+
+
+# --------------------------------------------------------------------------------------------------
+# Hybrid meshes: ici axes inside a granule (GPU node, TPU slice), dcn axes across them
+# --------------------------------------------------------------------------------------------------
+def fake_gpus(nodes: int, per_node: int) -> list:
+    """Stand-ins for the GPUs of a multi-node job as JAX lists them (one process per node)."""
+    from types import SimpleNamespace
+
+    return [
+        SimpleNamespace(
+            id=n * per_node + i,
+            process_index=n,
+            platform="gpu",
+            device_kind="NVIDIA H100 80GB HBM3",
+        )
+        for n in range(nodes)
+        for i in range(per_node)
+    ]
+
+
+def granule_of_each_block(arr, ici) -> dict:
+    """{dcn coordinate: the processes of the devices at it}."""
+    import numpy as np
+
+    out: dict = {}
+    for idx in np.ndindex(arr.shape):
+        key = tuple(i // s for i, s in zip(idx, ici))
+        out.setdefault(key, set()).add(arr[idx].process_index)
+    return out
+
+
+def test_hybrid_mesh_keeps_fsdp_inside_a_node():
+    """16 nodes x 8 GPUs, dcn_data=16: every fsdp group is the 8 GPUs of one node."""
+    devices = fake_gpus(16, 8)
+    ici, dcn = shd.mesh_split(MeshConfig(ici_fsdp=-1, dcn_data=16), len(devices))
+    assert (ici, dcn) == ((1, 8, 1), (16, 1, 1))
+    arr = shd.hybrid_devices(ici, dcn, devices)
+    assert arr.shape == (16, 8, 1)
+    for d in range(16):
+        assert {x.process_index for x in arr[d, :, 0]} == {d}
+
+
+def test_hybrid_mesh_dcn_fsdp_with_ici_data_does_not_mix_nodes():
+    """2 nodes x 4 GPUs, ici_data=2 x ici_fsdp=2 inside a node, dcn_fsdp=2 across: each node holds
+    one (data 2 x fsdp 2) block, and fsdp crosses the nodes. Row-major by id (the mesh before)
+    put data across the nodes instead."""
+    devices = fake_gpus(2, 4)
+    cfg = MeshConfig(ici_data=2, ici_fsdp=2, dcn_fsdp=2)
+    ici, dcn = shd.mesh_split(cfg, len(devices))
+    arr = shd.hybrid_devices(ici, dcn, devices)
+    assert arr.shape == (2, 4, 1)
+    blocks = granule_of_each_block(arr, ici)
+    assert blocks == {(0, 0, 0): {0}, (0, 1, 0): {1}}
+    for d in range(2):  # each fsdp group spans both nodes
+        assert {x.process_index for x in arr[d, :, 0]} == {0, 1}
+
+
+def test_hybrid_mesh_on_one_process_splits_its_devices():
+    """One process stands in for 2 hosts: its 8 devices split into 2 granules by id, so a
+    1-process run has the mesh of the 2-host run it is compared with."""
+    import jax
+
+    mesh = shd.make_mesh(MeshConfig(ici_fsdp=1, ici_tensor=4, dcn_data=2))
+    assert mesh.devices.shape == (2, 1, 4)
+    assert [d.id for d in mesh.devices[0, 0]] == [d.id for d in jax.devices()[:4]]
+
+
+def test_hybrid_mesh_over_two_tpu_slices():
+    """Compile-only devices of two v5p-8 slices (libtpu): dcn_data=2 puts one slice on each data
+    row; dcn sizes that are not the slice count are refused."""
+    from esmjax.parallel import targets
+
+    devs = targets.compile_only_devices(targets.parse_target("v5p-8", slices=2))
+    mesh = shd.make_mesh(MeshConfig(ici_fsdp=-1, dcn_data=2), devs)
+    assert mesh.devices.shape == (2, 4, 1)
+    for d in range(2):
+        assert len({x.slice_index for x in mesh.devices[d].flat}) == 1
+    with pytest.raises(shd.ShardingError, match="form 2 slice"):
+        shd.make_mesh(MeshConfig(ici_fsdp=-1, dcn_data=4), devs)
+    with pytest.raises(shd.ShardingError, match="form 2 slice"):
+        shd.make_mesh(MeshConfig(ici_fsdp=-1), devs)

@@ -16,7 +16,7 @@ from data_fixtures import cath_head
 
 from esmjax.data.build import build_dataset
 from esmjax.io import checkpoint
-from esmjax.train.preemption import StopSignal
+from esmjax.train.preemption import EXIT_PREEMPTED, StopSignal
 
 ROOT = Path(__file__).resolve().parents[1]
 ESMJAX = [sys.executable, "-m", "esmjax.cli"]
@@ -157,8 +157,9 @@ STOPPED_AT = r"stopping at step (\d+): checkpoint written"
 
 
 def test_sigterm_saves_within_one_step_and_exits(dataset, tmp_path):
-    """SIGTERM between logging steps: the run saves the step it reached (or the next) and exits 0.
-    log_every is larger than the run, so a check on logging steps only would never stop it."""
+    """SIGTERM between logging steps: the run saves the step it reached (or the next) and exits 75
+    (EXIT_PREEMPTED: not finished, start again). log_every is larger than the run, so a check on
+    logging steps only would never stop it."""
     cfg = write_config(
         tmp_path / "c.yaml",
         dataset,
@@ -179,7 +180,7 @@ def test_sigterm_saves_within_one_step_and_exits(dataset, tmp_path):
     time.sleep(np.random.default_rng(5).uniform(0, 0.5))  # at a step between two saves
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out[-3000:]
+    assert proc.returncode == EXIT_PREEMPTED == 75, out[-3000:]
     reached, stopped = logged_step(out, SIGNAL_AT), logged_step(out, STOPPED_AT)
     assert seen <= reached <= stopped <= reached + 1, (seen, reached, stopped)
     assert checkpoint_steps(w)[-1] == stopped

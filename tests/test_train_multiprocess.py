@@ -31,6 +31,16 @@ from test_train_loop import (  # noqa: F401  (dataset: the module fixture)
 from esmjax.io import checkpoint
 
 
+def every_process_wrote(workdir: Path, step: int, out: str, processes: int = 2) -> None:
+    """Besides launch/local.sh's status (tests/test_launch_local.py): each process wrote its part
+    of step ``step``'s checkpoint (Orbax's OCDBT writes a folder per process), and none printed a
+    traceback, so that a process that crashed cannot pass."""
+    params = workdir / "checkpoints" / str(step) / "params"
+    wrote = sorted(p.name for p in params.glob("ocdbt.process_*"))
+    assert wrote == [f"ocdbt.process_{i}" for i in range(processes)], (wrote, out[-3000:])
+    assert "Traceback" not in out, out[-3000:]
+
+
 # slow (50-100 s): the default suite runs the same sequence against a bucket (2 processes killed
 # with -9, resumed on one, losses equal within 1e-5: tests/test_buckets.py::test_bucket_end_to_end)
 @pytest.mark.slow
@@ -42,6 +52,7 @@ def test_two_processes_killed_then_resumed_on_one(dataset, tmp_path):  # noqa: F
     full = tmp_path / "full"
     r = train(["--config", str(cfg), "--workdir", str(full)], devices=2, processes=2, check=False)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    every_process_wrote(full, 12, r.stdout + r.stderr)
     ref = losses(full)
     assert sorted(ref) == list(range(1, 13))
     assert (
@@ -117,7 +128,7 @@ def descendant_with_env(root: int, key: str, value: str) -> int:
 def test_two_processes_sigterm_to_one(dataset, tmp_path):  # noqa: F811
     """2 processes, log_every larger than the run; SIGTERM to ONE of them at a random step (seeded:
     which process, and when, in units of the measured step time). Both save the same step, within
-    one step of where the signal found the signalled process, and exit 0; the resumed run ends
+    one step of where the signal found the signalled process, and exit 75; the resumed run ends
     with the parameters and final loss of an uninterrupted run."""
     rng = np.random.default_rng(11)
     target, delay_steps = int(rng.integers(2)), float(rng.uniform(0.0, 3.0))
@@ -155,15 +166,18 @@ def test_two_processes_sigterm_to_one(dataset, tmp_path):  # noqa: F811
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, out[-3000:]  # local.sh: 0 only when both processes exit 0
+    # local.sh: 75 when both processes stopped with the checkpoint (EXIT_PREEMPTED), none failed
+    assert proc.returncode == 75, out[-3000:]
     reached = logged_step(out, SIGNAL_AT, target)
     stopped = logged_step(out, STOPPED_AT, target)
     assert seen <= reached <= stopped <= reached + 1 < num_steps, (seen, reached, stopped)
     assert logged_step(out, STOPPED_AT, 1 - target) == stopped  # the other process agreed
     assert checkpoint_steps(cut)[-1] == stopped
+    every_process_wrote(cut, stopped, out)
 
     r = train(["--workdir", str(cut)], processes=2, check=False)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    every_process_wrote(cut, num_steps, r.stdout + r.stderr)
     assert sorted(losses(cut)) == sorted(losses(full)) == [num_steps]
     # the tolerance of the other multi-process resume test (another process count than the cut run)
     assert abs(losses(cut)[num_steps] - losses(full)[num_steps]) < 1e-5

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from esmjax.commands import _checks
 from esmjax.inference.embed import INCLUDE_CHOICES, embed_fasta
 
 
@@ -36,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    # before embed_fasta creates --out: a wrong --checkpoint leaves no empty output folder
+    _checks.local_checkpoint(args.checkpoint)
     embed_fasta(
         args.checkpoint,
         args.fasta,

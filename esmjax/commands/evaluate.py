@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 
 from esmjax.errors import InputError
@@ -234,13 +235,16 @@ def _latest_step(path: str) -> int:
 
 
 def all_main(args: argparse.Namespace) -> int:
-    from esmjax.commands import fold
+    from esmjax.commands import _checks, fold
     from esmjax.evaluate import report, run
     from esmjax.evaluate import suite as st
     from esmjax.io import checkpoint, paths
 
     sections = st.read_suite(args.suite)
     is_esmfold = "esmfold" in checkpoint.read_config(args.checkpoint)
+    # Orbax (the latest step) uses JAX, whose distributed start-up must come first; the sections'
+    # options, which name that step, are checked after it.
+    _checks.start()
     step = args.step if args.step is not None else _latest_step(args.checkpoint)
     out = paths.given(args.out) if args.out else report.default_out_dir(args.checkpoint, step)
     common = ["--checkpoint", args.checkpoint, "--step", str(step), "--out", str(out)]
@@ -330,8 +334,8 @@ def compare_main(args: argparse.Namespace) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
+    from esmjax.commands import _checks
     from esmjax.evaluate import run
-    from esmjax.parallel import distributed
 
     if args.what == "all":
         return all_main(args)
@@ -347,7 +351,10 @@ def main(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
         return 0
-    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    # The inputs are checked before the start-up (a bad one is the only line printed): here the
+    # checkpoint, then each evaluation its own before it restores (run.restore starts).
+    _checks.local_checkpoint(args.checkpoint)
+    start = (args.coordinator_address, args.num_processes, args.process_id)
     opts = run.Options(
         checkpoint=args.checkpoint,
         step=args.step,
@@ -356,6 +363,7 @@ def main(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         rules=args.rules,
         progress=not args.no_progress,
+        start=functools.partial(_checks.start, *start),
     )
     if args.what == "perplexity":
         run.perplexity(

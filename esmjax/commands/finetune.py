@@ -32,12 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from esmjax.parallel import distributed
-
-    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    from esmjax.commands import _checks
     from esmjax.config import load_finetune_run_config
-    from esmjax.io import paths
-    from esmjax.train.finetune import run
+    from esmjax.io import labeled, paths
 
     flags = {
         "backbone": args.backbone,
@@ -48,9 +45,17 @@ def main(args: argparse.Namespace) -> int:
     }
     overrides = list(args.set) + [f"{k}={v}" for k, v in flags.items() if v is not None]
     workdir = args.workdir  # a local folder or a bucket URL: esmjax.io.paths reads both
-    # resuming without --config reads the workdir's config.json: a store failure is one line
+    # Before the start-up, so that a bad config or a missing local file is the only line printed.
+    # Resuming without --config reads the workdir's config.json: a store failure is one line.
     reading = paths.remote_errors(workdir) if args.config is None else contextlib.nullcontext()
     with reading:
         cfg = load_finetune_run_config(args.config, overrides, workdir)
-    run(cfg, workdir, progress=not args.no_progress, stop_after=args.stop_after)
-    return 0
+    _checks.local_source(cfg.backbone)
+    labeled.check(cfg.data, cfg.task)
+    _checks.start(args.coordinator_address, args.num_processes, args.process_id)
+    from esmjax.train.finetune import run
+    from esmjax.train.preemption import EXIT_PREEMPTED
+
+    result = run(cfg, workdir, progress=not args.no_progress, stop_after=args.stop_after)
+    # 75: stopped by a signal with a checkpoint, not finished; the launchers start it again
+    return EXIT_PREEMPTED if result.get("preempted") else 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from esmjax.commands import _checks
 from esmjax.inference.fold import fold_fasta
 
 
@@ -51,6 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    # before fold_fasta creates --out: a wrong --checkpoint leaves no empty output folder
+    _checks.local_checkpoint(args.checkpoint, esmfold=True)
     fold_fasta(
         args.checkpoint,
         args.fasta,

@@ -37,12 +37,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from esmjax.parallel import distributed
+    from esmjax.commands import _checks
 
-    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-    from esmjax.config import load_run_config
+    cfg = _checked_config(args)  # before the start-up: a bad config is the only line printed
+    _checks.start(args.coordinator_address, args.num_processes, args.process_id)
     from esmjax.io.convert import source_model_config
     from esmjax.train.loop import run
+    from esmjax.train.preemption import EXIT_PREEMPTED
+
+    if cfg is None:
+        cfg = _config(args, source_model_config)
+
+    result = run(cfg, args.workdir, progress=not args.no_progress, stop_after=args.stop_after)
+    # 75: stopped by a signal with a checkpoint, not finished; the launchers start it again
+    return EXIT_PREEMPTED if result.get("preempted") else 0
+
+
+class _BucketSource(Exception):
+    """``init_from`` is a bucket URL: its model is read after the start-up (``_checked_config``)."""
+
+
+def _local_source_model(src: str):
+    from esmjax.io import paths
+    from esmjax.io.convert import source_model_config
+
+    if paths.is_remote(src):
+        raise _BucketSource(src)
+    return source_model_config(src)
+
+
+def _config(args: argparse.Namespace, source_model):
+    from esmjax.config import load_run_config
 
     workdir = args.workdir  # a local folder or a bucket URL: esmjax.io.paths reads both
     overrides = list(args.set)
@@ -50,6 +75,20 @@ def main(args: argparse.Namespace) -> int:
         overrides.append(f"init_from={args.init_from}")
     if args.init_step is not None:
         overrides.append(f"init_step={args.init_step}")
-    cfg = load_run_config(args.config, overrides, workdir, source_model=source_model_config)
-    run(cfg, workdir, progress=not args.no_progress, stop_after=args.stop_after)
-    return 0
+    return load_run_config(args.config, overrides, workdir, source_model=source_model)
+
+
+def _checked_config(args: argparse.Namespace):
+    """The run's config, parsed and validated, and its local data checked to exist; None when
+    ``init_from`` is a bucket URL: a model in a fair-esm .pt or HF folder there is downloaded to be
+    read, which waits until after the start-up as before (a pod's processes start together)."""
+    from esmjax.data import source
+
+    try:
+        cfg = _config(args, _local_source_model)  # a local init_from is read (and checked) here
+    except _BucketSource:
+        return None
+    source.check_path(cfg.data.train)
+    if cfg.data.eval:
+        source.check_path(cfg.data.eval)
+    return cfg

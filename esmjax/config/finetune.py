@@ -8,10 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from esmjax.config.base import ConfigError
-from esmjax.config.serialize import _set_path, config_file, from_dict, read_config_text
+from esmjax.config.serialize import _set_path, from_dict, read_yaml_mapping
 from esmjax.config.train import CheckpointConfig, MeshConfig, OptimConfig
 
 # --------------------------------------------------------------------------------------------------
@@ -143,16 +141,16 @@ def load_finetune_config(path: str | Path | None, overrides: list[str] | tuple =
     """Reads a YAML fine-tuning config (``configs/finetune/*.yaml``) plus ``--set`` overrides."""
     tree: dict[str, Any] = {}
     if path is not None:
-        p = config_file(path)
-        tree = yaml.safe_load(read_config_text(p)) or {}
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{p}: top level must be a mapping")
+        tree = read_yaml_mapping(path)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
         _set_path(tree, key.strip(), raw.strip())
-    cfg = from_dict(FinetuneConfig, tree)
+    try:
+        cfg = from_dict(FinetuneConfig, tree)
+    except ConfigError as e:  # as esmjax train's: the line starts with the file
+        raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
     if not cfg.backbone:
         raise ConfigError("backbone: the config names no backbone checkpoint")
     return cfg

@@ -43,6 +43,19 @@ def read_config_text(p: Any) -> str:
         raise ConfigError(f"config file {p}: cannot be read ({type(e).__name__}: {e})") from None
 
 
+def read_yaml_mapping(path: Any) -> dict[str, Any]:
+    """The mapping at the top of the YAML config file ``path`` (``config_file``); a missing file,
+    bad YAML or another top level is one ``ConfigError`` line that starts with the file."""
+    p = config_file(path)
+    try:
+        tree = yaml.safe_load(read_config_text(p)) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{p}: top level must be a mapping")
+    return tree
+
+
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:

@@ -8,11 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from esmjax.config.base import ConfigError, _key
 from esmjax.config.model import ESM2Config, check_same_architecture, resolve_rules
-from esmjax.config.serialize import _set_path, config_file, from_dict, read_config_text, to_dict
+from esmjax.config.serialize import _set_path, from_dict, read_yaml_mapping, to_dict
 
 
 # --------------------------------------------------------------------------------------------------
@@ -177,13 +175,7 @@ def load_config(
     """
     tree: dict[str, Any] = {}
     if path is not None:
-        p = config_file(path)
-        try:
-            tree = yaml.safe_load(read_config_text(p)) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {' '.join(str(e).split())}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{p}: top level must be a mapping")
+        tree = read_yaml_mapping(path)
     if isinstance(tree.get("model"), str):
         tree["model"] = {"preset": tree["model"]}
     model_overrides = []

@@ -305,8 +305,7 @@ def open_split(path: str | Path, split: str, *, val_fraction: float = 0.0) -> Sp
       split: ``train`` or ``validation``; for a FASTA file also ``all``.
       val_fraction: for a FASTA file, the fraction of records (as clusters) held out of ``train``.
     """
-    if not str(path):
-        raise DatasetError("no dataset given (data.train / data.eval is empty)")
+    check_path(path)
     if paths.is_remote(path):
         url = str(path)
         with paths.remote_errors(url):
@@ -321,16 +320,27 @@ def open_split(path: str | Path, split: str, *, val_fraction: float = 0.0) -> Sp
         return FastaSplit(url, split, val_fraction)
     p = Path(path)
     if p.is_dir():
-        if not is_dataset_dir(p):
-            raise DatasetError(
-                f"{p}: not a dataset folder (no {META_FILE}); make one with `esmjax data build`"
-            )
         if split not in SPLITS:
             raise DatasetError(f"{p}: a dataset folder has splits {SPLITS}, not {split!r}")
         return FolderSplit(p, split)
+    return FastaSplit(p, split, val_fraction)
+
+
+def check_path(path: str | Path) -> None:
+    """What ``open_split`` checks of a path before reading it: one is named and, for a local path,
+    it is a FASTA file or a folder made by ``esmjax data build``. Cheap, so ``esmjax train`` runs it
+    before the distributed start-up; a bucket URL is left to ``open_split`` (no request here)."""
+    if not str(path):
+        raise DatasetError("no dataset given (data.train / data.eval is empty)")
+    if paths.is_remote(path):
+        return
+    p = Path(path)
+    if p.is_dir() and not is_dataset_dir(p):
+        raise DatasetError(
+            f"{p}: not a dataset folder (no {META_FILE}); make one with `esmjax data build`"
+        )
     if not p.exists():
         raise DatasetError(f"{p}: no such file or folder")
-    return FastaSplit(p, split, val_fraction)
 
 
 def _index_matches(folder: Path, split: str, fp: str) -> bool:

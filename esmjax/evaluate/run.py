@@ -14,6 +14,7 @@ import dataclasses
 import io
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,9 @@ class Options:
     dtype: str = "float32"
     rules: str = "fsdp"
     progress: bool = True
+    # The command's distributed start-up, run by ``restore`` once the evaluation has checked its
+    # inputs: a bad input is then the only line printed, even where starting takes minutes.
+    start: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,6 +91,8 @@ def restore(opts: Options):
     from esmjax.inference.engine import Engine
     from esmjax.io import checkpoint
 
+    if opts.start is not None:
+        opts.start()
     mesh = checkpoint.inference_mesh(opts.checkpoint, opts.rules)
     model, step = checkpoint.load_model(
         opts.checkpoint, step=opts.step, mesh=mesh, rules=opts.rules, dtype=opts.dtype
@@ -143,16 +149,15 @@ def perplexity(opts: Options, cmd: PerplexityOptions) -> dict:
     data_cfg = dataclasses.replace(run_data or DataConfig(seq_len=1024), **overrides)
 
     engine, info, out = restore(opts)
-    import jax
 
     from esmjax.data.pipeline import EVAL_SEED, eval_batches
 
     rows = -(-max(cmd.rows, 1) // engine.row_multiple) * engine.row_multiple
     batches = eval_batches(
         data_cfg,
-        rows=rows // jax.process_count(),
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
+        rows=rows // engine.share.count,
+        process_index=engine.share.index,
+        process_count=engine.share.count,
     )
     results = {
         "masked_lm": perplexity.masked_lm(engine, batches, local=True, progress=opts.progress)

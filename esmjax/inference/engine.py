@@ -28,6 +28,7 @@ from jax.sharding import PartitionSpec as P
 from esmjax.models.alphabet import MASK, PAD, encode_with_specials
 from esmjax.models.esm2 import ESM2
 from esmjax.parallel import sharding as shd
+from esmjax.parallel.rows import assemble, row_share
 
 
 # --------------------------------------------------------------------------------------------------
@@ -105,6 +106,8 @@ class Engine:
         names = () if spec is None else (spec,) if isinstance(spec, str) else spec
         sizes = shd.mesh_sizes(self.mesh)
         self.row_multiple = int(np.prod([sizes[a] for a in names])) if names else 1
+        # The rows this process loads for ``put_local`` (esmjax.parallel.rows).
+        self.share = row_share(shd.batch_sharding(self.mesh, self.rules, 2))
         self._passes: dict[str, Callable] = {}
 
     @property
@@ -128,9 +131,10 @@ class Engine:
         return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
     def put_local(self, x: np.ndarray) -> jax.Array:
-        """This process's rows -> the global array (process 0's rows first, then process 1's...)."""
+        """This process's loader rows (``self.share``: block ``share.index`` of ``share.count``)
+        -> the global array."""
         sharding = shd.batch_sharding(self.mesh, self.rules, x.ndim)
-        return jax.make_array_from_process_local_data(sharding, x)
+        return assemble(x, sharding, self.share)
 
     def pad_rows(self, x: np.ndarray, fill: int) -> np.ndarray:
         """Pads the leading axis up to a multiple of the batch axes' size."""

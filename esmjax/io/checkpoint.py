@@ -137,7 +137,12 @@ def manager(
                 else None
             ),
             options=ocp.CheckpointManagerOptions(
-                read_only=read_only, create=not read_only, **options
+                read_only=read_only,
+                create=not read_only,
+                multiprocessing_options=ocp.options.MultiprocessingOptions(
+                    barrier_sync_key_prefix=BARRIER_PREFIX
+                ),
+                **options,
             ),
         )
 
@@ -167,25 +172,69 @@ def nnx_pure_dict(model: nnx.Module) -> dict[str, Any]:
     return nnx.state(model).to_pure_dict()
 
 
+# Orbax's barriers carry this prefix (every manager of ours sets it), and the barrier that ends
+# ``Checkpointer.restore`` this name: a process whose restore failed joins it (_restore_agreed).
+BARRIER_PREFIX = "esmjax"
+_ORBAX_RESTORE_BARRIER = "Checkpointer:restore"
+
+
+def _agreed(value: int, op: str) -> int:
+    """``min``/``max`` of ``value`` over every process (itself on one process)."""
+    if jax.process_count() == 1:
+        return value
+    values = multihost_utils.process_allgather(np.asarray(value, np.int64))
+    return int(values.min() if op == "min" else values.max())
+
+
+def _restore_agreed(mngr: ocp.CheckpointManager, step: int, make_args) -> Any | None:
+    """Step ``step`` restored on every process, or None on every process when any one of them
+    could not read its part (a damaged shard, a bucket error on one host)."""
+    try:
+        restored, failed = mngr.restore(step, args=make_args()), 0
+    except Exception as e:  # a damaged step on this process
+        log.warning("checkpoint step %d is unreadable here (%s: %s)", step, type(e).__name__, e)
+        restored, failed = None, 1
+        if jax.process_count() > 1:
+            # The processes that read their part wait in the barrier that ends Orbax's restore;
+            # meet them there, so that the vote below pairs with every other process's vote.
+            ocp.multihost.sync_global_processes(
+                ocp.multihost.unique_barrier_key(_ORBAX_RESTORE_BARRIER, prefix=BARRIER_PREFIX)
+            )
+    if _agreed(failed, "max"):
+        if not failed:
+            log.warning("checkpoint step %d is unreadable on another process", step)
+        return None
+    return restored
+
+
 def restore_latest(mngr: ocp.CheckpointManager, step: int | None, make_args) -> tuple[int, Any]:
+    """``step`` (default: the newest readable one) restored from ``mngr``.
+
+    Every process restores the same step: the newest that every process lists and could read.
+    A step unreadable on any process sends all of them to the one before (one collective per
+    step tried), so no process resumes from another step than the others.
+    """
     steps = sorted(mngr.all_steps())
-    if not steps:
-        raise CheckpointError(f"{mngr.directory}: no complete checkpoint")
     if step is not None:
         if step not in steps:
             raise CheckpointError(f"{mngr.directory}: no step {step}; available: {steps}")
-        return step, mngr.restore(step, args=make_args())
-    for s in reversed(steps):
-        try:
-            return s, mngr.restore(s, args=make_args())
-        except Exception as e:  # a damaged step: fall back to the one before
-            log.warning(
-                "checkpoint step %d is unreadable (%s: %s); trying the previous one",
-                s,
-                type(e).__name__,
-                e,
-            )
-    raise CheckpointError(f"{mngr.directory}: every checkpoint step is unreadable")
+        restored = _restore_agreed(mngr, step, make_args)
+        if restored is None:
+            raise CheckpointError(f"{mngr.directory}: step {step} is unreadable")
+        return step, restored
+    if not steps:
+        raise CheckpointError(f"{mngr.directory}: no complete checkpoint")
+    below = None
+    while True:
+        mine = max((s for s in steps if below is None or s < below), default=-1)
+        s = _agreed(mine, "min")  # the newest step every process lists
+        if s < 0:
+            raise CheckpointError(f"{mngr.directory}: every checkpoint step is unreadable")
+        restored = _restore_agreed(mngr, s, make_args)
+        if restored is not None:
+            return s, restored
+        log.warning("trying the checkpoint step before %d", s)
+        below = s
 
 
 def restore_params(

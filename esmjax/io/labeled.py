@@ -233,12 +233,10 @@ def read_residue_fasta(
         rows.add(Example(rec_id, seq, lab, s, where, m))
 
 
-def load(cfg: FinetuneDataConfig, task: str) -> tuple[dict[str, list[Example]], Counter]:
-    """The train/valid/test examples of a fine-tuning config and the skipped-row counts."""
-    rows = Rows(cfg.skip_invalid, cfg.max_length)
-    residue = task == "residue_classification"
-    numeric = task == "sequence_regression"
+def _sources(cfg: FinetuneDataConfig, task: str) -> list[tuple[str | None, str]]:
+    """(forced split or None, file) of each labelled file the config names (it must name one)."""
     explicit = [(s, getattr(cfg, s)) for s in SPLITS if getattr(cfg, s)]
+    residue = task == "residue_classification"
     if residue and not cfg.fasta:
         raise LabeledDataError("data.fasta: residue tasks need the sequence FASTA")
     sources = explicit or [(None, cfg.labels if residue else cfg.csv)]
@@ -246,7 +244,27 @@ def load(cfg: FinetuneDataConfig, task: str) -> tuple[dict[str, list[Example]], 
         raise LabeledDataError(
             "data: name data.labels (residue tasks) or data.csv, or data.train/valid/test"
         )
-    for split, path in sources:
+    return sources
+
+
+def check(cfg: FinetuneDataConfig, task: str) -> None:
+    """What ``load`` checks before reading a row: the data section names its files and the local
+    ones exist. Cheap, so ``esmjax finetune`` runs it before the distributed start-up; a bucket URL
+    is left to ``load`` (no request here)."""
+    files = [path for _, path in _sources(cfg, task)]
+    if task == "residue_classification":
+        files += [cfg.fasta, cfg.mask]
+    for path in files:
+        if path and not paths.is_remote(path):
+            _existing(path)
+
+
+def load(cfg: FinetuneDataConfig, task: str) -> tuple[dict[str, list[Example]], Counter]:
+    """The train/valid/test examples of a fine-tuning config and the skipped-row counts."""
+    rows = Rows(cfg.skip_invalid, cfg.max_length)
+    residue = task == "residue_classification"
+    numeric = task == "sequence_regression"
+    for split, path in _sources(cfg, task):
         if residue:
             read_residue_fasta(cfg.fasta, path, cfg.mask or None, rows, split)
         else:

@@ -66,8 +66,8 @@ class ShardingError(InputError):
 # --------------------------------------------------------------------------------------------------
 # Mesh
 # --------------------------------------------------------------------------------------------------
-def mesh_shape(cfg: MeshConfig, num_devices: int, num_slices: int = 1) -> tuple[int, int, int]:
-    """Resolves -1 and multiplies in the across-host (dcn) sizes; returns (data, fsdp, tensor)."""
+def mesh_split(cfg: MeshConfig, num_devices: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The ``(ici, dcn)`` sizes of ``(data, fsdp, tensor)``: -1 resolved within one granule."""
     dcn = (cfg.dcn_data, cfg.dcn_fsdp, cfg.dcn_tensor)
     ici = [cfg.ici_data, cfg.ici_fsdp, cfg.ici_tensor]
     per_slice, rem = divmod(num_devices, math.prod(dcn))
@@ -88,37 +88,98 @@ def mesh_shape(cfg: MeshConfig, num_devices: int, num_slices: int = 1) -> tuple[
             f"tensor={ici[2]}x{dcn[2]} needs {math.prod(ici) * math.prod(dcn)} devices, but "
             f"{num_devices} are present"
         )
+    return tuple(ici), dcn
+
+
+def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
+    """The ``(data, fsdp, tensor)`` sizes: each axis's ici size times its dcn size."""
+    ici, dcn = mesh_split(cfg, num_devices)
     return tuple(i * d for i, d in zip(ici, dcn))  # type: ignore[return-value]
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ``(data, fsdp, tensor)`` mesh with Auto axis types (JAX now defaults to Explicit)."""
+    """The ``(data, fsdp, tensor)`` mesh of ``cfg`` over ``devices`` (default: all), Auto axes
+    (JAX now defaults to Explicit); ``dcn_*`` sizes span granules (:func:`hybrid_mesh`)."""
     devices = list(devices if devices is not None else jax.devices())
-    shape = mesh_shape(cfg, len(devices))
-    if devices is None or len(devices) == len(jax.devices()):
-        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    ici, dcn = mesh_split(cfg, len(devices))
+    return hybrid_mesh(ici, dcn, devices)
+
+
+def granules(devices: Sequence[jax.Device], count: int) -> list[list[jax.Device]]:
+    """``devices`` in ``count`` groups joined by the slow network (DCN), each in device order.
+
+    TPU devices group by slice (``slice_index``), and a multi-slice job needs one group per
+    slice. Other devices (GPU nodes, CPU processes) have no slice: they group as consecutive
+    processes, one group per node when the processes are numbered node by node (SLURM's task
+    ids, the JobSet's process ids); a single process splits its devices into ``count`` groups.
+    """
+    slices = sorted({getattr(d, "slice_index", 0) for d in devices})
+    if devices[0].platform == "tpu" and (len(slices) > 1 or count > 1):
+        if len(slices) != count:
+            raise ShardingError(
+                f"mesh.dcn_*: sizes multiply to {count}, but the TPU devices form "
+                f"{len(slices)} slice(s); the dcn sizes must multiply to the number of slices"
+            )
+        by_slice = {s: [d for d in devices if d.slice_index == s] for s in slices}
+        return [sorted(by_slice[s], key=lambda d: d.id) for s in slices]
+    ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+    processes = len({d.process_index for d in devices})
+    if count % processes and processes % count:
+        raise ShardingError(
+            f"mesh.dcn_*: sizes multiply to {count}, which neither divides nor is a multiple "
+            f"of the {processes} processes; make the product of the dcn sizes the number of "
+            "hosts (nodes)"
+        )
+    held = {d.process_index: 0 for d in ordered}
+    for d in ordered:
+        held[d.process_index] += 1
+    if len(set(held.values())) > 1:
+        raise ShardingError(f"mesh.dcn_*: the processes hold unequal numbers of devices {held}")
+    size = len(ordered) // count
+    groups = [ordered[i * size : (i + 1) * size] for i in range(count)]
+    return groups
+
+
+def hybrid_devices(
+    ici: Sequence[int], dcn: Sequence[int], devices: Sequence[jax.Device]
+) -> np.ndarray:
+    """The device array of :func:`hybrid_mesh`: axis ``k`` is ``dcn[k]`` granules (slices or
+    nodes, :func:`granules`) by ``ici[k]`` devices of one granule, so an axis whose dcn size is 1
+    never leaves a granule. Inside a granule the devices follow the physical topology
+    (``mesh_utils.create_device_mesh``: a TPU's torus, a GPU node's id order); granule ``g`` takes
+    dcn position ``g`` in row-major order."""
+    from jax.experimental import mesh_utils
+
+    groups = granules(devices, math.prod(dcn))
+    blocks = np.stack(
+        [
+            mesh_utils.create_device_mesh(tuple(ici), g, allow_split_physical_axes=True)
+            for g in groups
+        ]
+    )
+    n = len(ici)
+    arr = blocks.reshape(*dcn, *ici).transpose([a for k in range(n) for a in (k, n + k)])
+    return arr.reshape(tuple(i * d for i, d in zip(ici, dcn)))
+
+
+def hybrid_mesh(ici: Sequence[int], dcn: Sequence[int], devices: Sequence[jax.Device]) -> Mesh:
+    """The ``(data, fsdp, tensor)`` mesh of :func:`hybrid_devices`, Auto axis types."""
+    arr = hybrid_devices(ici, dcn, devices)
+    return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
 def target_mesh(sizes: dict[str, int], devices: Sequence[jax.Device], granules: int = 1) -> Mesh:
     """A ``(data, fsdp, tensor)`` mesh of ``sizes`` over ``devices`` that are ``granules`` groups
     joined by the slow network (TPU slices over DCN, GPU hosts over the datacenter network).
 
-    The granules go on ``data`` first, then on ``fsdp``; ``tensor`` never crosses them. Inside a
-    granule the devices follow the physical topology (``mesh_utils``), so a TPU's fsdp ring runs
-    over neighbouring chips.
+    The granules go on ``data`` first, then on ``fsdp``; ``tensor`` never crosses them.
     """
-    from jax.experimental import mesh_utils
-
     shape = tuple(sizes[a] for a in MESH_AXES)
     if math.prod(shape) != len(devices):
         raise ShardingError(
             f"--mesh {_fmt_mesh(sizes)} needs {math.prod(shape)} devices; the target has "
             f"{len(devices)}"
         )
-    if granules == 1:
-        array = mesh_utils.create_device_mesh(shape, list(devices), allow_split_physical_axes=True)
-        return Mesh(array, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
     on_data = math.gcd(sizes["data"], granules)
     on_fsdp = granules // on_data
     if sizes["fsdp"] % on_fsdp:
@@ -128,14 +189,7 @@ def target_mesh(sizes: dict[str, int], devices: Sequence[jax.Device], granules: 
         )
     dcn = (on_data, on_fsdp, 1)
     ici = tuple(s // d for s, d in zip(shape, dcn))
-    array = mesh_utils.create_hybrid_device_mesh(
-        ici,
-        dcn,
-        list(devices),
-        process_is_granule=devices[0].platform != "tpu",
-        allow_split_physical_axes=True,
-    )
-    return Mesh(array, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    return hybrid_mesh(ici, dcn, devices)
 
 
 def single_device_mesh() -> Mesh:

@@ -9,7 +9,10 @@ class Batching:
     """How the global token budget of a step splits into devices, processes and accumulation
     steps."""
 
-    def __init__(self, cfg: TrainConfig, num_devices: int, num_processes: int):
+    def __init__(self, cfg: TrainConfig, num_devices: int, loaders: int):
+        """``loaders``: the groups of processes that load distinct rows
+        (``esmjax.parallel.rows.row_share``; the process count when no tensor group spans
+        processes)."""
         s = cfg.data.seq_len
         if cfg.data.tokens_per_step % s:
             raise ConfigError(
@@ -27,12 +30,12 @@ class Batching:
                 "data.tokens_per_step"
             )
         self.accum = self.global_rows // self.micro_rows
-        if self.micro_rows % num_processes:
+        if self.micro_rows % loaders:
             raise ConfigError(
-                f"{self.micro_rows} rows per micro-batch do not split over {num_processes} "
-                "processes"
+                f"{self.micro_rows} rows per micro-batch do not split over the {loaders} "
+                "groups of processes that load distinct rows"
             )
-        self.process_rows = self.global_rows // num_processes
+        self.process_rows = self.global_rows // loaders
         self.seq_len = s
 
     def __str__(self) -> str:

@@ -87,6 +87,11 @@ class TrainCheckpointer:
             )
 
         step, restored = ckpt.restore_latest(self.mngr, None, args)
+        for newer in [s for s in self.mngr.all_steps() if s > step]:
+            # unreadable (restore_latest passed over it): the resumed run saves this step anew,
+            # and Orbax cannot write a step over an existing one
+            log.warning("deleting checkpoint step %d, which could not be read", newer)
+            self.mngr.delete(newer)
         opt_state = _fill_new_moments(restored["opt_state"], target.opt_state, step)
         state = TrainState(step=target.step, variables=restored["params"], opt_state=opt_state)
         meta = dict(restored["meta"])

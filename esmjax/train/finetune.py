@@ -381,7 +381,7 @@ def run(
         if preempted or (step < cfg.num_steps and not stopped_early):
             writer.close()
             best_ckptr.close()
-            return {"step": step}
+            return {"step": step, "preempted": preempted}
 
         # the final report: the best validation step (else the last) on validation and test
         final_vars, final_step = state.variables, step

@@ -36,6 +36,7 @@ from esmjax.io.convert import load_source_params
 from esmjax.models.esm2 import abstract_model
 from esmjax.parallel import platform as plat
 from esmjax.parallel import sharding as shd
+from esmjax.parallel.rows import RowShare, assemble, row_share
 from esmjax.train import metrics as tm
 from esmjax.train.batching import Batching
 from esmjax.train.checkpoints import TrainCheckpointer
@@ -48,15 +49,13 @@ log = logging.getLogger("esmjax.train")
 
 
 def _global_batch(
-    local: dict[str, np.ndarray], accum: int, sharding: jax.sharding.NamedSharding
+    local: dict[str, np.ndarray], accum: int, sharding: jax.sharding.NamedSharding, share: RowShare
 ) -> dict:
-    """Process-local rows [r, S] -> global arrays [A, R, S] sharded over the batch axes."""
-    out = {}
-    for k, v in local.items():
-        v = v.reshape(accum, -1, v.shape[-1])
-        global_shape = (accum, v.shape[1] * jax.process_count(), v.shape[2])
-        out[k] = jax.make_array_from_process_local_data(sharding, v, global_shape)
-    return out
+    """This loader's rows [r, S] -> global arrays [A, R, S] sharded over the batch axes."""
+    return {
+        k: assemble(v.reshape(accum, -1, v.shape[-1]), sharding, share, dim=1)
+        for k, v in local.items()
+    }
 
 
 def _check_workdir_config(workdir: Path, cfg: TrainConfig) -> None:
@@ -86,9 +85,9 @@ def evaluate(cfg: TrainConfig, engine: Engine, variables: Any, micro_rows: int) 
     engine.set_variables(variables)
     batches = eval_batches(
         cfg.data,
-        rows=micro_rows // jax.process_count(),
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
+        rows=micro_rows // engine.share.count,
+        process_index=engine.share.index,
+        process_count=engine.share.count,
     )
     try:
         ml = masked_lm(engine, batches, local=True)
@@ -127,13 +126,13 @@ def run(
     shardings = state_shardings(
         cfg.model, tx, mesh, rules, allow_replicated=cfg.mesh.allow_replicated
     )
-    batching = Batching(cfg, mesh.size, jax.process_count())
+    row_spec = shd.batch_sharding(mesh, rules, 2).spec
+    batch_sharding = jax.sharding.NamedSharding(mesh, P(None, *row_spec))
+    share = row_share(batch_sharding, dim=1)  # processes holding the same rows load the same rows
+    batching = Batching(cfg, mesh.size, share.count)
     log.info("mesh %s; %s", dict(zip(mesh.axis_names, mesh.devices.shape)), batching)
     data = train_batches(
-        cfg.data,
-        rows=batching.process_rows,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
+        cfg.data, rows=batching.process_rows, process_index=share.index, process_count=share.count
     )
     ckptr = TrainCheckpointer(workdir, cfg.checkpoint)
     with shd.use_mesh(mesh, rules):
@@ -159,11 +158,7 @@ def run(
                     cfg.num_steps,
                 )
 
-        row_spec = shd.batch_sharding(mesh, rules, 2).spec
         _write_workdir_config(workdir, cfg)
-        batch_sharding = jax.sharding.NamedSharding(
-            mesh, jax.sharding.PartitionSpec(None, *row_spec)
-        )
         train_step = jax.jit(
             with_stop_flag(make_train_step(graphdef, tx, lr)),
             in_shardings=(shardings, batch_sharding, flag_sharding(mesh)),
@@ -195,7 +190,7 @@ def run(
         def next_batch() -> tuple[dict, float]:
             local = next(data)
             nonpad = float((local["segment_ids"] > 0).mean())
-            return _global_batch(local, batching.accum, batch_sharding), nonpad
+            return _global_batch(local, batching.accum, batch_sharding, share), nonpad
 
         try:
             if step < cfg.num_steps:
@@ -268,4 +263,5 @@ def run(
                 )
         writer.close()
         final["step"] = step
+        final["preempted"] = preempted  # the command exits EXIT_PREEMPTED: run again to resume
         return final

@@ -1,5 +1,12 @@
-"""Preemption: SIGTERM or SIGINT -> a checkpoint of the current step and a clean exit (code 0),
-within one step, on every process, whatever ``log_every`` is.
+"""Preemption: SIGTERM or SIGINT -> a checkpoint of the current step and an exit with
+:data:`EXIT_PREEMPTED` (75), within one step, on every process, whatever ``log_every`` is.
+
+The exit status is the contract with the launchers: 0 means the run is finished (or stopped where
+``--stop-after`` asked), 75 means "stopped with a checkpoint, not finished: start me again", and
+anything else is an error. A scheduler that sees 0 from every process considers the job done, so a
+preempted run must not exit 0: ``launch/slurm.sbatch`` requeues the job on 75, the Kubernetes
+JobSets restart on it (a pod failure policy), and ``launch/tpu_pod.sh`` starts the command again.
+75 is ``EX_TEMPFAIL`` of sysexits.h: a temporary failure, the invitation to retry.
 
 Schedulers give little notice: Slurm ``--signal=TERM@300`` 300 s, a Kubernetes grace period 600 s,
 a Cloud TPU spot VM about 30 s; a large step can take several seconds, and ``log_every`` steps
@@ -54,6 +61,7 @@ from jax.sharding import PartitionSpec as P
 log = logging.getLogger("esmjax.train")
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+EXIT_PREEMPTED = 75
 
 
 class StopSignal:
