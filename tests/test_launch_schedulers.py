@@ -218,6 +218,7 @@ def fake_gcloud(bin_dir: Path) -> None:
         "log=$GCLOUD_LOG; kind=other\n"
         'for a in "$@"; do case $a in ssh) kind=ssh;; describe) kind=describe;; esac; done\n'
         "if [ $kind = ssh ]; then\n"
+        '  printf "%s" "${@: -1}" > "$log.command"\n'
         '  n=$(grep -c ^ssh "$log" 2>/dev/null); set -- $GCLOUD_SSH_RCS\n'
         '  shift "$n"; echo ssh >> "$log"; exit "${1:-0}"\n'
         "fi\n"
@@ -253,6 +254,10 @@ def test_tpu_pod_restarts_a_preempted_run(tmp_path):
     assert r.returncode == 0, r.stderr
     assert log == ["ssh", "ssh", "ssh"]
     assert "restart 2: resuming" in r.stderr
+    remote = (tmp_path / "gcloud.log.command").read_text()  # what every host runs
+    assert "pip install -q -e '.[tpu,gcs]'" in remote
+    assert 'LIBTPU_INIT_ARGS="$(.venv/bin/python -m esmjax.parallel.xla_flags tpu) ' in remote
+    assert "esmjax train --config c.yaml --workdir gs://b/run --no-progress" in remote
 
 
 def test_tpu_pod_waits_for_lost_hosts_then_restarts(tmp_path):

@@ -192,7 +192,9 @@ def _restore_agreed(mngr: ocp.CheckpointManager, step: int, make_args) -> Any | 
     try:
         restored, failed = mngr.restore(step, args=make_args()), 0
     except Exception as e:  # a damaged step on this process
-        log.warning("checkpoint step %d is unreadable here (%s: %s)", step, type(e).__name__, e)
+        # the first line only: TensorStore's errors go on with a spec of 60 lines
+        why = (str(e).strip().splitlines() or [""])[0][:300]
+        log.warning("checkpoint step %d is unreadable here (%s: %s)", step, type(e).__name__, why)
         restored, failed = None, 1
         if jax.process_count() > 1:
             # The processes that read their part wait in the barrier that ends Orbax's restore;
