@@ -48,6 +48,25 @@ def _setup_logging() -> None:
         # Orbax logs each failed background write with its traceback (several per failed save); the
         # failure reaches the user as one error line (esmjax.train.checkpoints)
         logging.getLogger("absl").setLevel(logging.CRITICAL)
+        sys.unraisablehook = _without_closed_loops(sys.unraisablehook)
+
+
+_CLOSED_LOOP = "Event loop is closed"
+
+
+def _without_closed_loops(hook):
+    """``hook`` less the reports of Orbax's abandoned array reads and writes: after a failed save
+    (a full disk) or restore (a damaged step), each one that completes after Orbax closed its event
+    loop is an unraisable "Event loop is closed", and each unfinished read coroutine one with
+    TensorStore's whole spec: hundreds of lines. The failure itself reaches the user as one line
+    (esmjax.train.checkpoints, esmjax.io.checkpoint.restore_latest)."""
+
+    def unraisable(u) -> None:
+        closed = isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == _CLOSED_LOOP
+        if not closed and "_read_array_index" not in repr(u.object):
+            hook(u)
+
+    return unraisable
 
 
 def build_parser(command: str | None) -> argparse.ArgumentParser:

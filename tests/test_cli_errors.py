@@ -73,6 +73,54 @@ TRAIN_CASES = {
         "mesh.ici_tensor: must be a positive size",
         True,
     ),
+    # Ranges, checked when the config is loaded (issue 28 item 7; each was a traceback or a late
+    # failure, or silently accepted).
+    "seq_len_0": (
+        {"model": "tiny", "data": {"seq_len": 0}},
+        "data.seq_len: must be >= 3 (BOS, a residue, EOS), got 0",
+        True,
+    ),
+    "seq_len_negative": (
+        {"model": "tiny", "data": {"seq_len": -128}},
+        "data.seq_len: must be >= 3",
+        True,
+    ),
+    "tokens_negative": (
+        {"model": "tiny", "data": {"seq_len": 64, "tokens_per_step": -5}},
+        "data.tokens_per_step: must be positive, got -5",
+        True,
+    ),
+    "tokens_not_rows": (
+        {"model": "tiny", "data": {"seq_len": 64, "tokens_per_step": 1000}},
+        "data.tokens_per_step: must be a multiple of data.seq_len=64, got 1000",
+        True,
+    ),
+    "every_0": (
+        {"model": "tiny", "checkpoint": {"every": 0}},
+        "checkpoint.every: must be >= 1",
+        True,
+    ),
+    "keep_0": (
+        {"model": "tiny", "checkpoint": {"keep": 0}},
+        "checkpoint.keep: must be >= 1 (a run must keep its latest checkpoint), got 0",
+        True,
+    ),
+    "keep_negative": (
+        {"model": "tiny", "checkpoint": {"keep": -1}},
+        "checkpoint.keep: must be >= 1",
+        True,
+    ),
+    "num_steps_negative": ({"model": "tiny", "num_steps": -3}, "num_steps: must be >= 1", True),
+    "mask_prob": (
+        {"model": "tiny", "data": {"mask_prob": 1.5}},
+        "data.mask_prob: must be in (0, 1], got 1.5",
+        True,
+    ),
+    "peak_lr_0": (
+        {"model": "tiny", "optim": {"peak_lr": 0}},
+        "optim.peak_lr: must be positive",
+        True,
+    ),
     # 3 devices asked for, 8 present.
     "devices": (
         {"model": "tiny", "data": DATA, "mesh": {"ici_fsdp": 3}},
@@ -98,6 +146,21 @@ def test_train_config_errors(capsys, tmp_path, case):
     )
     assert (f"error: {cfg}: {expected}" if at_load else expected) in line, line
     assert not work.exists()
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_non_finite_config_values(capsys, tmp_path, value):
+    """YAML reads .nan and .inf as floats: a NaN learning rate trained NaN losses and exited 0."""
+    cfg = tmp_path / "nan.yaml"
+    cfg.write_text(f"model: tiny\noptim:\n  peak_lr: {value}\n")
+    line = error_line(capsys, ["train", "--config", str(cfg), "--workdir", str(tmp_path / "w")])
+    assert f"{cfg}: optim.peak_lr: must be a finite number" in line, line
+    line = error_line(
+        capsys,
+        ["train", "--config", DEMO, "--workdir", str(tmp_path / "w"), "--set", "optim.b1=.nan"],
+    )
+    assert "optim.b1: must be a finite number, got nan" in line, line
+    assert not (tmp_path / "w").exists()
 
 
 def test_set_overrides_name_the_key(capsys, tmp_path):

@@ -150,12 +150,15 @@ def test_explicit_start_wins_and_turns_off_detection():
 # launch/slurm.sbatch with srun / scontrol stubbed
 # --------------------------------------------------------------------------------------------------
 def fake_esmjax(bin_dir: Path) -> None:
-    """An ``esmjax`` that records its arguments and XLA_FLAGS, then exits $FAKE_ESMJAX_RC."""
+    """An ``esmjax`` that records its arguments and XLA_FLAGS, then exits $FAKE_ESMJAX_RC; task 1
+    ends half a second after task 0, as tasks that stop together do (with srun's
+    --kill-on-bad-exit, task 1 would be killed and srun would report 137, not 75)."""
     bin_dir.mkdir(exist_ok=True)
     f = bin_dir / "esmjax"
     f.write_text(
         "#!/usr/bin/env bash\n"
         'echo "$SLURM_PROCID $* | $XLA_FLAGS" >> "$FAKE_ESMJAX_LOG"\n'
+        'if [ "$SLURM_PROCID" = 1 ]; then sleep 0.5; fi\n'
         'exit "${FAKE_ESMJAX_RC:-0}"\n'
     )
     f.chmod(f.stat().st_mode | stat.S_IEXEC)

@@ -80,7 +80,7 @@ def test_damaged_shard_on_one_process_every_process_restores_the_same_step(
 ):
     """fsdp over 2 processes x 2 devices: process 1's part of step 4 is damaged, process 0's is
     not. Both take step 2 (process 0 alone would have taken 4: the runs would have diverged), the
-    unreadable step is removed, and the resumed run's losses equal an uninterrupted run's."""
+    unreadable step is moved aside, and the resumed run's losses equal an uninterrupted run's."""
     mesh = {"ici_fsdp": 4, "rules": "fsdp"}
     short = write_config(tmp_path / "a.yaml", dataset, num_steps=4, mesh=mesh)
     full = write_config(tmp_path / "b.yaml", dataset, num_steps=6, mesh=mesh)
@@ -106,6 +106,7 @@ def test_damaged_shard_on_one_process_every_process_restores_the_same_step(
     for p in (0, 1):
         assert re.search(rf"^\[p{p}\] .*resumed from step 2$", out, re.M), out[-3000:]
     assert checkpoint_steps(w) == [2, 4, 6]  # step 4 written anew by the resumed run
+    assert (w / "checkpoints" / "4.unreadable" / "params").is_dir()  # the damaged one, kept
     assert_close(losses(w), losses(ref), range(1, 7))
 
 

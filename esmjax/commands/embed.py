@@ -39,6 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     # before embed_fasta creates --out: a wrong --checkpoint leaves no empty output folder
     _checks.local_checkpoint(args.checkpoint)
+    _checks.output(args.out, f"--out {args.out}")  # before the model loads
     embed_fasta(
         args.checkpoint,
         args.fasta,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+from pathlib import Path
 
 from esmjax.errors import InputError
 
@@ -25,6 +26,12 @@ SUBCOMMANDS = {
     "all": "a checkpoint's report card: the evaluations a suite YAML lists, one summary",
     "compare": "side-by-side table of several report cards (summary.json of `evaluate all`)",
 }
+
+
+def _texts(name: str) -> dict[str, str]:
+    """A subcommand's help and description: argparse %-formats help strings (not descriptions
+    without ``%(prog)``), so the ``%`` of "top-10% recall" is doubled there."""
+    return {"help": SUBCOMMANDS[name].replace("%", "%%"), "description": SUBCOMMANDS[name]}
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -52,9 +59,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="what", metavar="WHAT", required=True)
-    p = sub.add_parser(
-        "perplexity", help=SUBCOMMANDS["perplexity"], description=SUBCOMMANDS["perplexity"]
-    )
+    p = sub.add_parser("perplexity", **_texts("perplexity"))
     _common(p)
     p.add_argument(
         "--data",
@@ -90,9 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="pseudo-perplexity: padded tokens per batch",
     )
 
-    p = sub.add_parser(
-        "contacts", help=SUBCOMMANDS["contacts"], description=SUBCOMMANDS["contacts"]
-    )
+    p = sub.add_parser("contacts", **_texts("contacts"))
     _common(p)
     p.add_argument(
         "--structures",
@@ -122,9 +125,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="model input: full deposited sequence (SEQRES) or observed residues only",
     )
 
-    p = sub.add_parser(
-        "variants", help=SUBCOMMANDS["variants"], description=SUBCOMMANDS["variants"]
-    )
+    p = sub.add_parser("variants", **_texts("variants"))
     _common(p)
     p.add_argument("--dms", required=True, help="P62593.fasta-style FASTA or a CSV (mutant,score)")
     p.add_argument("--wt-sequence", help="wild-type sequence or FASTA file (required for CSV)")
@@ -148,9 +149,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_suite_parsers(sub) -> None:
     """``proteingym``, ``structures``, ``all`` and ``compare`` (benchmark suites)."""
-    p = sub.add_parser(
-        "proteingym", help=SUBCOMMANDS["proteingym"], description=SUBCOMMANDS["proteingym"]
-    )
+    p = sub.add_parser("proteingym", **_texts("proteingym"))
     _common(p)
     p.add_argument("--folder", required=True, help="folder of ProteinGym assay CSVs")
     p.add_argument(
@@ -177,9 +176,7 @@ def _add_suite_parsers(sub) -> None:
         "--max-tokens-per-batch", type=int, default=8192, help="padded tokens per forward batch"
     )
 
-    p = sub.add_parser(
-        "structures", help=SUBCOMMANDS["structures"], description=SUBCOMMANDS["structures"]
-    )
+    p = sub.add_parser("structures", **_texts("structures"))
     p.add_argument(
         "--predicted", nargs="+", metavar="FILE[:CHAIN]|DIR", help="predicted structures"
     )
@@ -194,7 +191,7 @@ def _add_suite_parsers(sub) -> None:
     p.add_argument("--plot", action="store_true", help="also write PNG figures")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("all", help=SUBCOMMANDS["all"], description=SUBCOMMANDS["all"])
+    p = sub.add_parser("all", **_texts("all"))
     p.add_argument(
         "--checkpoint", required=True, help="training workdir or converted checkpoint folder"
     )
@@ -212,7 +209,7 @@ def _add_suite_parsers(sub) -> None:
     p.add_argument("--plot", action="store_true", help="also write each evaluation's figures")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    p = sub.add_parser("compare", help=SUBCOMMANDS["compare"], description=SUBCOMMANDS["compare"])
+    p = sub.add_parser("compare", **_texts("compare"))
     p.add_argument("cards", nargs="+", metavar="CARD", help="summary.json files or their folders")
     p.add_argument("--names", nargs="+", help="column names [default: checkpoint@step]")
     p.add_argument("--out", help="also write the Markdown table to this file")
@@ -242,6 +239,7 @@ def all_main(args: argparse.Namespace) -> int:
 
     sections = st.read_suite(args.suite)
     is_esmfold = "esmfold" in checkpoint.read_config(args.checkpoint)
+    _preflight(args)
     # Orbax (the latest step) uses JAX, whose distributed start-up must come first; the sections'
     # options, which name that step, are checked after it.
     _checks.start()
@@ -285,6 +283,9 @@ def all_main(args: argparse.Namespace) -> int:
         plan.append(
             (name, [(name, _parse(parser, [name, *common, *st.to_argv(opts), *flags], where))])
         )
+    for _, steps in plan:  # every section, before any runs (and computes, fits or writes)
+        for kind, parsed in steps:
+            _preflight(parsed, command="fold" if kind == "fold" else "evaluate")
     reports = {}
     for name, steps in plan:
         log.info("evaluate all: %s", name)
@@ -339,6 +340,7 @@ def main(args: argparse.Namespace) -> int:
 
     if args.what == "all":
         return all_main(args)
+    _preflight(args)
     if args.what == "compare":
         return compare_main(args)
     if args.what == "structures":
@@ -354,8 +356,61 @@ def main(args: argparse.Namespace) -> int:
     # The inputs are checked before the start-up (a bad one is the only line printed): here the
     # checkpoint, then each evaluation its own before it restores (run.restore starts).
     _checks.local_checkpoint(args.checkpoint)
+    opts = _options(args)
+    if args.what == "perplexity":
+        run.perplexity(opts, _perplexity_options(args))
+    elif args.what == "contacts":
+        run.contacts(opts, _contacts_options(args))
+    elif args.what == "variants":
+        run.variants(opts, _variants_options(args))
+    else:
+        run.proteingym(opts, _proteingym_options(args))
+    return 0
+
+
+def _preflight(args: argparse.Namespace, command: str = "evaluate") -> None:
+    """What an evaluation needs besides its options and inputs, checked before it runs (and in
+    ``evaluate all`` before any section runs, as the README promises): matplotlib for --plot, a
+    writable report folder (--out, or the default ``<checkpoint>/eval``), and a writable
+    ``contacts --save``. In ``evaluate all`` (``--step`` pinned) also the fit a ``contacts --fit``
+    section would save or reuse (``run.fit_target``: another fit there is refused)."""
+    from esmjax.commands import _checks
+    from esmjax.io import paths
+
+    if getattr(args, "plot", False):
+        _checks.plotting()
+    what = "fold" if command == "fold" else args.what
+    if args.out:
+        _checks.output(args.out, f"--out {args.out}", folder=what != "compare")
+    elif what not in ("compare", "structures") and not paths.is_remote(args.checkpoint):
+        default = Path(args.checkpoint) / "eval"
+        _checks.output(default, f"{default} (the default --out)")
+    if what == "perplexity" and args.data is None and not paths.is_remote(args.checkpoint):
+        from esmjax.evaluate import run
+
+        run.check_run_data(args.checkpoint)
+    if what != "contacts" or not args.fit:
+        return
+    if args.save:
+        _checks.output(args.save, f"--save {args.save}")
+    elif not paths.is_remote(args.checkpoint):
+        default = Path(args.checkpoint) / "contact_head"
+        _checks.output(default, f"{default} (the default --save)")
+    if args.step is not None:
+        from esmjax.evaluate import run
+        from esmjax.io.structures import read_chain
+
+        cmd = _contacts_options(args)
+        train = [read_chain(s, sequence=cmd.sequence) for s in cmd.fit]
+        run.fit_target(_options(args), cmd, train)
+
+
+def _options(args: argparse.Namespace):
+    from esmjax.commands import _checks
+    from esmjax.evaluate import run
+
     start = (args.coordinator_address, args.num_processes, args.process_id)
-    opts = run.Options(
+    return run.Options(
         checkpoint=args.checkpoint,
         step=args.step,
         out=args.out,
@@ -365,54 +420,57 @@ def main(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         start=functools.partial(_checks.start, *start),
     )
-    if args.what == "perplexity":
-        run.perplexity(
-            opts,
-            run.PerplexityOptions(
-                data=args.data,
-                rows=args.rows,
-                seq_len=args.seq_len,
-                eval_tokens=args.eval_tokens,
-                pseudo=args.pseudo,
-                max_sequences=args.max_sequences,
-                max_tokens_per_batch=args.max_tokens_per_batch,
-            ),
-        )
-    elif args.what == "contacts":
-        run.contacts(
-            opts,
-            run.ContactsOptions(
-                structures=tuple(args.structures),
-                fit=tuple(args.fit) if args.fit else None,
-                save=args.save,
-                fit_c=args.fit_c,
-                sequence=args.sequence,
-            ),
-        )
-    elif args.what == "variants":
-        run.variants(
-            opts,
-            run.VariantsOptions(
-                dms=args.dms,
-                wt_sequence=args.wt_sequence,
-                offset=args.offset,
-                mutant_column=args.mutant_column,
-                score_column=args.score_column,
-                sample=args.sample,
-                max_tokens_per_batch=args.max_tokens_per_batch,
-            ),
-        )
-    else:
-        run.proteingym(
-            opts,
-            run.ProteinGymOptions(
-                folder=args.folder,
-                reference=args.reference,
-                assays=tuple(args.assays) if args.assays else None,
-                method=args.method,
-                window=args.window,
-                skip_invalid=args.skip_invalid,
-                max_tokens_per_batch=args.max_tokens_per_batch,
-            ),
-        )
-    return 0
+
+
+def _perplexity_options(args: argparse.Namespace):
+    from esmjax.evaluate import run
+
+    return run.PerplexityOptions(
+        data=args.data,
+        rows=args.rows,
+        seq_len=args.seq_len,
+        eval_tokens=args.eval_tokens,
+        pseudo=args.pseudo,
+        max_sequences=args.max_sequences,
+        max_tokens_per_batch=args.max_tokens_per_batch,
+    )
+
+
+def _contacts_options(args: argparse.Namespace):
+    from esmjax.evaluate import run
+
+    return run.ContactsOptions(
+        structures=tuple(args.structures),
+        fit=tuple(args.fit) if args.fit else None,
+        save=args.save,
+        fit_c=args.fit_c,
+        sequence=args.sequence,
+    )
+
+
+def _variants_options(args: argparse.Namespace):
+    from esmjax.evaluate import run
+
+    return run.VariantsOptions(
+        dms=args.dms,
+        wt_sequence=args.wt_sequence,
+        offset=args.offset,
+        mutant_column=args.mutant_column,
+        score_column=args.score_column,
+        sample=args.sample,
+        max_tokens_per_batch=args.max_tokens_per_batch,
+    )
+
+
+def _proteingym_options(args: argparse.Namespace):
+    from esmjax.evaluate import run
+
+    return run.ProteinGymOptions(
+        folder=args.folder,
+        reference=args.reference,
+        assays=tuple(args.assays) if args.assays else None,
+        method=args.method,
+        window=args.window,
+        skip_invalid=args.skip_invalid,
+        max_tokens_per_batch=args.max_tokens_per_batch,
+    )

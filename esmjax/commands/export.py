@@ -30,6 +30,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from esmjax.commands import _checks
+
+    # where the export goes, before the weights are read (a fair-esm .pt is a file, the rest
+    # folders)
+    _checks.output(args.out, f"out {args.out}", folder=args.to != "fair-esm")
     print(
         export_any(
             args.checkpoint, args.out, args.to, step=args.step, folding_head=args.folding_head

@@ -47,11 +47,14 @@ def main(args: argparse.Namespace) -> int:
     workdir = args.workdir  # a local folder or a bucket URL: esmjax.io.paths reads both
     # Before the start-up, so that a bad config or a missing local file is the only line printed.
     # Resuming without --config reads the workdir's config.json: a store failure is one line.
+    _checks.output(workdir, f"--workdir {workdir}")
+    _checks.workdir_kind(workdir, "finetune")
     reading = paths.remote_errors(workdir) if args.config is None else contextlib.nullcontext()
     with reading:
         cfg = load_finetune_run_config(args.config, overrides, workdir)
     _checks.local_source(cfg.backbone)
     labeled.check(cfg.data, cfg.task)
+    cfg = _stored_paths(cfg, workdir)
     _checks.start(args.coordinator_address, args.num_processes, args.process_id)
     from esmjax.train.finetune import run
     from esmjax.train.preemption import EXIT_PREEMPTED
@@ -59,3 +62,23 @@ def main(args: argparse.Namespace) -> int:
     result = run(cfg, workdir, progress=not args.no_progress, stop_after=args.stop_after)
     # 75: stopped by a signal with a checkpoint, not finished; the launchers start it again
     return EXIT_PREEMPTED if result.get("preempted") else 0
+
+
+def _stored_paths(cfg, workdir: str):
+    """The backbone and data files as the run's config.json keeps them (``_checks.stored_path``);
+    a local workdir's saved backbone is kept when it names the same folder (the resumed run
+    compares them)."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from esmjax.commands._checks import stored_path
+    from esmjax.io import paths
+
+    saved = None
+    if not paths.is_remote(workdir) and (Path(workdir) / "config.json").is_file():
+        saved = json.loads((Path(workdir) / "config.json").read_text()).get("finetune", {})
+    keys = ("csv", "fasta", "labels", "mask", "train", "valid", "test")
+    data = dataclasses.replace(cfg.data, **{k: stored_path(getattr(cfg.data, k)) for k in keys})
+    backbone = stored_path(cfg.backbone, (saved or {}).get("backbone"))
+    return dataclasses.replace(cfg, backbone=backbone, data=data)

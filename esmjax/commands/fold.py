@@ -54,6 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     # before fold_fasta creates --out: a wrong --checkpoint leaves no empty output folder
     _checks.local_checkpoint(args.checkpoint, esmfold=True)
+    _checks.output(args.out, f"--out {args.out}")  # before the model loads
     fold_fasta(
         args.checkpoint,
         args.fasta,

@@ -39,7 +39,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from esmjax.commands import _checks
 
-    cfg = _checked_config(args)  # before the start-up: a bad config is the only line printed
+    # before the start-up: a bad workdir or config is the only line printed
+    _checks.output(args.workdir, f"--workdir {args.workdir}")
+    _checks.workdir_kind(args.workdir, "train")
+    cfg = _checked_config(args)
     _checks.start(args.coordinator_address, args.num_processes, args.process_id)
     from esmjax.io.convert import source_model_config
     from esmjax.train.loop import run
@@ -47,10 +50,28 @@ def main(args: argparse.Namespace) -> int:
 
     if cfg is None:
         cfg = _config(args, source_model_config)
+    cfg = _stored_paths(cfg)
 
-    result = run(cfg, args.workdir, progress=not args.no_progress, stop_after=args.stop_after)
+    from esmjax.io import paths
+
+    # a write the disk refuses outside the checkpoints and metrics.jsonl, which name their own
+    # (config.json, the compilation cache): one line naming the workdir
+    with paths.write_errors(args.workdir):
+        result = run(cfg, args.workdir, progress=not args.no_progress, stop_after=args.stop_after)
     # 75: stopped by a signal with a checkpoint, not finished; the launchers start it again
     return EXIT_PREEMPTED if result.get("preempted") else 0
+
+
+def _stored_paths(cfg):
+    """The run's data and init_from as its config.json keeps them (``_checks.stored_path``)."""
+    import dataclasses
+
+    from esmjax.commands._checks import stored_path
+
+    data = dataclasses.replace(
+        cfg.data, train=stored_path(cfg.data.train), eval=stored_path(cfg.data.eval)
+    )
+    return dataclasses.replace(cfg, data=data, init_from=stored_path(cfg.init_from))
 
 
 class _BucketSource(Exception):

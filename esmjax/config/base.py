@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import contextvars
+import dataclasses
+import math
+from typing import Any
 
 from esmjax.errors import InputError
 
@@ -20,3 +23,17 @@ _WHERE: contextvars.ContextVar[str] = contextvars.ContextVar("esmjax_config_wher
 def _key(name: str) -> str:
     where = _WHERE.get()
     return f"{where}.{name}" if where else name
+
+
+def check(obj: Any, name: str, ok: bool, want: str) -> None:
+    """Unless ``ok``, a ``ConfigError`` naming the key (``data.seq_len: must be >= 3, got 0``)."""
+    if not ok:
+        raise ConfigError(f"{_key(name)}: must be {want}, got {getattr(obj, name)!r}")
+
+
+def check_finite(obj: Any) -> None:
+    """Every float field of the dataclass ``obj`` is a finite number (YAML reads ``.nan``)."""
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{_key(f.name)}: must be a finite number, got {v}")

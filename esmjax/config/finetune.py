@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from esmjax.config.base import ConfigError
+from esmjax.config.base import ConfigError, check, check_finite
 from esmjax.config.serialize import _set_path, from_dict, read_yaml_mapping
 from esmjax.config.train import CheckpointConfig, MeshConfig, OptimConfig
 
@@ -71,6 +71,13 @@ class FinetuneDataConfig:
     skip_invalid: bool = False
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        check_finite(self)
+        check(self, "valid_fraction", 0 <= self.valid_fraction < 1, "in [0, 1)")
+        check(self, "max_length", self.max_length >= 1, ">= 1")
+        check(self, "batch_size", self.batch_size >= 1, ">= 1")
+        check(self, "rows_per_device", self.rows_per_device >= 0, ">= 0 (0: the whole batch)")
+
 
 @dataclass(frozen=True, kw_only=True)
 class FinetuneConfig:
@@ -114,8 +121,18 @@ class FinetuneConfig:
     best_metric: str = ""
     patience: int = 0
     seed: int = 0
+    # a step with a non-finite loss: "stop" before saving it, or "skip" its update (TrainConfig)
+    nonfinite: str = "stop"
 
     def __post_init__(self) -> None:
+        check_finite(self)
+        check(self, "nonfinite", self.nonfinite in ("stop", "skip"), "stop or skip")
+        check(self, "backbone_step", self.backbone_step >= -1, ">= -1 (-1: the latest)")
+        check(self, "head_lr", self.head_lr >= 0, ">= 0 (0: the backbone's rate)")
+        check(self, "num_steps", self.num_steps >= 1, ">= 1")
+        check(self, "log_every", self.log_every >= 1, ">= 1")
+        check(self, "eval_every", self.eval_every >= 0, ">= 0")
+        check(self, "patience", self.patience >= 0, ">= 0 (0: no early stopping)")
         if self.task not in TASKS:
             raise ConfigError(f"task {self.task!r}: one of {', '.join(TASKS)}")
         if self.mode not in FINETUNE_MODES:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from esmjax.config.base import ConfigError, _key
+from esmjax.config.base import ConfigError, _key, check, check_finite
 from esmjax.config.model import ESM2Config, check_same_architecture, resolve_rules
 from esmjax.config.serialize import _set_path, from_dict, read_yaml_mapping, to_dict
 
@@ -100,6 +100,26 @@ class DataConfig:
     eval_tokens: int = 65_536
     val_fraction: float = 0.005
 
+    def __post_init__(self) -> None:
+        check_finite(self)
+        check(self, "seq_len", self.seq_len >= 3, ">= 3 (BOS, a residue, EOS)")
+        check(self, "tokens_per_step", self.tokens_per_step >= 1, "positive")
+        check(self, "rows_per_device", self.rows_per_device >= 0, ">= 0 (0: the rows per step)")
+        check(self, "mask_prob", 0 < self.mask_prob <= 1, "in (0, 1]")
+        check(self, "mask_token_prob", 0 <= self.mask_token_prob <= 1, "in [0, 1]")
+        check(self, "random_token_prob", 0 <= self.random_token_prob <= 1, "in [0, 1]")
+        check(
+            self,
+            "random_token_prob",
+            self.mask_token_prob + self.random_token_prob <= 1,
+            f"at most 1 - data.mask_token_prob={self.mask_token_prob}",
+        )
+        check(self, "cluster_exponent", self.cluster_exponent >= 0, ">= 0")
+        check(self, "max_segments", self.max_segments >= 1, ">= 1")
+        check(self, "num_workers", self.num_workers >= 0, ">= 0")
+        check(self, "prefetch", self.prefetch >= 1, ">= 1")
+        check(self, "val_fraction", 0 <= self.val_fraction < 1, "in [0, 1)")
+
 
 @dataclass(frozen=True, kw_only=True)
 class OptimConfig:
@@ -119,6 +139,18 @@ class OptimConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
 
+    def __post_init__(self) -> None:
+        check_finite(self)
+        check(self, "peak_lr", self.peak_lr > 0, "positive")
+        check(self, "warmup_steps", self.warmup_steps >= 0, ">= 0")
+        check(self, "decay_fraction", 0 < self.decay_fraction <= 1, "in (0, 1]")
+        check(self, "final_lr_ratio", 0 <= self.final_lr_ratio <= 1, "in [0, 1]")
+        check(self, "b1", 0 <= self.b1 < 1, "in [0, 1)")
+        check(self, "b2", 0 <= self.b2 < 1, "in [0, 1)")
+        check(self, "eps", self.eps > 0, "positive")
+        check(self, "weight_decay", self.weight_decay >= 0, ">= 0")
+        check(self, "grad_clip", self.grad_clip >= 0, ">= 0 (0: no clipping)")
+
 
 @dataclass(frozen=True, kw_only=True)
 class CheckpointConfig:
@@ -129,6 +161,11 @@ class CheckpointConfig:
     keep: int = 3
     keep_every: int = 0
     async_save: bool = True
+
+    def __post_init__(self) -> None:
+        check(self, "every", self.every >= 1, ">= 1 (steps between checkpoints)")
+        check(self, "keep", self.keep >= 1, ">= 1 (a run must keep its latest checkpoint)")
+        check(self, "keep_every", self.keep_every >= 0, ">= 0 (0: none kept beyond keep)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -156,6 +193,23 @@ class TrainConfig:
     # $JAX_COMPILATION_CACHE_DIR when set, else <workdir>/compile_cache (local or a bucket,
     # shared by the run's hosts); "off", or a folder or bucket URL of its own.
     compile_cache: str = "auto"
+    # a step whose loss is NaN or infinite: "stop" ends the run before that step is saved (one
+    # line; the last checkpoint is the last good state); "skip" leaves the parameters and the
+    # optimizer state as they were and goes on (one warning line per skipped step)
+    nonfinite: str = "stop"
+
+    def __post_init__(self) -> None:
+        check(self, "nonfinite", self.nonfinite in ("stop", "skip"), "stop or skip")
+        check(self, "num_steps", self.num_steps >= 1, ">= 1")
+        check(self, "log_every", self.log_every >= 1, ">= 1")
+        check(self, "eval_every", self.eval_every >= 0, ">= 0 (0: at the end only)")
+        check(self, "init_step", self.init_step >= -1, ">= -1 (-1: the latest)")
+        d = self.data
+        if d.tokens_per_step % d.seq_len:  # training packs whole rows
+            raise ConfigError(
+                f"data.tokens_per_step: must be a multiple of data.seq_len={d.seq_len}, got "
+                f"{d.tokens_per_step}"
+            )
 
 
 def load_config(

@@ -9,12 +9,14 @@ for record.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from esmjax.data.build_local import LocalBackend
 from esmjax.data.builder import Backend, BuildError, build
+from esmjax.io import paths
 
 __all__ = ["BuildError", "backend", "build_dataset"]
 
@@ -54,12 +56,16 @@ def build_dataset(
       beam_runner: run steps 1-3 as an Apache Beam pipeline on this runner (e.g. ``DirectRunner``).
       beam_options: extra Beam pipeline flags (``--direct_num_workers=4`` ...).
     """
-    return build(
-        fastas,
-        out,
-        backend(beam_runner, beam_options),
-        clusters=clusters,
-        val_fraction=val_fraction,
-        skip_invalid=skip_invalid,
-        unknown_as_x=unknown_as_x,
-    )
+    # A full disk is one line (the temporary folder is gone, nothing is under ``out``); a bucket
+    # dataset is built on the local temporary disk first, which is then the one that filled up.
+    where = f"{out} (built in {tempfile.gettempdir()} first)" if paths.is_remote(out) else out
+    with paths.write_errors(where):
+        return build(
+            fastas,
+            out,
+            backend(beam_runner, beam_options),
+            clusters=clusters,
+            val_fraction=val_fraction,
+            skip_invalid=skip_invalid,
+            unknown_as_x=unknown_as_x,
+        )

@@ -26,15 +26,25 @@ rows. The result is identical for any process count.
 Work runs ahead of the consumer: a planner thread walks the stream (cheap: index arrays only) and
 hands each batch's rows to a pool that reads and assembles them, ``num_workers`` processes or, with
 0, one thread.
+
+A watchdog bounds the wait for a batch, whatever holds it up (a store that stopped answering, a
+stuck worker): after ``ESMJAX_DATA_WARN_AFTER`` seconds without one (default 120) a warning names
+the dataset, and after ``ESMJAX_DATA_STOP_AFTER`` seconds (default 900) the iterator raises
+``StalledRead``, one line, on which the CLI exits at once rather than wait for the stuck reader.
+A streamed batch takes well under a second from a bucket, and a failing store ends a read sooner
+(``esmjax.io.paths``: request timeouts and retries, a deadline per range read), so the defaults
+are met only when something hangs.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import functools
+import logging
 import multiprocessing
 import queue
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -46,8 +56,14 @@ from esmjax.data.masking import mask_tokens
 from esmjax.data.packing import Packed, assemble, pack_block
 from esmjax.data.sampling import TAG_MASK, ClusterSampler, Draws, derive_key
 from esmjax.data.source import DatasetError, Split, is_dataset_dir, open_split
+from esmjax.errors import StalledRead
+from esmjax.io.paths import env_seconds
+
+log = logging.getLogger(__name__)
 
 BLOCK_DRAWS = 4096
+WARN_AFTER = 120.0  # s without a batch before a warning (ESMJAX_DATA_WARN_AFTER)
+STOP_AFTER = 900.0  # s without a batch before the iterator stops (ESMJAX_DATA_STOP_AFTER)
 EVAL_SEED = 0x5EED
 # 2: ESM-2 crops (BOS/EOS only at a protein's real ends). A version-1 state belongs to a stream
 # cropped otherwise, so resuming from it would not continue the same stream: it is refused.
@@ -233,6 +249,10 @@ class BatchIterator:
         self._stop = threading.Event()
         self._work: Any = None
         self._exhausted = False
+        self._warn_after = env_seconds("ESMJAX_DATA_WARN_AFTER", WARN_AFTER)
+        self._stop_after = env_seconds("ESMJAX_DATA_STOP_AFTER", STOP_AFTER)
+        self._warned = False
+        self._stalled = False  # a reader is stuck: the pool is shut down without waiting for it
 
     # -- state
     # ----------------------------------------------------------------------------------------------
@@ -281,7 +301,8 @@ class BatchIterator:
             raise StopIteration
         if self._thread is None:
             self._start()
-        item = self._queue.get()
+        since, self._warned = time.monotonic(), False
+        item = self._get(since)
         if item is None:  # a finite (evaluation) stream ended: release the workers now
             self._shutdown()
             self._exhausted = True
@@ -290,6 +311,8 @@ class BatchIterator:
             self._shutdown()
             raise item
         future, position, segments = item
+        while not cf.wait([future], timeout=self._patience(since))[0]:
+            pass
         batch = future.result()
         self._position = position
         nonpad = int(np.count_nonzero(batch["segment_ids"]))
@@ -301,6 +324,39 @@ class BatchIterator:
         c["segments"] += segments
         c["loss_tokens"] += int(np.count_nonzero(batch["loss_mask"]))
         return batch
+
+    def _get(self, since: float) -> Any:
+        """The planner's next item, waited for under the watchdog (``_patience``)."""
+        while True:
+            try:
+                return self._queue.get(timeout=self._patience(since))
+            except queue.Empty:
+                pass
+
+    def _patience(self, since: float) -> float:
+        """The watchdog, between the waits of ``__next__`` for the batch asked for at ``since``:
+        warns once, or stops the iterator with ``StalledRead``, when the wait has lasted long
+        enough; returns how long the next wait may last (until the next of those moments)."""
+        waited = time.monotonic() - since
+        what = f"{self.kind} batch from {_dataset_name(self.split)}"
+        if waited >= self._stop_after:
+            self._stalled = True
+            self._shutdown()
+            raise StalledRead(
+                f"no {what} in {waited:.0f} s: its reads are stalled (is the store reachable?); "
+                "stopping (ESMJAX_DATA_STOP_AFTER sets the wait); run again to resume from the "
+                "last checkpoint"
+            )
+        if waited >= self._warn_after and not self._warned:
+            self._warned = True
+            log.warning(
+                "no %s for %.0f s (the store slow or not answering?); the run stops after %.0f s "
+                "without one (ESMJAX_DATA_STOP_AFTER)",
+                what,
+                waited,
+                self._stop_after,
+            )
+        return max((self._stop_after if self._warned else self._warn_after) - waited, 0.01)
 
     def _job(self, pieces: list[tuple]) -> Job:
         rec, start, kept, bos, eos, row, col = [], [], [], [], [], [], []
@@ -392,7 +448,8 @@ class BatchIterator:
             return
         self._stop.set()
         self._thread.join()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        # a stuck reader never returns: waiting for it would hold the caller as the read holds it
+        self._pool.shutdown(wait=not self._stalled, cancel_futures=True)
         self._thread = self._pool = self._queue = None
         self._stop.clear()
 
@@ -412,6 +469,14 @@ class BatchIterator:
             self._shutdown()
         except Exception:
             pass
+
+
+def _dataset_name(split: Split) -> str:
+    """What a message names: the bucket URL a split streams from, else its folder or file."""
+    for attr in ("remote", "folder", "path"):
+        if where := getattr(split, attr, None):
+            return str(where)
+    return "the dataset"
 
 
 def train_batches(

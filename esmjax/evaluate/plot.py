@@ -65,7 +65,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
             p = p / METRICS_FILE
         if not p.is_file():
             raise InputError(f"{p}: no such metrics file (a training workdir holds {METRICS_FILE})")
-        text = p.read_text()
+        text = paths.read_text(p, f"JSON lines ({METRICS_FILE})")
     lines = text.split("\n")
     rows = []
     for n, line in enumerate(lines, 1):

@@ -25,9 +25,12 @@ records whether any crop was used.
 
 Bad rows (a mutant that does not parse or does not match ``target_seq``, a ``mutated_sequence`` that
 is not the wild type with the mutant applied, a missing score) stop with one line naming the file
-and
-row, or with ``skip_invalid`` are skipped and counted. A missing assay file or column is always an
-error. The reference and the folder may be bucket URLs (``esmjax.io.paths``).
+and row, or with ``skip_invalid`` are skipped and counted. A missing assay file or column is always
+an error. Every assay is checked (``check_assays``) before the checkpoint is restored. The
+reference and the folder may be bucket URLs (``esmjax.io.paths``).
+
+Each assay's per-variant scores go to ``proteingym_assays/<DMS_id>_scores.csv`` with every number
+in full (``variants.exact``), so ProteinGym's scripts run on those files give esmjax's figures.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from esmjax.evaluate.variants import (
     Variant,
     apply_mutations,
     check_against,
+    exact,
     marginal_scores,
     optimal_window,
     parse_mutant,
@@ -194,6 +198,15 @@ def read_assay(info: AssayInfo, skip_invalid: bool = False) -> Assay:
     return Assay(info, variants, bins if has_bin else None, dict(skipped))
 
 
+def check_assays(infos: Sequence[AssayInfo], skip_invalid: bool = False) -> None:
+    """Parses every assay (raising ``read_assay``'s one-line error naming the file and row) before
+    the checkpoint is restored: a bad row in the 200th assay otherwise surfaced after the restore
+    and hours of scoring the 199 before it. The parse is repeated when each assay is scored, since
+    holding every assay's variants (millions in the whole benchmark) would take gigabytes."""
+    for info in infos:
+        read_assay(info, skip_invalid)
+
+
 _REASONS = (
     ("does not match", "wild-type mismatch"),
     ("outside the", "position outside target_seq"),
@@ -314,11 +327,14 @@ def _is_main() -> bool:
 
 
 def _write_scores(path: Path, assay: Assay, scores: np.ndarray) -> None:
+    """The assay's variants with their scores, every number in full (``variants.exact``): the
+    metrics recomputed from the file are the report's."""
     f = io.StringIO()
     w = csv.writer(f)
     w.writerow(["mutant", "DMS_score", "DMS_score_bin", "score"])
     bins = assay.bins or [""] * len(assay.variants)
-    w.writerows((v.name, v.fitness, b, f"{s:.6f}") for v, b, s in zip(assay.variants, bins, scores))
+    for v, b, s in zip(assay.variants, bins, scores):
+        w.writerow((v.name, exact(v.fitness), b, exact(s)))
     paths.write_text(path, f.getvalue())  # whole: a renamed local file or one bucket object
 
 

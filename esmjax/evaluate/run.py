@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -85,18 +86,22 @@ class VariantsOptions:
     max_tokens_per_batch: int = 8192
 
 
-def restore(opts: Options):
-    """Distributed start-up, mesh, model and provenance."""
+def restore(opts: Options, weights: Any = None):
+    """Distributed start-up, mesh, model and provenance. ``weights``: a folder to load the model
+    from instead (a contact-head fit of ``opts.checkpoint`` at ``opts.step``, which the report
+    still names)."""
     from esmjax.evaluate import report
     from esmjax.inference.engine import Engine
     from esmjax.io import checkpoint
 
     if opts.start is not None:
         opts.start()
-    mesh = checkpoint.inference_mesh(opts.checkpoint, opts.rules)
+    src = str(weights) if weights is not None else opts.checkpoint
+    mesh = checkpoint.inference_mesh(src, opts.rules)
     model, step = checkpoint.load_model(
-        opts.checkpoint, step=opts.step, mesh=mesh, rules=opts.rules, dtype=opts.dtype
+        src, step=None if weights else opts.step, mesh=mesh, rules=opts.rules, dtype=opts.dtype
     )
+    step = opts.step if weights is not None else step
     info = report.checkpoint_info(opts.checkpoint, step)
     out = paths.given(opts.out) if opts.out else report.default_out_dir(opts.checkpoint, step)
     log.info("restored step %d of %s onto %d devices", step, opts.checkpoint, mesh.size)
@@ -132,6 +137,8 @@ def perplexity(opts: Options, cmd: PerplexityOptions) -> dict:
         raise InputError(
             f"{opts.checkpoint} is not a training workdir: name the evaluation data with --data"
         )
+    if cmd.data is None:
+        _check_run_data(opts.checkpoint, run_data)
     overrides: dict = {}
     folder = False
     if cmd.data is not None:
@@ -193,6 +200,30 @@ def perplexity(opts: Options, cmd: PerplexityOptions) -> dict:
     return rep
 
 
+def check_run_data(checkpoint: str) -> None:
+    """``_check_run_data`` of a workdir (``evaluate all`` checks every section first)."""
+    from esmjax.config import DataConfig, from_dict
+    from esmjax.io import checkpoint as ckpt
+
+    raw = ckpt.read_config(checkpoint)
+    if isinstance(raw.get("data"), dict):
+        _check_run_data(checkpoint, from_dict(DataConfig, raw["data"], "data"))
+
+
+def _check_run_data(checkpoint: str, data: Any) -> None:
+    """The run's own held-out data (its config.json's ``data.eval``, else ``data.train``) is
+    still there. Runs saved before paths were stored absolute name it relative to the folder they
+    were started in, and a copied workdir names a place on another machine: either way the line
+    says to pass ``--data`` (checked before the model loads)."""
+    where, key = (data.eval, "data.eval") if data.eval else (data.train, "data.train")
+    if not where or paths.is_remote(where) or Path(where).exists():
+        return
+    raise InputError(
+        f"{checkpoint}: the run's data {where} (config.json {key}) "
+        "is not there (a copied or moved workdir?); name the evaluation data with --data"
+    )
+
+
 def _fasta_sequences(path: str, limit: int) -> list[str]:
     from esmjax.io.fasta import read_fasta
 
@@ -209,7 +240,6 @@ def _fasta_sequences(path: str, limit: int) -> list[str]:
 def contacts(opts: Options, cmd: ContactsOptions) -> dict:
     from esmjax.evaluate import contacts as ct
     from esmjax.evaluate import report
-    from esmjax.io import checkpoint
     from esmjax.io.structures import read_chain
 
     if cmd.fit_c is not None and not cmd.fit:
@@ -222,10 +252,14 @@ def contacts(opts: Options, cmd: ContactsOptions) -> dict:
             "structures both fitted on and evaluated (precision will be optimistic): %s",
             sorted(overlap),
         )
-    engine, info, out = restore(opts)
+    save, done = None, None
+    if train:  # where the fit goes, checked before the model loads (fit_target)
+        opts = dataclasses.replace(opts, step=pinned_step(opts))
+        save, done = fit_target(opts, cmd, train)
+    engine, info, out = restore(opts, weights=save if done else None)
     import jax
 
-    if train and jax.process_count() > 1:
+    if train and not done and jax.process_count() > 1:
         raise InputError(
             "--fit runs in a single process (the fit and its checkpoint are written by one host)"
         )
@@ -237,36 +271,7 @@ def contacts(opts: Options, cmd: ContactsOptions) -> dict:
         )
     results: dict = {}
     if train:
-        c = cmd.fit_c if cmd.fit_c is not None else ct.DEFAULT_C
-        fit = ct.fit_contact_head(engine, train, c)
-        fit_info = {
-            "structures": [f"{ch.path}:{ch.chain}" for ch in train],
-            "C": c,
-            "pairs": fit.num_pairs,
-            "contacts": fit.num_contacts,
-            "nonzero_weights": fit.nonzero,
-            "train_logloss": fit.loss,
-            "converged": fit.converged,
-        }
-        save = (
-            paths.given(cmd.save)
-            if cmd.save
-            else paths.given(opts.checkpoint) / "contact_head" / f"step_{info['step']}"
-        )
-        params = checkpoint.params_numpy(engine.model)
-        source = {
-            "checkpoint": info["checkpoint"],
-            "step": info["step"],
-            "config_hash": info["config_hash"],
-        }
-        checkpoint.save_converted(
-            save,
-            checkpoint.model_config(opts.checkpoint),
-            params,
-            extra={"source": source, "contact_regression": fit_info},
-        )
-        fit_info["saved_to"] = paths.absolute(save)
-        results["fit"] = fit_info
+        results["fit"] = done or _fit_and_save(engine, train, _fit_c(cmd), save, opts, info)
     per, rows = [], []
     for chain in tqdm(
         test, desc="contacts", unit="chain", file=sys.stderr, disable=not opts.progress
@@ -310,11 +315,109 @@ def contacts(opts: Options, cmd: ContactsOptions) -> dict:
     )
     headers = ("structure", "L", *(f"{r} {k}" for r, _, _ in ct.RANGES for k, _ in ct.DIVISORS))
     text = report.table(headers, rows)
-    if train:
+    if done:
+        text += f"\ncontact head: the earlier fit in {done['saved_to']} (same checkpoint, step, "
+        text += "structures and C)"
+    elif train:
         saved = results["fit"]["saved_to"]
         text += f"\ncontact head fitted on {len(train)} structure(s), saved to {saved}"
     finish("contacts", out, rep, text)
     return rep
+
+
+def _fit_c(cmd: ContactsOptions) -> float:
+    from esmjax.evaluate import contacts as ct
+
+    return cmd.fit_c if cmd.fit_c is not None else ct.DEFAULT_C
+
+
+def _fit_names(chains: list) -> list[str]:
+    return [f"{ch.path}:{ch.chain}" for ch in chains]
+
+
+def _fit_and_save(engine: Any, train: list, c: float, save: Any, opts: Options, info: dict) -> dict:
+    """Fits the contact head on ``train`` and saves the model with it as a new checkpoint folder
+    (its config.json records the source and the fit); returns the fit's report entry."""
+    from esmjax.evaluate import contacts as ct
+    from esmjax.io import checkpoint
+
+    fit = ct.fit_contact_head(engine, train, c)
+    fit_info = {
+        "structures": _fit_names(train),
+        "C": c,
+        "pairs": fit.num_pairs,
+        "contacts": fit.num_contacts,
+        "nonzero_weights": fit.nonzero,
+        "train_logloss": fit.loss,
+        "converged": fit.converged,
+    }
+    source = {k: info[k] for k in ("checkpoint", "step", "config_hash")}
+    checkpoint.save_converted(
+        save,
+        checkpoint.model_config(opts.checkpoint),
+        checkpoint.params_numpy(engine.model),
+        extra={"source": source, "contact_regression": fit_info},
+    )
+    return {**fit_info, "saved_to": paths.absolute(save)}
+
+
+def pinned_step(opts: Options) -> int:
+    """``opts.step``, or else the checkpoint's newest step (after the start-up: Orbax lists steps
+    with JAX), so that the folder a fit is saved to (named after the step) is known before the
+    model loads."""
+    if opts.step is not None:
+        return opts.step
+    from esmjax.io import checkpoint
+
+    if opts.start is not None:
+        opts.start()
+    mngr = checkpoint.manager(opts.checkpoint)
+    try:
+        with paths.remote_errors(opts.checkpoint):
+            steps = list(mngr.all_steps())
+    finally:
+        mngr.close()
+    if not steps:
+        raise checkpoint.CheckpointError(f"{opts.checkpoint}: no complete checkpoint")
+    return max(steps)
+
+
+def fit_target(opts: Options, cmd: ContactsOptions, train: list) -> tuple[Any, dict | None]:
+    """Where ``contacts --fit`` saves the fitted model (``--save``, default
+    ``<checkpoint>/contact_head/step_<N>``, ``opts.step`` pinned) and the fit already there: its
+    ``contact_regression`` when the folder holds a fit of the same checkpoint, step and config on
+    the same structures with the same C, which a rerun then evaluates with instead of fitting
+    again; None when nothing is there. Anything else there is refused now, before the model
+    loads and the fit runs (a fit is never written over)."""
+    import json
+
+    from esmjax.evaluate import report
+
+    if cmd.save:
+        save, label = paths.given(cmd.save), f"--save {cmd.save}"
+    else:
+        save = paths.given(opts.checkpoint) / "contact_head" / f"step_{opts.step}"
+        label = f"{save} (the default --save)"
+    with paths.remote_errors(str(save)):
+        if not paths.nonempty(save):
+            return save, None
+        config_file = save / "config.json"
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    fit = config.get("contact_regression") if isinstance(config, dict) else None
+    if not isinstance(fit, dict):
+        raise InputError(f"{label}: exists and holds no contact-head fit; give another --save")
+    info = report.checkpoint_info(opts.checkpoint, opts.step)
+    want = {k: info[k] for k in ("checkpoint", "step", "config_hash")}
+    have = config.get("source") or {}
+    other = [k for k in want if have.get(k) != want[k]]
+    asked = {"structures": _fit_names(train), "C": _fit_c(cmd)}
+    other += [k for k, v in asked.items() if fit.get(k) != v]
+    if other:
+        raise InputError(
+            f"{label}: holds a fit with another {', '.join(other)}; give another --save (or "
+            "remove it to fit again)"
+        )
+    return save, {**fit, "saved_to": paths.absolute(save), "reused": True}
 
 
 def variants(opts: Options, cmd: VariantsOptions) -> dict:
@@ -355,7 +458,7 @@ def variants(opts: Options, cmd: VariantsOptions) -> dict:
         f = io.StringIO()
         w = csv.writer(f)
         w.writerow(["mutant", "fitness", "score"])
-        w.writerows((v.name, v.fitness, f"{s:.6f}") for v, s in zip(chosen, scores))
+        w.writerows((v.name, vr.exact(v.fitness), vr.exact(s)) for v, s in zip(chosen, scores))
         paths.write_text(out / "variants_scores.csv", f.getvalue())
         if opts.plot:
             from esmjax.evaluate.plot import plot_variant_scatter
@@ -400,6 +503,7 @@ def proteingym(opts: Options, cmd: ProteinGymOptions) -> dict:
     infos = pg.read_reference(str(reference), str(folder), list(cmd.assays) if cmd.assays else None)
     if cmd.window < 16:
         raise InputError(f"--window {cmd.window}: at least 16 residues")
+    pg.check_assays(infos, cmd.skip_invalid)  # every row, before the restore and any scoring
     engine, info, out = restore(opts)
     settings = {
         "method": cmd.method,

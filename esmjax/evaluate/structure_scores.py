@@ -319,7 +319,7 @@ def match_pairs(
         with paths.remote_errors(pairs_tsv):
             if not tsv.is_file():
                 raise InputError(f"{tsv}: no such pairs file")
-            text = tsv.read_text()
+            text = paths.read_text(pairs_tsv, "a TSV of 'predicted<TAB>reference' lines")
         out = []
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip() or line.startswith("#"):

@@ -51,7 +51,7 @@ def read_suite(path: str | Path) -> dict[str, dict[str, Any]]:
     with paths.remote_errors(str(path)):
         if not path.is_file():
             raise InputError(f"{path}: no such suite file")
-        text = path.read_text()
+        text = paths.read_text(path, "a suite YAML")
     try:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
@@ -190,7 +190,7 @@ def load_card(arg: str | Path) -> dict:
             p = p / SUMMARY
         if not p.is_file():
             raise InputError(f"{arg}: no {SUMMARY} (written by `esmjax evaluate all`)")
-        text = p.read_text()
+        text = paths.read_text(p, f"a report card ({SUMMARY})")
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:

@@ -120,10 +120,19 @@ def apply_mutations(seq: str, muts: Sequence[Mutation], attr: str = "mt") -> str
 
 
 def read_wt_sequence(arg: str) -> str:
-    """``--wt-sequence``: a sequence, or a FASTA file whose first record is the wild type."""
+    """``--wt-sequence``: a sequence, or a FASTA file whose first record is the wild type.
+
+    A file of that name wins (as before); a string the file system cannot take as a name is no
+    file: a real protein is longer than a file name may be (255 bytes; TEM-1 has 286 residues),
+    and asking for it raises ENAMETOOLONG (or ValueError for a NUL) instead of answering False."""
     p = paths.given(arg)
-    with paths.remote_errors(arg):
-        is_file = p.is_file()
+    try:
+        with paths.remote_errors(arg):
+            is_file = p.is_file()
+    except InputError:  # a bucket's failure (remote_errors)
+        raise
+    except (OSError, ValueError):
+        is_file = False
     if is_file:
         for rec in read_fasta(arg if paths.is_remote(arg) else p):
             return rec.sequence.upper()
@@ -201,6 +210,21 @@ def read_dms_csv(
     path = str(path)
     skipped: Counter[str] = Counter()
     variants = []
+    try:
+        variants = _dms_rows(path, wt, offset, mutant_column, score_column, skipped)
+    except UnicodeDecodeError as e:  # a binary file given by mistake
+        raise DMSError(
+            f"{path}: not a text file, expected a CSV (byte {e.start} is not UTF-8)"
+        ) from None
+    if not variants:
+        raise DMSError(f"{path}: no scorable variant rows")
+    return DMS(path, wt, "given", variants, dict(skipped))
+
+
+def _dms_rows(
+    path: str, wt: str, offset: int, mutant_column: str, score_column: str, skipped: Counter
+) -> list:
+    variants = []
     with paths.remote_errors(path), paths.open_read(path, newline="") as f:
         reader = csv.DictReader(f)
         missing = [c for c in (mutant_column, score_column) if c not in (reader.fieldnames or [])]
@@ -223,9 +247,7 @@ def read_dms_csv(
             v = Variant(name, muts, _fitness(raw, where), line)
             check_against(wt, v, where, offset)
             variants.append(v)
-    if not variants:
-        raise DMSError(f"{path}: no scorable variant rows")
-    return DMS(path, wt, "given", variants, dict(skipped))
+    return variants
 
 
 def read_dms(
@@ -340,6 +362,14 @@ def marginal_scores(
             lp = logp[m.position]
             scores[k] += float(lp[TOKEN_TO_ID[m.mt]]) - float(lp[TOKEN_TO_ID[m.wt]])
     return scores
+
+
+def exact(x: float) -> str:
+    """``x`` as the shortest text that reads back as the same float64 (``repr``; a float32 is
+    widened exactly first). The per-variant score files are written with it: 6 decimals tied
+    distinct scores (6,987 -> 6,982 distinct values on one ProteinGym assay), so ProteinGym's own
+    scripts run on the file ranked them otherwise and disagreed with esmjax's figures."""
+    return repr(float(x))
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:

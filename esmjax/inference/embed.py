@@ -6,6 +6,9 @@ of a fixed row count per bucket, so the jitted forward compiles at most once per
 record's arrays are written to ``<id>.npz`` with BOS and EOS removed; ``--out`` may be a bucket URL
 (``gs://``, ``s3://``): each file is written through ``esmjax.io.paths.write_bytes``, as one object
 upload (it appears whole or not at all), a local file as a temporary sibling renamed into place.
+A write the disk refuses (full, quota, read-only) ends the run with one line naming the file
+(``esmjax.errors.WriteFailed``); the records written before it are complete, and a rerun writes
+them all again.
 """
 
 from __future__ import annotations
@@ -141,15 +144,18 @@ def embed_fasta(
     """``esmjax embed``: every record of ``fasta`` through the checkpoint's model, sharded over all
     local devices (fsdp); writes ``<out>/<id>.npz`` and returns the record count."""
     records = load_records(fasta, unknown_as_x)
-    paths.output_dir(out)  # a missing bucket fails before the model loads
-    rules = shd.resolve_rules("fsdp")
-    mesh = checkpoint.inference_mesh(checkpoint_path, rules)
-    model, restored = checkpoint.load_model(
-        checkpoint_path, step=step, mesh=mesh, rules=rules, dtype=dtype
-    )
-    engine = Engine(model, mesh, rules)
-    repr_layers = parse_layers(layers, model.cfg.num_layers)
-    n = embed_records(engine, records, out, repr_layers, include, max_tokens, truncation, progress)
+    # a missing bucket fails before the model loads; a failed run leaves no empty folder
+    with paths.output_folder(out):
+        rules = shd.resolve_rules("fsdp")
+        mesh = checkpoint.inference_mesh(checkpoint_path, rules)
+        model, restored = checkpoint.load_model(
+            checkpoint_path, step=step, mesh=mesh, rules=rules, dtype=dtype
+        )
+        engine = Engine(model, mesh, rules)
+        repr_layers = parse_layers(layers, model.cfg.num_layers)
+        n = embed_records(
+            engine, records, out, repr_layers, include, max_tokens, truncation, progress
+        )
     log.info(
         "wrote %d records to %s (checkpoint step %d, %d compilations)",
         n,

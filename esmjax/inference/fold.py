@@ -224,11 +224,12 @@ def fold_fasta(
     if chunk_size is not None and chunk_size < 1:
         raise InputError("--chunk-size must be positive")
     records = load_records(fasta, unknown_as_x, max_length)
-    paths.output_dir(out)  # a missing bucket fails before the model loads
-    model, _ = checkpoint.load_esmfold(checkpoint_path, dtype=dtype)
-    engine = Engine(model)
-    results = fold_records(
-        engine, records, out, max_tokens, mmcif, progress, num_recycles, chunk_size
-    )
+    # a missing bucket fails before the model loads; a failed run leaves no empty folder
+    with paths.output_folder(out):
+        model, _ = checkpoint.load_esmfold(checkpoint_path, dtype=dtype)
+        engine = Engine(model)
+        results = fold_records(
+            engine, records, out, max_tokens, mmcif, progress, num_recycles, chunk_size
+        )
     log.info("folded %d records into %s (%d compilations)", len(results), out, engine.traces)
     return results

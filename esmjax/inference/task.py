@@ -184,14 +184,11 @@ def load_finetuned(
     target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target_vars, target_sh
     )
-    with paths.remote_errors(workdir):
-        best = step is None and (w / "best" / ckpt.STEPS_DIR).is_dir()
-    where = w / "best" if best else w
-    mngr = ckpt.manager(where, item_names=("params", "opt_state", "meta"))
+    mngr = _run_manager(w, step)
     try:
         got, restored = ckpt.restore_latest(
             mngr,
-            step if where == w else None,
+            step,  # None with W/best: its only step
             lambda: ocp.args.Composite(params=ocp.args.StandardRestore(target)),
         )
     finally:
@@ -200,6 +197,25 @@ def load_finetuned(
         return setup, restored["params"], got
     _, frozen = split_tree(setup.initial(mesh, rules, 0), setup.trainable)
     return setup, merge_trees(restored["params"], frozen), got
+
+
+def _run_manager(w: Any, step: int | None) -> Any:
+    """The checkpoint manager of the steps to restore from: ``W/best`` when ``step`` is None and
+    it holds a complete step, else ``W``. A run whose validation metric was never finite (e.g.
+    constant predictions of cropped sequences) leaves ``W/best`` empty; its report then scores the
+    last step, so predict must too, not fail on the empty folder."""
+    items = ("params", "opt_state", "meta")
+    if step is None:
+        with paths.remote_errors(w):
+            found = (w / "best" / ckpt.STEPS_DIR).is_dir()
+        if found:
+            best = ckpt.manager(w / "best", item_names=items)
+            with paths.remote_errors(w):
+                kept = bool(best.all_steps())
+            if kept:
+                return best
+            best.close()
+    return ckpt.manager(w, item_names=items)
 
 
 def plain_variables(setup: Setup, variables: Tree) -> Tree:
@@ -375,8 +391,10 @@ def predict_fasta(
     max_tokens: int = 8192,
 ) -> str:
     """``esmjax predict``: one row per record of ``fasta`` in ``out`` (``.csv``: id, prediction and
-    per-class probabilities or per-target values; ``.jsonl`` for residue tasks: id, sequence and
-    one predicted label per residue). The whole FASTA is validated before the model runs.
+    per-class probabilities or per-target values; ``.jsonl`` for residue tasks: id, sequence, one
+    predicted label per residue and ``truncated_at``). The whole FASTA is validated before the
+    model runs. Sequences are cropped to the run's ``data.max_length``, as the run's training and
+    report cropped them, so predict on the run's test rows gives the report's test figures.
 
     ``workdir``, ``fasta`` and ``out`` may be bucket URLs. The predictions are formatted in memory
     and written whole (``paths.write_text``: a local file through a renamed temporary sibling, a
@@ -395,7 +413,26 @@ def predict_fasta(
     if residue != (shown.suffix == ".jsonl"):
         raise InputError(f"--out {shown}: residue tasks write .jsonl, sequence tasks .csv")
     engine = Engine(nnx.merge(setup.graphdef, nnx.State(variables)), mesh, "fsdp")
-    tokens = [encode_with_specials(r.sequence, 1022) for r in records]
+    # The run cropped every train, validation and test sequence to its first data.max_length
+    # residues (esmjax.io.labeled.Rows.add) and its report scores those crops, so predict crops
+    # the same way: its outputs on the test rows are then the report's, bit for bit. Sliding
+    # windows over the rest would give residue labels from contexts the run never trained or
+    # evaluated on, with an accuracy no report describes; the cut is marked instead
+    # (``truncated_at`` in residue rows, and one warning line).
+    limit = cfg.data.max_length
+    tokens = [encode_with_specials(r.sequence, limit) for r in records]
+    cropped = sum(len(r.sequence) > limit for r in records)
+    if cropped:
+        marked = "; their rows carry truncated_at" if residue else ""
+        log.warning(
+            "%d of %d sequences are longer than the run's data.max_length=%d: predicted from "
+            "their first %d residues, as the run was trained and evaluated%s",
+            cropped,
+            len(records),
+            limit,
+            limit,
+            marked,
+        )
     outputs = predict(engine, tokens, max_tokens)
     paths.write_text(out, prediction_text(setup, records, outputs))
     return f"wrote {shown}: {len(records)} records (step {got})"
@@ -403,34 +440,55 @@ def predict_fasta(
 
 def prediction_text(setup: Setup, records: list, outputs: list[np.ndarray]) -> str:
     """The contents of ``esmjax predict``'s output: JSON lines (residue tasks) or a CSV (the
-    ``csv`` module's dialect, ``\\r\\n`` line ends)."""
+    ``csv`` module's dialect, ``\\r\\n`` line ends).
+
+    Residue rows hold one label per residue of the crop the model saw (the first
+    ``data.max_length``) and ``truncated_at``: that length where the sequence is longer, else
+    null. Numbers are written in full (``_number``), so that metrics recomputed from the file are
+    the run's: 6 significant digits tie and reorder close scores, which moves a Spearman."""
     import csv
     import io
 
     cfg = setup.cfg
     names = list(setup.labels)
     if cfg.task == "residue_classification":
+        limit = cfg.data.max_length
         lines = []
         for r, o in zip(records, outputs):
             pred = "".join(names[i] for i in np.asarray(o).argmax(-1))
-            lines.append(json.dumps({"id": r.id, "sequence": r.sequence, "prediction": pred}))
+            cut = limit if len(r.sequence) > limit else None
+            row = {"id": r.id, "sequence": r.sequence, "prediction": pred, "truncated_at": cut}
+            lines.append(json.dumps(row))
         return "".join(line + "\n" for line in lines)
     f = io.StringIO()
     w = csv.writer(f)
     if cfg.task == "sequence_regression":
         w.writerow(["id", *[f"prediction_{i}" for i in range(setup.num_outputs)]])
         for r, o in zip(records, outputs):
-            w.writerow([r.id, *[f"{v:.6g}" for v in o]])
+            w.writerow([r.id, *[_number(v) for v in o]])
     else:
         w.writerow(["id", "prediction", *[f"prob_{n}" for n in names]])
         for r, o in zip(records, outputs):
-            o = np.asarray(o, np.float64)
-            if cfg.multi_label:
-                p = 1 / (1 + np.exp(-o))
-                pred = ";".join(n for n, v in zip(names, p) if v > 0.5)
+            p = _probabilities(np.asarray(o, np.float32), cfg.multi_label)
+            if cfg.multi_label:  # logit > 0, as the run's metrics decide (a sigmoid rounds)
+                pred = ";".join(n for n, x in zip(names, o) if x > 0)
             else:
-                p = np.exp(o - o.max())
-                p = p / p.sum()
                 pred = names[int(p.argmax())]
-            w.writerow([r.id, pred, *[f"{v:.6g}" for v in p]])
+            w.writerow([r.id, pred, *[_number(v) for v in p]])
     return f.getvalue()
+
+
+def _probabilities(logits: np.ndarray, multi_label: bool) -> np.ndarray:
+    """Per-class probabilities of one row's float32 logits: sigmoids, or the softmax in the
+    float32 expression of ``finetune_metrics.classification`` (whose two-class AUROC ranks these
+    values), so that a metric recomputed from the file ranks them as the run did."""
+    if multi_label:
+        return 1 / (1 + np.exp(-logits.astype(np.float64)))
+    z = logits - logits.max()
+    return np.exp(z) / np.exp(z).sum()
+
+
+def _number(v: Any) -> str:
+    """``v`` as the shortest text that reads back as the same float64 (``repr``); a float32 is
+    widened exactly first, so the text holds the model's output itself."""
+    return repr(float(v))

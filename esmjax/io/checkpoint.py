@@ -186,15 +186,16 @@ def _agreed(value: int, op: str) -> int:
     return int(values.min() if op == "min" else values.max())
 
 
-def _restore_agreed(mngr: ocp.CheckpointManager, step: int, make_args) -> Any | None:
-    """Step ``step`` restored on every process, or None on every process when any one of them
-    could not read its part (a damaged shard, a bucket error on one host)."""
+def _restore_agreed(mngr: ocp.CheckpointManager, step: int, make_args) -> tuple[Any | None, str]:
+    """``(step restored, "")`` on every process, or ``(None, why)`` on every process when any one
+    of them could not read its part (a damaged shard, a bucket error on one host)."""
+    why = ""
     try:
         restored, failed = mngr.restore(step, args=make_args()), 0
     except Exception as e:  # a damaged step on this process
         # the first line only: TensorStore's errors go on with a spec of 60 lines
-        why = (str(e).strip().splitlines() or [""])[0][:300]
-        log.warning("checkpoint step %d is unreadable here (%s: %s)", step, type(e).__name__, why)
+        why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+        log.warning("checkpoint step %d is unreadable here (%s)", step, why)
         restored, failed = None, 1
         if jax.process_count() > 1:
             # The processes that read their part wait in the barrier that ends Orbax's restore;
@@ -204,9 +205,10 @@ def _restore_agreed(mngr: ocp.CheckpointManager, step: int, make_args) -> Any | 
             )
     if _agreed(failed, "max"):
         if not failed:
-            log.warning("checkpoint step %d is unreadable on another process", step)
-        return None
-    return restored
+            why = "unreadable on another process"
+            log.warning("checkpoint step %d is %s", step, why)
+        return None, why
+    return restored, why
 
 
 def restore_latest(mngr: ocp.CheckpointManager, step: int | None, make_args) -> tuple[int, Any]:
@@ -220,9 +222,9 @@ def restore_latest(mngr: ocp.CheckpointManager, step: int | None, make_args) -> 
     if step is not None:
         if step not in steps:
             raise CheckpointError(f"{mngr.directory}: no step {step}; available: {steps}")
-        restored = _restore_agreed(mngr, step, make_args)
+        restored, why = _restore_agreed(mngr, step, make_args)
         if restored is None:
-            raise CheckpointError(f"{mngr.directory}: step {step} is unreadable")
+            raise CheckpointError(f"{mngr.directory}: step {step} is unreadable ({why})")
         return step, restored
     if not steps:
         raise CheckpointError(f"{mngr.directory}: no complete checkpoint")
@@ -232,11 +234,33 @@ def restore_latest(mngr: ocp.CheckpointManager, step: int | None, make_args) -> 
         s = _agreed(mine, "min")  # the newest step every process lists
         if s < 0:
             raise CheckpointError(f"{mngr.directory}: every checkpoint step is unreadable")
-        restored = _restore_agreed(mngr, s, make_args)
+        restored, _ = _restore_agreed(mngr, s, make_args)
         if restored is not None:
             return s, restored
         log.warning("trying the checkpoint step before %d", s)
         below = s
+
+
+def set_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> None:
+    """Renames the unreadable ``steps`` to ``<step>.unreadable`` (Orbax lists integer names only),
+    on every process together: a resumed run can then write those steps again (Orbax cannot save
+    over an existing step: the save never finished), and nothing is deleted, since a step a user
+    copied in from another run is theirs."""
+    if not steps:
+        return
+    root = paths.path(str(mngr.directory))
+    if jax.process_index() == 0:
+        with paths.remote_errors(root):
+            for s in steps:
+                dst, n = root / f"{s}.unreadable", 1
+                while dst.exists():
+                    n += 1
+                    dst = root / f"{s}.unreadable{n}"
+                (root / str(s)).rename(dst)
+                log.warning("checkpoint step %d could not be read; moved it aside to %s", s, dst)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("esmjax:set_aside")
+    mngr.reload()
 
 
 def restore_params(

@@ -41,7 +41,8 @@ def _convert(src: Path, name: str, out: str | Path, esm: str | Path | None) -> s
     cfg, params, notes = convert_esm2.read_any(src)
     for n in notes:
         log.warning("%s", n)
-    checkpoint.save_converted(out, cfg, params, extra={"source": name})
+    with paths.write_errors(out):  # a full disk: one line (save_converted leaves no partial folder)
+        checkpoint.save_converted(out, cfg, params, extra={"source": name})
     return (
         f"wrote {out}: ESM-2 with {cfg.num_layers} layers, width {cfg.embed_dim}, "
         f"{cfg.num_heads} heads ({cfg.num_params() / 1e6:.2f}M parameters)"

@@ -363,7 +363,8 @@ def convert_source(
     returns a one-line summary. ``name``: the source as the user gave it (a bucket URL that
     ``src`` is a local copy of)."""
     cfg, params = read_any(src, esm)
-    checkpoint.save_converted(out, cfg, params, extra={"source": name or str(src)})
+    with paths.write_errors(out):  # a full disk: one line (save_converted leaves no partial folder)
+        checkpoint.save_converted(out, cfg, params, extra={"source": name or str(src)})
     t = cfg.trunk
     return (
         f"wrote {out}: ESMFold with a {cfg.esm.num_layers}-layer ESM-2 (width "
@@ -401,5 +402,6 @@ def assemble(
     )
     params = {**head_params, "esm": esm_params}
     source = f"{esm2_checkpoint} (step {step}) + {folding_head}"
-    checkpoint.save_converted(out, cfg, params, extra={"source": source})
+    with paths.write_errors(out):  # a full disk: one line (save_converted leaves no partial folder)
+        checkpoint.save_converted(out, cfg, params, extra={"source": source})
     return f"wrote {out}: ESMFold with the ESM-2 of {esm2_checkpoint} (step {step})"

@@ -147,7 +147,9 @@ def _read_csv(p: Any, rows: Rows, numeric: bool, split: str | None) -> None:
                 continue
             s = split
             if s is None:
-                s = (row.get(cols.get("set", ""), "") or "train").strip().lower()
+                # an empty cell of a set column is refused as the label FASTA's missing SET=
+                # (read_residue_fasta): it would move a test row into training unnoticed
+                s = (row.get(cols["set"]) or "").strip().lower() if "set" in cols else "train"
                 if s not in ("train", "test"):
                     rows.bad(where, f"unknown set: {s!r} (train or test)")
                     continue
@@ -199,7 +201,15 @@ def read_residue_fasta(
     """FLIP's residue-task layout; the label FASTA decides which records are used."""
     seqs = {i: s for i, _, s, _ in read_fasta_lines(fasta)}
     masks = {i: (s, n) for i, _, s, n in read_fasta_lines(mask)} if mask else {}
-    for rec_id, attrs, lab, n in read_fasta_lines(labels):
+    records = read_fasta_lines(labels)
+    # A file that marks splits must mark every record. A header without SET= used to read as
+    # train, so one test record left unmarked moved into training unnoticed (and its figures into
+    # the report). Refused like any bad row (skipped and counted with skip_invalid), not warned:
+    # a run on leaked data is not worth its compute. A file without any SET= is one training set,
+    # as a CSV without a set column (data.valid_fraction held out).
+    unmarked = sum("SET" not in attrs for _, attrs, _, _ in records)
+    marked = split is None and unmarked < len(records)
+    for rec_id, attrs, lab, n in records:
         where = f"{labels}:{n}"
         if rec_id not in seqs:
             rows.bad(where, f"unknown id: {rec_id!r} is not in {fasta}")
@@ -219,6 +229,13 @@ def read_residue_fasta(
                 continue
             m = np.frombuffer(text.encode(), np.uint8) == ord("1")
         s = split
+        if marked and "SET" not in attrs:
+            rows.bad(
+                where,
+                f"unknown set: no SET= in the header ({unmarked} of {len(records)} records have "
+                "none; the others say train or test)",
+            )
+            continue
         if s is None:
             s = attrs.get("SET", "train").lower()
             if s not in ("train", "test"):

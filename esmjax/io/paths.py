@@ -16,6 +16,20 @@ TensorStore (Orbax's array writer) at it. Failures of the store (unknown bucket,
 no credentials, server unreachable) become one ``InputError`` line naming the URL
 (``remote_errors``).
 
+No request waits forever (``configure_stores``, on a process's first bucket path, through fsspec's
+own defaults for its clients, ``fsspec.config.conf``): ``ESMJAX_STORE_TIMEOUT`` (seconds, default
+60, the per-request default of google-cloud-storage and of botocore) bounds connecting and each
+wait for the next bytes of an answer, so a server that accepts a connection and never answers
+fails the request instead of hanging it. Failed requests are retried by the clients themselves:
+gcsfs 2026.10 makes 6 attempts with 1-2, 2-3, 4-5, 8-9 and 16-17 s of back-off (fixed when gcsfs
+is imported: its retry decorator takes the class's ``retries``), each failed ``gs://`` attempt
+logged here at WARNING with the object's URL and the attempt number (gcsfs logs retries at DEBUG
+only, so a failure used to come after 36-51 s of silence); s3fs makes up to 5 attempts of
+botocore's "standard" retry mode, 3 attempts each with its own back-off. Range reads
+(``esmjax.io.ranges``, a training run's data) also have a deadline, retries included:
+``ESMJAX_STORE_DEADLINE`` (seconds, default 300). Options given to fsspec itself (``FSSPEC_GS_*``
+/ ``FSSPEC_S3_*`` variables, fsspec's config files) win over these.
+
 A dataset in a bucket is streamed (``esmjax.data.source``): only its small index files are
 downloaded (``download()``, each file whole or not at all) into the folder ``staged_path(url,
 "index")`` under the stage root (``ESMJAX_STAGE_DIR``, default ``~/.cache/esmjax/staged``), and
@@ -29,11 +43,14 @@ a bucket dataset, for the record ids in its ArrayRecord files.
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import hashlib
 import importlib
 import io
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -43,7 +60,7 @@ from typing import IO, BinaryIO
 
 from etils import epath
 
-from esmjax.errors import InputError
+from esmjax.errors import InputError, WriteFailed
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +110,8 @@ def path(p: str | os.PathLike) -> epath.Path:
         raise InputError(
             f"{p}: {name}:// paths need the {module} package: pip install 'esmjax[{extra}]'"
         ) from None
+    if not _stores_configured:
+        configure_stores()
     return epath.Path(str(p))
 
 
@@ -141,8 +160,145 @@ def remote_errors(url: str | os.PathLike) -> Iterator[None]:
     except PermissionError as e:
         msg = f"{url}: access denied, check the credentials ({_first_line(e)})"
         raise InputError(msg) from None
+    except TimeoutError as e:
+        # fsspec's FSTimeoutError: caused by the client's own timeout (the last attempt's), or by a
+        # bare TimeoutError when fsspec's deadline of the call (ESMJAX_STORE_DEADLINE) cancelled it
+        cause = e.__cause__
+        if cause is not None and type(cause) is not TimeoutError:
+            why = _first_line(cause)
+        else:
+            why = f"the call's deadline of {store_deadline():g} s passed, retries included"
+        raise InputError(
+            f"{url}: the object store did not answer in time ({why}; ESMJAX_STORE_TIMEOUT and "
+            "ESMJAX_STORE_DEADLINE set the limits)"
+        ) from None
     except Exception as e:  # noqa: BLE001 - auth, HTTP and connection errors of any client
         raise InputError(f"{url}: object store error ({_first_line(e)})") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Timeouts and retries of the object stores (module docstring)
+# --------------------------------------------------------------------------------------------------
+STORE_TIMEOUT = 60.0  # s: connecting, and each wait for more of an answer
+STORE_DEADLINE = 300.0  # s: one call of range reads, retries included
+S3_ATTEMPTS = 3  # botocore's default for its "standard" retry mode
+
+_stores_configured = False
+_fsspec_own: dict[str, dict] | None = None  # the user's options for fsspec itself, kept on top
+_attempts: dict[tuple, int] = {}  # failed attempts of each gs:// request not yet answered
+
+
+def env_seconds(name: str, default: float) -> float:
+    """The positive number of seconds in the environment variable ``name`` (``default`` when it is
+    unset or empty); anything else is one ``InputError`` line."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise InputError(f"{name}={text!r}: expected a positive number of seconds")
+    return value
+
+
+def store_deadline() -> float:
+    return env_seconds("ESMJAX_STORE_DEADLINE", STORE_DEADLINE)
+
+
+def configure_stores() -> None:
+    """Makes ``ESMJAX_STORE_TIMEOUT`` and the retry log fsspec's defaults for the ``gs://`` and
+    ``s3://`` clients it makes from now on (epath's included): for gcsfs, aiohttp's connect and
+    read timeouts as its ``requests_timeout`` (a bare number there would be aiohttp's ``total``,
+    which would cut off a large download that is still arriving) and the retry log as a trace of
+    its aiohttp session; for s3fs, botocore's ``connect_timeout``, ``read_timeout`` and
+    ``retries``. Runs on a process's first bucket path; tests call it again after changing the
+    variable, then drop the cached clients."""
+    global _stores_configured, _fsspec_own
+    import aiohttp
+    from fsspec.config import conf
+
+    if _fsspec_own is None:
+        _fsspec_own = {p: dict(conf.get(p, {})) for p in ("gs", "s3")}
+    t = env_seconds("ESMJAX_STORE_TIMEOUT", STORE_TIMEOUT)
+    ours = {
+        "gs": {
+            "requests_timeout": aiohttp.ClientTimeout(sock_connect=t, sock_read=t),
+            "session_kwargs": {"trace_configs": [_retry_log()]},
+        },
+        "s3": {
+            "config_kwargs": {
+                "connect_timeout": t,
+                "read_timeout": t,
+                "retries": {"max_attempts": S3_ATTEMPTS, "mode": "standard"},
+            }
+        },
+    }
+    for proto, options in ours.items():
+        conf[proto] = {**options, **_fsspec_own[proto]}
+    _stores_configured = True
+
+
+@functools.cache
+def _retry_log():
+    """The aiohttp trace (the session's documented hooks) that logs each failed ``gs://`` request
+    that gcsfs retries: a connection error or timeout, or an answer with a status gcsfs retries.
+    Pickled as a call of this function: gcsfs clients pickle their options."""
+    import aiohttp
+
+    class RetryLog(aiohttp.TraceConfig):
+        def __reduce__(self):
+            return _retry_log, ()
+
+    async def failed(session, ctx, params) -> None:
+        if isinstance(params.exception, Exception):  # not a cancelled call
+            _failed_attempt(params.method, params.url, params.headers, params.exception)
+
+    async def answered(session, ctx, params) -> None:
+        from gcsfs.retry import errs
+
+        if params.response.status in errs:
+            _failed_attempt(params.method, params.url, params.headers, params.response.status)
+        else:
+            _attempts.pop((params.method, str(params.url), params.headers.get("Range")), None)
+
+    trace = RetryLog()
+    trace.on_request_exception.append(failed)
+    trace.on_request_end.append(answered)
+    return trace
+
+
+def _failed_attempt(method: str, url, headers, why: BaseException | int) -> None:
+    """Logs attempt n of gcsfs's attempts at one request (counted here: gcsfs does not say)."""
+    from gcsfs import GCSFileSystem
+
+    total = GCSFileSystem.retries  # the attempts gcsfs's retry decorator was given
+    key = (method, str(url), headers.get("Range"))
+    n = _attempts[key] = _attempts.get(key, 0) + 1
+    if n >= total:
+        del _attempts[key]
+    elif len(_attempts) > 4096:  # requests that ended otherwise (an error gcsfs does not retry)
+        _attempts.clear()
+    reason = f"HTTP {why}" if isinstance(why, int) else _first_line(why)
+    then = "retrying" if n < total else "giving up"
+    log.warning(
+        "%s: %s attempt %d of %d failed (%s); %s", _object_url(url), method, n, total, reason, then
+    )
+
+
+def _object_url(url) -> str:
+    """``gs://bucket/object`` for a GCS JSON API request (``.../b/BUCKET/o/OBJECT``, the object's
+    name percent-encoded; an upload's in its ``name`` parameter, a listing's prefix in ``prefix``),
+    else the request's URL."""
+    from urllib.parse import unquote
+
+    _, sep, tail = url.raw_path.partition("/b/")
+    bucket, _, obj = tail.partition("/o")
+    if not sep or not bucket or "/" in bucket:
+        return str(url)
+    name = unquote(obj.removeprefix("/")) or url.query.get("name") or url.query.get("prefix", "")
+    return f"gs://{bucket}/{name}"
 
 
 def stage_root() -> Path:
@@ -281,20 +437,101 @@ def upload(local: Path, url: str, last: str | None = None) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# Write failures the user can fix: a full disk, a quota, a read-only or forbidden folder
+# --------------------------------------------------------------------------------------------------
+# EFBIG: a file size limit (``ulimit -f``), a quota of its own.
+_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+WRITE_ERRNOS = _FULL | {errno.EROFS, errno.EACCES}
+# Writers that raise no OSError keep the errno in their message: TensorStore (Orbax's array writer)
+# as ``[os_error_code='28']``, Rust's io::Error (safetensors) as ``(os error 28)``; ArrayRecord's
+# writer and SQLite keep only the words.
+_ERRNO_TEXT = re.compile(r"os_error_code='(\d+)'|\(os error (\d+)\)")
+_FULL_TEXT = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT), "database or disk is full")
+
+
+def write_failure(e: BaseException) -> tuple[int, str | None] | None:
+    """``(errno, file)`` when ``e``, or an exception it was raised from or while handling (torch's
+    writer raises its own error while handling the OSError), failed for one of ``WRITE_ERRNOS``;
+    ``file`` is the one an OSError names, else None. None for any other error."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno in WRITE_ERRNOS:
+            return cur.errno, (os.fsdecode(cur.filename) if cur.filename else None)
+        text = str(cur)
+        for m in _ERRNO_TEXT.finditer(text):
+            if int(m.group(1) or m.group(2)) in WRITE_ERRNOS:
+                return int(m.group(1) or m.group(2)), None
+        if any(t in text for t in _FULL_TEXT):
+            return errno.ENOSPC, None
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def write_failed(
+    target: str | os.PathLike,
+    code: int,
+    what: str = "",
+    kept: str = "nothing partial was kept",
+    then: str = "",
+) -> str:
+    """The one line of a failed write: ``target``, ``what`` was being written, the cause, what is
+    left (``kept``) and what to do (``then`` ends "... and run again")."""
+    todo = {errno.EACCES: "check the permissions", errno.EROFS: "write elsewhere"}
+    return (
+        f"{target}: {what + ' ' if what else ''}{os.strerror(code)} ({kept}; "
+        f"{todo.get(code, 'free space')} and run again{then})"
+    )
+
+
+def _outside(file: str, target: str | os.PathLike) -> bool:
+    """Whether ``file`` lies outside the folder of the output ``target`` (where its temporary
+    siblings are): another disk (``TMPDIR``), or an input that could not be read."""
+    here = os.path.dirname(os.path.abspath(os.fspath(target)))
+    return os.path.commonpath([os.path.abspath(file), here]) != here
+
+
+@contextlib.contextmanager
+def write_errors(target: str | os.PathLike, what: str = "") -> Iterator[None]:
+    """Turns a failed write of the output ``target`` (``write_failure``) into one ``WriteFailed``
+    line naming it (or the file an OSError names, where that lies elsewhere) and the cause
+    (``write_failed``); other errors pass through untouched."""
+    try:
+        yield
+    except InputError:
+        raise
+    except Exception as e:
+        found = write_failure(e)
+        if found is None:
+            raise
+        code, file = found
+        where = file if file and not is_remote(target) and _outside(file, target) else target
+        raise WriteFailed(write_failed(where, code, what)) from None
+
+
+# --------------------------------------------------------------------------------------------------
 # Outputs and inputs of the commands (embed/fold --out, export, convert, figures)
 # --------------------------------------------------------------------------------------------------
 def write_bytes(p: str | os.PathLike, data: bytes) -> None:
     """Writes the whole file ``p``: a bucket object in one upload (it appears whole or not at
-    all), a local file through a temporary sibling renamed into place (its folder created)."""
+    all), a local file through a temporary sibling renamed into place (its folder created; the
+    sibling removed again when the write fails, e.g. on a full disk: ``WriteFailed``)."""
     if is_remote(p):
         with remote_errors(p):
             path(p).write_bytes(data)
         return
     local = Path(p)
-    local.parent.mkdir(parents=True, exist_ok=True)
-    tmp = local.with_name(f".{local.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, local)
+    with write_errors(p):
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(f".{local.name}.tmp")
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, local)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
 
 
 def write_text(p: str | os.PathLike, text: str) -> None:
@@ -324,25 +561,64 @@ def output_dir(p: str | os.PathLike) -> epath.Path:
         nonempty(p)
         return path(p)
     q = path(p)
-    q.mkdir(parents=True, exist_ok=True)
+    with write_errors(p):
+        q.mkdir(parents=True, exist_ok=True)
     return q
 
 
 @contextlib.contextmanager
+def output_folder(p: str | os.PathLike) -> Iterator[epath.Path]:
+    """``output_dir(p)`` for a block that fills it with per-record files (``write_bytes``, each
+    whole or absent): a local folder this call created is removed again when the block fails
+    before anything was written into it (a full disk at the first record, a wrong step), so a
+    failed run leaves no empty output folder."""
+    created = not is_remote(p) and not os.path.lexists(p)
+    q = output_dir(p)
+    try:
+        yield q
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):  # not empty: the records written are complete
+                os.rmdir(p)
+        raise
+
+
+def _move_into_place(tmp: Path, local: Path, final: Path) -> None:
+    """Renames what a writer left in ``tmp`` next to ``final`` (one file system: no copy, no space
+    needed): siblings first, ``local`` (the output a rerun checks for) last as ``final``."""
+    for entry in sorted(tmp.iterdir(), key=lambda e: (e == local, e.name)):
+        os.replace(entry, final if entry == local else final.parent / entry.name)
+
+
+@contextlib.contextmanager
 def local_output(url: str | os.PathLike, last: str | None = None) -> Iterator[Path]:
-    """A local path for writers that need one (safetensors, ``torch.save``): ``url`` itself when
-    local. For a bucket URL, the same name in an empty temporary folder (``TMPDIR``: it takes the
-    output's size there); when the block ends without an error, it is uploaded to ``url`` by
-    ``upload`` (one object per file; in a folder ``last`` last), after any sibling the writer put
-    next to it (fair-esm's ``-contact-regression.pt``), then the temporary folder is deleted. A
-    failed block uploads nothing."""
+    """A local path for writers that need one (safetensors, ``torch.save``), in an empty temporary
+    folder; the output appears under its name only once the block ends without an error.
+
+    For a local ``url`` the folder is a hidden sibling of it (``.NAME.partial-*``, on the same
+    file system), whose entries are renamed into place (``_move_into_place``): any sibling the
+    writer put next to the output (fair-esm's ``-contact-regression.pt``) first, the output last.
+    For a bucket URL it is in ``TMPDIR`` (it takes the output's size there), and its entries are
+    uploaded by ``upload`` in the same order (one object per file; in a folder ``last`` last). A
+    failed block leaves nothing: the temporary folder is deleted, and a write the disk refused is
+    one ``WriteFailed`` line (``write_errors``)."""
     if not is_remote(url):
-        yield Path(url)
+        final = Path(url)
+        with write_errors(url):
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+            try:
+                local = tmp / final.name
+                yield local
+                _move_into_place(tmp, local, final)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         return
     dst = path(url)
     with tempfile.TemporaryDirectory(prefix="esmjax-out-") as tmp:
         local = Path(tmp) / dst.name
-        yield local
+        with write_errors(f"{url} (its local copy in {tmp})"):
+            yield local
         for entry in sorted(Path(tmp).iterdir(), key=lambda e: (e == local, e.name)):
             upload(entry, str(dst.parent / entry.name), last=last)
 
@@ -378,3 +654,19 @@ def local_input(url: str | os.PathLike, siblings: Sequence[str] = ()) -> Iterato
                 for f in files:
                     _download(f, local / f.relative_to(src).as_posix())
         yield local
+
+
+# --------------------------------------------------------------------------------------------------
+# Text inputs (issue 28 §8)
+# --------------------------------------------------------------------------------------------------
+def read_text(p: str | os.PathLike, what: str) -> str:
+    """The text of the file ``p`` (a local path or a bucket URL; call inside ``remote_errors``).
+    A file that is not UTF-8 text, such as a binary given by mistake, is one ``InputError`` line
+    naming it and ``what`` was expected, not a ``UnicodeDecodeError`` traceback."""
+    q = given(p)
+    try:
+        return q.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(
+            f"{p}: not a text file, expected {what} (byte {e.start} is not UTF-8)"
+        ) from None

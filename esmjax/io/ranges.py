@@ -3,22 +3,26 @@
 A dataset's token file (``esmjax.data.tokens``) is read a batch at a time as many small ranges (a
 record is some hundreds of bytes, and cluster sampling scatters a batch's records over the whole
 file). From a bucket, each range is an HTTP range request: ``RangeFile.read`` sends one call's
-ranges together through fsspec's ``cat_ranges`` (gcsfs and s3fs run them concurrently on their
-event loop, ``batch_size`` at a time), after ``coalesce`` has merged the ranges that touch, overlap
-or lie within ``MERGE_GAP`` bytes of each other into one request. A request costs a round trip
-(milliseconds to tens of milliseconds against a cloud bucket, time enough to transfer tens of kB),
-so reading a few unwanted bytes between two records is cheaper than asking for them separately;
-the gap is kept small so that a host still downloads about the bytes it uses.
+ranges together, concurrently on the client's event loop (gcsfs, s3fs), after ``coalesce`` has
+merged the ranges that touch, overlap or lie within ``MERGE_GAP`` bytes of each other into one
+request. A request costs a round trip (milliseconds to tens of milliseconds against a cloud
+bucket, time enough to transfer tens of kB), so reading a few unwanted bytes between two records is
+cheaper than asking for them separately; the gap is kept small so that a host still downloads
+about the bytes it uses.
 
 The filesystem comes from ``fsspec.core.url_to_fs`` (the client's own parse of the URL). It is not
 pickled: a ``RangeFile`` sent to a data worker process (spawned, pipeline.py) makes its own client
 there from the URL and the inherited environment (credentials, ``STORAGE_EMULATOR_HOST``,
 ``AWS_ENDPOINT_URL_S3``). Store failures become one ``InputError`` line naming the URL
-(``paths.remote_errors``).
+(``paths.remote_errors``). Each request has the clients' timeout and retries (``paths``), and each
+call a deadline, retries included (``ESMJAX_STORE_DEADLINE``, default 300 s: fsspec's own
+``timeout`` of a blocking call, which cancels the call's requests), so a read from a store that
+stopped answering fails instead of holding the training run forever.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from typing import Any
 
@@ -116,11 +120,39 @@ class RangeFile:
                     _settle_bucket_type(self._fs, self._key)
         return self._fs, self._key
 
+    def _deadline(self) -> dict[str, float]:
+        """The ``timeout`` of a blocking call of an async client (gcsfs, s3fs): fsspec runs the
+        call on its event loop and cancels it after that long. Local files take none."""
+        return {"timeout": paths.store_deadline()} if getattr(self._fs, "async_impl", False) else {}
+
     def size(self) -> int:
         """The file's size in bytes."""
         with paths.remote_errors(self.url):
             fs, key = self._client()
-            return int(fs.size(key))
+            return int(fs.size(key, **self._deadline()))
+
+    def _fetch(self, fs: Any, key: str, starts: list[int], ends: list[int]) -> list[bytes]:
+        """The merged ranges' bytes, one request each, all sent at once (the client's connection
+        pool bounds how many are in flight), as fsspec's ``cat_ranges`` sends them; for an async
+        client, in a task group and under the deadline, so that the deadline, or one request's
+        failure, cancels every request of the call (fsspec 2026.9's ``cat_ranges`` leaves them
+        running, and retrying, in the background)."""
+        if not getattr(fs, "async_impl", False):
+            return fs.cat_ranges([key] * len(starts), starts, ends, on_error="raise")
+        import fsspec.asyn
+
+        async def fetch() -> list[bytes]:
+            async with asyncio.TaskGroup() as group:
+                tasks = [
+                    group.create_task(fs._cat_file(key, start=a, end=z))
+                    for a, z in zip(starts, ends)
+                ]
+            return [t.result() for t in tasks]
+
+        try:
+            return fsspec.asyn.sync(fs.loop, fetch, **self._deadline())
+        except ExceptionGroup as e:  # the first failure, as cat_ranges would raise it
+            raise e.exceptions[0] from None
 
     def read(self, starts: np.ndarray, ends: np.ndarray) -> list[memoryview]:
         """The bytes ``[starts[i], ends[i])`` of the file, one buffer per range (views into the
@@ -136,7 +168,7 @@ class RangeFile:
         ms, me, owner = coalesce(starts[todo], ends[todo], self.gap)
         fs, key = self._client()
         with paths.remote_errors(self.url):
-            blobs = fs.cat_ranges([key] * len(ms), ms.tolist(), me.tolist(), on_error="raise")
+            blobs = self._fetch(fs, key, ms.tolist(), me.tolist())
         with self._lock:
             self.requests += len(ms)
             self.bytes_read += int((me - ms).sum())

@@ -195,4 +195,8 @@ def save_pt(obj: Any, path: str | Path) -> None:
             return type(x)(conv(v) for v in x)
         return x
 
-    torch.save(conv(obj), str(path))
+    # Through a Python file: torch's own file writer reports a failed write (a full disk) as
+    # "iostream error" without its errno; a Python file's OSError is kept as the context of
+    # torch's error (esmjax.io.paths.write_failure finds it there)
+    with open(path, "wb") as f:
+        torch.save(conv(obj), f)

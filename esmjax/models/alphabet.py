@@ -3,6 +3,16 @@
 Token order: ``<cls> <pad> <eos> <unk>``, the 25 residue letters and ``. -``, ``<null_1>``,
 ``<mask>``. ``<cls>`` (0) serves as BOS. Special tokens written inside a sequence (``KAL<mask>TA``)
 read as one token, and whitespace is ignored, as in fair-esm's ``Alphabet.tokenize``.
+
+Lower-case residue letters read as their upper-case tokens (``mktA`` = ``MKTA``), where the
+references give no usable answer: fair-esm 2.0.0's ``BatchConverter`` (``Alphabet.encode``) raises
+``KeyError`` (its ``tokenize`` keeps an unknown run such as ``ta`` as one piece), and HF's
+``EsmTokenizer`` (transformers 5.24) turns each run of lower-case letters into a single ``<unk>``,
+so ``MKtaYIAK`` becomes 7 tokens for 8 residues and every later position shifts (per-residue
+outputs no longer line up with the sequence). Lower case is the FASTA convention for the same
+residues (NCBI reads it as upper case; SCOPe/ASTRAL files are all lower case; soft-masked regions),
+so esmjax follows the convention, one token per residue. FASTA records are upper-cased when read
+(``esmjax.io.fasta``), and ``encode`` maps both cases, for sequences given directly.
 """
 
 from __future__ import annotations
@@ -44,7 +54,8 @@ class TokenizeError(InputError):
 def encode(seq: str) -> np.ndarray:
     """Residue string (special tokens allowed inline) -> int32 ids, without BOS/EOS.
 
-    Lower-case residue letters read as upper case; whitespace is dropped.
+    Lower-case residue letters read as upper case (the module's docstring says why: the
+    references refuse them or shift positions); whitespace is dropped.
     """
     out: list[np.ndarray] = []
     for part in _SPECIAL_RE.split(seq):

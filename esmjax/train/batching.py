@@ -14,10 +14,6 @@ class Batching:
         (``esmjax.parallel.rows.row_share``; the process count when no tensor group spans
         processes)."""
         s = cfg.data.seq_len
-        if cfg.data.tokens_per_step % s:
-            raise ConfigError(
-                f"data.tokens_per_step={cfg.data.tokens_per_step} is not a multiple of seq_len={s}"
-            )
         self.global_rows = cfg.data.tokens_per_step // s
         per_device = cfg.data.rows_per_device or max(1, self.global_rows // num_devices)
         self.micro_rows = (

@@ -63,15 +63,19 @@ class TrainCheckpointer:
         step = int(state.step)
         self.wait()
         self.pending = step
-        self.mngr.save(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardSave(state.variables),
-                opt_state=ocp.args.StandardSave(state.opt_state),
-                meta=ocp.args.JsonSave({"step": step, **meta}),
-            ),
-            force=True,
-        )
+        try:
+            self.mngr.save(
+                step,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardSave(state.variables),
+                    opt_state=ocp.args.StandardSave(state.opt_state),
+                    meta=ocp.args.JsonSave({"step": step, **meta}),
+                ),
+                force=True,
+            )
+        except Exception as e:  # a synchronous save, or its start, refused by the disk
+            self._refused(e)
+            raise
 
     def restore(self, target: TrainState) -> tuple[TrainState, dict[str, Any]] | None:
         """The latest readable step restored into ``target``'s shardings, or None when there is
@@ -87,11 +91,8 @@ class TrainCheckpointer:
             )
 
         step, restored = ckpt.restore_latest(self.mngr, None, args)
-        for newer in [s for s in self.mngr.all_steps() if s > step]:
-            # unreadable (restore_latest passed over it): the resumed run saves this step anew,
-            # and Orbax cannot write a step over an existing one
-            log.warning("deleting checkpoint step %d, which could not be read", newer)
-            self.mngr.delete(newer)
+        # the newer steps restore_latest passed over: the resumed run writes them anew
+        ckpt.set_aside(self.mngr, [s for s in self.mngr.all_steps() if s > step])
         opt_state = _fill_new_moments(restored["opt_state"], target.opt_state, step)
         state = TrainState(step=target.step, variables=restored["params"], opt_state=opt_state)
         meta = dict(restored["meta"])
@@ -115,6 +116,22 @@ class TrainCheckpointer:
                 self.mngr.wait_until_finished()
         except InputError as e:  # a bucket write failed; the save's other threads may linger
             raise StalledWrite(f"{e}; run again to resume from the last complete step") from None
+        except Exception as e:
+            self._refused(e)
+            raise
+
+    def _refused(self, e: Exception) -> None:
+        """A save the disk refused (full, a quota, read-only: ``paths.write_failure``; TensorStore
+        words it in a ValueError) as one line naming the workdir. Orbax left the step in its
+        temporary folder, which is never listed (and is replaced when the step is saved again), so
+        the last complete step is intact and the next run resumes from it. A ``StalledWrite``: the
+        CLI does not wait for the failed save's writer threads, which linger."""
+        found = paths.write_failure(e)
+        if found is not None:
+            what = f"checkpoint step {self.pending} not written:"
+            kept = "the last complete checkpoint is intact"
+            line = paths.write_failed(self.workdir, found[0], what, kept, " to resume from it")
+            raise StalledWrite(line) from None
 
     def close(self) -> None:
         self.wait()

@@ -48,14 +48,16 @@ from esmjax.inference.engine import Engine
 from esmjax.inference.task import Setup, count, merge_trees, predict, split_tree
 from esmjax.io import labeled, paths
 from esmjax.io.checkpoint import pure_dict_shardings
+from esmjax.io.lock import run_lease
 from esmjax.parallel import platform as plat
 from esmjax.parallel import sharding as shd
 from esmjax.train import metrics as tm
 from esmjax.train.checkpoints import TrainCheckpointer
 from esmjax.train.finetune_data import Encoded, Targets, train_batch
 from esmjax.train.optim import make_finetune_optimizer
-from esmjax.train.preemption import StopSignal, flag_inputs, with_stop_flag
+from esmjax.train.preemption import StopSignal, flag_inputs, read_agreed, with_stop_flag
 from esmjax.train.state import TrainState, shardings_for
+from esmjax.train.step import guarded_update
 
 log = logging.getLogger("esmjax.finetune")
 
@@ -97,6 +99,7 @@ def make_step(
     lrs: tuple[optax.Schedule, optax.Schedule],
     task: str,
     multi: bool,
+    skip_nonfinite: bool = False,
 ) -> Callable:
     """``step(state, frozen, batch) -> (state, metrics)``; batch arrays are [A, R, ...]."""
 
@@ -118,10 +121,10 @@ def make_step(
         (grads, totals), _ = jax.lax.scan(accumulate, (zeros, init), batch)
         n = jnp.maximum(totals["count"], 1.0)
         grads = jax.tree.map(lambda g: g / n, grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.variables)
-        variables = optax.apply_updates(state.variables, updates)
+        loss = totals["loss_sum"] / n
+        variables, opt_state = guarded_update(tx, grads, state, loss, skip_nonfinite)
         metrics = {
-            "loss": totals["loss_sum"] / n,
+            "loss": loss,
             "grad_norm": optax.global_norm(grads),
             "lr": lrs[0](state.step),
             "head_lr": lrs[1](state.step),
@@ -182,6 +185,13 @@ def run(
                 f"{workdir} holds a fine-tuning run with other {', '.join(diff)}; "
                 "use a new --workdir"
             )
+    with run_lease(workdir):  # one run per workdir (esmjax.io.lock)
+        return _finetune(cfg, workdir, progress, stop_after)
+
+
+def _finetune(
+    cfg: FinetuneConfig, workdir: Path, progress: bool, stop_after: int | None
+) -> dict[str, Any]:
     plat.log_startup(cfg.dtype)
     splits, skipped = labeled.load(cfg.data, cfg.task)
     targets = Targets(cfg, splits["train"])
@@ -262,7 +272,16 @@ def run(
         # step(state, frozen, batch, flags) -> (state, metrics, stop): the stop flag of every
         # process agreed inside the step (esmjax/train/preemption.py)
         step_fn = jax.jit(
-            with_stop_flag(make_step(setup.graphdef, tx, (lr_b, lr_h), cfg.task, cfg.multi_label)),
+            with_stop_flag(
+                make_step(
+                    setup.graphdef,
+                    tx,
+                    (lr_b, lr_h),
+                    cfg.task,
+                    cfg.multi_label,
+                    skip_nonfinite=cfg.nonfinite == "skip",
+                )
+            ),
             out_shardings=(shardings, None, NamedSharding(mesh, P())),
             donate_argnums=0,
         )
@@ -340,7 +359,8 @@ def run(
                 if step < cfg.num_steps:  # prepared while the step runs
                     batch, batch_tokens = next_batch(step)
                 bar.update(1)
-                preempted = bool(agreed)  # waits for this step; the same value on every process
+                # waits for this step; the same values on every process
+                preempted = read_agreed(agreed, step, cfg.nonfinite, ckptr.latest_step)
                 if step % cfg.log_every == 0 or step == cfg.num_steps:
                     m = {k: float(v) for k, v in jax.device_get(m).items()}
                     now = time.perf_counter()  # padding included; includes compilation at first

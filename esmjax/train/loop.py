@@ -33,6 +33,7 @@ from esmjax.evaluate.perplexity import NoMaskedTokens, masked_lm
 from esmjax.inference.engine import Engine
 from esmjax.io import paths
 from esmjax.io.convert import load_source_params
+from esmjax.io.lock import run_lease
 from esmjax.models.esm2 import abstract_model
 from esmjax.parallel import platform as plat
 from esmjax.parallel import sharding as shd
@@ -41,7 +42,13 @@ from esmjax.train import metrics as tm
 from esmjax.train.batching import Batching
 from esmjax.train.checkpoints import TrainCheckpointer
 from esmjax.train.optim import learning_rate, make_optimizer
-from esmjax.train.preemption import StopSignal, flag_inputs, flag_sharding, with_stop_flag
+from esmjax.train.preemption import (
+    StopSignal,
+    flag_inputs,
+    flag_sharding,
+    read_agreed,
+    with_stop_flag,
+)
 from esmjax.train.state import abstract_state, create_state, model_graphdef, state_shardings
 from esmjax.train.step import make_train_step
 
@@ -76,7 +83,8 @@ def _write_workdir_config(workdir: Path, cfg: TrainConfig) -> None:
     leaves nothing."""
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        # replaced whole (a renamed temporary sibling): a full disk keeps the old one readable
+        paths.write_text(workdir / "config.json", json.dumps(to_dict(cfg), indent=2))
 
 
 def evaluate(cfg: TrainConfig, engine: Engine, variables: Any, micro_rows: int) -> dict:
@@ -113,6 +121,11 @@ def run(
     """
     workdir = paths.path(workdir)  # a local folder or a bucket URL (gs://, s3://)
     _check_workdir_config(workdir, cfg)
+    with run_lease(workdir):  # one run per workdir (esmjax.io.lock)
+        return _train(cfg, workdir, progress, stop_after)
+
+
+def _train(cfg: TrainConfig, workdir: Path, progress: bool, stop_after: int | None) -> dict:
     plat.log_startup(cfg.model.dtype)
     plat.use_compilation_cache(cfg.compile_cache, workdir)
     peak = tm.device_peak_flops(cfg.accelerator)  # per device, for MFU; None when unknown
@@ -160,7 +173,7 @@ def run(
 
         _write_workdir_config(workdir, cfg)
         train_step = jax.jit(
-            with_stop_flag(make_train_step(graphdef, tx, lr)),
+            with_stop_flag(make_train_step(graphdef, tx, lr, cfg.nonfinite == "skip")),
             in_shardings=(shardings, batch_sharding, flag_sharding(mesh)),
             out_shardings=(shardings, None, jax.sharding.NamedSharding(mesh, P())),
             donate_argnums=0,
@@ -205,7 +218,8 @@ def run(
                 if step < cfg.num_steps:  # prepared while the step runs
                     batch, nonpad = next_batch()
                 bar.update(1)
-                preempted = bool(agreed)  # waits for this step; the same value on every process
+                # waits for this step; the same values on every process
+                preempted = read_agreed(agreed, step, cfg.nonfinite, ckptr.latest_step)
                 if step % cfg.log_every == 0 or step == cfg.num_steps:
                     m = {k: float(v) for k, v in jax.device_get(m).items()}
                     m.update(

@@ -15,6 +15,8 @@ import logging
 import math
 import os
 import shutil
+import socket
+import struct
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -175,8 +177,78 @@ class ThroughputWindow:
         return out
 
 
+def _append(path: Path, data: bytes) -> None:
+    """Appends ``data`` to ``path`` whole or not at all: a write the disk refuses (full, quota) is
+    cut off again (truncating needs no space), so no torn line is left for a resumed run to trip
+    over, and the run ends with one ``WriteFailed`` line naming the file. Unbuffered, so nothing
+    is left in a buffer for a later flush to write after the cut."""
+    with paths.write_errors(path), open(path, "ab", buffering=0) as f:
+        size = f.seek(0, os.SEEK_END)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[f.write(view) :]
+        except OSError:
+            f.truncate(size)
+            raise
+
+
+def _record(data: bytes) -> bytes:
+    """One TFRecord (the framing of TensorBoard event files): the length, its masked CRC-32C, the
+    data, its masked CRC-32C, little-endian."""
+    from tensorboardX.record_writer import masked_crc32c
+
+    head = struct.pack("<Q", len(data))
+    return (
+        head
+        + struct.pack("<I", masked_crc32c(head))
+        + data
+        + struct.pack("<I", masked_crc32c(data))
+    )
+
+
+class EventFile:
+    """TensorBoard scalars in an event file of ``folder``, appended by the caller (``_append``).
+
+    tensorboardX's ``SummaryWriter`` writes from a thread of its own and flushes again at exit: a
+    full disk kills that thread with a traceback, its queue then fills and the next scalar blocks
+    the run for good, and the exit prints another traceback. Written here, a refused write is one
+    error line like ``metrics.jsonl``'s. The file is tensorboardX's: its name, a version record,
+    and with ``purge_step`` a session start at that step, which makes TensorBoard hide the earlier
+    files' points from that step on (those of a run that crashed past its last checkpoint)."""
+
+    def __init__(self, folder: Path, purge_step: int | None = None):
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+        self._event = Event
+        with paths.write_errors(folder):
+            folder.mkdir(parents=True, exist_ok=True)
+        now = time.time()
+        self.path = folder / f"events.out.tfevents.{int(now)}.{socket.gethostname()}"
+        first = [Event(wall_time=now, file_version="brain.Event:2")]
+        if purge_step is not None:
+            start = SessionLog(status=SessionLog.START)
+            first.append(Event(wall_time=now, step=purge_step, session_log=start))
+        self._write(first)
+
+    def add(self, step: int, values: dict[str, float]) -> None:
+        from tensorboardX.summary import scalar
+
+        now = time.time()
+        self._write(
+            [self._event(wall_time=now, step=step, summary=scalar(k, v)) for k, v in values.items()]
+        )
+
+    def _write(self, events: list) -> None:
+        _append(self.path, b"".join(_record(e.SerializeToString()) for e in events))
+
+
 class MetricsWriter:
     """Appends JSON lines to ``W/metrics.jsonl`` and scalars to TensorBoard (process 0 only).
+
+    Both are written in the calling thread, each write whole or not at all (``_append``): a full
+    disk ends the run with one line naming the file, leaves the files as they were before the
+    write, and the resumed run goes on appending.
 
     With a bucket workdir (``gs://``, ``s3://``) both are written to a local folder and uploaded at
     every write (each log step and each evaluation): an object cannot be appended to, so the whole
@@ -197,21 +269,17 @@ class MetricsWriter:
             with paths.remote_errors(self.remote):
                 if (self.remote / "metrics.jsonl").exists():
                     self.path.write_text((self.remote / "metrics.jsonl").read_text())
-        if (
-            self.path.exists()
-        ):  # drop lines past the restored step: the resumed run writes them again
+        if self.path.exists():
+            # drop lines past the restored step: the resumed run writes them again (the file is
+            # replaced whole: a full disk keeps the old one)
             kept = [
                 l
                 for l in self.path.read_text().splitlines()
                 if l.strip() and json.loads(l)["step"] <= resume_step
             ]
-            self.path.write_text("".join(k + "\n" for k in kept))
+            paths.write_text(self.path, "".join(k + "\n" for k in kept))
         try:
-            from tensorboardX import SummaryWriter
-
-            self.tb = SummaryWriter(
-                str(local / "tensorboard"), purge_step=resume_step + 1 if resume_step else None
-            )
+            self.tb = EventFile(local / "tensorboard", resume_step + 1 if resume_step else None)
         except ImportError:
             self.tb = None
         self._sync()
@@ -219,8 +287,6 @@ class MetricsWriter:
     def _sync(self) -> None:
         if self.remote is None:
             return
-        if self.tb is not None:
-            self.tb.flush()
         paths.upload(self.local, str(self.remote))
 
     def write(self, step: int, values: dict[str, Any]) -> None:
@@ -230,18 +296,13 @@ class MetricsWriter:
             k: (None if isinstance(v, float) and not math.isfinite(v) else v)
             for k, v in values.items()
         }
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **clean}) + "\n")
+        _append(self.path, (json.dumps({"step": step, **clean}) + "\n").encode())
         if self.tb is not None:
-            for k, v in clean.items():
-                if isinstance(v, (int, float)) and v is not None:
-                    self.tb.add_scalar(k, v, step)
+            numbers = {k: v for k, v in clean.items() if isinstance(v, (int, float))}
+            self.tb.add(step, numbers)
         self._sync()
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
         if self.enabled and self.remote is not None:
-            self.tb = None
             self._sync()
             shutil.rmtree(self.local, ignore_errors=True)

@@ -58,6 +58,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from esmjax.errors import NonFiniteLoss
+
 log = logging.getLogger("esmjax.train")
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -118,14 +120,39 @@ def flag_inputs(mesh: Mesh) -> tuple[jax.Array, jax.Array]:
 
 def with_stop_flag(train_step: Callable) -> Callable:
     """``train_step(state, *inputs) -> (state, metrics)`` to
-    ``step(state, *inputs, flags) -> (state, metrics, stop)``: ``flags`` [D] int32 from
-    :func:`flag_inputs` (always the last argument), ``stop`` the max over every device (so over
-    every process), a scalar. Pretraining's step takes ``(state, batch)``, fine-tuning's
-    ``(state, frozen, batch)``; both loops use this one wrapper."""
+    ``step(state, *inputs, flags) -> (state, metrics, agreed)``: ``flags`` [D] int32 from
+    :func:`flag_inputs` (always the last argument); ``agreed`` [2] int32, replicated: the stop
+    flag's max over every device (so over every process), and whether the step's loss was not
+    finite. Pretraining's step takes ``(state, batch)``, fine-tuning's ``(state, frozen, batch)``;
+    both loops use this one wrapper, and read ``agreed`` after every step (:func:`read_agreed`),
+    so a NaN is caught at the step it appears, before that step is saved."""
 
     def step(state, *args):
         *inputs, flags = args
         state, metrics = train_step(state, *inputs)
-        return state, metrics, jnp.max(flags)
+        bad = (~jnp.isfinite(metrics["loss"])).astype(jnp.int32)
+        return state, metrics, jnp.stack([jnp.max(flags), bad])
 
     return step
+
+
+def read_agreed(
+    agreed: jax.Array, step: int, nonfinite: str, last_saved: Callable[[], int | None]
+) -> bool:
+    """Whether to stop after ``step`` (a signal); waits for the step. A non-finite loss raises
+    ``NonFiniteLoss`` with ``nonfinite: stop`` (before the loop saves this step, so the last
+    checkpoint stays the last good state), and is one warning line with ``skip`` (the step left
+    the parameters and the optimizer state as they were). Every process reads the same values,
+    so all of them stop, or go on, together."""
+    stop, bad = (int(v) for v in np.asarray(agreed))
+    if bad:
+        if nonfinite != "skip":
+            saved = last_saved()
+            kept = "no checkpoint yet" if saved is None else f"step {saved}"
+            raise NonFiniteLoss(
+                f"step {step}: the loss is not finite; stopped before saving it (the last "
+                f"checkpoint, {kept}, is untouched); lower optim.peak_lr, or set nonfinite: skip "
+                "to skip such steps"
+            )
+        log.warning("step %d: the loss is not finite; its update was skipped", step)
+    return bool(stop)

@@ -49,8 +49,31 @@ def mlm_sums(
     }
 
 
+NONFINITE = ("stop", "skip")
+
+
+def guarded_update(
+    tx: optax.GradientTransformation, grads: Any, state: TrainState, loss: jax.Array, skip: bool
+) -> tuple[Any, Any]:
+    """``(variables, opt_state)`` after the update of ``grads``. With ``skip``, a step whose loss
+    or gradients are not finite leaves both as they were (the ``nonfinite: skip`` of the configs,
+    levanter's and MaxText's skipping of bad steps); otherwise the loop stops before saving such a
+    step (``esmjax.train.preemption``: the flag the loop reads every step)."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.variables)
+    variables = optax.apply_updates(state.variables, updates)
+    if skip:
+        finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        variables = jax.tree.map(keep, variables, state.variables)
+        opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+    return variables, opt_state
+
+
 def make_train_step(
-    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lr: optax.Schedule
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    lr: optax.Schedule,
+    skip_nonfinite: bool = False,
 ) -> Callable:
     """``train_step(state, batch) -> (state, metrics)`` where batch arrays are [A, R, S] (A
     accumulation steps)."""
@@ -75,9 +98,8 @@ def make_train_step(
         (grads, totals), _ = jax.lax.scan(accumulate, (zeros, init_totals), batch)
         count = jnp.maximum(totals["count"], 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.variables)
-        variables = optax.apply_updates(state.variables, updates)
         loss = totals["loss_sum"] / count
+        variables, opt_state = guarded_update(tx, grads, state, loss, skip_nonfinite)
         metrics = {
             "loss": loss,
             "perplexity": jnp.exp(loss),
