@@ -110,7 +110,7 @@ TRAIN_CASES = {
         "checkpoint.keep: must be >= 1",
         True,
     ),
-    "num_steps_negative": ({"model": "tiny", "num_steps": -3}, "num_steps: must be >= 1", True),
+    "num_steps_negative": ({"model": "tiny", "num_steps": -3}, "num_steps: must be >= 0", True),
     "mask_prob": (
         {"model": "tiny", "data": {"mask_prob": 1.5}},
         "data.mask_prob: must be in (0, 1], got 1.5",

@@ -28,12 +28,13 @@ from esmjax.io import checkpoint
 from esmjax.io.lock import LOCK_FILE, WorkdirBusy, workdir_lease
 
 
-def test_damaged_and_foreign_steps_are_moved_aside_and_the_run_resumes(dataset, tmp_path):  # noqa: F811
-    """Step 4 truncated and a step 6 copied in from another model: the resumed run falls back to
-    step 2 with one short warning per step (not TensorStore's 60-line spec), moves both aside
-    (nothing deleted), and trains on, saving steps 4 and 6 anew (a save over the damaged step
-    used to hang until the checkpoint timeout). That the resumed losses equal an uninterrupted
-    run's is tests/test_train_loop.py::test_kill_and_resume_matches_uninterrupted."""
+def test_damaged_missing_and_foreign_steps_are_moved_aside(dataset, tmp_path):  # noqa: F811
+    """Step 4 truncated, a step 5 missing its optimizer state and a step 6 copied in from another
+    model: the resumed run falls back to step 2 with one short warning per step (not
+    TensorStore's 60-line spec), moves the three aside (nothing deleted), and trains on, saving
+    steps 4 and 6 anew (a save over the damaged step used to hang until the checkpoint timeout).
+    That the resumed losses equal an uninterrupted run's is
+    tests/test_train_loop.py::test_kill_and_resume_matches_uninterrupted."""
     full = write_config(tmp_path / "full.yaml", dataset, num_steps=6)
     short = write_config(tmp_path / "short.yaml", dataset, num_steps=4)
     other = write_config(tmp_path / "other.yaml", dataset, num_steps=2, model={"preset": "tiny_h3"})
@@ -44,20 +45,21 @@ def test_damaged_and_foreign_steps_are_moved_aside_and_the_run_resumes(dataset, 
     largest = max(d.iterdir(), key=lambda f: f.stat().st_size)
     largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 3])
     shutil.copytree(foreign / "checkpoints" / "2", w / "checkpoints" / "6")
+    shutil.copytree(w / "checkpoints" / "2", w / "checkpoints" / "5")  # a step missing files:
+    shutil.rmtree(w / "checkpoints" / "5" / "opt_state")
 
     r = train(["--config", str(full), "--workdir", str(w)], check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     err = r.stderr
     assert "Traceback" not in err and "'driver'" not in err, err[-3000:]
-    for step in (6, 4):
+    for step in (6, 5, 4):
         assert re.search(
             rf"checkpoint step {step} is unreadable here \(\w+: .{{0,310}}\)$", err, re.M
         )
         assert f"checkpoint step {step} could not be read; moved it aside to" in err
     assert checkpoint_steps(w) == [2, 4, 6]
-    assert (w / "checkpoints" / "4.unreadable").is_dir() and (
-        w / "checkpoints" / "6.unreadable"
-    ).is_dir()
+    for step in (4, 5, 6):
+        assert (w / "checkpoints" / f"{step}.unreadable").is_dir()
     assert sorted(losses(w)) == list(range(1, 7))
 
 

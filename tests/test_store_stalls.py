@@ -177,6 +177,7 @@ def test_data_watchdog_warns_then_stops(small_dataset, stalled, monkeypatch, cap
     }
     point_clients(monkeypatch, env)
     url = f"gs://{BUCKET}/ds"
+    before = set(threading.enumerate())  # other tests of this worker may have left theirs
     split = FolderSplit(small_dataset, "train", remote=url, check=False)
     cfg = DataConfig(train=url, seq_len=64, max_segments=4)
     it = BatchIterator(split, cfg, rows=4, process_index=0, process_count=1, seed=0, kind="train")
@@ -190,4 +191,5 @@ def test_data_watchdog_warns_then_stops(small_dataset, stalled, monkeypatch, cap
     _, took = bounded(it.close)
     assert took < 1.0, took
     # the reader left behind ends at its own deadline, its requests cancelled
-    bounded(lambda: [t.join() for t in threading.enumerate() if t.name.startswith("esmjax-data")])
+    ours = [t for t in threading.enumerate() if t not in before]
+    bounded(lambda: [t.join() for t in ours if t.name.startswith("esmjax-data")])

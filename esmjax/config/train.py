@@ -200,7 +200,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check(self, "nonfinite", self.nonfinite in ("stop", "skip"), "stop or skip")
-        check(self, "num_steps", self.num_steps >= 1, ">= 1")
+        check(self, "num_steps", self.num_steps >= 0, ">= 0 (0: evaluate the starting weights)")
         check(self, "log_every", self.log_every >= 1, ">= 1")
         check(self, "eval_every", self.eval_every >= 0, ">= 0 (0: at the end only)")
         check(self, "init_step", self.init_step >= -1, ">= -1 (-1: the latest)")

@@ -38,6 +38,17 @@ def _convert(src: Path, name: str, out: str | Path, esm: str | Path | None) -> s
         return convert_esmfold.convert_source(src, out, esm, name=name)
     if esm is not None:
         raise InputError("--esm applies to ESMFold checkpoints only")
+    if (
+        src.is_dir()
+        and (src / checkpoint.CONFIG_FILE).exists()
+        and not (src / "model.safetensors").exists()
+        and (src / checkpoint.STEPS_DIR).is_dir()
+    ):
+        # every command reads an esmjax folder as it is; export turns one into other formats
+        raise InputError(
+            f"{name} is already an esmjax checkpoint or run; convert reads fair-esm .pt files and "
+            "HF folders (esmjax export writes those)"
+        )
     cfg, params, notes = convert_esm2.read_any(src)
     for n in notes:
         log.warning("%s", n)
