@@ -19,13 +19,14 @@ import time
 import pytest
 from data_fixtures import cath_head
 from gcs_emulator import BUCKET, forget_clients
+from test_buckets import _NoBackoff  # gcsfs back-off dropped, as there
 
 from esmjax.config import DataConfig
 from esmjax.data.build import build_dataset
 from esmjax.data.pipeline import BatchIterator
 from esmjax.data.source import FolderSplit, open_split
 from esmjax.errors import InputError, StalledRead, StalledWrite
-from esmjax.io import paths
+from esmjax.io import stores
 from esmjax.io.ranges import RangeFile
 
 BOUND = 30.0  # s: far above what any call below takes now, far below "forever"
@@ -56,14 +57,14 @@ def point_clients(monkeypatch, env: dict[str, str]) -> None:
     read once per process, their instances cached); undone after the test."""
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    paths.configure_stores()
+    stores.configure_stores()
     forget_clients()
 
 
 @pytest.fixture(autouse=True)
 def _restore_clients():
     yield
-    paths.configure_stores()  # monkeypatch has restored the environment by now
+    stores.configure_stores()  # monkeypatch has restored the environment by now
     forget_clients()
 
 
@@ -89,21 +90,6 @@ def bounded(fn):
     return out["value"], took
 
 
-class _NoBackoff:
-    """``asyncio`` for gcsfs's retry loop, with sleeps of zero (as in tests/test_buckets.py)."""
-
-    def __getattr__(self, name):
-        import asyncio
-
-        return getattr(asyncio, name)
-
-    @staticmethod
-    async def sleep(delay, *args, **kwargs):
-        import asyncio
-
-        await asyncio.sleep(0)
-
-
 def test_gs_requests_time_out_and_each_retry_is_logged(stalled, monkeypatch, caplog):
     """Opening a ``gs://`` dataset: every request gives up after ESMJAX_STORE_TIMEOUT without an
     answer, gcsfs retries it (6 attempts; its back-off is dropped here, as in test_buckets.py),
@@ -115,12 +101,12 @@ def test_gs_requests_time_out_and_each_retry_is_logged(stalled, monkeypatch, cap
     point_clients(monkeypatch, {"STORAGE_EMULATOR_HOST": stalled, "ESMJAX_STORE_TIMEOUT": "0.3"})
     monkeypatch.setattr(gcsfs.retry, "asyncio", _NoBackoff())
     url = f"gs://{BUCKET}/ds"
-    with caplog.at_level(logging.WARNING, logger="esmjax.io.paths"):
+    with caplog.at_level(logging.WARNING, logger="esmjax.io.stores"):
         with pytest.raises(InputError) as e:
             bounded(lambda: open_split(url, "train"))
     assert "\n" not in str(e.value) and url in str(e.value), e.value
     assert "did not answer in time" in str(e.value), e.value
-    tries = [r.getMessage() for r in caplog.records if r.name == "esmjax.io.paths"]
+    tries = [r.getMessage() for r in caplog.records if r.name == "esmjax.io.stores"]
     want = f"{url}/esmjax_dataset.json: GET attempt 1 of 6 failed (SocketTimeoutError"
     assert tries and tries[0].startswith(want), tries
     assert tries[-1].endswith(
@@ -145,7 +131,7 @@ def test_range_read_fails_within_its_deadline(scheme, stalled, monkeypatch, capl
         )
     point_clients(monkeypatch, env)
     url = f"{scheme}://{BUCKET}/ds/train.tokens.bin"
-    with caplog.at_level(logging.WARNING, logger="esmjax.io.paths"):
+    with caplog.at_level(logging.WARNING, logger="esmjax.io.stores"):
         with pytest.raises(InputError, match="did not answer in time") as e:
             bounded(lambda: RangeFile(url).read([0, 9000], [100, 9100]))
     assert str(e.value).startswith(f"{url}: ") and "\n" not in str(e.value), e.value

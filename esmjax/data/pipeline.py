@@ -57,7 +57,7 @@ from esmjax.data.packing import Packed, assemble, pack_block
 from esmjax.data.sampling import TAG_MASK, ClusterSampler, Draws, derive_key
 from esmjax.data.source import DatasetError, Split, is_dataset_dir, open_split
 from esmjax.errors import StalledRead
-from esmjax.io.paths import env_seconds
+from esmjax.io.stores import env_seconds
 
 log = logging.getLogger(__name__)
 

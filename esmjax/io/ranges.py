@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from esmjax.errors import InputError
-from esmjax.io import paths
+from esmjax.io import paths, stores
 
 MERGE_GAP = 4096  # bytes: ranges closer than this are fetched by one request
 
@@ -123,7 +123,9 @@ class RangeFile:
     def _deadline(self) -> dict[str, float]:
         """The ``timeout`` of a blocking call of an async client (gcsfs, s3fs): fsspec runs the
         call on its event loop and cancels it after that long. Local files take none."""
-        return {"timeout": paths.store_deadline()} if getattr(self._fs, "async_impl", False) else {}
+        return (
+            {"timeout": stores.store_deadline()} if getattr(self._fs, "async_impl", False) else {}
+        )
 
     def size(self) -> int:
         """The file's size in bytes."""
