@@ -23,9 +23,7 @@ jax.config.update("jax_num_cpu_devices", 8)
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-from shared_paths import SHARED  # noqa: E402
+from support.shared_paths import SHARED  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -42,7 +40,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def cath_dir(tmp_path_factory):
     """CATH S20 built as a dataset once per session (2% held out; each record its own cluster)."""
-    from data_fixtures import built
+    from support.data_fixtures import built
 
     return built(tmp_path_factory, "cath")
 
@@ -50,9 +48,49 @@ def cath_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def scope_dir(tmp_path_factory):
     """SCOPe ASTRAL 40 clustered by family (very skewed clusters), built once per session."""
-    from data_fixtures import built
+    from support.data_fixtures import built
 
     return built(tmp_path_factory, "scope")
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory) -> Path:
+    """A tiny ESM-2 (random weights, seed 0) as a converted checkpoint folder, written once per
+    session; tests read it and write elsewhere."""
+    from flax import nnx
+
+    from esmjax.config import ESM2_PRESETS
+    from esmjax.io import checkpoint
+    from esmjax.models.esm2 import ESM2
+
+    path = tmp_path_factory.mktemp("ck") / "tiny"
+    model = ESM2(ESM2_PRESETS["tiny"], rngs=nnx.Rngs(0))
+    checkpoint.save_converted(path, model.cfg, checkpoint.params_numpy(model))
+    return path
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory, shared_data) -> Path:
+    """The first 800 records of CATH S20 as a training dataset (5% held out), built once per
+    session: the data of the training-run tests."""
+    from support.data_fixtures import cath_head
+
+    from esmjax.data.build import build_dataset
+
+    d = tmp_path_factory.mktemp("train_data")
+    build_dataset([cath_head(d / "small.fa", 800)], d / "ds", val_fraction=0.05)
+    return d / "ds"
+
+
+@pytest.fixture(scope="session")
+def files(tmp_path_factory, shared_data, ckpt) -> Path:
+    """The fine-tuning tests' inputs, written once per session: the tiny backbone (``bb``, a copy
+    of ``ckpt``) and the labelled files of ``data_fixtures.finetune_inputs``."""
+    from support.data_fixtures import finetune_inputs
+
+    d = tmp_path_factory.mktemp("finetune")
+    shutil.copytree(ckpt, d / "bb")
+    return finetune_inputs(d)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +100,7 @@ def gcs(tmp_path_factory):
     missing."""
     pytest.importorskip("gcsfs")
     pytest.importorskip("gcp_storage_emulator")
-    from gcs_emulator import running
+    from support.gcs_emulator import running
 
     with running(tmp_path_factory.mktemp("staged")) as env:
         yield env

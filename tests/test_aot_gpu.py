@@ -2,7 +2,7 @@
 this CPU machine: the Pallas Triton attention kernel must be in the compiled program (not
 interpret mode, not XLA attention) and the memory must fit an H100."""
 
-from aot_plans import gpu_env, plan, weights_gathered_in_bf16
+from support.aot_plans import gpu_env, plan, weights_gathered_in_bf16
 
 
 def _train(tmp_path, config, *extra):

@@ -3,7 +3,7 @@ programs on this CPU machine: the Mosaic splash kernel must be in the compiled t
 Pallas interpret mode, not XLA attention), the memory must fit a v5p chip, and the launchers'
 async-collective flags must reach the compiler."""
 
-from aot_plans import plan, weights_gathered_in_bf16
+from support.aot_plans import plan, weights_gathered_in_bf16
 
 
 def _train(tmp_path, config, *extra):

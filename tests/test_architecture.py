@@ -108,3 +108,13 @@ def test_the_check_can_fail():
     assert "esmjax.train.loop" in GRAPH["esmjax.commands.train"]  # a lazy import in main()
     assert home("esmjax.commands.train")[0] > home("esmjax.train.loop")[0]
     assert sum(len(v) for v in GRAPH.values()) > 100
+
+
+def test_commands_do_not_import_each_other():
+    """A command is argv -> options -> one library call: what two commands share (checks,
+    options, start-up) lives in the library, not in a module of ``esmjax.commands``."""
+    for module in sorted(m for m in MODULES if m.startswith("esmjax.commands.")):
+        siblings = sorted(
+            t for t in GRAPH[module] if t == "esmjax.commands" or t.startswith("esmjax.commands.")
+        )
+        assert not siblings, f"{module} imports {siblings}: move what they share into the library"

@@ -15,17 +15,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from reference import rel_err
+from support.reference import rel_err
 
 from esmjax.config import ESM2_PRESETS, ESM2Config, MeshConfig, from_dict
 from esmjax.errors import InputError
 from esmjax.models import alphabet as tok
-from esmjax.models import attention_kernels as ak
+from esmjax.models import attention
 from esmjax.models import layers as nn
+from esmjax.models.attention import kernels, xla
 from esmjax.models.esm2 import ESM2
 from esmjax.parallel import sharding as shd
 
-KERNELS = {"splash": ak.splash_attention, "pallas_gpu": ak.pallas_gpu_attention}
+KERNELS = {"splash": kernels.splash_attention, "pallas_gpu": kernels.pallas_gpu_attention}
 L, H, D = 64, 2, 16
 
 
@@ -55,7 +56,7 @@ def qkv(b, length=L, seed=1):
 
 
 def reference(q, k, v, seg):
-    return nn.dot_product_attention(q, k, v, nn.attention_mask(seg), return_weights=False)[0]
+    return xla.dot_product_attention(q, k, v, xla.attention_mask(seg), return_weights=False)[0]
 
 
 # 1, 2, 5 and 8 segments with trailing padding, one fully padded row, one row without padding.
@@ -131,7 +132,7 @@ def test_odd_length_is_padded_inside():
 
 def test_choose_attention(caplog):
     f32, bf16 = jnp.float32, jnp.bfloat16
-    pick = ak.choose_attention
+    pick = attention.choose_attention
     assert pick("auto", dtype=f32, head_dim=64) == pick("auto", dtype=f32, head_dim=64)
     assert pick("auto", dtype=f32, head_dim=64, backend="cpu").kernel == "xla"
     assert pick("auto", dtype=bf16, head_dim=64, backend="cpu").kernel == "xla"
@@ -139,7 +140,7 @@ def test_choose_attention(caplog):
     assert pick("auto", dtype=bf16, head_dim=64, backend="gpu").kernel == "pallas_gpu"
     assert pick("auto", dtype=f32, head_dim=64, backend="gpu").kernel == "xla"
     assert pick("auto", dtype=bf16, head_dim=64, need_weights=True, backend="tpu").kernel == "xla"
-    assert pick("splash", dtype=f32, head_dim=16, backend="tpu") == ak.AttentionPath(
+    assert pick("splash", dtype=f32, head_dim=16, backend="tpu") == attention.AttentionPath(
         "splash", False, "model.attention=splash"
     )
     assert pick("splash", dtype=f32, head_dim=16, backend="cpu").interpret
@@ -149,7 +150,7 @@ def test_choose_attention(caplog):
     with pytest.raises(InputError, match="model.attention=cudnn"):
         pick("cudnn", dtype=f32, head_dim=64, backend="cpu")
     # Logged once per distinct choice, with the kernel and the reason.
-    ak._log_once.cache_clear()
+    attention._log_once.cache_clear()
     with caplog.at_level(logging.INFO, logger="esmjax.attention"):
         for _ in range(3):
             pick("auto", dtype=bf16, head_dim=64, backend="tpu")
@@ -237,7 +238,7 @@ def _plain_attention(q, k, v, seg):
     """Softmax attention as autodiff sees it written out: masked scores replaced by the float32
     minimum, softmax over keys (a query with no allowed key gets uniform weights)."""
     s = jnp.einsum("blhd,bmhd->bhlm", q, k)
-    s = jnp.where(nn.attention_mask(seg), s, jnp.finfo(jnp.float32).min)
+    s = jnp.where(xla.attention_mask(seg), s, jnp.finfo(jnp.float32).min)
     return jnp.einsum("bhlm,bmhd->blhd", jax.nn.softmax(s, -1), v)
 
 
@@ -251,8 +252,8 @@ def test_xla_attention_matches_plain_softmax(weights):
     g = jax.random.normal(jax.random.key(4), q.shape)
 
     def ours(q, k, v, seg):
-        mask = nn.attention_mask(seg)
-        return nn.dot_product_attention(q, k, v, mask, return_weights=weights)[0]
+        mask = xla.attention_mask(seg)
+        return xla.dot_product_attention(q, k, v, mask, return_weights=weights)[0]
 
     def grads(fn):
         return jax.jit(jax.grad(lambda q, k, v: jnp.vdot(fn(q, k, v, seg), g), argnums=(0, 1, 2)))
@@ -275,7 +276,7 @@ def test_long_rows_run_in_query_blocks_and_match_plain_softmax():
     g = jax.random.normal(jax.random.key(6), q.shape)
 
     def ours(q, k, v, seg):
-        return nn.dot_product_attention(q, k, v, nn.attention_mask(seg), return_weights=False)[0]
+        return xla.dot_product_attention(q, k, v, xla.attention_mask(seg), return_weights=False)[0]
 
     def grads(fn):
         return jax.jit(jax.grad(lambda q, k, v: jnp.vdot(fn(q, k, v, seg), g), argnums=(0, 1, 2)))

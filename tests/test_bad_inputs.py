@@ -47,11 +47,10 @@ def _garble(step: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory, shared_data):
+def ws(tmp_path_factory, shared_data, ckpt):
     d = tmp_path_factory.mktemp("bad_inputs")
     tiny = ESM2_PRESETS["tiny"]
-    model = ESM2(tiny, rngs=nnx.Rngs(1))
-    checkpoint.save_converted(d / "tiny", tiny, checkpoint.params_numpy(model))
+    shutil.copytree(ckpt, d / "tiny")
     shutil.copytree(d / "tiny", d / "dmg")  # step 30: committed, its arrays garbled
     shutil.copytree(d / "tiny" / "checkpoints" / "0", d / "dmg" / "checkpoints" / "30")
     _garble(d / "dmg" / "checkpoints" / "30")
@@ -135,7 +134,7 @@ def unwritable() -> str:
 
 
 def _s(name: str) -> str:
-    from shared_paths import SHARED
+    from support.shared_paths import SHARED
 
     return str(SHARED / "structures" / "biotite" / name)
 

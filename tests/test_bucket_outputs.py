@@ -1,8 +1,8 @@
 """Outputs written to a bucket and inputs read from one, in process, against the GCS emulator
-(tests/gcs_emulator.py): ``embed --out``, ``export`` (hf, fair-esm), ``convert`` input and ``plot``.
-Each result is read back from the bucket with a fresh gcsfs client and compared with the same
-command's local output. ``fold --out`` is tested in tests/test_esmfold_fold.py, a fine-tuning run's
-exports (hf, peft, fair-esm) in tests/test_finetune.py: both reuse their module's model."""
+(tests/support/gcs_emulator.py): ``embed --out``, ``export`` (hf, fair-esm), ``convert`` input and
+``plot``. Each result is read back from the bucket with a fresh gcsfs client and compared with the
+same command's local output. ``fold --out`` is tested in tests/test_esmfold_fold.py, a fine-tuning
+run's exports (hf, peft, fair-esm) in tests/test_finetune.py: both reuse their module's model."""
 
 import io
 import json
@@ -10,20 +10,10 @@ import json
 import numpy as np
 import pytest
 from flax import nnx
-from gcs_emulator import BUCKET
+from support.gcs_emulator import BUCKET
 
 from esmjax.cli import main as cli
-from esmjax.config import ESM2_PRESETS
 from esmjax.io import checkpoint
-from esmjax.models.esm2 import ESM2
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ck") / "tiny"
-    model = ESM2(ESM2_PRESETS["tiny"], rngs=nnx.Rngs(0))
-    checkpoint.save_converted(d, model.cfg, checkpoint.params_numpy(model))
-    return d
 
 
 def bucket_files(url: str) -> dict[str, bytes]:

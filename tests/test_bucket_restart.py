@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from data_fixtures import cath_head
-from gcs_emulator import BUCKET, committed_steps, emulator_env, free_port, start_emulator
+from support.data_fixtures import cath_head
+from support.gcs_emulator import BUCKET, committed_steps, emulator_env, free_port, start_emulator
 
 ROOT = Path(__file__).resolve().parents[1]
 

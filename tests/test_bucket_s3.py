@@ -7,7 +7,7 @@ import io
 
 import numpy as np
 import pytest
-from data_fixtures import cath_head
+from support.data_fixtures import cath_head
 
 from esmjax.cli import main as cli
 from esmjax.data.source import open_split
@@ -47,15 +47,10 @@ def s3(tmp_path_factory):
         moto.stop()
 
 
-def test_s3_data_build_inspect_and_embed(s3, tmp_path, shared_data, capsys):
+def test_s3_data_build_inspect_and_embed(s3, ckpt, tmp_path, shared_data, capsys):
     """``data build --out s3://``, ``data inspect s3://`` (staged), ``embed --fasta s3:// --out
     s3://``, and an unknown bucket as one line."""
     import s3fs
-    from flax import nnx
-
-    from esmjax.config import ESM2_PRESETS
-    from esmjax.io import checkpoint
-    from esmjax.models.esm2 import ESM2
 
     fasta = tmp_path / "small.fa"
     cath_head(fasta, 100)
@@ -77,11 +72,8 @@ def test_s3_data_build_inspect_and_embed(s3, tmp_path, shared_data, capsys):
         np.testing.assert_array_equal(a, b)
     assert split.token_file().requests >= 1
 
-    ck = tmp_path / "ck"
-    model = ESM2(ESM2_PRESETS["tiny"], rngs=nnx.Rngs(0))
-    checkpoint.save_converted(ck, model.cfg, checkpoint.params_numpy(model))
     fs.pipe_file(f"{BUCKET}/q.fa", b">q1\nMKTAYIAKQR\n")
-    args = ["embed", "--checkpoint", str(ck), "--no-progress"]
+    args = ["embed", "--checkpoint", str(ckpt), "--no-progress"]
     assert cli([*args, "--fasta", f"s3://{BUCKET}/q.fa", "--out", f"s3://{BUCKET}/emb"]) == 0
     got = np.load(io.BytesIO(fs.cat_file(f"{BUCKET}/emb/q1.npz")))
     assert got["mean_2"].shape == (32,)

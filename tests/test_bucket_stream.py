@@ -1,23 +1,23 @@
-"""A dataset in a bucket is streamed, not copied: against the GCS emulator (tests/gcs_emulator.py),
-in process. The training and evaluation batches equal those of the same folder on local disk, the
-stage root holds only the split's index files (no token or ArrayRecord file), a pickled split (what
-a data worker process receives) reads the same records, and a dataset built before token files
-existed is still staged whole, with a warning."""
+"""A dataset in a bucket is streamed, not copied: against the GCS emulator
+(tests/support/gcs_emulator.py), in process. The training and evaluation batches equal those of the
+same folder on local disk, the stage root holds only the split's index files (no token or
+ArrayRecord file), a pickled split (what a data worker process receives) reads the same records,
+and a dataset built before token files existed is refused in one line."""
 
 import json
-import logging
 import pickle
 import shutil
 
 import numpy as np
 import pytest
-from gcs_emulator import BUCKET, running
+from support.gcs_emulator import BUCKET, running
 
 from esmjax.config import DataConfig
 from esmjax.data.pipeline import BATCH_KEYS, eval_batches, train_batches
 from esmjax.data.source import META_FILE, open_split
 from esmjax.errors import InputError
 from esmjax.io import paths
+from esmjax.io.stage import staged_path
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_bucket_dataset_streams_the_same_batches(gcs, cath_dir):
     assert reader.bytes_read < split.tokens_bytes // 4  # its rows only, not the dataset
 
     # the stage root: the train split's index files and the metadata, nothing else
-    index = paths.staged_path(url, "index")
+    index = staged_path(url, "index")
     files = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())
     names = [META_FILE, "train.lengths.npy", "train.offsets.npy"]
     assert files == sorted(f"{index.name}/{n}" for n in names)
@@ -94,10 +94,9 @@ def test_worker_process_streams(gcs, cath_dir):
     assert_same(got, want)
 
 
-def test_dataset_without_token_files_is_staged(gcs, cath_dir, tmp_path, caplog):
-    """A folder built before token files existed: read from ArrayRecord, staged whole from a bucket
-    with a warning that suggests rebuilding; the same batches."""
-    stage, _ = gcs
+def test_dataset_without_token_files_is_refused(gcs, cath_dir, tmp_path):
+    """A folder built before token files existed: one line that says to rebuild it, local or in a
+    bucket, before anything is staged."""
     old = tmp_path / "old"
     shutil.copytree(cath_dir, old)
     meta = json.loads((old / META_FILE).read_text())
@@ -107,12 +106,7 @@ def test_dataset_without_token_files_is_staged(gcs, cath_dir, tmp_path, caplog):
     (old / META_FILE).write_text(json.dumps(meta))
     url = f"gs://{BUCKET}/stream/old"
     paths.upload(old, url, last=META_FILE)
-    want, _ = batches(DataConfig(train=str(cath_dir), seq_len=128, max_segments=8), 2)
-    local, split = batches(DataConfig(train=str(old), seq_len=128, max_segments=8), 2)
-    assert split.tokens_bytes is None
-    assert_same(local, want)
-    with caplog.at_level(logging.WARNING, logger="esmjax.data.source"):
-        got, split = batches(DataConfig(train=url, seq_len=128, max_segments=8), 2)
-    assert "Rebuild it with `esmjax data build`" in caplog.text
-    assert split.remote is None and (paths.staged_path(url) / "train.lengths.npy").is_file()
-    assert_same(got, want)
+    for where in (str(old), url):
+        with pytest.raises(InputError, match=r"train\.tokens\.bin .*rebuild it with `esmjax data"):
+            open_split(where, "train")
+    assert not staged_path(url).exists() and not staged_path(url, "index").exists()

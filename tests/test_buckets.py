@@ -1,10 +1,10 @@
 """Bucket paths (``gs://``) end to end against a real GCS API server on 127.0.0.1.
 
-The server is ``gcp-storage-emulator`` (in memory; tests/gcs_emulator.py), started by a fixture and
-stopped after. gcsfs (behind ``etils.epath``) finds it through ``STORAGE_EMULATOR_HOST``;
-TensorStore, Orbax's array writer, through ``TENSORSTORE_GCS_HTTP_URL``, with
-``GOOGLE_AUTH_TOKEN_FOR_TESTING`` as its token (the emulator checks none). Every esmjax command runs
-as a subprocess, as a user would run it.
+The server is ``gcp-storage-emulator`` (in memory; tests/support/gcs_emulator.py), started by a
+fixture and stopped after. gcsfs (behind ``etils.epath``) finds it through
+``STORAGE_EMULATOR_HOST``; TensorStore, Orbax's array writer, through ``TENSORSTORE_GCS_HTTP_URL``,
+with ``GOOGLE_AUTH_TOKEN_FOR_TESTING`` as its token (the emulator checks none). The commands run in
+process, but for the 2-process training run (killed with SIGKILL) and a Python without gcsfs.
 """
 
 import json
@@ -16,9 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
-from data_fixtures import cath_head
-from gcs_emulator import (
+from support.data_fixtures import cath_head
+from support.gcs_emulator import (
     BUCKET,
+    NoBackoff,
     committed_steps,
     emulator_env,
     forget_clients,
@@ -27,20 +28,6 @@ from gcs_emulator import (
 
 ROOT = Path(__file__).resolve().parents[1]
 ESMJAX = [sys.executable, "-m", "esmjax.cli"]
-
-
-def run(args, devices=1, processes=1, check=True, extra_env=None, **kw):
-    cmd = ESMJAX + list(args)
-    if processes > 1:
-        cmd = [str(ROOT / "launch" / "local.sh"), str(processes), str(devices), *cmd]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices))
-    env["ESMJAX_LOG"] = "WARNING"
-    env.pop("XLA_FLAGS", None)
-    env.update(extra_env or {})
-    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600, **kw)
-    if check:
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
 
 
 def losses(text: str) -> dict[int, float]:
@@ -144,21 +131,6 @@ def test_bucket_end_to_end(gcs, fasta, tmp_path, capsys):
     assert (hf / "model.safetensors").is_file()
 
 
-class _NoBackoff:
-    """``asyncio`` for gcsfs's retry loop, with sleeps of zero."""
-
-    def __getattr__(self, name):
-        import asyncio
-
-        return getattr(asyncio, name)
-
-    @staticmethod
-    async def sleep(delay, *args, **kwargs):
-        import asyncio
-
-        await asyncio.sleep(0)
-
-
 def test_missing_bucket_object_and_server(gcs, capsys, monkeypatch):
     """An unknown bucket, a URL with no object and an unreachable server: one line each, exit 2
     (in process: the command's return code and its stderr)."""
@@ -180,7 +152,7 @@ def test_missing_bucket_object_and_server(gcs, capsys, monkeypatch):
     # user would wait); the test keeps the retries and drops the waits
     import gcsfs.retry
 
-    monkeypatch.setattr(gcsfs.retry, "asyncio", _NoBackoff())
+    monkeypatch.setattr(gcsfs.retry, "asyncio", NoBackoff())
     forget_clients()  # the cached clients know the live server
     try:
         fails(["data", "inspect", f"gs://{BUCKET}/ds"], f"gs://{BUCKET}/ds")

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from reference import fair_esm_model, hf_model, rel_err
+from support.reference import fair_esm_model, hf_model, rel_err
 
 from esmjax.cli import main as cli
 from esmjax.config import esm2_from_shape

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_fixtures import ROOT, SCOPE_FASTA, built, scope_family_tsv
+from support.data_fixtures import ROOT, SCOPE_FASTA, built, scope_family_tsv
 
 from esmjax import cli
 from esmjax.config import DataConfig

@@ -6,8 +6,8 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from data_fixtures import CATH_FASTA, built
 from flax import nnx
+from support.data_fixtures import CATH_FASTA, built
 
 from esmjax.config import DataConfig, esm2_preset
 from esmjax.data.packing import assemble, best_fit_decreasing
@@ -156,7 +156,7 @@ def test_cropped_segment_matches_fair_esm_on_the_crop_alone(tmp_path):
     positions gives fair-esm ``ESM2``'s logits for that token row alone: positions start at 0 and
     token dropout counts the window's own tokens."""
     import torch
-    from reference import fair_esm_model, rel_err, to_esmjax
+    from support.reference import fair_esm_model, rel_err, to_esmjax
 
     from esmjax.config import esm2_from_shape
 

@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from data_fixtures import CATH_FASTA
+from support.data_fixtures import CATH_FASTA
 
 from esmjax.config import DataConfig
 from esmjax.data.masking import maskable

@@ -8,21 +8,13 @@ import pytest
 from flax import nnx
 
 from esmjax.cli import main as cli
-from esmjax.config import ESM2_PRESETS, MeshConfig, esm2_from_shape
+from esmjax.config import MeshConfig, esm2_from_shape
 from esmjax.inference.embed import embed_records, make_batches, parse_layers
 from esmjax.inference.engine import Engine, length_buckets
 from esmjax.io import checkpoint
 from esmjax.io.fasta import Record
 from esmjax.models.esm2 import ESM2
 from esmjax.parallel import sharding as shd
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ck") / "tiny"
-    model = ESM2(ESM2_PRESETS["tiny"], rngs=nnx.Rngs(0))
-    checkpoint.save_converted(d, model.cfg, checkpoint.params_numpy(model))
-    return d
 
 
 def test_buckets():

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from reference import fair_esm_model, hf_model, rel_err, to_esmjax
+from support.reference import fair_esm_model, hf_model, rel_err, to_esmjax
 
 from esmjax.config import esm2_from_shape
 from esmjax.models import alphabet as tok

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from reference import rel_err
+from support.reference import rel_err
 
 from esmjax.config import ESM2_PRESETS, MeshConfig
 from esmjax.models import alphabet as tok

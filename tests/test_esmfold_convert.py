@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from esmfold_reference import converted, hf_model, numpy_state_dict
+from support.esmfold_reference import converted, hf_model, numpy_state_dict
 
 from esmjax import cli
 from esmjax.io import checkpoint

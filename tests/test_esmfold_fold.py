@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from esmfold_reference import converted, hf_model, rel_err
+from support.esmfold_reference import converted, hf_model, rel_err
 
 from esmjax import cli
 from esmjax.errors import InputError
@@ -58,11 +58,11 @@ def test_batched_equals_one_at_a_time(folded, tmp_path):
 
 
 def test_fold_out_in_a_bucket(folded, tmp_path):
-    """``fold --out gs://...`` (the GCS emulator, tests/gcs_emulator.py): the same files, byte for
-    byte, as the local output (the shapes are compiled already)."""
+    """``fold --out gs://...`` (the GCS emulator, tests/support/gcs_emulator.py): the same files,
+    byte for byte, as the local output (the shapes are compiled already)."""
     pytest.importorskip("gcsfs")
     pytest.importorskip("gcp_storage_emulator")
-    from gcs_emulator import BUCKET, running
+    from support.gcs_emulator import BUCKET, running
 
     folder, out, _ = folded
     with running(tmp_path / "staged"):

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from esmfold_reference import converted, hf_model, load_module, rel_err
 from flax import nnx
+from support.esmfold_reference import converted, hf_model, load_module, rel_err
 
 from esmjax.models.esmfold.config import StructureModuleConfig, TrunkConfig
 from esmjax.models.esmfold.model import AF2_TO_ESM, lm_tokens

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from esmfold_reference import converted, hf_model, rel_err
+from support.esmfold_reference import converted, hf_model, rel_err
 
 from esmjax.models.geometry import residue_constants as rc
 

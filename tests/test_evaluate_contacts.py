@@ -209,6 +209,8 @@ def test_l1_logistic_regression_optimality():
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
+    """Its own tiny model (seed 1), not the session's: fitted on 1AKI, its head must beat the
+    random one, and with the session model's weights the L1 penalty zeroes every weight."""
     d = tmp_path_factory.mktemp("ct") / "tiny"
     model = ESM2(ESM2_PRESETS["tiny"], rngs=nnx.Rngs(1))
     checkpoint.save_converted(d, model.cfg, checkpoint.params_numpy(model))
@@ -278,7 +280,7 @@ def test_cli_fit_and_evaluate(ckpt, engine8, shared_data, tmp_path, capsys, capl
     assert (out / "contacts_1aki_A.png").stat().st_size > 10_000
     # The fitted head is in the saved checkpoint, which load_model restores with its provenance.
     fitted, step = checkpoint.load_model(save)
-    cfg = checkpoint.read_config(save)
+    cfg = checkpoint.open(save).config
     assert (
         step == 0
         and cfg["source"]["checkpoint"] == str(ckpt.absolute())

@@ -246,6 +246,29 @@ def test_bad_checkpoints(trained, tmp_path, capsys):
     assert "not an esmjax checkpoint folder" in capsys.readouterr().err
 
 
+def test_perplexity_reads_config_json_once(trained, tmp_path, monkeypatch, capsys):
+    """One `evaluate perplexity` opens its checkpoint once: its config.json is read a single time
+    (on a bucket, each read is a request), whoever needs it (the job, the mesh, the restore, the
+    report)."""
+    from etils import epath
+
+    reads = []
+    for cls in (Path, type(epath.Path(str(trained)))):
+
+        def counted(self, mode="r", *args, _open=cls.open, **kwargs):
+            if self.name == "config.json" and "r" in mode:
+                reads.append(str(self))
+            return _open(self, mode, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "open", counted)
+    fa = tmp_path / "x.fa"
+    fa.write_text(">a\nMKTAYIAKQR\n>b\nMSIQHFRVALIPFFAAF\n")
+    argv = ["evaluate", "perplexity", "--checkpoint", str(trained), "--data", str(fa)]
+    assert cli([*argv, "--out", str(tmp_path / "r"), "--no-progress"]) == 0
+    assert (tmp_path / "r" / "perplexity.json").is_file()
+    assert reads == [str(trained / "config.json")], reads
+
+
 def test_plot_training_curves(tmp_path, capsys):
     w = tmp_path / "run"
     w.mkdir()

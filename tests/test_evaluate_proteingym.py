@@ -12,17 +12,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from esmjax.cli import main as cli
-from esmjax.config import ESM2_PRESETS, MeshConfig
+from esmjax.config import MeshConfig
 from esmjax.evaluate import fitness_metrics as fm
 from esmjax.evaluate import proteingym as pg
 from esmjax.evaluate import variants as vr
 from esmjax.inference.engine import Engine
 from esmjax.io import checkpoint
 from esmjax.models.alphabet import BOS, EOS, MASK, TOKEN_TO_ID, encode
-from esmjax.models.esm2 import ESM2
 from esmjax.parallel import sharding as shd
 
 
@@ -118,14 +116,6 @@ def test_optimal_window():
 
 
 # --------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pg") / "tiny"
-    model = ESM2(ESM2_PRESETS["tiny"], rngs=nnx.Rngs(3))
-    checkpoint.save_converted(d, model.cfg, checkpoint.params_numpy(model))
-    return d
-
-
 @pytest.fixture(scope="module")
 def tem1(shared_data):
     return vr.read_dms(shared_data / "esm_examples" / "P62593.fasta")
@@ -243,14 +233,14 @@ def pg_folder(tem1, tmp_path_factory):
     return d
 
 
-def _run(ckpt, folder, out, *extra):
+def pg_run(ckpt, folder, out, *extra):
     args = ["evaluate", "proteingym", "--checkpoint", str(ckpt), "--folder", str(folder)]
     return cli([*args, "--out", str(out), "--no-progress", *extra])
 
 
 def test_command_end_to_end_and_resume(ckpt, pg_folder, tmp_path, capsys):
     out = tmp_path / "rep"
-    assert _run(ckpt, pg_folder, out, "--plot", "--window", "100") == 0
+    assert pg_run(ckpt, pg_folder, out, "--plot", "--window", "100") == 0
     text = capsys.readouterr().out
     assert "BLAT_ECOLX_Synthetic" in text and "mean" in text
     rep = json.loads((out / "proteingym.json").read_text())
@@ -276,12 +266,12 @@ def test_command_end_to_end_and_resume(ckpt, pg_folder, tmp_path, capsys):
     lines = (out / "proteingym_assays.csv").read_text().splitlines()
     assert len(lines) == 3 and lines[0].startswith("DMS_id,UniProt_ID,selection_type")
     # Second run: every assay from the cache, same numbers; another method is not taken from it.
-    assert _run(ckpt, pg_folder, out, "--window", "100") == 0
+    assert pg_run(ckpt, pg_folder, out, "--window", "100") == 0
     rep2 = json.loads((out / "proteingym.json").read_text())
     assert rep2["results"]["resumed_assays"] == 2
     assert rep2["results"]["summary"] == rep["results"]["summary"]
     assert (
-        _run(ckpt, pg_folder, out, "--assays", "SHORT_Synthetic", "--method", "wt-marginals") == 0
+        pg_run(ckpt, pg_folder, out, "--assays", "SHORT_Synthetic", "--method", "wt-marginals") == 0
     )
     rep3 = json.loads((out / "proteingym.json").read_text())["results"]
     assert rep3["resumed_assays"] == 0 and rep3["assays"] == 1
@@ -295,11 +285,11 @@ def test_bad_input(ckpt, pg_folder, tmp_path, capsys):
     ref = (d / "DMS_substitutions.csv").read_text()
     # an assay file that is not there
     (d / "DMS_substitutions.csv").write_text(ref.replace("SHORT_Synthetic.csv", "GONE.csv"))
-    assert _run(ckpt, d, tmp_path / "o") == 2
+    assert pg_run(ckpt, d, tmp_path / "o") == 2
     assert "assay SHORT_Synthetic: no such file" in capsys.readouterr().err
     (d / "DMS_substitutions.csv").write_text(ref)
     # an unknown assay id
-    assert _run(ckpt, d, tmp_path / "o", "--assays", "NOPE") == 2
+    assert pg_run(ckpt, d, tmp_path / "o", "--assays", "NOPE") == 2
     assert "--assays: NOPE not in" in capsys.readouterr().err
     # a mutant that does not match target_seq (row 3 of the file), then skipped and counted
     lines = (d / "SHORT_Synthetic.csv").read_text().splitlines()
@@ -307,13 +297,13 @@ def test_bad_input(ckpt, pg_folder, tmp_path, capsys):
     wrong = ("W" if name[0] != "W" else "A") + name[1:]
     lines[2] = lines[2].replace(name, wrong, 1)
     (d / "SHORT_Synthetic.csv").write_text("\n".join(lines) + "\n")
-    assert _run(ckpt, d, tmp_path / "o", "--assays", "SHORT_Synthetic") == 2
+    assert pg_run(ckpt, d, tmp_path / "o", "--assays", "SHORT_Synthetic") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"SHORT_Synthetic.csv:3: mutant {wrong}: wild-type residue" in err[0]
-    assert _run(ckpt, d, tmp_path / "o", "--assays", "SHORT_Synthetic", "--skip-invalid") == 0
+    assert pg_run(ckpt, d, tmp_path / "o", "--assays", "SHORT_Synthetic", "--skip-invalid") == 0
     res = json.loads((tmp_path / "o" / "proteingym.json").read_text())["results"]
     assert res["skipped"] == {"wild-type mismatch": 1} and res["variants"] == 26
     # a missing column
     (d / "SHORT_Synthetic.csv").write_text("variant,DMS_score\nM1A,0.5\n")
-    assert _run(ckpt, d, tmp_path / "o2", "--assays", "SHORT_Synthetic") == 2
+    assert pg_run(ckpt, d, tmp_path / "o2", "--assays", "SHORT_Synthetic") == 2
     assert "lacks column(s) mutant" in capsys.readouterr().err

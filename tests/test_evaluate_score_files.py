@@ -8,13 +8,13 @@ import json
 import shutil
 
 import numpy as np
-from test_evaluate_proteingym import _run, ckpt, pg_folder, tem1  # noqa: F401  (fixtures)
+from test_evaluate_proteingym import pg_folder, pg_run, tem1  # noqa: F401  (fixtures)
 from test_evaluate_variants import dms_path, slice_file  # noqa: F401  (fixtures)
 
 from esmjax.cli import main as cli
 from esmjax.evaluate import fitness_metrics as fm
+from esmjax.evaluate import jobs as ev_jobs
 from esmjax.evaluate import proteingym as pg
-from esmjax.evaluate import run as ev_run
 from esmjax.evaluate import variants as vr
 
 
@@ -34,7 +34,7 @@ def _recording(monkeypatch, module, name):
 def test_proteingym_score_files_round_trip(ckpt, pg_folder, tmp_path, monkeypatch):  # noqa: F811
     kept = _recording(monkeypatch, pg, "score_assay")
     out = tmp_path / "rep"
-    assert _run(ckpt, pg_folder, out, "--window", "100") == 0
+    assert pg_run(ckpt, pg_folder, out, "--window", "100") == 0
     per = json.loads((out / "proteingym.json").read_text())["results"]["per_assay"]
     assert [r["dms_id"] for r in per] == ["BLAT_ECOLX_Synthetic", "SHORT_Synthetic"]
     for row, scores in zip(per, kept):
@@ -75,7 +75,7 @@ def test_proteingym_checks_every_assay_before_the_restore(
     def no_restore(opts):
         raise AssertionError("the checkpoint was restored before the assays were checked")
 
-    monkeypatch.setattr(ev_run, "restore", no_restore)
+    monkeypatch.setattr(ev_jobs, "restore", no_restore)
     d = tmp_path / "pg"
     shutil.copytree(pg_folder, d)
     lines = (d / "SHORT_Synthetic.csv").read_text().splitlines()
@@ -84,13 +84,13 @@ def test_proteingym_checks_every_assay_before_the_restore(
     lines[2] = lines[2].replace(name, wrong, 1)
     (d / "SHORT_Synthetic.csv").write_text("\n".join(lines) + "\n")
     out = tmp_path / "o"
-    assert _run(ckpt, d, out) == 2
+    assert pg_run(ckpt, d, out) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"SHORT_Synthetic.csv:3: mutant {wrong}: wild-type residue" in err[0]
     assert not out.exists()
     # a later assay without its score column: the same, one line before the restore
     (d / "SHORT_Synthetic.csv").write_text("mutant,score\nM1A,0.5\n")
-    assert _run(ckpt, d, out) == 2
+    assert pg_run(ckpt, d, out) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "SHORT_Synthetic.csv:1: header" in err[0] and "DMS_score" in err[0]
     assert not out.exists()

@@ -6,21 +6,9 @@ import shutil
 
 import numpy as np
 import pytest
-from flax import nnx
 
 from esmjax.cli import main as cli
-from esmjax.config import ESM2_PRESETS
-from esmjax.evaluate import suite as st
-from esmjax.io import checkpoint
-from esmjax.models.esm2 import ESM2
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    d = tmp_path_factory.mktemp("suite") / "tiny"
-    model = ESM2(ESM2_PRESETS["tiny"], rngs=nnx.Rngs(4))
-    checkpoint.save_converted(d, model.cfg, checkpoint.params_numpy(model))
-    return d
+from esmjax.evaluate import options as op
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +93,16 @@ def test_suite_errors(ckpt, suite_dir, tmp_path, capsys):
     assert rc == 0 and "skipped structures: folding needs an ESMFold checkpoint" in cap.out
     assert cli(["evaluate", "compare", str(tmp_path / "nothing")]) == 2
     assert "no summary.json" in capsys.readouterr().err
-    assert st.to_argv({"a_b": [1, 2], "c": True, "d": False, "e": "x"}) == [
+    # values in the command line's words, each naming its section
+    rc, cap = run("proteingym: {folder: scan.fasta, method: best}\n")
+    assert rc == 2 and "proteingym: argument --method: invalid choice: 'best'" in cap.err
+    rc, cap = run("perplexity: {rows: many}\n")
+    assert rc == 2 and "perplexity: argument --rows: invalid int value: 'many'" in cap.err
+    rc, cap = run("contacts: {structures: []}\n")
+    assert rc == 2 and "contacts: argument --structures: expected at least one" in cap.err
+    rc, cap = run("variants: {dms: [a, b]}\n")
+    assert rc == 2 and "variants: argument --dms: expected one argument" in cap.err
+    assert op.flags({"a_b": [1, 2], "c": True, "d": False, "e": "x"}) == [
         "--a-b",
         "1",
         "2",
@@ -120,7 +117,7 @@ def test_esmfold_card_folds_and_scores(shared_data, tmp_path, capsys):
     """An ESMFold checkpoint (random weights, HF folder -> esmjax convert): the suite folds the
     FASTA, scores the folds against the references, and skips the language-model evaluations."""
     pytest.importorskip("transformers")
-    from esmfold_reference import hf_model
+    from support.esmfold_reference import hf_model
 
     hf_model("cli", 3, round_inv_freq=False).save_pretrained(tmp_path / "hf")
     assert cli(["convert", str(tmp_path / "hf"), str(tmp_path / "fold_ckpt")]) == 0

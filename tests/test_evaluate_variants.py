@@ -8,15 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from esmjax.cli import main as cli
-from esmjax.config import ESM2_PRESETS, MeshConfig
+from esmjax.config import MeshConfig
 from esmjax.evaluate import variants as vr
 from esmjax.inference.engine import Engine
 from esmjax.io import checkpoint
 from esmjax.models.alphabet import BOS, EOS, MASK, TOKEN_TO_ID, encode
-from esmjax.models.esm2 import ESM2
 from esmjax.parallel import sharding as shd
 
 N_SLICE = 60
@@ -36,14 +34,6 @@ def slice_file(dms_path, tmp_path_factory):
     p = tmp_path_factory.mktemp("dms") / "slice.fasta"
     p.write_text("\n".join(picked) + "\n")
     return p
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    d = tmp_path_factory.mktemp("var") / "tiny"
-    model = ESM2(ESM2_PRESETS["tiny"], rngs=nnx.Rngs(2))
-    checkpoint.save_converted(d, model.cfg, checkpoint.params_numpy(model))
-    return d
 
 
 def test_read_scan_and_wild_type(dms_path):

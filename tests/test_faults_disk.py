@@ -28,15 +28,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_fixtures import cath_head
-from flax import nnx
+from support.data_fixtures import cath_head
 from test_train_loop import write_config
 
-from esmjax.config import ESM2_PRESETS
-from esmjax.data.build import build_dataset
 from esmjax.errors import WriteFailed
 from esmjax.io import checkpoint, convert_esm2, paths
-from esmjax.models.esm2 import ESM2
 from esmjax.train import metrics as tm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,24 +122,8 @@ def only_error_line(proc: subprocess.CompletedProcess, command: str, path: Path)
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """A tiny ESM-2 checkpoint (random weights) on the ordinary disk."""
-    d = tmp_path_factory.mktemp("ck") / "tiny"
-    model = ESM2(ESM2_PRESETS["tiny"], rngs=nnx.Rngs(0))
-    checkpoint.save_converted(d, model.cfg, checkpoint.params_numpy(model))
-    return d
-
-
-@pytest.fixture(scope="module")
 def fasta(tmp_path_factory, shared_data):
     return cath_head(tmp_path_factory.mktemp("fa") / "small.fa", 800)
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory, fasta):
-    d = tmp_path_factory.mktemp("train_data")
-    build_dataset([fasta], d / "ds", val_fraction=0.05)
-    return d / "ds"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,11 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-from test_train_loop import (  # noqa: F401  (dataset: the module fixture)
+from test_train_loop import (
     ESMJAX,
     ROOT,
     checkpoint_steps,
-    dataset,
     env,
     losses,
     train,
@@ -28,7 +27,7 @@ from esmjax.io import checkpoint
 from esmjax.io.lock import LOCK_FILE, WorkdirBusy, workdir_lease
 
 
-def test_damaged_missing_and_foreign_steps_are_moved_aside(dataset, tmp_path):  # noqa: F811
+def test_damaged_missing_and_foreign_steps_are_moved_aside(dataset, tmp_path):
     """Step 4 truncated, a step 5 missing its optimizer state and a step 6 copied in from another
     model: the resumed run falls back to step 2 with one short warning per step (not
     TensorStore's 60-line spec), moves the three aside (nothing deleted), and trains on, saving
@@ -63,7 +62,7 @@ def test_damaged_missing_and_foreign_steps_are_moved_aside(dataset, tmp_path):  
     assert sorted(losses(w)) == list(range(1, 7))
 
 
-def nan_config(tmp_path: Path, dataset: Path, **over) -> Path:  # noqa: F811
+def nan_config(tmp_path: Path, dataset: Path, **over) -> Path:
     """A learning rate of 1e12: step 1's update blows the weights up, step 2's loss is NaN."""
     return write_config(
         tmp_path / "nan.yaml",
@@ -75,7 +74,7 @@ def nan_config(tmp_path: Path, dataset: Path, **over) -> Path:  # noqa: F811
     )
 
 
-def test_non_finite_loss_stops_two_processes_before_saving(dataset, tmp_path):  # noqa: F811
+def test_non_finite_loss_stops_two_processes_before_saving(dataset, tmp_path):
     w = tmp_path / "w"
     r = train(
         ["--config", str(nan_config(tmp_path, dataset)), "--workdir", str(w)],
@@ -103,7 +102,7 @@ def test_non_finite_loss_stops_two_processes_before_saving(dataset, tmp_path):  
         assert np.isfinite(np.asarray(x)).all()
 
 
-def test_non_finite_loss_skipped(dataset, tmp_path):  # noqa: F811
+def test_non_finite_loss_skipped(dataset, tmp_path):
     """``nonfinite: skip``: every NaN step leaves the weights as they were; the run ends (exit 0)
     with finite checkpoints and one warning line per skipped step."""
     w = tmp_path / "w"
@@ -129,7 +128,7 @@ def test_non_finite_loss_skipped(dataset, tmp_path):  # noqa: F811
 # --------------------------------------------------------------------------------------------------
 # One run per workdir
 # --------------------------------------------------------------------------------------------------
-def test_second_run_in_a_busy_workdir_stops_with_one_line(dataset, tmp_path):  # noqa: F811
+def test_second_run_in_a_busy_workdir_stops_with_one_line(dataset, tmp_path):
     """Run A (2 processes) trains; run B into the same workdir stops at once with one line naming
     A; A goes on unharmed (every step logged once), and after A the lease is gone."""
     cfg = write_config(

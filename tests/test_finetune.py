@@ -4,7 +4,6 @@ task)."""
 
 import contextlib
 import csv
-import hashlib
 import io
 import json
 
@@ -18,67 +17,12 @@ from esmjax.cli import main as cli
 from esmjax.config import FinetuneDataConfig, esm2_preset
 from esmjax.inference.engine import Engine
 from esmjax.inference.task import load_finetuned, predict, split_tree
-from esmjax.io import checkpoint, labeled
-from esmjax.io.fasta import read_fasta
+from esmjax.io import labeled
 from esmjax.models.alphabet import batch_encode, encode_with_specials
-from esmjax.models.esm2 import ESM2
 from esmjax.models.heads import TaskModel, merge_lora
 
 CFG = esm2_preset("tiny")
 TOKENS = np.array([[0, 5, 6, 7, 8, 9, 10, 2, 1, 1], [0, 11, 12, 13, 2, 1, 1, 1, 1, 1]], np.int32)
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory, shared_data):
-    """A random tiny backbone (esmjax checkpoint), a SCOPe-class CSV split by superfamily, a TEM-1
-    DMS CSV split by position and a FLIP-layout residue task (hydrophobic or not)."""
-    d = tmp_path_factory.mktemp("finetune")
-    params = jax.tree.map(np.asarray, nnx.state(ESM2(CFG, rngs=nnx.Rngs(0))).to_pure_dict())
-    checkpoint.save_converted(d / "bb", CFG, params)
-    sh = shared_data / "scope_astral40"
-    lab = {}
-    for line in (sh / "derived_astral40_labels.tsv").read_text().splitlines()[1:]:
-        f = line.split("\t")
-        lab[f[0]] = (f[2], f[4])
-    rows, seqs = [], []
-    records = list(read_fasta(sh / "astral.fa"))
-    np.random.default_rng(0).shuffle(records)
-    for r in records:
-        c, sf = lab.get(r.id, (None, None))
-        if c not in ("a", "b", "c", "d"):
-            continue
-        h = int(hashlib.sha256(sf.encode()).hexdigest()[:8], 16) % 10
-        rows.append((r.sequence.upper(), c, "test" if h == 0 else "train", str(h == 1)))
-        seqs.append((r.id, r.sequence.upper()[:60]))
-        if len(rows) == 160:
-            break
-    with open(d / "scope.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["sequence", "target", "set", "validation"])
-        w.writerows(rows)
-    # TEM-1: held-out positions (every 5th) are the test set
-    dms = []
-    for r in read_fasta(shared_data / "esm_examples" / "P62593.fasta"):
-        pos = int("".join(ch for ch in r.id.split("_")[1] if ch.isdigit()))
-        dms.append((r.sequence, r.id.split("|")[-1], "test" if pos % 5 == 0 else "train"))
-        if len(dms) == 120:
-            break
-    with open(d / "tem1.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["sequence", "target", "set"])
-        w.writerows(dms)
-    with (
-        open(d / "res.fa", "w") as fs,
-        open(d / "res_labels.fa", "w") as fl,
-        open(d / "res_mask.fa", "w") as fm,
-    ):
-        for i, (sid, s) in enumerate(seqs):
-            split = "test" if i % 8 == 0 else "train"
-            fs.write(f">{sid}\n{s}\n")
-            fl.write(f">{sid} SET={split} VALIDATION={i % 8 == 1}\n")
-            fl.write("".join("H" if c in "AILMFVWC" else "C" for c in s) + "\n")
-            fm.write(f">{sid}\n" + "".join("0" if j < 2 else "1" for j in range(len(s))) + "\n")
-    return d
 
 
 _fwd = nnx.jit(lambda m, t: m(t))
@@ -172,7 +116,7 @@ def _write(path, cfg):
     return path
 
 
-def _run(tmp_path, files, name, cfg):
+def finetune_run(tmp_path, files, name, cfg):
     base = {
         "backbone": str(files / "bb"),
         "optim": {"peak_lr": 3e-3, "warmup_steps": 2},
@@ -193,7 +137,7 @@ def _run(tmp_path, files, name, cfg):
 
 @pytest.fixture(scope="module")
 def cls_run(tmp_path_factory, files):
-    return _run(
+    return finetune_run(
         tmp_path_factory.mktemp("cls"),
         files,
         "cls",
@@ -207,17 +151,17 @@ def cls_run(tmp_path_factory, files):
 
 def test_export_to_a_bucket_equals_the_local_export(cls_run, tmp_path, monkeypatch):
     """``export --to hf|peft|fair-esm`` of a fine-tuning run into a gs:// bucket (the GCS emulator,
-    tests/gcs_emulator.py): the same files, byte for byte, as the local export."""
+    tests/support/gcs_emulator.py): the same files, byte for byte, as the local export."""
     pytest.importorskip("gcsfs")
     pytest.importorskip("gcp_storage_emulator")
     import functools
 
-    from gcs_emulator import BUCKET, running
+    from support.gcs_emulator import BUCKET, running
 
-    from esmjax.inference import task
+    from esmjax.inference import export
 
     # the run is restored once for the six exports (each restore costs seconds on a loaded core)
-    monkeypatch.setattr(task, "load_finetuned", functools.cache(task.load_finetuned))
+    monkeypatch.setattr(export, "load_finetuned", functools.cache(export.load_finetuned))
     w = cls_run[0]
     outs = {"hf": "hf", "peft": "ad", "fair-esm": "pt/esm2_t2_merged.pt"}
     with running(tmp_path / "staged"):
@@ -306,7 +250,7 @@ def test_export_peft_adapters_load_in_peft_and_fair_esm_backbone(cls_run, files,
     import torch
     from transformers import EsmForSequenceClassification
 
-    from esmjax.inference.task import plain_variables
+    from esmjax.inference.export import plain_variables
     from esmjax.io.convert_esm2 import read_fairesm
 
     w = cls_run[0]
@@ -337,7 +281,7 @@ def test_export_peft_adapters_load_in_peft_and_fair_esm_backbone(cls_run, files,
 
 @pytest.mark.slow  # about 40-70 s on 2 shared cores (compilation)
 def test_sequence_regression_full_on_tem1(tmp_path, files):
-    _, rep, _ = _run(
+    _, rep, _ = finetune_run(
         tmp_path,
         files,
         "reg",
@@ -353,7 +297,7 @@ def test_sequence_regression_full_on_tem1(tmp_path, files):
 
 @pytest.fixture(scope="module")
 def res_run(tmp_path_factory, files):
-    return _run(
+    return finetune_run(
         tmp_path_factory.mktemp("res"),
         files,
         "res",

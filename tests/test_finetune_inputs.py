@@ -7,7 +7,7 @@
   and report exactly. In-process rather than a subprocess: three CLI start-ups would take most of a
   minute on 2 loaded cores, and the signal's timing is deterministic here (it is sent from the
   batch preparation of step 4, which runs while step 3 computes).
-- Buckets, against the GCS emulator (tests/gcs_emulator.py, one server for the module): a
+- Buckets, against the GCS emulator (tests/support/gcs_emulator.py, one server for the module): a
   fine-tuning run whose workdir, CSV and backbone (the local run's backbone as a fair-esm ``.pt``)
   are all in the bucket ends with the local run's metrics and report; ``predict`` reads its FASTA
   from the bucket and writes its CSV there, byte for byte the local output; ``evaluate variants
@@ -31,13 +31,13 @@ import sys
 
 import numpy as np
 import pytest
-from test_finetune import files  # noqa: F401  (the module fixture: backbone and SCOPe CSV)
 from test_train_loop import env
 
 from esmjax.cli import main as cli
 from esmjax.config import load_finetune_config
 from esmjax.io.fasta import read_fasta
 from esmjax.train import finetune
+from esmjax.train.metrics import TIMING_FIELDS
 
 CONFIG = {
     "mode": "lora",
@@ -51,7 +51,7 @@ CONFIG = {
 }
 
 
-def _config(tmp_path, files):  # noqa: F811
+def _config(tmp_path, files):
     cfg = dict(CONFIG, backbone=str(files / "bb"))
     cfg["data"] = dict(CONFIG["data"], csv=str(files / "scope.csv"))
     p = tmp_path / "c.yaml"
@@ -64,14 +64,14 @@ def _lines(text: str) -> dict:
     out = {}
     for line in text.splitlines():
         m = json.loads(line)
-        m.pop("tokens_per_second", None)
-        m.pop("step_seconds", None)
+        for k in TIMING_FIELDS:
+            m.pop(k, None)
         out[(m["step"], "loss" in m, any(k.startswith("valid_") for k in m))] = m
     return out
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, files):  # noqa: F811
+def reference(tmp_path_factory, files):
     """The uninterrupted local run: its workdir, config file, report and metrics."""
     d = tmp_path_factory.mktemp("reference")
     c = _config(d, files)
@@ -84,7 +84,7 @@ def reference(tmp_path_factory, files):  # noqa: F811
 
 def test_sigterm_saves_within_one_step_and_resumes_exactly(
     tmp_path,
-    files,  # noqa: F811
+    files,
     reference,
     monkeypatch,
     caplog,
@@ -129,13 +129,13 @@ def test_sigterm_saves_within_one_step_and_resumes_exactly(
 # Inputs (and a workdir) in a bucket
 # --------------------------------------------------------------------------------------------------
 def _bucket(name: str) -> str:
-    from gcs_emulator import BUCKET
+    from support.gcs_emulator import BUCKET
 
     return f"gs://{BUCKET}/finetune_inputs/{name}"
 
 
 @pytest.fixture(scope="module")
-def pt_backbone(tmp_path_factory, files):  # noqa: F811
+def pt_backbone(tmp_path_factory, files):
     """The test backbone as a fair-esm ``.pt`` (and its contact-regression file), locally."""
     from esmjax.io import checkpoint, convert_esm2
 
@@ -163,7 +163,7 @@ def _read(url: str) -> bytes:
 
 def test_finetune_and_predict_with_bucket_paths(
     gcs,
-    files,  # noqa: F811
+    files,
     reference,
     pt_backbone,
     tmp_path,
@@ -202,7 +202,7 @@ def test_finetune_and_predict_with_bucket_paths(
     assert local.startswith(b"id,prediction,prob_") and local.count(b"\r\n") == 6
 
 
-def test_evaluate_variants_reads_the_scan_from_a_bucket(gcs, files, tmp_path):  # noqa: F811
+def test_evaluate_variants_reads_the_scan_from_a_bucket(gcs, files, tmp_path):
     from esmjax.io import paths
 
     wt = "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ"
@@ -222,7 +222,7 @@ def test_evaluate_variants_reads_the_scan_from_a_bucket(gcs, files, tmp_path):  
     )
 
 
-def test_bad_row_of_a_bucket_csv_names_the_url_and_line(gcs, files, tmp_path):  # noqa: F811
+def test_bad_row_of_a_bucket_csv_names_the_url_and_line(gcs, files, tmp_path):
     """The CLI as a user runs it: one line naming the object and the line, exit 2."""
     from esmjax.io import paths
 
@@ -244,7 +244,7 @@ def test_bad_row_of_a_bucket_csv_names_the_url_and_line(gcs, files, tmp_path):  
     assert f"{_bucket('bad.csv')}:3: non-numeric target" in err[0], err
 
 
-def test_backbones_from_a_bucket(gcs, files, pt_backbone):  # noqa: F811
+def test_backbones_from_a_bucket(gcs, files, pt_backbone):
     """``backbone``/``--init-from`` in the bucket: an esmjax folder is recognised and its config
     read in place; a fair-esm ``.pt`` is downloaded (with its contact-regression sibling) and
     gives the local file's weights."""
@@ -269,7 +269,7 @@ def test_backbones_from_a_bucket(gcs, files, pt_backbone):  # noqa: F811
 
 def test_residue_task_structure_and_proteingym_files_from_a_bucket(
     gcs,
-    files,  # noqa: F811
+    files,
     shared_data,
     tmp_path,
 ):

@@ -7,13 +7,12 @@ import sys
 
 import numpy as np
 import pytest
-from test_finetune import files  # noqa: F401  (the module fixture)
 from test_train_loop import env
 
 ESMJAX = [sys.executable, "-m", "esmjax.cli"]
 
 
-def _config(tmp_path, files, **over):  # noqa: F811
+def _config(tmp_path, files, **over):
     cfg = {
         "backbone": str(files / "bb"),
         "mode": "lora",
@@ -45,7 +44,7 @@ def _finetune(args, devices):
     subprocess.run(cmd, env=env(devices), check=True, capture_output=True, text=True)
 
 
-def test_sharded_run_equals_one_device(tmp_path, files):  # noqa: F811
+def test_sharded_run_equals_one_device(tmp_path, files):
     """fsdp over this session's 8 host devices (in process) against one device (a subprocess):
     the same losses within 1e-5 at every step, and the same test accuracy."""
     from esmjax.cli import main as cli
@@ -65,7 +64,7 @@ def test_sharded_run_equals_one_device(tmp_path, files):  # noqa: F811
 # Covered in the default suite by tests/test_finetune_inputs.py (a run stopped by SIGTERM, resumed,
 # equal to the uninterrupted run): this one stops with --stop-after.
 @pytest.mark.slow  # three runs in-process, 30-60 s on 2 shared cores
-def test_stopped_and_resumed_run_equals_uninterrupted(tmp_path, files):  # noqa: F811
+def test_stopped_and_resumed_run_equals_uninterrupted(tmp_path, files):
     from esmjax.cli import main as cli
 
     c = _config(tmp_path, files)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from flax import nnx
-from reference import fair_esm_model, to_esmjax
+from support.reference import fair_esm_model, to_esmjax
 
 from esmjax.config import esm2_from_shape
 from esmjax.data.masking import mask_tokens

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from data_fixtures import cath_head
-from reference import fair_esm_model
+from support.data_fixtures import cath_head
+from support.reference import fair_esm_model
 from test_convert import save_fair_esm_pt
 
 from esmjax.cli import main as cli

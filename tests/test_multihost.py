@@ -22,11 +22,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_train_loop import (  # noqa: F401  (dataset: the module fixture)
+from test_train_loop import (
     ESMJAX,
     ROOT,
     checkpoint_steps,
-    dataset,
     env,
     losses,
     train,
@@ -51,7 +50,7 @@ def every_process_saved(workdir: Path, step: int, processes: int) -> None:
     ]
 
 
-def test_tensor_across_two_processes_trains_like_one(dataset, tmp_path):  # noqa: F811
+def test_tensor_across_two_processes_trains_like_one(dataset, tmp_path):
     """2 processes x 2 devices, tensor=4: each tensor group spans both processes, which hold the
     same rows. (Before: 'Invalid host data' when the first batch was assembled.)"""
     cfg = write_config(tmp_path / "c.yaml", dataset, num_steps=4, mesh=TENSOR_ACROSS)
@@ -75,7 +74,7 @@ def damage_process_files(workdir: Path, step: int, process: int) -> None:
 
 
 def test_damaged_shard_on_one_process_every_process_restores_the_same_step(
-    dataset,  # noqa: F811
+    dataset,
     tmp_path,
 ):
     """fsdp over 2 processes x 2 devices: process 1's part of step 4 is damaged, process 0's is
@@ -124,7 +123,7 @@ def slurm_env(tmp_path: Path, restart: int) -> dict:
     return e
 
 
-def test_pod_run_preempted_requeued_and_resumed_matches_one_process(dataset, tmp_path):  # noqa: F811
+def test_pod_run_preempted_requeued_and_resumed_matches_one_process(dataset, tmp_path):
     """The done-when run of issue 26 (see the module docstring)."""
     num_steps = 10
     mesh = {**TENSOR_ACROSS, "dcn_data": 2}  # data across the 2 nodes, tensor across 2 tasks

@@ -10,7 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
-from test_finetune import _run, files  # noqa: F401  (the module fixture)
+from test_finetune import finetune_run
 
 from esmjax.cli import main as cli
 from esmjax.evaluate import finetune_metrics as fm
@@ -42,7 +42,7 @@ def _cropped_warnings(caplog):
 
 
 @pytest.fixture(scope="module")
-def tem1_spread(files, shared_data):  # noqa: F811
+def tem1_spread(tmp_path_factory, shared_data):
     """Every 40th variant of the TEM-1 scan (sorted by fitness, so the whole range): test rows at
     positions divisible by 5, validation at 1 mod 5."""
     rows = []
@@ -51,7 +51,7 @@ def tem1_spread(files, shared_data):  # noqa: F811
         pos = int("".join(ch for ch in r.id.split("_")[1] if ch.isdigit()))
         split = "test" if pos % 5 == 0 else "train"
         rows.append((r.sequence, r.id.split("|")[-1], split, str(pos % 5 == 1)))
-    path = files / "tem1_spread.csv"
+    path = tmp_path_factory.mktemp("tem1") / "tem1_spread.csv"
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["sequence", "target", "set", "validation"])
@@ -61,7 +61,7 @@ def tem1_spread(files, shared_data):  # noqa: F811
 
 def test_predict_reproduces_the_runs_regression_test_figures(
     tmp_path,
-    files,  # noqa: F811
+    files,
     tem1_spread,
     caplog,
     capsys,
@@ -69,7 +69,7 @@ def test_predict_reproduces_the_runs_regression_test_figures(
     """TEM-1 (286 residues) cropped to 128: test mutations past the crop score the same crop.
     Predicting whole sequences (the old fixed 1,022 crop) ranks them otherwise, and predict's
     Spearman differed from the report's."""
-    w, rep, _ = _run(
+    w, rep, _ = finetune_run(
         tmp_path,
         files,
         "reg",
@@ -105,11 +105,11 @@ def test_predict_reproduces_the_runs_regression_test_figures(
     assert "(step 8)" in capsys.readouterr().err
 
 
-def test_predict_residue_task_marks_truncation(tmp_path, files, caplog):  # noqa: F811
+def test_predict_residue_task_marks_truncation(tmp_path, files, caplog):
     """The residue task cropped to 40: predict's labels of the test rows give the report's
     accuracy and macro-F1; rows longer than the crop carry ``truncated_at: 40``, shorter ones
     ``null``, and one warning line counts the cropped ones."""
-    w, rep, _ = _run(
+    w, rep, _ = finetune_run(
         tmp_path,
         files,
         "res",

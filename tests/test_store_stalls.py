@@ -5,9 +5,10 @@ with one line, when no batch comes.
 
 The store is a socket server in a thread of this process (``stalled``) that accepts connections
 and reads nothing, sends nothing. gcsfs reaches it as it reaches the GCS emulator
-(``STORAGE_EMULATOR_HOST``, tests/gcs_emulator.py), s3fs through ``AWS_ENDPOINT_URL_S3``. Each
-call under test runs in a daemon thread and is given at most ``BOUND`` seconds, so that a call that
-hangs (as every one of them did before) fails the test instead of holding the session.
+(``STORAGE_EMULATOR_HOST``, tests/support/gcs_emulator.py), s3fs through
+``AWS_ENDPOINT_URL_S3``. Each call under test runs in a daemon thread and is given at most ``BOUND``
+seconds, so that a call that hangs (as every one of them did before) fails the test instead of
+holding the session.
 """
 
 import logging
@@ -17,9 +18,8 @@ import threading
 import time
 
 import pytest
-from data_fixtures import cath_head
-from gcs_emulator import BUCKET, forget_clients
-from test_buckets import _NoBackoff  # gcsfs back-off dropped, as there
+from support.data_fixtures import cath_head
+from support.gcs_emulator import BUCKET, NoBackoff, forget_clients
 
 from esmjax.config import DataConfig
 from esmjax.data.build import build_dataset
@@ -99,7 +99,7 @@ def test_gs_requests_time_out_and_each_retry_is_logged(stalled, monkeypatch, cap
     import gcsfs.retry
 
     point_clients(monkeypatch, {"STORAGE_EMULATOR_HOST": stalled, "ESMJAX_STORE_TIMEOUT": "0.3"})
-    monkeypatch.setattr(gcsfs.retry, "asyncio", _NoBackoff())
+    monkeypatch.setattr(gcsfs.retry, "asyncio", NoBackoff())
     url = f"gs://{BUCKET}/ds"
     with caplog.at_level(logging.WARNING, logger="esmjax.io.stores"):
         with pytest.raises(InputError) as e:

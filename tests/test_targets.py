@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import AxisType, Mesh
 
 from esmjax.errors import InputError
-from esmjax.models.attention_kernels import choose_attention
+from esmjax.models.attention import choose_attention
 from esmjax.parallel import compiled, sharding, targets, xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,23 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_fixtures import cath_head
 
+from esmjax.cli import main as cli
 from esmjax.data.build import build_dataset
 from esmjax.io import checkpoint
 from esmjax.train.preemption import EXIT_PREEMPTED, StopSignal
 
 ROOT = Path(__file__).resolve().parents[1]
 ESMJAX = [sys.executable, "-m", "esmjax.cli"]
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory, shared_data):
-    d = tmp_path_factory.mktemp("train_data")
-    fa = d / "small.fa"
-    cath_head(fa, 800)
-    build_dataset([fa], d / "ds", val_fraction=0.05)
-    return d / "ds"
 
 
 def write_config(path: Path, dataset: Path, **over) -> Path:
@@ -127,7 +118,7 @@ def test_kill_and_resume_matches_uninterrupted(dataset, tmp_path):
 def test_damaged_latest_checkpoint_falls_back(dataset, tmp_path, caplog):
     cfg = write_config(tmp_path / "c.yaml", dataset, num_steps=4)
     w = tmp_path / "w"
-    train(["--config", str(cfg), "--workdir", str(w)])
+    assert cli(["train", "--no-progress", "--config", str(cfg), "--workdir", str(w)]) == 0
     params = w / "checkpoints" / "4" / "params"
     for f in params.rglob("*"):
         if f.is_file() and f.stat().st_size > 1000:
@@ -204,7 +195,7 @@ def test_sigint_twice_aborts():
     assert signal.getsignal(signal.SIGINT) is before
 
 
-def test_loss_falls_on_bundled_data(tmp_path):
+def test_loss_falls_on_bundled_data(tmp_path, capsys):
     """A shortened demo run (configs/demo.yaml, fewer and smaller steps) on the bundled CATH
     sample."""
     ds = tmp_path / "ds"
@@ -228,17 +219,15 @@ def test_loss_falls_on_bundled_data(tmp_path):
         "--set",
         "data.eval_tokens=8192",
     ]
-    r = train(
-        ["--config", str(ROOT / "configs" / "demo.yaml"), "--workdir", str(w), *over], check=False
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+    demo = ["--config", str(ROOT / "configs" / "demo.yaml"), "--workdir", str(w), *over]
+    assert cli(["train", "--no-progress", *demo]) == 0
     curve = losses(w)
     first, last = (
         np.mean([curve[s] for s in range(1, 4)]),
         np.mean([curve[s] for s in range(28, 31)]),
     )
     assert last < first - 0.2, (first, last)
-    assert "held-out masked-LM perplexity" in r.stdout
+    assert "held-out masked-LM perplexity" in capsys.readouterr().out
 
 
 def test_training_eval_is_evaluate_perplexity(dataset, tmp_path):
@@ -247,14 +236,13 @@ def test_training_eval_is_evaluate_perplexity(dataset, tmp_path):
     rules and rows per batch)."""
     cfg = write_config(tmp_path / "c.yaml", dataset, num_steps=2, log_every=1)
     w = tmp_path / "w"
-    train(["--config", str(cfg), "--workdir", str(w)])
+    assert cli(["train", "--no-progress", "--config", str(cfg), "--workdir", str(w)]) == 0
     rows = [json.loads(x) for x in (w / "metrics.jsonl").read_text().splitlines()]
     at_train = [r for r in rows if "eval_perplexity" in r][-1]
     assert at_train["step"] == 2
     # 2048 tokens per step / 64 per row = 32 rows, the micro-batch training evaluates with.
-    cmd = ESMJAX + ["evaluate", "perplexity", "--checkpoint", str(w), "--rows", "32"]
-    cmd += ["--no-progress", "--out", str(tmp_path / "ev")]
-    subprocess.run(cmd, env=env(1), cwd=ROOT, check=True, capture_output=True, timeout=600)
+    ev = ["evaluate", "perplexity", "--checkpoint", str(w), "--rows", "32"]
+    assert cli([*ev, "--no-progress", "--out", str(tmp_path / "ev")]) == 0
     report = json.loads((tmp_path / "ev" / "perplexity.json").read_text())
     ml = report["results"]["masked_lm"]
     assert ml["masked_tokens"] == at_train["eval_masked_tokens"]

@@ -62,8 +62,8 @@ def test_unknown_kind_gives_none_and_one_warning(caplog):
     warnings = [r for r in caplog.records if "RTX 9999" in r.getMessage()]
     assert len(warnings) == 1 and "mfu is logged as null" in warnings[0].getMessage()
     w = tm.ThroughputWindow(clock=iter([0.0, 1.0]).__next__)
-    w.add_step(1.0)
-    s = w.summary(tokens_per_step=100, num_devices=1, flops_per_token=1.0, peak_flops=None)
+    w.add_step(100, 1.0)
+    s = w.summary(num_devices=1, flops_per_token=1.0, peak_flops=None)
     assert s["mfu"] is None and s["tokens_per_second"] == 100
 
 
@@ -87,10 +87,10 @@ class FakeClock:
 def test_window_counts_steps_and_time_since_the_last_log_line_without_evaluation():
     clock = FakeClock()
     w = tm.ThroughputWindow(clock=clock)
-    kw = dict(tokens_per_step=1000, num_devices=4, flops_per_token=2e9, peak_flops=1e12)
+    kw = dict(num_devices=4, flops_per_token=2e9, peak_flops=1e12)
     for nonpad in (1.0, 0.5, 0.75):  # 3 steps in 6 s
         clock.t += 2.0
-        w.add_step(nonpad)
+        w.add_step(1000, nonpad)
     s = w.summary(**kw)
     assert s["tokens_per_second"] == pytest.approx(3000 / 6)
     assert s["tokens_per_second_per_device"] == pytest.approx(3000 / 6 / 4)
@@ -102,11 +102,11 @@ def test_window_counts_steps_and_time_since_the_last_log_line_without_evaluation
     # Next window: 2 steps of 1 s around a 50 s evaluation; the evaluation does not count, and
     # neither do the steps or time of the previous window.
     clock.t += 1.0
-    w.add_step(0.2)
+    w.add_step(1000, 0.2)
     with w.excluded():
         clock.t += 50.0
     clock.t += 1.0
-    w.add_step(0.4)
+    w.add_step(1000, 0.4)
     s = w.summary(**kw)
     assert s["tokens_per_second"] == pytest.approx(2000 / 2)
     assert s["step_seconds"] == pytest.approx(1.0)
@@ -116,10 +116,22 @@ def test_window_counts_steps_and_time_since_the_last_log_line_without_evaluation
 def test_window_excludes_time_even_when_evaluation_fails():
     clock = FakeClock()
     w = tm.ThroughputWindow(clock=clock)
-    w.add_step(1.0)
+    w.add_step(8, 1.0)
     clock.t += 4.0
     with pytest.raises(RuntimeError), w.excluded():
         clock.t += 10.0
         raise RuntimeError("eval failed")
-    s = w.summary(tokens_per_step=8, num_devices=1, flops_per_token=1.0, peak_flops=None)
+    s = w.summary(num_devices=1, flops_per_token=1.0, peak_flops=None)
     assert s["tokens_per_second"] == pytest.approx(2.0)
+
+
+def test_window_without_flops_gives_throughput_and_no_flops():
+    """Fine-tuning's windows: steps of different token counts, no FLOPs model."""
+    clock = FakeClock()
+    w = tm.ThroughputWindow(clock=clock)
+    for tokens in (300, 500):
+        clock.t += 1.0
+        w.add_step(tokens, 1.0)
+    s = w.summary(num_devices=2, flops_per_token=None, peak_flops=1e12)
+    assert s["tokens_per_second"] == pytest.approx(400)
+    assert s["tflops_per_device"] is None and s["mfu"] is None

@@ -1,7 +1,7 @@
 """Training on 2 processes (``launch/local.sh`` on 127.0.0.1, CPU collectives): killed with -9
 and resumed on one process, and SIGTERM to one of the two processes. Split from test_train_loop.py
-(whose helpers and dataset fixture these use) so that the two longest tests of the suite run on
-another pytest-xdist worker than the rest of the training-loop tests."""
+(whose helpers these use) so that the two longest tests of the suite run on another pytest-xdist
+worker than the rest of the training-loop tests."""
 
 import os
 import signal
@@ -13,13 +13,12 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from test_train_loop import (  # noqa: F401  (dataset: the module fixture)
+from test_train_loop import (
     ESMJAX,
     ROOT,
     SIGNAL_AT,
     STOPPED_AT,
     checkpoint_steps,
-    dataset,
     env,
     logged_step,
     losses,
@@ -45,7 +44,7 @@ def every_process_wrote(workdir: Path, step: int, out: str, processes: int = 2) 
 # with -9, resumed on one, losses equal within 1e-5: tests/test_buckets.py::test_bucket_end_to_end)
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_two_processes_killed_then_resumed_on_one(dataset, tmp_path):  # noqa: F811
+def test_two_processes_killed_then_resumed_on_one(dataset, tmp_path):
     """2 processes x 2 devices train and checkpoint; killed (-9, whole process group) mid-run, the
     run resumes as 1 process x 4 devices and its losses match the uninterrupted 2-process run."""
     cfg = write_config(tmp_path / "c.yaml", dataset, num_steps=12, data={"tokens_per_step": 8192})
@@ -125,7 +124,7 @@ def descendant_with_env(root: int, key: str, value: str) -> int:
 
 
 @pytest.mark.multiprocess
-def test_two_processes_sigterm_to_one(dataset, tmp_path):  # noqa: F811
+def test_two_processes_sigterm_to_one(dataset, tmp_path):
     """2 processes, log_every larger than the run; SIGTERM to ONE of them at a random step (seeded:
     which process, and when, in units of the measured step time). Both save the same step, within
     one step of where the signal found the signalled process, and exit 75; the resumed run ends

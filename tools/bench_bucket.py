@@ -12,10 +12,10 @@ host 0 of ``--process-count`` hosts reading ``--steps`` training batches of ``--
 * stream: ``data.train`` = the ``gs://`` folder. The time to open it (index files downloaded), the
   first batch, tokens/s, range requests and bytes downloaded (index files + ranges; counted with
   ``--workers 0``) against the dataset's size, and the client's CPU time per range request;
-* stage: ``esmjax.io.paths.stage`` (what every host did before, and still does for a dataset built
-  without token files) and tokens/s from the staged copy (memory-mapped token file);
-* the local copy read through ArrayRecord instead (the same folder without its token files, i.e. a
-  dataset built before them), and the read step alone (4,096 random records) on either path;
+* stage: ``esmjax.io.stage.stage`` (a whole copy per host) and tokens/s from the staged copy
+  (memory-mapped token file);
+* the read step alone (4,096 random records of the local copy) from the token file and from the
+  ArrayRecord files;
 * with ``--probe-array-record``: TFDS's ArrayRecord source opened straight on ``gs://``
   (array_record 0.8.6 opens paths through its own file layer and blocks; killed after
   ``--probe-timeout`` s).
@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 # gcp-storage-emulator's HTTPServer listens with a queue of 5: the connections of a batch's
 # concurrent range reads beyond it would be dropped and retried by TCP after 1 s (as in
-# tests/gcs_emulator.py).
+# tests/support/gcs_emulator.py).
 BOOT = (
     "import sys, http.server; http.server.HTTPServer.request_queue_size = 1024; "
     "from gcp_storage_emulator.__main__ import main; main(sys.argv[1:])"
@@ -67,18 +67,6 @@ def _stream_probe(url: str, env: dict, q) -> None:
 
 def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-
-
-def without_token_files(src: Path, dst: Path) -> Path:
-    """A copy of the dataset as built before token files existed."""
-    from esmjax.data.source import META_FILE
-
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.tokens.bin"))
-    meta = json.loads((dst / META_FILE).read_text())
-    for info in meta["splits"].values():
-        info.pop("tokens_bytes", None)
-    (dst / META_FILE).write_text(json.dumps(meta))
-    return dst
 
 
 def read_batches(train: str, args: argparse.Namespace) -> dict:
@@ -188,7 +176,7 @@ def main() -> None:
     try:
         from esmjax.data.build import build_dataset
         from esmjax.data.source import META_FILE, open_split
-        from esmjax.io import paths, ranges
+        from esmjax.io import paths, ranges, stage
 
         if args.merge_gap is not None:
             ranges.MERGE_GAP = args.merge_gap
@@ -218,18 +206,16 @@ def main() -> None:
         upload_s = time.time() - t0
 
         stream = read_batches("gs://bench/ds", args)
-        index_dir = paths.staged_path("gs://bench/ds", "index")
+        index_dir = stage.staged_path("gs://bench/ds", "index")
         index_bytes = folder_bytes(index_dir)
         t0 = time.perf_counter()
         open_split("gs://bench/ds", "train")
         reopen_s = time.perf_counter() - t0
 
         t0 = time.time()
-        staged = paths.stage("gs://bench/ds")
+        staged = stage.stage("gs://bench/ds")
         stage_s = time.time() - t0
         staged_read = read_batches(str(staged), args)
-        old = without_token_files(data, tmp / "array_record_only")
-        array_record_read = read_batches(str(old), args)
 
         consumed = (args.steps + 1) * args.rows * args.seq_len
         stream["reopen_s (index cached)"] = round(reopen_s, 3)
@@ -255,7 +241,6 @@ def main() -> None:
                 "downloaded_mb": round(size / 1e6, 2),
                 "staged_copy": staged_read,
             },
-            "local_array_record_read (no token files)": array_record_read,
             "local_read_ms_per_4096_records": read_speed(data),
             "machine": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(),

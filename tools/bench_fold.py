@@ -92,9 +92,7 @@ def main() -> int:
     from flax import nnx
     from transformers import EsmForProteinFolding
 
-    from esmjax.io.convert_esm2 import config_from_hf
-    from esmjax.io.convert_esmfold import _fold_params, _split_esm, _stem_from_hf
-    from esmjax.models.esmfold.config import from_hf
+    from esmjax.io.convert_esmfold import config_from_hf, params_from_hf
     from esmjax.models.esmfold.model import abstract_model as esmfold_abstract_model
     from esmjax.models.geometry import residue_constants as rc
 
@@ -105,12 +103,8 @@ def main() -> int:
     with dev:  # built where it runs: the 3B model initialises in seconds on a GPU
         ref = EsmForProteinFolding(hf_config(args.preset, args.passes)).eval()
     sd = {k: v.detach().cpu().numpy() for k, v in ref.state_dict().items()}
-    hf = ref.config.to_dict()
-    esm_cfg = config_from_hf({**hf, "is_folding_model": False})
-    cfg = from_hf(esm_cfg, hf["esmfold_config"])
-    esm_sd, fold_sd = _split_esm(sd)
-    params = _fold_params(fold_sd, cfg)
-    params["esm"] = _stem_from_hf(esm_sd, esm_cfg)
+    cfg = config_from_hf(ref.config.to_dict())
+    params = params_from_hf(sd, cfg)
     graphdef, state = esmfold_abstract_model(cfg)
     nnx.replace_by_pure_dict(state, params)
     fold = jax.jit(lambda st, a, m, r: nnx.merge(graphdef, st)(a, m, r)["positions"][-1])

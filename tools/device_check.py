@@ -8,9 +8,9 @@ Steps (each one timed, and recorded as ok / failed / timed out without stopping 
 
 - ``kernels``: the packed attention kernels the backend has (GPU: ``pallas_gpu``, ``cudnn``,
   ``xla``; TPU: ``splash``, ``xla``; a dry run: ``splash`` and ``pallas_gpu`` in interpret mode)
-  against the float32 reference (``layers.dot_product_attention``) on the same bf16 inputs, forward
-  and gradient, on packed rows with 1 to 8 segments, padding and a fully padded row, plus a packed
-  row against its sequences run alone; bf16 tolerances; fwd+bwd milliseconds.
+  against the float32 reference (``attention.xla.dot_product_attention``) on the same bf16
+  inputs, forward and gradient, on packed rows with 1 to 8 segments, padding and a fully padded
+  row, plus a packed row against its sequences run alone; bf16 tolerances; fwd+bwd milliseconds.
 - ``train_650m``: ``tools/bench_train.py`` at the 650M shape in bf16 (tokens/s, TFLOP/s, MFU).
 - ``train_3b``: ``tools/bench_train.py`` at the 3B shape in bf16 with ``remat=full`` on one device.
 - ``fold``: ``tools/bench_fold.py --preset esmfold_v1`` at 384 residues, HF
@@ -78,8 +78,8 @@ def check_kernels(dry_run: bool) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from esmjax.models import attention_kernels as ak
-    from esmjax.models import layers as nn
+    from esmjax.models import attention
+    from esmjax.models.attention import xla
 
     backend = jax.default_backend()
     if dry_run or backend == "cpu":
@@ -94,21 +94,15 @@ def check_kernels(dry_run: bool) -> dict:
     q = q / np.sqrt(d)
     q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
     g = g * (seg > 0)[..., None, None]  # the model's losses ignore padding queries
-    mask = nn.attention_mask(seg)
+    mask = xla.attention_mask(seg)
 
     def reference(q, k, v):
         f32 = (x.astype(jnp.float32) for x in (q, k, v))
-        return nn.dot_product_attention(*f32, mask, return_weights=False)[0]
+        return xla.dot_product_attention(*f32, mask, return_weights=False)[0]
 
     def run(name):
-        if name == "xla":
-            return lambda q, k, v: nn.dot_product_attention(q, k, v, mask, return_weights=False)[0]
-        if name == "cudnn":
-            return lambda q, k, v: nn.dot_product_attention(
-                q, k, v, mask, return_weights=False, cudnn=True
-            )[0]
-        path = ak.AttentionPath(name, interpret, "device check")
-        return lambda q, k, v: ak.packed_attention(path, q, k, v, seg)
+        path = attention.AttentionPath(name, interpret, "device check")
+        return lambda q, k, v: attention.attend(path, q, k, v, mask, seg)[0]
 
     def fwd_bwd(fn):
         def loss(q, k, v):
@@ -135,23 +129,14 @@ def check_kernels(dry_run: bool) -> dict:
             idx = np.flatnonzero(np.asarray(seg)[1] == 2)
             alone_seg = np.zeros((1, b_len), np.int32)
             alone_seg[0, : len(idx)] = 1
-            alone_mask = nn.attention_mask(jnp.asarray(alone_seg))
+            alone_seg = jnp.asarray(alone_seg)
 
             def lift(x, idx=idx):
                 return jnp.zeros_like(x[:1]).at[0, : len(idx)].set(x[1, idx])
 
-            if name in ("xla", "cudnn"):
-                alone = nn.dot_product_attention(
-                    lift(q),
-                    lift(k),
-                    lift(v),
-                    alone_mask,
-                    return_weights=False,
-                    cudnn=name == "cudnn",
-                )[0]
-            else:
-                path = ak.AttentionPath(name, interpret, "device check")
-                alone = ak.packed_attention(path, lift(q), lift(k), lift(v), jnp.asarray(alone_seg))
+            path = attention.AttentionPath(name, interpret, "device check")
+            lifted = (lift(q), lift(k), lift(v))
+            alone = attention.attend(path, *lifted, xla.attention_mask(alone_seg), alone_seg)[0]
             errs["packed_vs_alone"] = rel_err(
                 np.asarray(out, np.float32)[1, idx], np.asarray(alone, np.float32)[0, : len(idx)]
             )

@@ -22,8 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from esmjax.commands import _checks
+    from esmjax.inference import preflight
 
-    _checks.output(args.out, f"out {args.out}")  # before the weights are read
+    preflight.output(args.out, f"out {args.out}")  # before the weights are read
     print(convert(args.src, args.out, esm=args.esm), file=sys.stderr)
     return 0

@@ -75,10 +75,10 @@ def main(args: argparse.Namespace) -> int:
 
 
 def build_main(args: argparse.Namespace) -> int:
-    from esmjax.commands import _checks
     from esmjax.data.build import build_dataset
+    from esmjax.inference import preflight
 
-    _checks.output(args.out, f"--out {args.out}")  # before the FASTA files are read
+    preflight.output(args.out, f"--out {args.out}")  # before the FASTA files are read
     meta = build_dataset(
         args.fasta,
         args.out,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from esmjax.commands import _checks
-from esmjax.inference.embed import INCLUDE_CHOICES, embed_fasta
+from esmjax.config import DTYPES
+from esmjax.inference.embed import embed_fasta
+from esmjax.inference.options import INCLUDE_CHOICES, EmbedOptions, from_args
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,9 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--include", nargs="+", default=["mean"], choices=INCLUDE_CHOICES, help="what to write"
     )
-    p.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype"
-    )
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype")
     p.add_argument("--max-tokens-per-batch", type=int, default=4096, help="padded tokens per batch")
     p.add_argument(
         "--truncation-seq-length", type=int, default=1022, help="residues kept per record (0 = all)"
@@ -37,20 +36,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    # before embed_fasta creates --out: a wrong --checkpoint leaves no empty output folder
-    _checks.local_checkpoint(args.checkpoint)
-    _checks.output(args.out, f"--out {args.out}")  # before the model loads
-    embed_fasta(
-        args.checkpoint,
-        args.fasta,
-        args.out,
-        step=args.step,
-        layers=args.layers,
-        include=args.include,
-        dtype=args.dtype,
-        max_tokens=args.max_tokens_per_batch,
-        truncation=args.truncation_seq_length or None,
-        unknown_as_x=args.unknown_as_x,
-        progress=not args.no_progress,
-    )
+    embed_fasta(args.checkpoint, from_args(EmbedOptions, args, progress=not args.no_progress))
     return 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from esmjax.inference.task import export_any
+from esmjax.inference.export import FORMATS, export_any
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -15,7 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--to",
         required=True,
-        choices=["fair-esm", "hf", "esmfold", "peft"],
+        choices=FORMATS,
         help="target format (peft: a LoRA fine-tuning run's adapters)",
     )
     p.add_argument(
@@ -30,11 +30,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from esmjax.commands import _checks
-
-    # where the export goes, before the weights are read (a fair-esm .pt is a file, the rest
-    # folders)
-    _checks.output(args.out, f"out {args.out}", folder=args.to != "fair-esm")
     print(
         export_any(
             args.checkpoint, args.out, args.to, step=args.step, folding_head=args.folding_head

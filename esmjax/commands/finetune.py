@@ -32,8 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from esmjax.commands import _checks
     from esmjax.config import load_finetune_run_config
+    from esmjax.inference import preflight
     from esmjax.io import labeled, paths
 
     flags = {
@@ -47,15 +47,15 @@ def main(args: argparse.Namespace) -> int:
     workdir = args.workdir  # a local folder or a bucket URL: esmjax.io.paths reads both
     # Before the start-up, so that a bad config or a missing local file is the only line printed.
     # Resuming without --config reads the workdir's config.json: a store failure is one line.
-    _checks.output(workdir, f"--workdir {workdir}")
-    _checks.workdir_kind(workdir, "finetune")
+    preflight.output(workdir, f"--workdir {workdir}")
+    preflight.workdir_kind(workdir, "finetune")
     reading = paths.remote_errors(workdir) if args.config is None else contextlib.nullcontext()
     with reading:
         cfg = load_finetune_run_config(args.config, overrides, workdir)
-    _checks.local_source(cfg.backbone)
+    preflight.local_source(cfg.backbone)
     labeled.check(cfg.data, cfg.task)
     cfg = _stored_paths(cfg, workdir)
-    _checks.start(args.coordinator_address, args.num_processes, args.process_id)
+    preflight.start(args.coordinator_address, args.num_processes, args.process_id)
     from esmjax.train.finetune import run
     from esmjax.train.preemption import EXIT_PREEMPTED
 
@@ -65,14 +65,14 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _stored_paths(cfg, workdir: str):
-    """The backbone and data files as the run's config.json keeps them (``_checks.stored_path``);
+    """The backbone and data files as the run's config.json keeps them (``preflight.stored_path``);
     a local workdir's saved backbone is kept when it names the same folder (the resumed run
     compares them)."""
     import dataclasses
     import json
     from pathlib import Path
 
-    from esmjax.commands._checks import stored_path
+    from esmjax.inference.preflight import stored_path
     from esmjax.io import paths
 
     saved = None

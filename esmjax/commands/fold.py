@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from esmjax.commands import _checks
+from esmjax.config import DTYPES
 from esmjax.inference.fold import fold_fasta
+from esmjax.inference.options import FoldOptions, from_args
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype",
         default="float32",
-        choices=["float32", "bfloat16"],
+        choices=DTYPES,
         help="compute dtype of the language model (the trunk is always float32)",
     )
     p.add_argument("--mmcif", action="store_true", help="also write <id>.cif")
@@ -52,20 +53,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    # before fold_fasta creates --out: a wrong --checkpoint leaves no empty output folder
-    _checks.local_checkpoint(args.checkpoint, esmfold=True)
-    _checks.output(args.out, f"--out {args.out}")  # before the model loads
-    fold_fasta(
-        args.checkpoint,
-        args.fasta,
-        args.out,
-        num_recycles=args.num_recycles,
-        chunk_size=args.chunk_size,
-        max_tokens=args.max_tokens_per_batch,
-        dtype=args.dtype,
-        mmcif=args.mmcif,
-        max_length=args.max_length,
-        unknown_as_x=args.unknown_as_x,
-        progress=not args.no_progress,
-    )
+    fold_fasta(args.checkpoint, from_args(FoldOptions, args, progress=not args.no_progress))
     return 0

@@ -37,13 +37,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from esmjax.commands import _checks
+    from esmjax.inference import preflight
 
     # before the start-up: a bad workdir or config is the only line printed
-    _checks.output(args.workdir, f"--workdir {args.workdir}")
-    _checks.workdir_kind(args.workdir, "train")
+    preflight.output(args.workdir, f"--workdir {args.workdir}")
+    preflight.workdir_kind(args.workdir, "train")
     cfg = _checked_config(args)
-    _checks.start(args.coordinator_address, args.num_processes, args.process_id)
+    preflight.start(args.coordinator_address, args.num_processes, args.process_id)
     from esmjax.io.convert import source_model_config
     from esmjax.train.loop import run
     from esmjax.train.preemption import EXIT_PREEMPTED
@@ -63,10 +63,10 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _stored_paths(cfg):
-    """The run's data and init_from as its config.json keeps them (``_checks.stored_path``)."""
+    """The run's data and init_from as its config.json keeps them (``preflight.stored_path``)."""
     import dataclasses
 
-    from esmjax.commands._checks import stored_path
+    from esmjax.inference.preflight import stored_path
 
     data = dataclasses.replace(
         cfg.data, train=stored_path(cfg.data.train), eval=stored_path(cfg.data.eval)

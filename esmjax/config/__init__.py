@@ -5,9 +5,11 @@ differs from the defaults; ``load_config`` builds the dataclasses from them, rej
 coerces leaf types and applies ``--set a.b=c`` overrides. Model sizes are data (``ESM2_PRESETS``),
 as in the ESM-2 model zoo (Lin et al. 2023).
 
-One module per idea: ``base`` (the error), ``model`` (ESM-2 and the sharding rules), ``serialize``
-(trees to dataclasses and back), ``train`` and ``finetune`` (their configs and loaders); every
-public name is importable from ``esmjax.config``.
+One module per idea: ``base`` (the error, the key a check names), ``model`` (ESM-2 and its presets),
+``mesh`` (the mesh axes, the logical axis names, the sharding rules and ``MeshConfig``),
+``serialize`` (trees to dataclasses and back), ``train`` and ``finetune`` (their configs and
+loaders). The names other packages use are importable from ``esmjax.config``; the logical axis
+names, which only the model code uses, from ``esmjax.config.mesh``.
 """
 
 from esmjax.config.base import (  # noqa: F401
@@ -23,33 +25,23 @@ from esmjax.config.finetune import (  # noqa: F401
     load_finetune_config,
     load_finetune_run_config,
 )
+from esmjax.config.mesh import (  # noqa: F401
+    MESH_AXES,
+    RULE_PRESETS,
+    MeshConfig,
+    Rules,
+    resolve_rules,
+)
 from esmjax.config.model import (  # noqa: F401
-    ACT_BATCH,
-    ACT_EMBED,
-    ACT_HEADS,
-    ACT_LEN,
-    ACT_MLP,
     ARCHITECTURE_FIELDS,
     ATTENTION_PATHS,
     DTYPES,
-    EMBED,
     ESM2_PRESETS,
-    HEAD_DIM,
-    HEADS,
-    LAYERS,
-    LOGICAL_AXES,
-    MESH_AXES,
-    MLP,
-    NORM,
     REMAT_POLICIES,
-    RULE_PRESETS,
-    VOCAB,
     ESM2Config,
-    Rules,
     check_same_architecture,
     esm2_from_shape,
     esm2_preset,
-    resolve_rules,
 )
 from esmjax.config.serialize import (  # noqa: F401
     config_hash,
@@ -59,7 +51,6 @@ from esmjax.config.serialize import (  # noqa: F401
 from esmjax.config.train import (  # noqa: F401
     CheckpointConfig,
     DataConfig,
-    MeshConfig,
     OptimConfig,
     TrainConfig,
     load_config,

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import math
+from collections.abc import Iterator
 from typing import Any
 
 from esmjax.errors import InputError
@@ -20,7 +22,18 @@ class ConfigError(InputError):
 _WHERE: contextvars.ContextVar[str] = contextvars.ContextVar("esmjax_config_where", default="")
 
 
-def _key(name: str) -> str:
+@contextlib.contextmanager
+def section(where: str) -> Iterator[None]:
+    """The dataclass checks inside name their keys under ``where`` (``full_key``)."""
+    token = _WHERE.set(where)
+    try:
+        yield
+    finally:
+        _WHERE.reset(token)
+
+
+def full_key(name: str) -> str:
+    """``name`` under the section being built: ``num_heads`` -> ``model.num_heads``."""
     where = _WHERE.get()
     return f"{where}.{name}" if where else name
 
@@ -28,7 +41,7 @@ def _key(name: str) -> str:
 def check(obj: Any, name: str, ok: bool, want: str) -> None:
     """Unless ``ok``, a ``ConfigError`` naming the key (``data.seq_len: must be >= 3, got 0``)."""
     if not ok:
-        raise ConfigError(f"{_key(name)}: must be {want}, got {getattr(obj, name)!r}")
+        raise ConfigError(f"{full_key(name)}: must be {want}, got {getattr(obj, name)!r}")
 
 
 def check_finite(obj: Any) -> None:
@@ -36,4 +49,4 @@ def check_finite(obj: Any) -> None:
     for f in dataclasses.fields(obj):
         v = getattr(obj, f.name)
         if isinstance(v, float) and not math.isfinite(v):
-            raise ConfigError(f"{_key(f.name)}: must be a finite number, got {v}")
+            raise ConfigError(f"{full_key(f.name)}: must be a finite number, got {v}")

@@ -9,12 +9,16 @@ from pathlib import Path
 from typing import Any
 
 from esmjax.config.base import ConfigError, check, check_finite
-from esmjax.config.serialize import _set_path, from_dict, read_yaml_mapping
-from esmjax.config.train import CheckpointConfig, MeshConfig, OptimConfig
+from esmjax.config.mesh import MeshConfig
+from esmjax.config.serialize import (
+    from_dict,
+    read_yaml_mapping,
+    saved_config,
+    set_path,
+    split_override,
+)
+from esmjax.config.train import CheckpointConfig, OptimConfig
 
-# --------------------------------------------------------------------------------------------------
-# Fine-tuning
-# --------------------------------------------------------------------------------------------------
 TASKS = ("sequence_classification", "sequence_regression", "residue_classification")
 FINETUNE_MODES = ("full", "lora", "frozen")
 LORA_TARGETS = ("q", "k", "v", "out", "fc1", "fc2")
@@ -160,10 +164,7 @@ def load_finetune_config(path: str | Path | None, overrides: list[str] | tuple =
     if path is not None:
         tree = read_yaml_mapping(path)
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        key, raw = item.split("=", 1)
-        _set_path(tree, key.strip(), raw.strip())
+        set_path(tree, *split_override(item))
     try:
         cfg = from_dict(FinetuneConfig, tree)
     except ConfigError as e:  # as esmjax train's: the line starts with the file
@@ -179,11 +180,7 @@ def load_finetune_run_config(
     """The config for ``esmjax finetune``: the file plus overrides, or, resuming without
     ``--config``, the workdir's saved one."""
     if path is None:
-        from etils import epath  # the workdir may be a bucket URL (esmjax.io.paths)
-
-        saved = epath.Path(str(workdir)) / "config.json"
-        if not saved.exists():
-            raise ConfigError("--config is required for a new workdir")
+        saved = saved_config(workdir)
         if overrides:
             raise ConfigError("--set needs --config")
         return from_dict(FinetuneConfig, json.loads(saved.read_text())["finetune"])

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from esmjax.config.base import _WHERE, ConfigError
+from esmjax.config.base import ConfigError, section
 from esmjax.config.model import ESM2Config, esm2_preset
 
 
@@ -138,20 +138,27 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
             except ConfigError as e:
                 raise ConfigError(f"{key}: {e}") from None
         kwargs[f.name] = _coerce(tp, value, key)
-    token = _WHERE.set(where)
     try:
-        return cls(**kwargs)
+        with section(where):
+            return cls(**kwargs)
     except TypeError as e:
         raise ConfigError(f"{where or cls.__name__}: {e}") from None
-    finally:
-        _WHERE.reset(token)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
-def _set_path(tree: dict[str, Any], dotted: str, raw: str) -> None:
+def split_override(item: str) -> tuple[str, str]:
+    """A ``--set key.path=value`` item as its key path and raw value."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    return key.strip(), raw.strip()
+
+
+def set_path(tree: dict[str, Any], dotted: str, raw: str) -> None:
+    """Sets ``tree[a][b]... = raw`` read as YAML for the key path ``a.b...``, making sections."""
     keys = dotted.split(".")
     node = tree
     for k in keys[:-1]:
@@ -162,6 +169,17 @@ def _set_path(tree: dict[str, Any], dotted: str, raw: str) -> None:
         node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         raise ConfigError(f"--set {dotted}: cannot read the value {raw!r}") from None
+
+
+def saved_config(workdir: Any) -> Any:
+    """``<workdir>/config.json``, the config of a run resumed without ``--config`` (the workdir
+    may be a bucket URL, hence an ``etils.epath.Path``); a new workdir has none."""
+    from etils import epath
+
+    saved = epath.Path(str(workdir)) / "config.json"
+    if not saved.exists():
+        raise ConfigError("--config is required for a new workdir")
+    return saved
 
 
 def config_hash(cfg: Any) -> str:

@@ -1,5 +1,5 @@
-"""The training configs (mesh, data, optimizer, checkpoints, the run) and the YAML loader of
-``esmjax train``."""
+"""The training configs (data, optimizer, checkpoints, the run; the mesh is ``mesh``) and the YAML
+loader of ``esmjax train``."""
 
 from __future__ import annotations
 
@@ -8,53 +8,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from esmjax.config.base import ConfigError, _key, check, check_finite
-from esmjax.config.model import ESM2Config, check_same_architecture, resolve_rules
-from esmjax.config.serialize import _set_path, from_dict, read_yaml_mapping, to_dict
-
-
-# --------------------------------------------------------------------------------------------------
-# Training
-# --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True, kw_only=True)
-class MeshConfig:
-    """Device mesh ``(data, fsdp, tensor)`` and the logical-axis rules that map onto it.
-
-    ``ici_*`` sizes are within a host or slice, ``dcn_*`` across hosts or slices (MaxText's split).
-    One of the ``ici_*`` sizes may be -1, meaning the devices left over. ``rules`` names a preset in
-    ``RULE_PRESETS`` (``dp``, ``fsdp``, ``fsdp_tp``) or is an explicit list of
-    ``[logical_axis, [mesh_axis, ...]]`` pairs; it is checked when the config is built.
-
-    A dimension that a rule maps onto mesh axes which do not divide it stays replicated over them.
-    Every command resolves parameter shardings through ``sharding.tree_shardings``, which lists such
-    parameters at start-up and refuses to run when they hold more than 5% of the parameter bytes
-    per device (e.g. 15B on fsdp=12: 5,120 is not divisible by 12, so every layer kernel would be
-    replicated). ``allow_replicated: true`` runs anyway, with a warning.
-    """
-
-    ici_data: int = 1
-    ici_fsdp: int = -1
-    ici_tensor: int = 1
-    dcn_data: int = 1
-    dcn_fsdp: int = 1
-    dcn_tensor: int = 1
-    rules: Any = "fsdp"
-    allow_replicated: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("ici_data", "ici_fsdp", "ici_tensor"):
-            if getattr(self, name) < 1 and getattr(self, name) != -1:
-                raise ConfigError(
-                    f"{_key(name)}: must be a positive size or -1 (the devices left over), got "
-                    f"{getattr(self, name)}"
-                )
-        for name in ("dcn_data", "dcn_fsdp", "dcn_tensor"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{_key(name)}: must be positive, got {getattr(self, name)}")
-        ici = (self.ici_data, self.ici_fsdp, self.ici_tensor)
-        if ici.count(-1) > 1:
-            raise ConfigError(f"{_key('ici_*')}: at most one mesh size may be -1, got {ici}")
-        resolve_rules(self.rules, _key("rules"))
+from esmjax.config.base import ConfigError, check, check_finite
+from esmjax.config.mesh import MeshConfig
+from esmjax.config.model import ESM2Config, check_same_architecture
+from esmjax.config.serialize import (
+    from_dict,
+    read_yaml_mapping,
+    saved_config,
+    set_path,
+    split_override,
+    to_dict,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -234,13 +198,11 @@ def load_config(
         tree["model"] = {"preset": tree["model"]}
     model_overrides = []
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        key, raw = item.split("=", 1)
-        if key.strip().startswith("model."):
-            model_overrides.append((key.strip(), raw.strip()))
+        key, raw = split_override(item)
+        if key.startswith("model."):
+            model_overrides.append((key, raw))
             continue
-        _set_path(tree, key.strip(), raw.strip())
+        set_path(tree, key, raw)
     src = tree.get("init_from") or ""
     source_cfg = source_model(str(src)) if src and source_model is not None else None
     named = "model" in tree
@@ -249,7 +211,7 @@ def load_config(
     for key, raw in model_overrides:
         if "model" not in tree:
             raise ConfigError("--set model.*: the config names no model")
-        _set_path(tree, key, raw)
+        set_path(tree, key, raw)
     if "model" not in tree:
         raise ConfigError("the config must name a model (a preset name or a mapping)")
     try:
@@ -267,11 +229,7 @@ def load_run_config(
     """The config for ``esmjax train``: the file plus overrides, or the workdir's saved config
     when resuming."""
     if path is None:
-        from etils import epath  # the workdir may be a bucket URL (esmjax.io.paths)
-
-        saved = epath.Path(str(workdir)) / "config.json"
-        if not saved.exists():
-            raise ConfigError("--config is required for a new workdir")
+        saved = saved_config(workdir)
         tree = json.loads(saved.read_text())
         try:
             cfg = from_dict(TrainConfig, tree)

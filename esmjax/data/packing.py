@@ -4,9 +4,9 @@ A block of draws is packed by best-fit decreasing (Johnson 1973; Coffman, Garey 
 "Approximation algorithms for bin packing: a survey"): items (``Draws.size`` tokens: the residues
 plus BOS and EOS where the window keeps the sequence's ends) are taken longest first and each goes
 into the open row with the least room that still fits it, a new row when none does. A row closes
-when it holds ``max_segments`` items or has no room for a 1-residue item. On UniProt-like lengths
-this fills over 97% of the tokens (see BENCHMARKS.md). The rows of a block are then put in a seeded
-random order so that a batch taken from part of a block mixes long and short sequences.
+when it holds ``max_segments`` items or has no room for a 1-residue item, so that on UniProt-like
+lengths little of a row is padding. The rows of a block are then put in a seeded random order so
+that a batch taken from part of a block mixes long and short sequences.
 
 ``assemble`` writes the rows: per segment ``BOS seq EOS`` for a whole sequence, and for a crop
 (ESM-2, see ``esmjax.data.sampling``) BOS only when the window is the start of ``BOS seq EOS`` and

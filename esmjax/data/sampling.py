@@ -44,7 +44,6 @@ TAG_MEMBER = 2
 TAG_CROP = 3
 TAG_ROWS = 4
 TAG_MASK = 5
-TAG_HOLDOUT = 6
 
 
 def mix64(x: np.ndarray) -> np.ndarray:

@@ -12,11 +12,10 @@ draws (``esmjax.io.ranges``), after the split's index files alone were downloade
 (``_open_bucket_folder``). Cluster sampling draws every host's rows from the whole dataset, so no
 partition of the files would spare a host any of them; reading by record does.
 
-Folders built before the token file existed are read from the ArrayRecord files through TFDS's
-NumPy-only data source (no TensorFlow), and from a bucket they are still copied whole to every host
-(``paths.stage``: ArrayRecord 0.8.6 opens local files only), with a warning that suggests
-rebuilding. Record ids and cluster names (``describe``, ``esmjax data inspect --sample``) live in
-the ArrayRecord files only; for a bucket folder ``describe`` stages those files on first use.
+Record ids and cluster names (``describe``, ``esmjax data inspect --sample``) live in the
+ArrayRecord files only, read through TFDS's NumPy-only data source (no TensorFlow); for a bucket
+folder ``describe`` stages those files on first use (``esmjax.io.stage``: ArrayRecord 0.8.6 opens
+local files only).
 
 A FASTA file is read whole into memory, each record its own cluster; its ``train`` and
 ``validation`` splits follow the same hold-out rule as ``esmjax data build`` (``held_out``), and
@@ -36,7 +35,7 @@ import numpy as np
 
 from esmjax.data import tokens
 from esmjax.errors import InputError
-from esmjax.io import paths
+from esmjax.io import paths, stage
 from esmjax.io.fasta import read_fasta
 from esmjax.io.ranges import RangeFile
 from esmjax.models.alphabet import encode
@@ -181,15 +180,12 @@ class FolderSplit(Split):
         self.lengths = np.load(self.folder / f"{split}.lengths.npy", mmap_mode="r")
         self.offsets = np.load(self.folder / f"{split}.offsets.npy", mmap_mode="r")
         self.fingerprint = info["fingerprint"]
-        # None: built before token files existed, read from ArrayRecord
-        self.tokens_bytes: int | None = info.get("tokens_bytes")
+        self.tokens_bytes = _tokens_bytes(info, where, split)
         self._source = None
         self._index: tokens.TokenIndex | None = None
         self._data: np.ndarray | None = None  # the local token file, memory-mapped
         self._remote: RangeFile | None = None
-        if remote is not None and self.tokens_bytes is None:
-            raise DatasetError(f"{remote}: no {tokens.file_name(split)} to stream from")
-        if check and self.tokens_bytes is not None:
+        if check:
             file = self.token_file()
             size = file.size() if isinstance(file, RangeFile) else file.stat().st_size
             if size != self.tokens_bytes:
@@ -226,14 +222,12 @@ class FolderSplit(Split):
             if self.remote is None:
                 tfds_dir = self.folder / TFDS_NAME / TFDS_VERSION
             else:
-                tfds_dir = paths.stage(str(paths.path(self.remote) / TFDS_NAME / TFDS_VERSION))
+                tfds_dir = stage.stage(str(paths.path(self.remote) / TFDS_NAME / TFDS_VERSION))
             builder = tfds.builder_from_directory(str(tfds_dir))
             self._source = builder.as_data_source(split=self.name)
         return self._source
 
     def _read(self, records: np.ndarray) -> list[np.ndarray]:
-        if self.tokens_bytes is None:
-            return self.read_array_record(records)
         if self._index is None:
             self._index = tokens.TokenIndex(self.lengths)
         starts, ends = self._index.ranges(records)
@@ -245,11 +239,12 @@ class FolderSplit(Split):
         return [self._data[a:z] for a, z in zip(starts.tolist(), ends.tolist())]
 
     def read_array_record(self, records: np.ndarray) -> list[np.ndarray]:
-        """Residue ids of records read from the ArrayRecord files (datasets without token files).
+        """Residue ids of records read from the ArrayRecord files, which hold the same ids as the
+        token file (what the token file is checked against).
 
-        The raw ArrayRecord bytes are parsed straight into the token bytes, 4x faster than TFDS's
-        generic decoding: each record is a tf.train.Example whose "tokens" feature holds the raw
-        uint8 ids (Encoding.BYTES)."""
+        The raw ArrayRecord bytes are parsed straight into the token bytes, without TFDS's generic
+        decoding: each record is a tf.train.Example whose "tokens" feature holds the raw uint8 ids
+        (Encoding.BYTES)."""
         from tensorflow_datasets.proto import tf_example_pb2
 
         parse = tf_example_pb2.Example.FromString
@@ -343,6 +338,17 @@ def check_path(path: str | Path) -> None:
         raise DatasetError(f"{p}: no such file or folder")
 
 
+def _tokens_bytes(info: dict[str, Any], where: str | Path, split: str) -> int:
+    """The size of the split's token file that the metadata records; a folder without one (built
+    before token files existed) is refused with the command that rebuilds it."""
+    if "tokens_bytes" not in info:
+        raise DatasetError(
+            f"{where}: no {tokens.file_name(split)} (built by an earlier esmjax); rebuild it with "
+            "`esmjax data build`"
+        )
+    return info["tokens_bytes"]
+
+
 def _index_matches(folder: Path, split: str, fp: str) -> bool:
     try:
         lengths = np.load(folder / f"{split}.lengths.npy", mmap_mode="r")
@@ -358,32 +364,24 @@ def _open_bucket_folder(url: str, split: str) -> FolderSplit:
     Downloads ``esmjax_dataset.json`` (every time: it names the current build) and, unless the
     stage root already holds them with the fingerprint that metadata records, the split's
     ``lengths``/``offsets`` arrays (4 bytes per record and 8 per cluster) into
-    ``paths.staged_path(url, "index")``, each file written whole or not at all; records are then
-    read by range requests. A folder without token files is staged whole.
+    ``stage.staged_path(url, "index")``, each file written whole or not at all; records are then
+    read by range requests.
     """
     text = _meta_text(url)
     info = _parse_meta(text, f"{url}/{META_FILE}")["splits"].get(split)
     if not info or not info["records"]:
         raise DatasetError(f"{url}: the dataset has no {split} records")
-    if "tokens_bytes" not in info:
-        log.warning(
-            "%s was built before esmjax streamed bucket datasets (no %s): every host copies the "
-            "whole dataset to local disk. Rebuild it with `esmjax data build` to read only the "
-            "records a host needs.",
-            url,
-            tokens.file_name(split),
-        )
-        return FolderSplit(paths.stage(url), split)
-    index = paths.staged_path(url, "index")
+    _tokens_bytes(info, url, split)
+    index = stage.staged_path(url, "index")
     if not _index_matches(index, split, info["fingerprint"]):
         for name in (f"{split}.lengths.npy", f"{split}.offsets.npy"):
-            paths.download(str(paths.path(url) / name), index / name)
+            stage.download(str(paths.path(url) / name), index / name)
         if not _index_matches(index, split, info["fingerprint"]):
             raise DatasetError(
                 f"{url}: the {split} index files do not match {META_FILE} (a dataset being "
                 "replaced?)"
             )
-    paths.keep(index / META_FILE, text.encode())
+    stage.keep(index / META_FILE, text.encode())
     opened = FolderSplit(index, split, remote=url)
     log.info(
         "streaming %s (%s split, %.1f MB of records) by range requests; its index is in %s",

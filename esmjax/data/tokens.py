@@ -7,14 +7,13 @@ read without a record reader: record ``i`` is bytes ``[cum[i], cum[i + 1])`` wit
 cumsum(lengths)]``, so a local file is memory-mapped and sliced, and a file in a bucket is read with
 HTTP range requests (``esmjax.io.ranges``) for the records a host draws, instead of every host
 copying the whole dataset (ArrayRecord 0.8.6 opens local files only). The dataset's metadata records
-the file's size per split (``tokens_bytes``), which doubles as the marker that a dataset has token
-files (datasets built before do not; they are read from ArrayRecord).
+the file's size per split (``tokens_bytes``), which readers check.
 
 ``cum`` is not stored: 8 bytes per record in every data process (UniRef90 has over 100M records)
 would be too much to hold, so ``TokenIndex`` keeps the prefix sum at every ``STRIDE``-th record
 (8 / ``STRIDE`` bytes per record) and, per lookup, reads the ``STRIDE`` lengths of each block that
-holds a requested record from the (memory-mapped) lengths array: 2.5 ms for 4,096 random records of
-50M on the 2-core VM of BENCHMARKS.md, 0.4 ms when they fall in few blocks.
+holds a requested record from the (memory-mapped) lengths array, a small cost next to reading the
+records.
 """
 
 from __future__ import annotations

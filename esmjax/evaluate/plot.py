@@ -3,7 +3,7 @@
 
 Figures are drawn with matplotlib's Agg canvas directly (no pyplot, no display, no global state), so
 plotting works on headless machines and inside other programs. A figure's path may be a bucket URL
-(``gs://``, ``s3://``): the PNG is rendered in memory and written as one object (``_save``).
+(``gs://``, ``s3://``): the PNG is rendered in memory and written as one object (``save``).
 
 ``metrics.jsonl`` holds one JSON object per line: training lines carry ``step, loss, perplexity,
 ...``, evaluation lines ``step, eval_loss, eval_perplexity, ...``. A last line cut off by a running
@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 
 
-def _figure(width: float, height: float):
+def figure(width: float, height: float):
+    """An off-screen (Agg) matplotlib figure, without pyplot's global state."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -43,7 +44,7 @@ def _figure(width: float, height: float):
     return fig
 
 
-def _save(fig, path: str | os.PathLike) -> Path:
+def save(fig, path: str | os.PathLike) -> Path:
     """Writes the figure ``path`` (PNG, or the format its suffix names): a bucket URL as one
     object upload (whole or absent), a local file as a temporary sibling renamed into place
     (``paths.write_bytes``)."""
@@ -98,7 +99,7 @@ def series(rows: Sequence[dict[str, Any]], key: str) -> tuple[np.ndarray, np.nda
 
 def plot_training(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
     """Loss and perplexity against step, training and held-out evaluation curves."""
-    fig = _figure(10, 4)
+    fig = figure(10, 4)
     axes = fig.subplots(1, 2)
     for ax, (train_key, eval_key, label) in zip(
         axes,
@@ -124,7 +125,7 @@ def plot_training(rows: Sequence[dict[str, Any]], path: str | Path, title: str =
             ax.legend()
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def summary_rows(rows: Sequence[dict[str, Any]]) -> list[tuple[str, Any, Any, Any]]:
@@ -154,7 +155,7 @@ def plot_contact_map(
     """Predicted probabilities (left) and the true map with the top-L predictions at separation >=
     ``min_sep`` marked as hits (green) or misses (red) (right); unknown pairs are grey."""
     n = len(pred)
-    fig = _figure(10, 4.8)
+    fig = figure(10, 4.8)
     ax1, ax2 = fig.subplots(1, 2)
     from matplotlib.colors import ListedColormap
 
@@ -185,7 +186,7 @@ def plot_contact_map(
         ax.set_ylabel("residue")
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def plot_variant_scatter(
@@ -196,7 +197,7 @@ def plot_variant_scatter(
     rho: float | None = None,
 ) -> Path:
     """Masked-marginal score against measured fitness."""
-    fig = _figure(5.5, 4.5)
+    fig = figure(5.5, 4.5)
     ax = fig.subplots()
     ax.scatter(scores, fitness, s=5, alpha=0.5, linewidths=0)
     ax.set_xlabel("masked-marginal score (log-odds mutant vs wild type)")
@@ -207,7 +208,7 @@ def plot_variant_scatter(
     )
     if label:
         ax.set_title(label.strip(), fontsize=9)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -218,7 +219,17 @@ def plot_variant_scatter(
 def plot_workdir(src: str | Path, out: str | Path | None = None) -> Path:
     """``esmjax plot``: the training curves of a workdir (or a ``metrics.jsonl``) as a PNG, with a
     first/last table of every metric on stdout; returns the PNG's path. ``src`` and ``out`` may be
-    bucket URLs (the default ``out`` is then in the bucket too)."""
+    bucket URLs (the default ``out`` is then in the bucket too). matplotlib and the PNG's place
+    are checked before the metrics are read and drawn."""
+    from esmjax.inference import preflight
+
+    preflight.plotting("esmjax plot")
+    if out:
+        preflight.output(out, f"--out {out}", folder=False)
+    elif not paths.is_remote(src) and Path(src).exists():
+        w = Path(src)
+        default = (w if w.is_dir() else w.parent) / "plots" / "training.png"
+        preflight.output(default, f"{default} (the default --out)", folder=False)
     rows = read_metrics(src)
     if not rows:
         raise InputError(f"{src}: no metrics yet")

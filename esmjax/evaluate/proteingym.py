@@ -339,9 +339,9 @@ def _write_scores(path: Path, assay: Assay, scores: np.ndarray) -> None:
 
 
 def _atomic_json(path: Path, obj: dict) -> None:
-    from esmjax.evaluate.report import _clean
+    from esmjax.evaluate.report import clean
 
-    paths.write_text(path, json.dumps(_clean(obj), indent=2) + "\n")
+    paths.write_text(path, json.dumps(clean(obj), indent=2) + "\n")
 
 
 def write_assay_table(rows: Sequence[dict], path: Path) -> Path:
@@ -364,12 +364,12 @@ def write_assay_table(rows: Sequence[dict], path: Path) -> Path:
 
 def plot_spearman(rows: Sequence[dict], path: Path, title: str = "") -> Path:
     """Per-assay Spearman, sorted, bars coloured by coarse selection type."""
-    from esmjax.evaluate.plot import _figure, _save
+    from esmjax.evaluate.plot import figure, save
 
     rows = sorted(rows, key=lambda r: -(r["metrics"]["spearman"] or -2))
     types = sorted({r["selection_type"] for r in rows})
     colours = {t: f"C{i % 10}" for i, t in enumerate(types)}
-    fig = _figure(max(4.5, 0.25 * len(rows) + 2), 4.0)
+    fig = figure(max(4.5, 0.25 * len(rows) + 2), 4.0)
     ax = fig.subplots()
     values = [r["metrics"]["spearman"] for r in rows]
     values = [v if v is not None and math.isfinite(v) else 0.0 for v in values]
@@ -382,7 +382,7 @@ def plot_spearman(rows: Sequence[dict], path: Path, title: str = "") -> Path:
     ax.legend(fontsize=7)
     if title:
         ax.set_title(title, fontsize=9)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 # --------------------------------------------------------------------------------------------------

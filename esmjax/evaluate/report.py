@@ -26,9 +26,9 @@ from esmjax.errors import InputError
 from esmjax.io import checkpoint, paths
 
 
-def checkpoint_info(path: str | Path, step: int) -> dict[str, Any]:
+def checkpoint_info(ckpt: checkpoint.Checkpoint, step: int) -> dict[str, Any]:
     """Provenance of a restored checkpoint for the report header."""
-    raw = checkpoint.read_config(path)
+    raw = ckpt.config
     train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
     if set(raw) & (train_keys - {"model"}):  # a training workdir stores its whole TrainConfig
         kind, digest = (
@@ -38,7 +38,7 @@ def checkpoint_info(path: str | Path, step: int) -> dict[str, Any]:
     else:
         kind, digest = "model", config_hash(from_dict(ESM2Config, raw["model"], "model"))
     info = {
-        "checkpoint": str(paths.path(path)),  # absolute, or the bucket URL
+        "checkpoint": str(paths.path(ckpt.path)),  # absolute, or the bucket URL
         "step": int(step),
         "config_hash": digest,
         "config_kind": kind,
@@ -72,12 +72,12 @@ def build(
     }
 
 
-def _clean(x: Any) -> Any:
+def clean(x: Any) -> Any:
     """NaN/inf as null (strict JSON), numpy scalars as Python numbers."""
     if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
+        return {str(k): clean(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
+        return [clean(v) for v in x]
     if hasattr(x, "item") and not isinstance(x, (str, bytes)):
         x = x.item()
     if isinstance(x, float) and not math.isfinite(x):
@@ -91,7 +91,7 @@ def write(report: dict[str, Any], path: str | Path) -> Path:
     if paths.is_remote(path):
         if jax.process_index() == 0:
             with paths.remote_errors(path):
-                paths.path(path).write_text(json.dumps(_clean(report), indent=2) + "\n")
+                paths.path(path).write_text(json.dumps(clean(report), indent=2) + "\n")
         return paths.path(path)
     path = Path(path)
     if jax.process_index() != 0:
@@ -99,7 +99,7 @@ def write(report: dict[str, Any], path: str | Path) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(_clean(report), indent=2) + "\n")
+        tmp.write_text(json.dumps(clean(report), indent=2) + "\n")
         os.replace(tmp, path)
     except OSError as e:
         raise InputError(f"cannot write the report {path}: {e.strerror or e}") from None

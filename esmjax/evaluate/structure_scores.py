@@ -40,11 +40,11 @@ from esmjax.io.structures import (
     CIF_SUFFIXES,
     PDB_SUFFIXES,
     StructureError,
-    _file_format,
-    _one_letter,
-    _open_text,
-    _pick_chain,
-    _polymer_atoms,
+    file_format,
+    one_letter,
+    open_text,
+    pick_chain,
+    polymer_atoms,
     split_spec,
 )
 
@@ -74,17 +74,17 @@ def load_chain(spec: str, model: int = 1) -> Chain:
     with paths.remote_errors(path_s):
         if not path.is_file():
             raise StructureError(f"{path}: no such structure file")
-    fmt = _file_format(path)
+    fmt = file_format(path)
     try:
         if fmt == "pdb":
             import biotite.structure.io.pdb as pdb
 
-            f = pdb.PDBFile.read(_open_text(path))
+            f = pdb.PDBFile.read(open_text(path))
             atoms = f.get_structure(model=model, altloc="occupancy", extra_fields=["b_factor"])
         else:
             import biotite.structure.io.pdbx as pdbx
 
-            f = pdbx.CIFFile.read(_open_text(path))
+            f = pdbx.CIFFile.read(open_text(path))
             atoms = pdbx.get_structure(
                 f,
                 model=model,
@@ -96,12 +96,12 @@ def load_chain(spec: str, model: int = 1) -> Chain:
         raise
     except Exception as e:  # biotite raises several types for malformed files
         raise StructureError(f"{path}: cannot read the structure ({e})") from None
-    atoms = _polymer_atoms(atoms)
+    atoms = polymer_atoms(atoms)
     chains = list(dict.fromkeys(str(c) for c in atoms.chain_id))
-    chain = _pick_chain(path, chains, chain)
+    chain = pick_chain(path, chains, chain)
     atoms = atoms[atoms.chain_id == chain]
     starts = struc.get_residue_starts(atoms, add_exclusive_stop=True)
-    seq = "".join(_one_letter(str(atoms.res_name[s])) for s in starts[:-1])
+    seq = "".join(one_letter(str(atoms.res_name[s])) for s in starts[:-1])
     return Chain(str(path), chain, atoms, seq, starts)
 
 
@@ -394,15 +394,15 @@ def write_table(per: list[dict], path: Path) -> Path:
 
 def plot(per: list[dict], out: Path) -> list[Path]:
     """lDDT histogram and pLDDT vs per-residue lDDT scatter."""
-    from esmjax.evaluate.plot import _figure, _save
+    from esmjax.evaluate.plot import figure, save
 
-    fig = _figure(5.0, 3.8)
+    fig = figure(5.0, 3.8)
     ax = fig.subplots()
     ax.hist([t["lddt"] for t in per], bins=20, range=(0, 1))
     ax.set_xlabel("lDDT (all atom)")
     ax.set_ylabel("targets")
-    p1 = _save(fig, out / "structures_lddt_hist.png")
-    fig = _figure(5.0, 4.5)
+    p1 = save(fig, out / "structures_lddt_hist.png")
+    fig = figure(5.0, 4.5)
     ax = fig.subplots()
     for t in per:
         ax.scatter(
@@ -411,5 +411,5 @@ def plot(per: list[dict], out: Path) -> list[Path]:
     ax.set_xlabel("predicted pLDDT")
     ax.set_ylabel("CA lDDT x 100")
     ax.plot([0, 100], [0, 100], "k--", lw=0.5)
-    p2 = _save(fig, out / "structures_plddt_vs_lddt.png")
+    p2 = save(fig, out / "structures_plddt_vs_lddt.png")
     return [p1, p2]

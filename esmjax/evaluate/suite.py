@@ -29,13 +29,19 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from esmjax.errors import InputError
-from esmjax.io import paths
+from esmjax.io import checkpoint, paths
+
+if TYPE_CHECKING:
+    from esmjax.evaluate.options import Options
+
+log = logging.getLogger("esmjax.evaluate")
 
 SECTIONS = ("perplexity", "contacts", "variants", "proteingym", "structures")
 PATH_KEYS = {"data", "fit", "structures", "dms", "wt_sequence", "folder", "reference", "fasta",
@@ -96,20 +102,124 @@ def _resolve(suite: Any, value: Any) -> str:
     return str(candidate)
 
 
-def to_argv(options: dict[str, Any]) -> list[str]:
-    """Section options -> command-line arguments (``--key value``, lists expanded, flags)."""
-    argv = []
-    for key, value in options.items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            argv.append(flag)
-        elif value is False or value is None:
+# --------------------------------------------------------------------------------------------------
+# The suite run
+# --------------------------------------------------------------------------------------------------
+def run(opts: Options, suite: str) -> dict:
+    """``evaluate all``: the report card of ``opts.checkpoint`` for the suite file ``suite``.
+    Every section is checked before any runs (and computes, fits or writes); the card goes to
+    ``opts.out`` (default ``<checkpoint>/eval/step_<N>``) with each evaluation's report."""
+    import dataclasses
+
+    from esmjax.evaluate import jobs, report
+
+    sections = read_suite(suite)
+    jobs.check_report(opts)
+    # Orbax (the latest step) uses JAX, whose distributed start-up must come first; the sections'
+    # options, which name that step, are checked after it.
+    if opts.start is not None:
+        opts.start()
+    ckpt = opts.checkpoint.pinned()
+    step = ckpt.requested_step
+    out = paths.given(opts.out) if opts.out else report.default_out_dir(ckpt.path, step)
+    opts = dataclasses.replace(opts, checkpoint=ckpt, out=str(out))
+    plan, skipped = _plan(opts, sections, suite)
+    for steps in plan.values():  # every section, before any runs
+        for options, cmd in steps:
+            jobs.check(options, cmd)
+    reports = {}
+    for name, steps in plan.items():
+        log.info("evaluate all: %s", name)
+        for options, cmd in steps:
+            jobs.run(options, cmd, checked=True)
+        reports[name] = out / f"{name}.json"
+    if ckpt.kind == checkpoint.ESMFOLD:
+        info = {"checkpoint": paths.absolute(ckpt.path), "step": step, "config_hash": None}
+    else:
+        info = report.checkpoint_info(ckpt, step)
+    summary = card(info, suite, reports, skipped)
+    path = report.write(summary, out / SUMMARY)
+    table = markdown([summary])
+    if jobs.is_main():
+        paths.write_text(out / "summary.md", table + "\n")
+        print(table)
+        for name, why in skipped.items():
+            print(f"skipped {name}: {why}")
+        print(f"report card: {path}")
+    return summary
+
+
+def _plan(opts: Options, sections: dict[str, dict], suite: str) -> tuple[dict, dict[str, str]]:
+    """``({section: [(options, job options), ...]}, {section: why skipped})``: the typed options
+    of every section the checkpoint can run, each section's mistakes one line naming it."""
+    import dataclasses
+
+    from esmjax.evaluate import options as op
+
+    esmfold = opts.checkpoint.kind == checkpoint.ESMFOLD
+    plan, skipped = {}, {}
+    for name, section in sections.items():
+        where = f"{suite}: {name}"
+        if name == "structures":
+            steps = _structures(opts, dict(section), where, esmfold)
+            if steps is None:
+                skipped[name] = "folding needs an ESMFold checkpoint"
+            else:
+                plan[name] = steps
             continue
-        elif isinstance(value, list):
-            argv += [flag, *(str(v) for v in value)]
-        else:
-            argv += [flag, str(value)]
-    return argv
+        if esmfold:
+            skipped[name] = "language-model evaluations take an ESM-2 checkpoint"
+            continue
+        job = op.JOBS[name]
+        known = {**op.keys(job), **op.keys(op.Options, op.SECTION_SETTINGS, required=False)}
+        values = op.from_section(section, where, known)
+        settings = {k: values.pop(k) for k in op.SECTION_SETTINGS if k in values}
+        plan[name] = [(dataclasses.replace(opts, **settings), job(**values))]
+    return plan, skipped
+
+
+def _structures(opts: Options, section: dict, where: str, esmfold: bool) -> list | None:
+    """The steps of a ``structures`` section: fold ``fasta`` into ``<out>/folds`` (an ESMFold
+    checkpoint; None for another) and score the folds, or score ``predicted``/``pairs``."""
+    from esmjax.evaluate import options as op
+    from esmjax.inference.options import FoldOptions
+
+    fasta = section.pop("fasta", None)
+    if fasta is None and "predicted" not in section and "pairs" not in section:
+        raise InputError(f"{where}: give fasta (ESMFold checkpoints) or predicted/pairs")
+    if fasta is not None and not esmfold:
+        return None
+    steps = []
+    if fasta is not None:
+        names = ("num_recycles", "chunk_size", "max_tokens_per_batch")
+        given = {k: section.pop(k) for k in names if k in section}
+        values = op.from_section(given, where, op.keys(FoldOptions, names, required=False))
+        folds = str(paths.given(opts.out) / "folds")
+        fold = FoldOptions(fasta=str(fasta), out=folds, progress=opts.progress, **values)
+        steps.append((opts, fold))
+        section["predicted"] = [folds]
+    names = ("predicted", "reference", "pairs", "plot")
+    values = op.from_section(section, where, op.keys(op.StructuresOptions, names))
+    values["plot"] = values.get("plot", False) or opts.plot
+    steps.append((None, op.StructuresOptions(out=opts.out, progress=opts.progress, **values)))
+    return steps
+
+
+def compare(
+    cards: Sequence[str], names: Sequence[str] | None = None, out: str | None = None
+) -> str:
+    """``evaluate compare``: the report cards side by side, printed (and written to ``out``)."""
+    from esmjax.inference import preflight
+
+    preflight.output(out, f"--out {out}", folder=False)
+    loaded = [load_card(c) for c in cards]
+    if names and len(names) != len(loaded):
+        raise InputError(f"--names: {len(names)} names for {len(loaded)} cards")
+    table = markdown(loaded, names)
+    print(table)
+    if out:
+        paths.write_text(out, table + "\n")
+    return table
 
 
 # --------------------------------------------------------------------------------------------------

@@ -45,7 +45,6 @@ from esmjax.io.fasta import read_fasta
 from esmjax.models.alphabet import TOKEN_TO_ID, TokenizeError, encode
 
 _MUTATION = re.compile(r"^([A-Z])(-?\d+)([A-Z*])$")
-SCORABLE = set("ACDEFGHIKLMNPQRSTVWYXBUZO")
 
 
 class DMSError(InputError):

@@ -24,15 +24,15 @@ import numpy as np
 from tqdm import tqdm
 
 from esmjax.errors import InputError
+from esmjax.inference import preflight
 from esmjax.inference.engine import Engine, bucketed
+from esmjax.inference.options import EmbedOptions
 from esmjax.io import checkpoint, paths
 from esmjax.io.fasta import Record, check_unique_ids, read_fasta, sanitize_id
 from esmjax.models.alphabet import PAD, batch_encode
 from esmjax.parallel import sharding as shd
 
 log = logging.getLogger("esmjax.inference.embed")
-
-INCLUDE_CHOICES = ("per_tok", "mean", "logits", "contacts")
 
 
 @dataclass(frozen=True)
@@ -127,34 +127,32 @@ def embed_records(
     return done
 
 
-def embed_fasta(
-    checkpoint_path: str,
-    fasta: str,
-    out: str,
-    *,
-    step: int | None = None,
-    layers: str = "-1",
-    include: Sequence[str] = ("mean",),
-    dtype: str = "float32",
-    max_tokens: int = 4096,
-    truncation: int | None = 1022,
-    unknown_as_x: bool = False,
-    progress: bool = True,
-) -> int:
-    """``esmjax embed``: every record of ``fasta`` through the checkpoint's model, sharded over all
-    local devices (fsdp); writes ``<out>/<id>.npz`` and returns the record count."""
-    records = load_records(fasta, unknown_as_x)
+def embed_fasta(source: checkpoint.Checkpoint | str, opts: EmbedOptions) -> int:
+    """``esmjax embed``: every record of ``opts.fasta`` through the model of the checkpoint
+    ``source`` (opened, or its path), sharded over all local devices (fsdp); writes
+    ``<out>/<id>.npz`` and returns the record count."""
+    ckpt, out = checkpoint.opened(source).checked(), opts.out
+    preflight.output(out, f"--out {out}")  # before the model loads
+    records = load_records(opts.fasta, opts.unknown_as_x)
+    truncation = opts.truncation_seq_length or None
     # a missing bucket fails before the model loads; a failed run leaves no empty folder
     with paths.output_folder(out):
         rules = shd.resolve_rules("fsdp")
-        mesh = checkpoint.inference_mesh(checkpoint_path, rules)
+        mesh = checkpoint.inference_mesh(ckpt, rules, opts.dtype)
         model, restored = checkpoint.load_model(
-            checkpoint_path, step=step, mesh=mesh, rules=rules, dtype=dtype
+            ckpt, step=opts.step, mesh=mesh, rules=rules, dtype=opts.dtype
         )
         engine = Engine(model, mesh, rules)
-        repr_layers = parse_layers(layers, model.cfg.num_layers)
+        repr_layers = parse_layers(opts.layers, model.cfg.num_layers)
         n = embed_records(
-            engine, records, out, repr_layers, include, max_tokens, truncation, progress
+            engine,
+            records,
+            out,
+            repr_layers,
+            opts.include,
+            opts.max_tokens_per_batch,
+            truncation,
+            opts.progress,
         )
     log.info(
         "wrote %d records to %s (checkpoint step %d, %d compilations)",

@@ -24,7 +24,9 @@ import numpy as np
 from tqdm import tqdm
 
 from esmjax.errors import InputError
+from esmjax.inference import preflight
 from esmjax.inference.engine import Engine, bucketed
+from esmjax.inference.options import FoldOptions
 from esmjax.io import checkpoint, paths
 from esmjax.io.fasta import Record, check_unique_ids, read_fasta, sanitize_id
 from esmjax.io.structure_writer import Structure, to_mmcif, to_pdb
@@ -204,32 +206,36 @@ def load_records(path: str, unknown_as_x: bool, max_length: int) -> list[Record]
     return records
 
 
-def fold_fasta(
-    checkpoint_path: str,
-    fasta: str,
-    out: str,
-    *,
-    num_recycles: int | None = None,
-    chunk_size: int | None = None,
-    max_tokens: int = 1024,
-    dtype: str = "float32",
-    mmcif: bool = False,
-    max_length: int = 4096,
-    unknown_as_x: bool = False,
-    progress: bool = True,
-) -> list[dict]:
-    """``esmjax fold``: folds every record of ``fasta`` with the ESMFold checkpoint into ``out``."""
-    if num_recycles is not None and num_recycles < 0:
+def check(ckpt: checkpoint.Checkpoint, opts: FoldOptions) -> None:
+    """An ESMFold checkpoint, and a place to write: before the model loads (a wrong checkpoint
+    leaves no empty output folder)."""
+    ckpt.checked(esmfold=True)
+    preflight.output(opts.out, f"--out {opts.out}")
+
+
+def fold_fasta(source: checkpoint.Checkpoint | str, opts: FoldOptions) -> list[dict]:
+    """``esmjax fold``: folds every record of ``opts.fasta`` with the ESMFold checkpoint
+    ``source`` (opened, or its path) into ``opts.out``."""
+    ckpt, out = checkpoint.opened(source), opts.out
+    check(ckpt, opts)
+    if opts.num_recycles is not None and opts.num_recycles < 0:
         raise InputError("--num-recycles must be >= 0")
-    if chunk_size is not None and chunk_size < 1:
+    if opts.chunk_size is not None and opts.chunk_size < 1:
         raise InputError("--chunk-size must be positive")
-    records = load_records(fasta, unknown_as_x, max_length)
+    records = load_records(opts.fasta, opts.unknown_as_x, opts.max_length)
     # a missing bucket fails before the model loads; a failed run leaves no empty folder
     with paths.output_folder(out):
-        model, _ = checkpoint.load_esmfold(checkpoint_path, dtype=dtype)
+        model, _ = checkpoint.load_esmfold(ckpt, dtype=opts.dtype)
         engine = Engine(model)
         results = fold_records(
-            engine, records, out, max_tokens, mmcif, progress, num_recycles, chunk_size
+            engine,
+            records,
+            out,
+            opts.max_tokens_per_batch,
+            opts.mmcif,
+            opts.progress,
+            opts.num_recycles,
+            opts.chunk_size,
         )
     log.info("folded %d records into %s (%d compilations)", len(results), out, engine.traces)
     return results

@@ -1,16 +1,7 @@
 """A fine-tuned ESM-2 task model: how a fine-tuning run's variables split into trainable and
 frozen parts, how the model is rebuilt from a workdir (``config.json`` + the trainable part of the
-best or a given step + the frozen backbone), predictions in length buckets, and exports.
-
-Exports (``esmjax export W --to ...``):
-
-- ``hf``: an ``EsmForSequenceClassification`` (BOS head) or ``EsmForTokenClassification`` folder
-  (``config.json`` with ``num_labels``, ``id2label``/``label2id``, ``problem_type``, and
-  ``model.safetensors``), LoRA merged into the kernels. Mean pooling has no HF counterpart and is
-  refused.
-- ``peft``: the LoRA adapters alone (and the head, as ``modules_to_save``) in HF PEFT's layout,
-  for the HF model of the unchanged backbone.
-- ``fair-esm``: the (merged) backbone as a fair-esm ``.pt``.
+best or a given step + the frozen backbone), and predictions in length buckets (``esmjax
+predict``). Its exports are ``esmjax.inference.export``.
 """
 
 from __future__ import annotations
@@ -28,15 +19,15 @@ from flax import nnx
 
 from esmjax.config import ESM2Config, FinetuneConfig, MeshConfig, from_dict, to_dict
 from esmjax.errors import InputError
+from esmjax.inference import preflight
 from esmjax.inference.engine import Engine, bucketed
 from esmjax.io import checkpoint as ckpt
-from esmjax.io import convert_esm2, paths
+from esmjax.io import paths
 from esmjax.io.checkpoint import pure_dict_shardings
-from esmjax.io.convert import export as convert_export
 from esmjax.io.convert import load_source_params, source_model_config
 from esmjax.io.fasta import read_fasta
 from esmjax.models.alphabet import PAD, encode_with_specials
-from esmjax.models.heads import LORA_MODULES, TaskModel, merge_lora
+from esmjax.models.heads import TaskModel, abstract_task_model
 from esmjax.parallel import sharding as shd
 
 log = logging.getLogger("esmjax.finetune")
@@ -99,9 +90,7 @@ class Setup:
             pooling=cfg.head,
             lora=lora if cfg.mode == "lora" else None,
         )
-        self.graphdef, self.abstract = nnx.split(
-            nnx.eval_shape(lambda: TaskModel(**self.model_kw, rngs=nnx.Rngs(0)))
-        )
+        self.graphdef, self.abstract = abstract_task_model(**self.model_kw)
 
     def trainable(self, names: tuple[str, ...]) -> bool:
         return is_trainable(self.cfg.mode, names)
@@ -153,28 +142,29 @@ def predict(engine: Engine, tokens: list[np.ndarray], max_tokens: int = 8192) ->
 # --------------------------------------------------------------------------------------------------
 # A fine-tuning workdir restored
 # --------------------------------------------------------------------------------------------------
-def is_finetune_dir(path: str | Path) -> bool:
-    p = paths.path(path) / "config.json"
-    with paths.remote_errors(path):
-        return p.exists() and "finetune" in json.loads(p.read_text())
-
-
-def load_setup(workdir: str | Path) -> Setup:
-    with paths.remote_errors(workdir):
-        raw = json.loads((paths.path(workdir) / "config.json").read_text())
-    cfg = from_dict(FinetuneConfig, raw["finetune"], "finetune")
-    return Setup(cfg, tuple(raw["labels"]), int(raw["num_outputs"]))
+def finetune_run(source: ckpt.Checkpoint | str | Path) -> ckpt.Checkpoint | None:
+    """The fine-tuning run ``source`` (opened, or its path); None for anything else."""
+    found = source if isinstance(source, ckpt.Checkpoint) else ckpt.peek(source)
+    return found if found is not None and found.kind == ckpt.FINETUNE else None
 
 
 def load_finetuned(
-    workdir: str | Path, step: int | None = None, mesh=None, rules: Any = "fsdp"
+    source: ckpt.Checkpoint | str | Path, step: int | None = None, mesh=None, rules: Any = "fsdp"
 ) -> tuple[Setup, Tree, int]:
-    """(setup, the full variables on ``mesh``, the step): the best validation step when the run
-    kept one (else the latest), or the run's step ``step``."""
-    w = paths.path(workdir)
-    if not is_finetune_dir(w):
-        raise InputError(f"{w}: not an esmjax finetune workdir (config.json has no 'finetune')")
-    setup = load_setup(w)
+    """(setup, the full variables on ``mesh``, the step) of the fine-tuning run ``source``
+    (opened, or its path): the best validation step when the run kept one (else the latest), or
+    the run's step ``step``."""
+    run = finetune_run(source)
+    if run is None:
+        where = paths.path(source.path if isinstance(source, ckpt.Checkpoint) else source)
+        raise InputError(f"{where}: not an esmjax finetune workdir (config.json has no 'finetune')")
+    w = paths.path(run.path)
+    raw = run.config
+    setup = Setup(
+        from_dict(FinetuneConfig, raw["finetune"], "finetune"),
+        tuple(raw["labels"]),
+        int(raw["num_outputs"]),
+    )
     mesh = mesh if mesh is not None else shd.single_device_mesh()
     rules = shd.resolve_rules(rules)
     shardings = pure_dict_shardings(setup.abstract, mesh, rules)
@@ -218,173 +208,8 @@ def _run_manager(w: Any, step: int | None) -> Any:
     return ckpt.manager(w, item_names=items)
 
 
-def plain_variables(setup: Setup, variables: Tree) -> Tree:
-    """Host NumPy variables with LoRA merged (the model without adapters computes the same)."""
-    host = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), variables)
-    if setup.cfg.mode == "lora":
-        host = merge_lora(host, setup.cfg.lora.alpha / setup.cfg.lora.rank)
-    return jax.tree.map(np.asarray, host)
-
-
-def problem_type(cfg: FinetuneConfig) -> str:
-    if cfg.task == "sequence_regression":
-        return "regression"
-    return "multi_label_classification" if cfg.multi_label else "single_label_classification"
-
-
-def write_hf_task(setup: Setup, variables: Tree, out: str | Path) -> None:
-    """An ``EsmForSequenceClassification`` / ``EsmForTokenClassification`` folder."""
-    from safetensors.numpy import save_file
-
-    cfg = setup.cfg
-    if cfg.task != "residue_classification" and cfg.head != "bos":
-        raise InputError("head: mean has no HF counterpart; only the bos head exports to HF")
-    plain = plain_variables(setup, variables)
-    sd = convert_esm2.params_to_state_dict(plain["esm"], setup.esm_cfg, "hf")
-    sd = {k: v for k, v in sd.items() if k.startswith("esm.") and "contact_head" not in k}
-    head = plain["classifier"]
-    sd.update(_hf_head(cfg, head, "classifier"))
-    arch = (
-        "EsmForTokenClassification"
-        if cfg.task == "residue_classification"
-        else "EsmForSequenceClassification"
-    )
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {k: np.ascontiguousarray(v, np.float32) for k, v in sd.items()},
-        str(folder / "model.safetensors"),
-        metadata={"format": "pt"},
-    )
-    names = list(setup.labels) or [f"target_{i}" for i in range(setup.num_outputs)]
-    config = {
-        **convert_esm2.hf_config(setup.esm_cfg),
-        "architectures": [arch],
-        "num_labels": setup.num_outputs,
-        "id2label": {str(i): n for i, n in enumerate(names)},
-        "label2id": {n: i for i, n in enumerate(names)},
-    }
-    if cfg.task != "residue_classification":
-        config["problem_type"] = problem_type(cfg)
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-
-
-def _hf_head(cfg: Any, head: Tree, prefix: str) -> dict[str, np.ndarray]:
-    """The head's weights under HF's names: ``EsmForTokenClassification``'s linear ``classifier``,
-    or ``EsmClassificationHead``'s ``classifier.dense`` and ``classifier.out_proj`` ([out, in])."""
-    if cfg.task == "residue_classification":
-        return {f"{prefix}.weight": head["kernel"].T, f"{prefix}.bias": head["bias"]}
-    sd = {}
-    for name in ("dense", "out_proj"):
-        sd[f"{prefix}.{name}.weight"] = head[name]["kernel"].T
-        sd[f"{prefix}.{name}.bias"] = head[name]["bias"]
-    return sd
-
-
-# LoRA target -> (HF module path inside ``esm.encoder.layer.{i}``)
-PEFT_MODULES = {
-    "q": "attention.self.query",
-    "k": "attention.self.key",
-    "v": "attention.self.value",
-    "out": "attention.output.dense",
-    "fc1": "intermediate.dense",
-    "fc2": "output.dense",
-}
-
-
-def write_peft(setup: Setup, variables: Tree, out: str | Path) -> None:
-    """The adapters alone in HF PEFT's layout: ``adapter_config.json`` and
-    ``adapter_model.safetensors`` with ``base_model.model.<module>.lora_A.weight`` [R, in] and
-    ``lora_B.weight`` [out, R] per layer, the head as ``modules_to_save`` (``classifier``). PEFT
-    applies them to the HF model of the backbone (``esmjax export BACKBONE --to hf``)."""
-    from safetensors.numpy import save_file
-
-    cfg = setup.cfg
-    if cfg.mode != "lora":
-        raise InputError(f"--to peft needs a lora run; this one is mode {cfg.mode}")
-    if cfg.task != "residue_classification" and cfg.head != "bos":
-        raise InputError("head: mean has no HF counterpart; only the bos head exports to PEFT")
-    host = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), variables)
-    layers = host["esm"]["layers"]
-    sd: dict[str, np.ndarray] = {}
-    for target in cfg.lora.targets:
-        node = layers
-        for name in LORA_MODULES[target]:
-            node = node[name]
-        a, b = node["lora"]["lora_a"], node["lora"]["lora_b"]  # [N, in, R], [N, R, out]
-        for i in range(setup.esm_cfg.num_layers):
-            key = f"base_model.model.esm.encoder.layer.{i}.{PEFT_MODULES[target]}"
-            sd[f"{key}.lora_A.weight"] = a[i].T
-            sd[f"{key}.lora_B.weight"] = b[i].T
-    sd.update(_hf_head(cfg, host["classifier"], "base_model.model.classifier"))
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {k: np.ascontiguousarray(v, np.float32) for k, v in sd.items()},
-        str(folder / "adapter_model.safetensors"),
-        metadata={"format": "pt"},
-    )
-    modules = "|".join(PEFT_MODULES[t].replace(".", r"\.") for t in cfg.lora.targets)
-    config = {
-        "peft_type": "LORA",
-        "task_type": "TOKEN_CLS" if cfg.task == "residue_classification" else "SEQ_CLS",
-        "r": cfg.lora.rank,
-        "lora_alpha": cfg.lora.alpha,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        # a regex: "dense" alone would also match the classifier's dense layer
-        "target_modules": rf".*\.layer\.\d+\.({modules})",
-        "modules_to_save": ["classifier"],
-        "base_model_name_or_path": cfg.backbone,
-        "fan_in_fan_out": False,
-        "inference_mode": True,
-        "init_lora_weights": True,
-        "use_rslora": False,
-        "use_dora": False,
-    }
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
-
-
-def export(workdir: str | Path, out: str | Path, to: str, step: int | None = None) -> str:
-    """A fine-tuning workdir -> an HF task folder, PEFT adapters or the (merged) backbone as
-    fair-esm ``.pt``. ``out`` may be a bucket URL: the files are written to a temporary folder and
-    uploaded (``paths.local_output``), one object each, ``config.json`` / ``adapter_config.json``
-    last."""
-    if to not in ("hf", "peft", "fair-esm"):
-        raise InputError(f"--to {to}: a fine-tuning workdir exports to hf, peft or fair-esm")
-    if paths.nonempty(out):
-        raise InputError(f"{out} exists; refusing to overwrite")
-    if to == "fair-esm" and not paths.path(out).name.endswith(".pt"):
-        raise InputError("a fair-esm export is a .pt file; name it e.g. esm2_t6_8M_mine.pt")
-    setup, variables, got = load_finetuned(workdir, step)
-    last = {"hf": "config.json", "peft": "adapter_config.json"}.get(to)
-    with paths.local_output(out, last=last) as local:
-        if to == "hf":
-            write_hf_task(setup, variables, local)
-        elif to == "peft":
-            write_peft(setup, variables, local)
-        else:
-            local.parent.mkdir(parents=True, exist_ok=True)
-            esm = plain_variables(setup, variables)["esm"]
-            convert_esm2.write_fairesm(esm, setup.esm_cfg, local)
-    return f"wrote {out} ({to}, {setup.cfg.task}, {setup.cfg.mode}) from step {got}"
-
-
-def export_any(
-    src: str | Path,
-    out: str | Path,
-    to: str,
-    step: int | None = None,
-    folding_head: str | Path | None = None,
-) -> str:
-    """``esmjax export``: a fine-tuning workdir here, anything else by ``esmjax.io.convert``."""
-    if is_finetune_dir(src):
-        return export(src, out, to, step)
-    return convert_export(src, out, to, step=step, folding_head=folding_head)
-
-
 def predict_fasta(
-    workdir: str | Path,
+    source: ckpt.Checkpoint | str | Path,
     fasta: str | Path,
     out: str | Path,
     step: int | None = None,
@@ -396,22 +221,31 @@ def predict_fasta(
     model runs. Sequences are cropped to the run's ``data.max_length``, as the run's training and
     report cropped them, so predict on the run's test rows gives the report's test figures.
 
-    ``workdir``, ``fasta`` and ``out`` may be bucket URLs. The predictions are formatted in memory
-    and written whole (``paths.write_text``: a local file through a renamed temporary sibling, a
-    bucket object in one upload), the same bytes either way; a missing output bucket is refused
-    before the model loads."""
+    ``source`` (the run, opened or its path), ``fasta`` and ``out`` may be bucket URLs. The run's
+    task and the output are checked first. The predictions are formatted in memory and written
+    whole (``paths.write_text``: a local file through a renamed temporary sibling, a bucket object
+    in one upload), the same bytes either way; a missing output bucket is refused before the
+    model loads."""
+    run = ckpt.opened(source)
+    if run.kind != ckpt.FINETUNE:
+        raise InputError(
+            f"--checkpoint {run.path} holds {run.holds}, not a fine-tuning run "
+            "(esmjax predict reads `esmjax finetune` workdirs)"
+        )
+    task = run.config["finetune"].get("task") if isinstance(run.config["finetune"], dict) else None
+    residue = task == "residue_classification"
     shown = paths.given(out)
+    if residue != (shown.suffix == ".jsonl"):
+        raise InputError(f"--out {out}: residue tasks write .jsonl, sequence tasks .csv")
+    preflight.output(out, f"--out {out}", folder=False)
     records = list(read_fasta(fasta))
     if not records:
         raise InputError(f"{fasta}: no records")
     if paths.is_remote(out):
         paths.nonempty(out)  # the bucket must exist (an existing object is replaced, as on disk)
     mesh = shd.make_mesh(MeshConfig(ici_fsdp=-1))
-    setup, variables, got = load_finetuned(workdir, step, mesh, "fsdp")
+    setup, variables, got = load_finetuned(run, step, mesh, "fsdp")
     cfg = setup.cfg
-    residue = cfg.task == "residue_classification"
-    if residue != (shown.suffix == ".jsonl"):
-        raise InputError(f"--out {shown}: residue tasks write .jsonl, sequence tasks .csv")
     engine = Engine(nnx.merge(setup.graphdef, nnx.State(variables)), mesh, "fsdp")
     # The run cropped every train, validation and test sequence to its first data.max_length
     # residues (esmjax.io.labeled.Rows.add) and its report scores those crops, so predict crops

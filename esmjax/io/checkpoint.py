@@ -8,6 +8,9 @@ One layout serves converted ESM-2 and ESMFold weights and training runs::
                                              onto any mesh)
     DIR/checkpoints/<step>/opt_state, meta   (training runs only)
 
+``open`` reads a folder's ``config.json`` once into a ``Checkpoint`` (its kind, its model configs,
+the step to restore, the abstract model), which every reader takes instead of the path.
+
 A converted checkpoint is step 0 with only ``params``. Restoring takes abstract targets with
 shardings, so a checkpoint saved on one mesh or process count restores onto another (Orbax
 reshards). A step that was never committed is invisible to Orbax; a committed step whose files are
@@ -24,11 +27,13 @@ with conditional writes that gcp-storage-emulator cannot serve; README "Object s
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,38 +64,144 @@ class CheckpointError(InputError):
     """No usable checkpoint at the given place or step."""
 
 
-def read_config(path: str | Path) -> dict[str, Any]:
+# What a folder holds, by the sections each writer puts in its config.json: a fine-tuning run has
+# "finetune" (esmjax.inference.task.Setup), an ESMFold checkpoint "esmfold", a pretraining run its
+# whole TrainConfig ("data", "optim", ...), a converted ESM-2 checkpoint only "model".
+CONVERTED, ESMFOLD, TRAIN, FINETUNE = "converted", "esmfold", "train", "finetune"
+_PRETRAINING_KEYS = ("data", "optim", "num_steps", "checkpoint")
+HOLDS = {
+    CONVERTED: "a converted checkpoint",
+    ESMFOLD: "an ESMFold checkpoint",
+    TRAIN: "a pretraining run",
+    FINETUNE: "a fine-tuning run",
+}
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint folder or run opened once (``open``): its ``config.json`` read a single time,
+    the configs parsed from it, the step and the abstract models built on first use. Every reader
+    of a checkpoint (evaluations and their reports, embed, fold, predict, export) takes one. Two
+    are equal when they name the same folder and step."""
+
+    path: str
+    config: dict[str, Any] = field(compare=False, repr=False)
+    requested_step: int | None = None
+    _abstract: dict[tuple, tuple[nnx.GraphDef, nnx.State]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    @property
+    def kind(self) -> str:
+        """``CONVERTED`` (ESM-2 weights), ``ESMFOLD``, ``TRAIN`` or ``FINETUNE``."""
+        if FINETUNE in self.config:
+            return FINETUNE
+        if ESMFOLD_SECTION in self.config:
+            return ESMFOLD
+        return TRAIN if any(k in self.config for k in _PRETRAINING_KEYS) else CONVERTED
+
+    @property
+    def holds(self) -> str:
+        """What the folder holds, in words."""
+        return HOLDS[self.kind]
+
+    @functools.cached_property
+    def model_config(self) -> ESM2Config:
+        """The ESM-2 config (for an ESMFold folder: its language-model stem)."""
+        where = Path(self.path) / CONFIG_FILE
+        if not isinstance(self.config.get("model"), dict):
+            raise CheckpointError(f"{where}: no 'model' section")
+        try:
+            return from_dict(ESM2Config, self.config["model"], "model")
+        except ConfigError as e:
+            raise CheckpointError(f"{where}: {e}") from None
+
+    @functools.cached_property
+    def esmfold_config(self) -> ESMFoldConfig:
+        if ESMFOLD_SECTION not in self.config:
+            raise CheckpointError(
+                f"{self.path}: an ESM-2 checkpoint, not ESMFold (config.json has no "
+                f"'{ESMFOLD_SECTION}')"
+            )
+        return from_json(self.config["model"], self.config[ESMFOLD_SECTION])
+
+    @functools.cached_property
+    def step(self) -> int:
+        """``requested_step``, or else the newest complete step. Orbax lists steps with JAX: read
+        it after the distributed start-up."""
+        if self.requested_step is not None:
+            return self.requested_step
+        mngr = manager(self.path)
+        try:
+            with paths.remote_errors(self.path):
+                steps = list(mngr.all_steps())
+        finally:
+            mngr.close()
+        if not steps:
+            raise CheckpointError(f"{self.path}: no complete checkpoint")
+        return max(steps)
+
+    def checked(self, *, esmfold: bool = False) -> Checkpoint:
+        """This checkpoint, once its ESM-2 config (``esmfold``: its ESMFold config) is read
+        without error: a broken or other folder is one line before any work."""
+        _ = self.esmfold_config if esmfold else self.model_config
+        return self
+
+    def pinned(self) -> Checkpoint:
+        """This checkpoint with ``requested_step`` set to ``step``: restores made one after
+        another (``evaluate all``, a contact-head fit) then read the same step."""
+        if self.requested_step is not None:
+            return self
+        out = Checkpoint(self.path, self.config, self.step)
+        out._abstract.update(self._abstract)
+        return out
+
+    def abstract(
+        self, dtype: str | None = None, *, esmfold: bool = False
+    ) -> tuple[nnx.GraphDef, nnx.State]:
+        """The abstract ESM-2 (``esmfold``: the ESMFold) with compute ``dtype`` (default: the
+        config's), built once each. Restores fill a copy of the state (``restore_params``)."""
+        key = (esmfold, dtype)
+        if key not in self._abstract:
+            if esmfold:
+                cfg = self.esmfold_config
+                model = esmfold_abstract(cfg if dtype is None else cfg.with_esm_dtype(dtype))
+            else:
+                cfg = self.model_config
+                if dtype is not None:
+                    cfg = from_dict(ESM2Config, {**to_dict(cfg), "dtype": dtype})
+                model = esm2_abstract(cfg)
+            self._abstract[key] = model
+        return self._abstract[key]
+
+
+def peek(path: str | Path, step: int | None = None) -> Checkpoint | None:
+    """The checkpoint at ``path``, or None where there is no ``config.json`` (a fair-esm file, an
+    HF folder, nothing)."""
     p = paths.path(path) / CONFIG_FILE
     with paths.remote_errors(path):
         if not p.exists():
-            raise CheckpointError(f"{path}: not an esmjax checkpoint folder (no {CONFIG_FILE})")
-        return json.loads(p.read_text())
+            return None
+        return Checkpoint(str(path), json.loads(p.read_text()), step)
 
 
-def model_config(path: str | Path) -> ESM2Config:
-    """The ESM-2 config of a checkpoint (for an ESMFold folder: its language-model stem)."""
-    raw = read_config(path)
-    if not isinstance(raw.get("model"), dict):
-        raise CheckpointError(f"{Path(path) / CONFIG_FILE}: no 'model' section")
-    try:
-        return from_dict(ESM2Config, raw["model"], "model")
-    except ConfigError as e:
-        raise CheckpointError(f"{Path(path) / CONFIG_FILE}: {e}") from None
+def open(path: str | Path, step: int | None = None) -> Checkpoint:
+    """The checkpoint folder or run at ``path`` (``step``: the one to restore, default the latest);
+    refused in one line where it has no ``config.json``."""
+    found = peek(path, step)
+    if found is None:
+        raise CheckpointError(f"{path}: not an esmjax checkpoint folder (no {CONFIG_FILE})")
+    return found
+
+
+def opened(source: Checkpoint | str | Path) -> Checkpoint:
+    """``source`` itself, or the checkpoint at that path."""
+    return source if isinstance(source, Checkpoint) else open(source)
 
 
 def is_esmfold(path: str | Path) -> bool:
-    p = paths.path(path) / CONFIG_FILE
-    with paths.remote_errors(path):
-        return p.exists() and ESMFOLD_SECTION in json.loads(p.read_text())
-
-
-def esmfold_config(path: str | Path) -> ESMFoldConfig:
-    raw = read_config(path)
-    if ESMFOLD_SECTION not in raw:
-        raise CheckpointError(
-            f"{path}: an ESM-2 checkpoint, not ESMFold (config.json has no '{ESMFOLD_SECTION}')"
-        )
-    return from_json(raw["model"], raw[ESMFOLD_SECTION])
+    found = peek(path)
+    return found is not None and found.kind == ESMFOLD
 
 
 def _remove_unfinished_steps(steps_dir: Any) -> None:
@@ -284,31 +395,31 @@ def restore_params(
             )
     finally:
         mngr.close()
+    state = jax.tree.map(lambda v: v, state)  # a copy: ``state`` may be a checkpoint's cached one
     nnx.replace_by_pure_dict(state, restored["params"])
     return nnx.merge(graphdef, state), step
 
 
 def load_model(
-    path: str | Path,
+    source: Checkpoint | str | Path,
     step: int | None = None,
     mesh: jax.sharding.Mesh | None = None,
     rules: shd.Rules | str = "fsdp",
     dtype: str | None = None,
     allow_replicated: bool = False,
 ) -> tuple[ESM2, int]:
-    """Restores the ESM2 in ``path`` (converted weights or a training workdir) onto ``mesh``.
+    """Restores the ESM2 of ``source`` (converted weights or a training workdir, opened or a path)
+    onto ``mesh``.
 
     Returns the model and the step restored (the latest complete one unless ``step`` is given).
     ``allow_replicated``: accept a mesh the rules cannot shard the model on
     (``mesh.allow_replicated``).
     """
-    cfg = model_config(path)
-    if dtype is not None:
-        cfg = from_dict(ESM2Config, {**to_dict(cfg), "dtype": dtype})
+    ckpt = opened(source)
+    graphdef, state = ckpt.abstract(dtype)
     mesh = mesh if mesh is not None else shd.single_device_mesh()
-    graphdef, state = esm2_abstract(cfg)
     return restore_params(
-        path,
+        ckpt.path,
         graphdef,
         state,
         step,
@@ -318,23 +429,23 @@ def load_model(
     )
 
 
-def inference_mesh(path: str | Path, rules: shd.Rules | str = "fsdp") -> jax.sharding.Mesh:
-    """All devices for ``embed`` / ``evaluate``: the parameters of the model in ``path`` on
+def inference_mesh(
+    source: Checkpoint | str | Path, rules: shd.Rules | str = "fsdp", dtype: str | None = None
+) -> jax.sharding.Mesh:
+    """All devices for ``embed`` / ``evaluate``: the parameters of the model of ``source`` on
     ``fsdp`` as far as the rules divide them, the rest on ``data`` (``sharding.fit_mesh``)."""
-    return shd.fit_mesh(esm2_abstract(model_config(path))[1], shd.resolve_rules(rules))
+    return shd.fit_mesh(opened(source).abstract(dtype)[1], shd.resolve_rules(rules))
 
 
 def load_esmfold(
-    path: str | Path, *, dtype: str | None = None, step: int | None = None
+    source: Checkpoint | str | Path, *, dtype: str | None = None, step: int | None = None
 ) -> tuple[ESMFold, int]:
-    """Restores the ESMFold in ``path`` onto one device (the trunk runs replicated); ``dtype`` sets
-    the language model's compute dtype."""
-    cfg = esmfold_config(path)
-    if dtype is not None:
-        cfg = cfg.with_esm_dtype(dtype)
-    graphdef, state = esmfold_abstract(cfg)
+    """Restores the ESMFold of ``source`` onto one device (the trunk runs replicated); ``dtype``
+    sets the language model's compute dtype."""
+    ckpt = opened(source)
+    graphdef, state = ckpt.abstract(dtype, esmfold=True)
     return restore_params(
-        path, graphdef, state, step, shd.single_device_mesh(), shd.resolve_rules("dp")
+        ckpt.path, graphdef, state, step, shd.single_device_mesh(), shd.resolve_rules("dp")
     )
 
 

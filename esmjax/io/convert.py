@@ -75,13 +75,10 @@ def export(
     export is written by ``checkpoint.save_converted``, ``config.json`` last as well."""
     if to not in EXPORT_FORMATS:
         raise InputError(f"--to {to!r}: one of {', '.join(EXPORT_FORMATS)}")
-    if paths.nonempty(out):
-        raise InputError(f"{out} exists; refusing to overwrite")
+    check_export_target(out, to)
     if to == "esmfold":
         return convert_esmfold.assemble(ckpt, out, folding_head, step)
     name = paths.path(out).name
-    if to == "fair-esm" and not name.endswith(".pt"):
-        raise InputError("a fair-esm export is a .pt file; name it e.g. esm2_t6_8M_mine.pt")
     model, step = checkpoint.load_model(ckpt, step=step)
     params = checkpoint.params_numpy(model)
     with paths.local_output(out, last="config.json") as local:
@@ -95,6 +92,14 @@ def export(
         else:
             convert_esm2.write_hf(params, model.cfg, local)
     return f"wrote {out} from step {step}"
+
+
+def check_export_target(out: str | Path, to: str) -> None:
+    """An export goes to a new place, a fair-esm one to a ``.pt`` file."""
+    if paths.nonempty(out):
+        raise InputError(f"{out} exists; refusing to overwrite")
+    if to == "fair-esm" and not paths.path(out).name.endswith(".pt"):
+        raise InputError("a fair-esm export is a .pt file; name it e.g. esm2_t6_8M_mine.pt")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -126,7 +131,7 @@ def source_model_config(src: str | Path) -> ESM2Config:
     bucket URL is read in place (esmjax) or downloaded to a temporary folder first (``.pt``, HF)."""
     _existing_source(src)
     if is_esmjax_folder(src):
-        return checkpoint.model_config(src)
+        return checkpoint.open(src).model_config
     with paths.local_input(src, siblings=_fairesm_siblings(src)) as local:
         return convert_esm2.read_any(local)[0]
 
@@ -148,7 +153,7 @@ def load_source_params(
     _existing_source(src)
     graphdef, abstract = abstract_model(cfg)
     if is_esmjax_folder(src):
-        check_same_architecture(cfg, checkpoint.model_config(src), str(src))
+        check_same_architecture(cfg, checkpoint.open(src).model_config, str(src))
         model, got = checkpoint.restore_params(src, graphdef, abstract, step, mesh, rules)
         return checkpoint.nnx_pure_dict(model), f"{src} (esmjax, step {got})"
     with paths.local_input(src, siblings=_fairesm_siblings(src)) as local:

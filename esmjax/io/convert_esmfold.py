@@ -243,12 +243,22 @@ def read_hf(folder: str | Path) -> tuple[ESMFoldConfig, dict]:
         raise ConversionError(
             "use_esm_attn_map=True models are not supported (no public model uses it)"
         )
-    esm_cfg = _esm_config_from_hf(hf)
-    cfg = from_hf(esm_cfg, hf.get("esmfold_config") or {})
-    esm_sd, fold_sd = _split_esm(convert.read_hf_state_dict(folder))
+    cfg = config_from_hf(hf)
+    return cfg, params_from_hf(convert.read_hf_state_dict(folder), cfg)
+
+
+def config_from_hf(hf: dict[str, Any]) -> ESMFoldConfig:
+    """The config of an HF ``EsmForProteinFolding`` (its ``config.json``)."""
+    return from_hf(_esm_config_from_hf(hf), hf.get("esmfold_config") or {})
+
+
+def params_from_hf(sd: dict[str, np.ndarray], cfg: ESMFoldConfig) -> dict:
+    """An HF ``EsmForProteinFolding`` state dict -> the params of an ESMFold of ``cfg``, its ESM-2
+    stem included."""
+    esm_sd, fold_sd = _split_esm(sd)
     params = _fold_params(fold_sd, cfg)
-    params["esm"] = _stem_from_hf(esm_sd, esm_cfg)
-    return cfg, params
+    params["esm"] = _stem_from_hf(esm_sd, cfg.esm)
+    return params
 
 
 def _fold_params(fold_sd: dict, cfg: ESMFoldConfig) -> dict:

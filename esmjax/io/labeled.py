@@ -202,11 +202,11 @@ def read_residue_fasta(
     seqs = {i: s for i, _, s, _ in read_fasta_lines(fasta)}
     masks = {i: (s, n) for i, _, s, n in read_fasta_lines(mask)} if mask else {}
     records = read_fasta_lines(labels)
-    # A file that marks splits must mark every record. A header without SET= used to read as
-    # train, so one test record left unmarked moved into training unnoticed (and its figures into
-    # the report). Refused like any bad row (skipped and counted with skip_invalid), not warned:
-    # a run on leaked data is not worth its compute. A file without any SET= is one training set,
-    # as a CSV without a set column (data.valid_fraction held out).
+    # A file that marks splits must mark every record: a header without SET= read as train would
+    # move an unmarked test record into training unnoticed. Refused like any bad row (skipped and
+    # counted with skip_invalid), not warned: a run on leaked data is not worth its compute. A file
+    # without any SET= is one training set, as a CSV without a set column (data.valid_fraction
+    # held out).
     unmarked = sum("SET" not in attrs for _, attrs, _, _ in records)
     marked = split is None and unmarked < len(records)
     for rec_id, attrs, lab, n in records:

@@ -18,40 +18,31 @@ no credentials, server unreachable) become one ``InputError`` line naming the UR
 
 Requests to the object stores time out and their retries are logged (``esmjax.io.stores``).
 
-A dataset in a bucket is streamed (``esmjax.data.source``): only its small index files are
-downloaded (``download()``, each file whole or not at all) into the folder ``staged_path(url,
-"index")`` under the stage root (``ESMJAX_STAGE_DIR``, default ``~/.cache/esmjax/staged``), and
-records are read with byte-range requests (``esmjax.io.ranges``). ``stage()`` copies a whole folder
-once per host to the same root, with a progress bar and a size check. Datasets built before token
-files existed still need that, because ArrayRecord's reader opens local files only (pointed at
-``gs://`` it blocks; see README "Object storage"), and so does ``esmjax data inspect --sample`` of
-a bucket dataset, for the record ids in its ArrayRecord files.
+A dataset in a bucket is streamed (``esmjax.data.source``): its small index files are copied to
+the host's stage root (``esmjax.io.stage``) and its records read with byte-range requests
+(``esmjax.io.ranges``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import importlib
 import io
 import logging
 import os
 import re
 import shutil
-import sys
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import IO, BinaryIO
+from typing import IO
 
 from etils import epath
 
 from esmjax.errors import InputError, WriteFailed
 from esmjax.io import stores
 from esmjax.io.stores import first_line, store_deadline
-
-log = logging.getLogger(__name__)
 
 # URL scheme -> (the fsspec client module epath needs, the esmjax extra that installs it)
 CLIENTS = {"gs": ("gcsfs", "gcs"), "s3": ("s3fs", "s3")}
@@ -105,7 +96,7 @@ def path(p: str | os.PathLike) -> epath.Path:
 
 def given(p: str | os.PathLike) -> Path | epath.Path:
     """An input path to read and to name in messages: a local one as a ``pathlib.Path`` exactly
-    as the user wrote it (a relative path stays relative, so messages and reports read as before),
+    as the user wrote it (a relative path stays relative, so messages and reports name it as given),
     a bucket URL as an ``epath.Path`` (the same methods: ``is_file``, ``open``, ``read_text``,
     ``iterdir``, ``/``; its ``str`` is the URL)."""
     return path(p) if is_remote(p) else Path(p)
@@ -118,7 +109,7 @@ def absolute(p: str | os.PathLike) -> str:
 
 
 def open_read(p: str | os.PathLike, newline: str | None = None) -> IO[str]:
-    """A text file opened for reading: a local file by ``open`` (as before), a bucket object
+    """A text file opened for reading: a local file by ``open``, a bucket object
     through epath in binary mode, decoded as UTF-8 here (epath's own text mode takes no
     ``newline``, which the ``csv`` module wants as ``""``). Call inside ``remote_errors``."""
     if not is_remote(p):
@@ -159,117 +150,13 @@ def remote_errors(url: str | os.PathLike) -> Iterator[None]:
         raise InputError(f"{url}: object store error ({first_line(e)})") from None
 
 
-def stage_root() -> Path:
-    return Path(os.environ.get("ESMJAX_STAGE_DIR", Path.home() / ".cache" / "esmjax" / "staged"))
-
-
-def _files(folder: epath.Path) -> Iterator[epath.Path]:
+def files_under(folder: epath.Path) -> Iterator[epath.Path]:
     """Every file under ``folder`` (one listing per folder: a dataset has two levels)."""
     for child in folder.iterdir():
         if child.is_dir():
-            yield from _files(child)
+            yield from files_under(child)
         else:
             yield child
-
-
-def _complete(dest: Path, files: dict[str, int]) -> bool:
-    return dest.is_dir() and all(
-        (dest / r).is_file() and (dest / r).stat().st_size == n for r, n in files.items()
-    )
-
-
-def staged_path(url: str, suffix: str = "") -> Path:
-    """Where a host keeps its local copy of (part of) the bucket folder ``url``: under
-    ``stage_root()``, named after the folder and a hash of its URL (``-suffix`` appended, so that
-    copies of different parts of one folder do not meet)."""
-    src = path(url)
-    key = hashlib.blake2b(str(src).encode(), digest_size=8).hexdigest()
-    return stage_root() / f"{src.name}-{key}{'-' + suffix if suffix else ''}"
-
-
-def _replace(local: Path, fill: Callable[[BinaryIO], None]) -> None:
-    """Writes ``local`` whole or not at all: ``fill`` writes a uniquely named temporary sibling
-    (private to the user, as the rest of the stage root), which is then renamed into place, so that
-    a reader, or another process of the host writing the same file, never sees a partial file."""
-    local.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{local.name}.", dir=local.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fill(f)
-        os.replace(tmp, local)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def download(url: str, local: Path) -> None:
-    """Copies the bucket file ``url`` to the local cache file ``local`` (``_replace``)."""
-
-    def fill(fo: BinaryIO) -> None:
-        with remote_errors(url), path(url).open("rb") as fi:
-            shutil.copyfileobj(fi, fo, 8 << 20)
-
-    _replace(local, fill)
-
-
-def keep(local: Path, data: bytes) -> None:
-    """Writes ``data`` (already downloaded) to the local cache file ``local`` (``_replace``)."""
-    _replace(local, lambda f: f.write(data))
-
-
-def stage(url: str) -> Path:
-    """A local copy of the folder at ``url`` (a bucket URL), made once per host.
-
-    Files are downloaded into a temporary folder next to the destination, their sizes checked
-    against the listing, and the folder renamed into place, so an interrupted copy is never used;
-    a later call (or another process on the host) reuses a complete copy whose file sizes still
-    match. Takes the dataset's size on local disk (``esmjax data inspect`` prints it).
-    """
-    from tqdm import tqdm
-
-    src = path(url)
-    dest = staged_path(url)
-    with remote_errors(url):
-        files = {f.relative_to(src).as_posix(): f.stat().length for f in _files(src)}
-        if not files:
-            raise InputError(f"{url}: no such folder (nothing under it)")
-        if _complete(dest, files):
-            return dest
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-        try:
-            with tqdm(
-                total=sum(files.values()),
-                unit="B",
-                unit_scale=True,
-                desc=f"staging {url}",
-                file=sys.stderr,
-                disable=None,
-            ) as bar:
-                for rel, size in sorted(files.items()):
-                    out = tmp / rel
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    with (src / rel).open("rb") as fi, open(out, "wb") as fo:
-                        while chunk := fi.read(8 << 20):
-                            fo.write(chunk)
-                            bar.update(len(chunk))
-                    if out.stat().st_size != size:
-                        raise InputError(
-                            f"{url}/{rel}: staged {out.stat().st_size} bytes, the bucket lists "
-                            f"{size}"
-                        )
-            if dest.exists() and not _complete(dest, files):
-                shutil.rmtree(dest, ignore_errors=True)  # a stale copy of an older version
-            try:
-                os.rename(tmp, dest)
-            except OSError:  # another process on this host finished first
-                shutil.rmtree(tmp, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    log.info("staged %s to %s (%.1f MB)", url, dest, sum(files.values()) / 1e6)
-    return dest
 
 
 def upload(local: Path, url: str, last: str | None = None) -> None:
@@ -506,7 +393,7 @@ def local_input(url: str | os.PathLike, siblings: Sequence[str] = ()) -> Iterato
                     if (src.parent / name).is_file():
                         _download(src.parent / name, local.parent / name)
             else:
-                files = list(_files(src)) if src.exists() else []
+                files = list(files_under(src)) if src.exists() else []
                 if not files:
                     raise InputError(f"{url}: no such file or folder")
                 for f in files:
@@ -515,7 +402,7 @@ def local_input(url: str | os.PathLike, siblings: Sequence[str] = ()) -> Iterato
 
 
 # --------------------------------------------------------------------------------------------------
-# Text inputs (issue 28 §8)
+# Text inputs
 # --------------------------------------------------------------------------------------------------
 def read_text(p: str | os.PathLike, what: str) -> str:
     """The text of the file ``p`` (a local path or a bucket URL; call inside ``remote_errors``).

@@ -68,11 +68,10 @@ def _settle_bucket_type(fs: Any, key: str) -> None:
     ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false``) looks up the bucket's storage layout before each
     read, to send reads of zonal (Rapid) buckets over gRPC, and caches only a successful answer.
     When the lookup fails (no credentials for the storage control API, or an emulator), every read
-    repeats it before falling back to a plain read: 1.7-3.2 ms of client CPU per range request
-    against the emulator instead of 0.4-0.7 ms (BENCHMARKS.md "Bucket datasets"), several times the
-    read itself. Here the lookup runs once, and an unknown
-    answer is recorded as gcsfs's own fallback, a plain bucket. Other filesystems (s3fs, core
-    gcsfs, another gcsfs version without that cache) are left alone.
+    repeats it before falling back to a plain read, at several times the client CPU of the read
+    itself. Here the lookup runs once, and an unknown answer is recorded as gcsfs's own fallback, a
+    plain bucket. Other filesystems (s3fs, core gcsfs, another gcsfs version without that cache) are
+    left alone.
     """
     lookup = getattr(fs, "_sync_lookup_bucket_type", None)
     cache = getattr(fs, "_storage_layout_cache", None)

@@ -5,10 +5,10 @@ own defaults for its clients, ``fsspec.config.conf``): ``ESMJAX_STORE_TIMEOUT`` 
 60, the per-request default of google-cloud-storage and of botocore) bounds connecting and each
 wait for the next bytes of an answer, so a server that accepts a connection and never answers
 fails the request instead of hanging it. Failed requests are retried by the clients themselves:
-gcsfs 2026.10 makes 6 attempts with 1-2, 2-3, 4-5, 8-9 and 16-17 s of back-off (fixed when gcsfs
-is imported: its retry decorator takes the class's ``retries``), each failed ``gs://`` attempt
-logged here at WARNING with the object's URL and the attempt number (gcsfs logs retries at DEBUG
-only, so a failure used to come after 36-51 s of silence); s3fs makes up to 5 attempts of
+gcsfs makes 6 attempts with exponential back-off (fixed when gcsfs is imported: its retry
+decorator takes the class's ``retries``), each failed ``gs://`` attempt logged here at WARNING with
+the object's URL and the attempt number (gcsfs logs retries at DEBUG only, which would leave a
+failing store silent for the whole back-off); s3fs makes up to 5 attempts of
 botocore's "standard" retry mode, 3 attempts each with its own back-off. Range reads
 (``esmjax.io.ranges``, a training run's data) also have a deadline, retries included:
 ``ESMJAX_STORE_DEADLINE`` (seconds, default 300). Options given to fsspec itself (``FSSPEC_GS_*``

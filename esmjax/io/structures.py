@@ -102,7 +102,7 @@ def _exists(spec: str) -> bool:
         return paths.given(spec).exists()
 
 
-def _open_text(path: Path) -> io.StringIO:
+def open_text(path: Path) -> io.StringIO:
     """The whole file (a local path or an ``epath.Path`` of a bucket object) as text."""
     with paths.remote_errors(str(path)):
         raw = path.read_bytes()
@@ -111,7 +111,8 @@ def _open_text(path: Path) -> io.StringIO:
     return io.StringIO(raw.decode("utf-8", errors="replace"))
 
 
-def _file_format(path: Path) -> str:
+def file_format(path: Path) -> str:
+    """``pdb`` or ``cif``, by the file's suffix (``.gz`` aside)."""
     name = path.name.lower().removesuffix(".gz")
     if name.endswith(PDB_SUFFIXES):
         return "pdb"
@@ -122,7 +123,8 @@ def _file_format(path: Path) -> str:
     )
 
 
-def _one_letter(res_name: str) -> str:
+def one_letter(res_name: str) -> str:
+    """The one-letter code of a residue name, ``X`` for one without a single letter."""
     from biotite.structure.info import one_letter_code
 
     try:
@@ -142,7 +144,7 @@ def _representative_coords(atoms) -> tuple[list[str], np.ndarray, list]:
     for i, (a, b) in enumerate(zip(starts[:-1], starts[1:])):
         res = atoms[a:b]
         name = str(res.res_name[0])
-        letters.append(_one_letter(name))
+        letters.append(one_letter(name))
         keys.append((int(res.res_id[0]), str(res.ins_code[0])))
         atom = {
             str(n): c for n, c in zip(res.atom_name[::-1], res.coord[::-1])
@@ -164,14 +166,17 @@ def virtual_cb(n: np.ndarray, ca: np.ndarray, c: np.ndarray) -> np.ndarray:
     return -0.58273431 * a + 0.56802827 * b - 0.54067466 * c_ + ca
 
 
-def _polymer_atoms(atoms):
+def polymer_atoms(atoms):
+    """The heavy atoms of the amino-acid residues of ``atoms`` (a biotite ``AtomArray``)."""
     import biotite.structure as struc
 
     atoms = atoms[struc.filter_amino_acids(atoms)]
     return atoms[atoms.element != "H"] if len(atoms) else atoms
 
 
-def _pick_chain(path: Path, available: list[str], chain: str | None) -> str:
+def pick_chain(path: Path, available: list[str], chain: str | None) -> str:
+    """``chain`` (None: the first of the ``available`` protein chains); one not among them, or
+    no chain at all, is a ``StructureError``."""
     if not available:
         raise StructureError(f"{path}: no protein chain in the first model")
     if chain is None:
@@ -239,13 +244,13 @@ def align_to_seqres(
 def _read_pdb(path: Path, chain: str | None, mode: str) -> ChainStructure:
     import biotite.structure.io.pdb as pdb
 
-    f = pdb.PDBFile.read(_open_text(path))
+    f = pdb.PDBFile.read(open_text(path))
     n_models = f.get_model_count()
     if n_models == 0:
         raise StructureError(f"{path}: no ATOM/HETATM records")
-    atoms = _polymer_atoms(f.get_structure(model=1, altloc="occupancy"))
+    atoms = polymer_atoms(f.get_structure(model=1, altloc="occupancy"))
     chains = list(dict.fromkeys(str(c) for c in atoms.chain_id))
-    chain = _pick_chain(path, chains, chain)
+    chain = pick_chain(path, chains, chain)
     atoms = atoms[atoms.chain_id == chain]
     letters, coords, _ = _representative_coords(atoms)
     observed_seq = "".join(letters)
@@ -260,7 +265,7 @@ def _read_pdb(path: Path, chain: str | None, mode: str) -> ChainStructure:
             "observed",
             n_models,
         )
-    seqres = "".join(_one_letter(n) for n in seqres_names)
+    seqres = "".join(one_letter(n) for n in seqres_names)
     import biotite.structure as struc
 
     starts = struc.get_residue_starts(atoms)
@@ -281,14 +286,14 @@ def _read_pdb(path: Path, chain: str | None, mode: str) -> ChainStructure:
 def _read_cif(path: Path, chain: str | None, mode: str) -> ChainStructure:
     import biotite.structure.io.pdbx as pdbx
 
-    f = pdbx.CIFFile.read(_open_text(path))
+    f = pdbx.CIFFile.read(open_text(path))
     block = f.block
     n_models = pdbx.get_model_count(f)
     if n_models == 0:
         raise StructureError(f"{path}: no atom_site records")
     # label_* fields: res_id is label_seq_id, the index into the entity sequence; chain_id is
     # label_asym_id.
-    atoms = _polymer_atoms(
+    atoms = polymer_atoms(
         pdbx.get_structure(f, model=1, altloc="occupancy", use_author_fields=False)
     )
     scheme = block["pdbx_poly_seq_scheme"] if "pdbx_poly_seq_scheme" in block else None
@@ -311,7 +316,7 @@ def _read_cif(path: Path, chain: str | None, mode: str) -> ChainStructure:
     author_chains = list(
         dict.fromkeys(asym_to_author[a] for a in dict.fromkeys(str(c) for c in atoms.chain_id))
     )
-    chain = _pick_chain(path, author_chains, chain)
+    chain = pick_chain(path, author_chains, chain)
     label = next(a for a, s in asym_to_author.items() if s == chain)
     atoms = atoms[atoms.chain_id == label]
     letters, coords, keys = _representative_coords(atoms)
@@ -333,7 +338,7 @@ def _read_cif(path: Path, chain: str | None, mode: str) -> ChainStructure:
     positions = sorted(order)
     if positions != list(range(1, len(positions) + 1)):
         raise StructureError(f"{path}: chain {chain}: pdbx_poly_seq_scheme seq_id is not 1..N")
-    seqres = "".join(_one_letter(order[i]) for i in positions)
+    seqres = "".join(one_letter(order[i]) for i in positions)
     full = np.full((len(seqres), 3), np.nan)
     seen = np.zeros(len(seqres), bool)
     for (res_id, _), xyz in zip(keys, coords):
@@ -366,10 +371,10 @@ def read_chain(spec: str, chain: str | None = None, sequence: str = "seqres") ->
     with paths.remote_errors(path_str):
         if not path.is_file():
             raise StructureError(f"{path}: no such structure file")
-    fmt = _file_format(path)
+    fmt = file_format(path)
     try:
         out = _read_pdb(path, chain, sequence) if fmt == "pdb" else _read_cif(path, chain, sequence)
-    except InputError:  # StructureError, or the store failing (_open_text)
+    except InputError:  # StructureError, or the store failing (open_text)
         raise
     except Exception as e:  # biotite raises a variety of types for malformed files
         raise StructureError(

@@ -29,7 +29,7 @@ RESIDUES = tuple("LAGVSERTIDPKQNFYMHWCXBUZO.-")
 TOKENS: tuple[str, ...] = PREPEND + RESIDUES + ("<null_1>", "<mask>")
 TOKEN_TO_ID = {t: i for i, t in enumerate(TOKENS)}
 
-BOS = CLS = TOKEN_TO_ID["<cls>"]
+BOS = TOKEN_TO_ID["<cls>"]
 PAD = TOKEN_TO_ID["<pad>"]
 EOS = TOKEN_TO_ID["<eos>"]
 UNK = TOKEN_TO_ID["<unk>"]

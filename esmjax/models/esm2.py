@@ -18,29 +18,18 @@ compute alone.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from esmjax.config import ESM2Config
+from esmjax.config import mesh as ax
+from esmjax.models import attention
 from esmjax.models import layers as nn
 from esmjax.models.alphabet import EOS, MASK, PAD
-from esmjax.models.attention_kernels import AttentionPath, choose_attention, packed_attention
-from esmjax.parallel.sharding import (
-    ACT_BATCH,
-    ACT_EMBED,
-    ACT_HEADS,
-    ACT_LEN,
-    ACT_MLP,
-    EMBED,
-    HEAD_DIM,
-    HEADS,
-    LAYERS,
-    MLP,
-    VOCAB,
-    constrain,
-)
+from esmjax.parallel.sharding import constrain
 
 # fair-esm: mask_ratio_train = 0.15 * 0.8, the masked fraction ESM-2 was trained with.
 MASK_RATIO_TRAIN = 0.15 * 0.8
@@ -56,44 +45,43 @@ class RotaryEmbedding(nnx.Module):
         )
 
 
+class Rows(NamedTuple):
+    """What every layer's attention reads of the batch: the mask [B, 1, L, L] and segment ids
+    [B, L] of its packed rows, the path (``choose_attention``) and whether to return weights."""
+
+    mask: jax.Array
+    segment_ids: jax.Array
+    path: attention.AttentionPath
+    need_weights: bool
+
+
 class MultiheadAttention(nnx.Module):
     """Bidirectional self-attention with rotary positions (fair-esm ``MultiheadAttention``)."""
 
     def __init__(self, cfg: ESM2Config, *, rngs: nnx.Rngs):
         e, h, d = cfg.embed_dim, cfg.num_heads, cfg.head_dim
         kw = dict(rngs=rngs, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
-        self.q_proj = nn.Dense(e, (h, d), (EMBED, HEADS, HEAD_DIM), **kw)
-        self.k_proj = nn.Dense(e, (h, d), (EMBED, HEADS, HEAD_DIM), **kw)
-        self.v_proj = nn.Dense(e, (h, d), (EMBED, HEADS, HEAD_DIM), **kw)
-        self.out_proj = nn.Dense((h, d), e, (HEADS, HEAD_DIM, EMBED), **kw)
+        self.q_proj = nn.Dense(e, (h, d), (ax.EMBED, ax.HEADS, ax.HEAD_DIM), **kw)
+        self.k_proj = nn.Dense(e, (h, d), (ax.EMBED, ax.HEADS, ax.HEAD_DIM), **kw)
+        self.v_proj = nn.Dense(e, (h, d), (ax.EMBED, ax.HEADS, ax.HEAD_DIM), **kw)
+        self.out_proj = nn.Dense((h, d), e, (ax.HEADS, ax.HEAD_DIM, ax.EMBED), **kw)
         self.rot_emb = RotaryEmbedding(d, cfg.rope_theta)
-        self.scaling = nn.scale_for(d)
+        self.scaling = attention.scale_for(d)
 
     def __call__(
-        self,
-        x: jax.Array,
-        mask: jax.Array,
-        segment_ids: jax.Array,
-        rope: tuple[jax.Array, jax.Array],
-        path: AttentionPath,
-        need_weights: bool = False,
+        self, x: jax.Array, rope: tuple[jax.Array, jax.Array], rows: Rows
     ) -> tuple[jax.Array, jax.Array | None]:
-        """x [B, L, E], mask [B, 1, L, L], segment_ids [B, L], rope (cos, sin [B, L, 1, D] from
-        ``rotary_tables`` of this layer's ``rot_emb.inv_freq``) -> ([B, L, E], weights [B, H, L,
-        L] float32 or None). ``path`` (``choose_attention``) picks the kernel: the dense-mask XLA /
-        cuDNN paths or a packed kernel reading ``segment_ids``."""
+        """x [B, L, E], rope (cos, sin [B, L, 1, D] from ``rotary_tables`` of this layer's
+        ``rot_emb.inv_freq``) -> ([B, L, E], weights [B, H, L, L] float32 or None)."""
         # fair-esm scales q before the rotation (equivalent, since the rotation is linear).
         q = self.q_proj(x) * jnp.asarray(self.scaling, x.dtype)  # [B, L, H, D]
         q = nn.apply_rotary(q, rope)
         k = nn.apply_rotary(self.k_proj(x), rope)
         v = self.v_proj(x)
-        q = constrain(q, (ACT_BATCH, ACT_LEN, ACT_HEADS, None))
-        if path.kernel in ("splash", "pallas_gpu"):
-            out, weights = packed_attention(path, q, k, v, segment_ids), None
-        else:
-            out, weights = nn.dot_product_attention(
-                q, k, v, mask, return_weights=need_weights, cudnn=path.kernel == "cudnn"
-            )
+        q = constrain(q, (ax.ACT_BATCH, ax.ACT_LEN, ax.ACT_HEADS, None))
+        out, weights = attention.attend(
+            rows.path, q, k, v, rows.mask, rows.segment_ids, need_weights=rows.need_weights
+        )
         return self.out_proj(out), weights
 
 
@@ -105,27 +93,19 @@ class TransformerLayer(nnx.Module):
         kw = dict(rngs=rngs, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
         self.self_attn = MultiheadAttention(cfg, rngs=rngs)
         self.self_attn_layer_norm = nn.LayerNorm(e, eps=cfg.layer_norm_eps, rngs=rngs)
-        self.fc1 = nn.Dense(e, f, (EMBED, MLP), **kw)
-        self.fc2 = nn.Dense(f, e, (MLP, EMBED), **kw)
+        self.fc1 = nn.Dense(e, f, (ax.EMBED, ax.MLP), **kw)
+        self.fc2 = nn.Dense(f, e, (ax.MLP, ax.EMBED), **kw)
         self.final_layer_norm = nn.LayerNorm(e, eps=cfg.layer_norm_eps, rngs=rngs)
 
     def __call__(
-        self,
-        x: jax.Array,
-        mask: jax.Array,
-        segment_ids: jax.Array,
-        rope: tuple[jax.Array, jax.Array],
-        path: AttentionPath,
-        need_weights: bool = False,
+        self, x: jax.Array, rope: tuple[jax.Array, jax.Array], rows: Rows
     ) -> tuple[jax.Array, jax.Array | None]:
-        h, weights = self.self_attn(
-            self.self_attn_layer_norm(x), mask, segment_ids, rope, path, need_weights
-        )
+        h, weights = self.self_attn(self.self_attn_layer_norm(x), rope, rows)
         x = x + h
         h = self.fc1(self.final_layer_norm(x))  # [B, L, F]
-        h = constrain(h, (ACT_BATCH, ACT_LEN, ACT_MLP))
+        h = constrain(h, (ax.ACT_BATCH, ax.ACT_LEN, ax.ACT_MLP))
         x = x + self.fc2(h, gelu_input=True)  # fc2(gelu(h))
-        return constrain(x, (ACT_BATCH, ACT_LEN, ACT_EMBED)), weights
+        return constrain(x, (ax.ACT_BATCH, ax.ACT_LEN, ax.ACT_EMBED)), weights
 
 
 class RobertaLMHead(nnx.Module):
@@ -134,9 +114,9 @@ class RobertaLMHead(nnx.Module):
 
     def __init__(self, cfg: ESM2Config, *, rngs: nnx.Rngs):
         e = cfg.embed_dim
-        self.dense = nn.Dense(e, e, (EMBED, None), rngs=rngs, dtype=jnp.dtype(cfg.dtype))
+        self.dense = nn.Dense(e, e, (ax.EMBED, None), rngs=rngs, dtype=jnp.dtype(cfg.dtype))
         self.layer_norm = nn.LayerNorm(e, eps=cfg.layer_norm_eps, rngs=rngs)
-        self.bias = nn.param(rngs, nn.zeros, (cfg.vocab_size,), (VOCAB,))
+        self.bias = nn.param(rngs, nn.zeros, (cfg.vocab_size,), (ax.VOCAB,))
 
     def __call__(self, x: jax.Array, embed: nn.Embed) -> jax.Array:
         """x [B, L, E] -> float32 logits [B, L, V]."""
@@ -180,7 +160,7 @@ def _layer_stack(cfg: ESM2Config, rngs: nnx.Rngs) -> TransformerLayer:
     """N layers as one module whose parameters have a leading ``layers`` axis."""
 
     @nnx.split_rngs(splits=cfg.num_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS})
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: ax.LAYERS})
     def make(rngs: nnx.Rngs) -> TransformerLayer:
         return TransformerLayer(cfg, rngs=rngs)
 
@@ -225,7 +205,7 @@ class ESM2(nnx.Module):
 
     def __init__(self, cfg: ESM2Config, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.embed_dim, (VOCAB, EMBED), rngs=rngs)
+        self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.embed_dim, (ax.VOCAB, ax.EMBED), rngs=rngs)
         self.layers = _layer_stack(cfg, rngs)
         self.emb_layer_norm_after = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps, rngs=rngs)
         self.lm_head = RobertaLMHead(cfg, rngs=rngs)
@@ -276,15 +256,15 @@ class ESM2(nnx.Module):
             x = jnp.where((tokens == MASK)[..., None], 0.0, x)
             x = x * token_dropout_scale(tokens, segment_ids)[..., None]
         x = x * (segment_ids > 0)[..., None].astype(x.dtype)
-        x = constrain(x.astype(dtype), (ACT_BATCH, ACT_LEN, ACT_EMBED))
+        x = constrain(x.astype(dtype), (ax.ACT_BATCH, ax.ACT_LEN, ax.ACT_EMBED))
         representations: dict[int, jax.Array] = {}
         if 0 in repr_layers:
             representations[0] = x
 
-        mask = nn.attention_mask(segment_ids)
-        path = choose_attention(
+        path = attention.choose_attention(
             cfg.attention, dtype=dtype, head_dim=cfg.head_dim, need_weights=need_head_weights
         )
+        rows = Rows(attention.attention_mask(segment_ids), segment_ids, path, need_head_weights)
         collect_hidden = any(0 < r < cfg.num_layers for r in repr_layers)
         # Every layer's rotary cos/sin, computed once: [N, B, L, 1, D] each.
         inv_freq = self.layers.self_attn.rot_emb.inv_freq[...].astype(jnp.float32)  # [N, D/2]
@@ -294,15 +274,13 @@ class ESM2(nnx.Module):
         def body(h: jax.Array, xs) -> tuple[jax.Array, tuple]:
             layer_state, layer_rope = xs
             layer = nnx.merge(graphdef, layer_state)
-            h, weights = layer(h, mask, segment_ids, layer_rope, path, need_head_weights)
+            h, weights = layer(h, layer_rope, rows)
             return h, (h if collect_hidden else None, weights)
 
         if cfg.remat != "none":
             # ``dots`` saves matmul outputs only, so an attention kernel's forward (a custom VJP
-            # around a pallas_call) runs again in the backward. Saving its outputs too was
-            # compiled at the 650M preset: +12.3 GiB per v5p chip (22.2 -> 34.5) and +12.8 GiB
-            # per H100 (27.2 -> 40.0) to spare about 4% of the step's FLOPs, so it is not saved
-            # (BENCHMARKS.md, "Compiled memory on accelerators").
+            # around a pallas_call) runs again in the backward: its outputs would cost far more
+            # memory per chip than the few FLOPs they spare.
             body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=False)
         x, (hidden, weights) = jax.lax.scan(body, x, (stacked, rope))
 

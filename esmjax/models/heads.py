@@ -24,10 +24,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from esmjax.config import ESM2Config
+from esmjax.config.mesh import EMBED, LAYERS
 from esmjax.models import layers as nn
 from esmjax.models.alphabet import BOS, EOS, PAD
 from esmjax.models.esm2 import ESM2
-from esmjax.parallel.sharding import EMBED, LAYERS
 
 # config name -> the Dense inside each (stacked) layer, and its flat (in, out) sizes
 LORA_MODULES = {

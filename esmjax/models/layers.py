@@ -1,7 +1,7 @@
-"""Shared primitives: parameters with logical axes, Dense, LayerNorm, Embed, rotary embedding,
-attention.
+"""Shared primitives: parameters with logical axes, Dense, LayerNorm, Embed, the exact GELU,
+rotary embedding (attention is ``esmjax.models.attention``).
 
-Glossary: B batch, L query tokens, M key tokens, E embed, H heads, D head_dim, F mlp, V vocab.
+Glossary: B batch, L tokens, E embed, H heads, D head_dim, F mlp, V vocab.
 
 Parameters are created with ``param``: an ``nnx.Param`` whose ``out_sharding`` metadata holds
 logical axis names (see ``esmjax.parallel.sharding``) and whose eager sharding is off, so a model
@@ -69,9 +69,9 @@ def matmul(x: jax.Array, w: jax.Array, n_in: int, gelu_input: bool = False) -> j
     On a CPU the backward is written out (``_cpu_matmul``). The GELU is recomputed from its input,
     once, for both its value (the weight gradient's operand) and its derivative, so the layer scan
     stores one [B, L, F] array per layer, not the GELU's output and intermediates. At widths of 256
-    and more the weight gradient is computed from a transposed copy of one operand: contracted over
-    the token axis as autodiff writes it, it misses XLA:CPU's fast matmul kernels and took 2-6x
-    longer (BENCHMARKS.md, "CPU training profile"). The forward is the same everywhere.
+    and more the weight gradient is computed from a transposed copy of one operand, because
+    contracted over the token axis as autodiff writes it, it misses XLA:CPU's fast matmul kernels.
+    The forward is the same everywhere.
     """
     if compute_platform() != "cpu":
         return _dot(gelu(x) if gelu_input else x, w, n_in)
@@ -79,8 +79,7 @@ def matmul(x: jax.Array, w: jax.Array, n_in: int, gelu_input: bool = False) -> j
     return _cpu_matmul(x, w, n_in, gelu_input, min(k, n) >= _CPU_MIN_WIDTH)
 
 
-# Below this width the transposed copy costs more than it saves: the 0.8M demo model (width 128)
-# trained 6% slower with it, the 8M (320) and 35M (480) shapes faster (BENCHMARKS.md).
+# Below this width the transposed copy costs more than the fast matmul kernels save.
 _CPU_MIN_WIDTH = 256
 
 
@@ -104,8 +103,7 @@ def _cpu_matmul_bwd(n_in, gelu_input, transposed_copy, res, dy):
     da = jax.lax.dot_general(dy2, w2, (((1,), (1,)), ((), ())))  # [T, K]
     # The weight gradient contracts the token axis T. With ``transposed_copy`` one operand is
     # transposed first (a copy) so that both have T contiguous: for fc2 the narrow output gradient,
-    # and the result (a transposed copy of gelu(x) recomputed the GELU in transposed order, which
-    # cost 8-14% of an 8M or 35M step; BENCHMARKS.md, "CPU training profile").
+    # and the result, since a transposed copy of gelu(x) would recompute the GELU in that order.
     if not transposed_copy:
         dw = jax.lax.dot_general(a2, dy2, (((0,), (0,)), ((), ())))
     elif gelu_input:
@@ -209,11 +207,9 @@ def map_positions(fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Arr
     LayerNorm, dense layers, activations): [..., C] -> [..., C'].
 
     On a CPU the positions go through ``fn`` ``_POSITION_BLOCK`` rows at a time (``lax.map``), so
-    that a block's hidden activations stay in cache instead of making a round trip through memory:
-    ESMFold's pair transition over 256 x 256 positions (a [65536, 4Z] hidden array) ran 1.6-1.7x
-    faster alone at Z = 128 (194-207 -> 121 ms) and took 0.41 s instead of 1.39 s of a CPU fold
-    (BENCHMARKS.md, "Third pass"). Accelerators, and arrays of at most one block, take ``fn(x)``
-    whole."""
+    that a block's hidden activations (ESMFold's pair transition: [L * L, 4Z] in all) stay in cache
+    instead of making a round trip through memory. Accelerators, and arrays of at most one block,
+    take ``fn(x)`` whole."""
     rows = math.prod(x.shape[:-1])
     if compute_platform() != "cpu" or rows <= _POSITION_BLOCK:
         return fn(x)
@@ -230,10 +226,9 @@ def gelu(x: jax.Array) -> jax.Array:
     """The exact GELU, ``x * 0.5 * (1 + erf(x / sqrt 2))`` (Hendrycks and Gimpel 2016), in the erf
     form fair-esm (``esm.modules.gelu``) and PyTorch's ``F.gelu`` compute.
 
-    Its backward evaluates ``erf`` once, for ``Phi(x) + x phi(x)``. ``jax.nn.gelu`` (the erfc
-    form) expands on XLA:CPU into a branchy rational approximation with ``exp`` and divisions,
-    which autodiff then evaluated in five fusions per layer (the erfc was 7-10% of a demo-model
-    train step; BENCHMARKS.md, "CPU training profile").
+    Its backward evaluates ``erf`` once, for ``Phi(x) + x phi(x)``, because ``jax.nn.gelu`` (the
+    erfc form) expands on XLA:CPU into a branchy rational approximation with ``exp`` and divisions
+    that autodiff evaluates in several fusions per layer.
     """
     return x * _normal_cdf(x)
 
@@ -270,10 +265,9 @@ def rope_inv_freq(head_dim: int, theta: float = 10000.0) -> jax.Array:
 def rotary_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The cosines and signed sines of the rotary angles, for ``apply_rotary``.
 
-    Computed once per forward pass for all layers (``ESM2`` passes them to the layer scan): built
-    inside a layer, XLA:CPU fused the sine and cosine into each consumer of the [B, L, H, D]
-    rotated q and k, so every head recomputed them (8M training step, one core: four such fusions
-    at 3.8 ms per layer, 0.8 ms from stored tables; BENCHMARKS.md, "Fifth pass").
+    Computed once per forward pass for all layers (``ESM2`` passes them to the layer scan), because
+    built inside a layer, XLA:CPU fuses the sine and cosine into each consumer of the [B, L, H, D]
+    rotated q and k, so that every head recomputes them.
 
     Args:
       positions: [B, L] integer positions (restarting per packed segment).
@@ -303,230 +297,3 @@ def apply_rotary(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
     cos, sin = rope
     x32 = x.astype(jnp.float32)
     return (x32 * cos + jnp.roll(x32, x.shape[-1] // 2, axis=-1) * sin).astype(x.dtype)
-
-
-def attention_mask(segment_ids: jax.Array) -> jax.Array:
-    """[B, 1, L, L] boolean: query i may attend key j when both are in the same non-padding
-    segment (id > 0)."""
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return (same & (segment_ids[:, None, :] > 0))[:, None]
-
-
-# Additive score bias of a masked key. exp(-1e30 - max) underflows to exactly 0, as a masked score
-# set to float32's minimum does; a query with no allowed key (padding) gets -1e30 + s == -1e30 for
-# every key (|s| is far below the spacing of float32 near 1e30), hence uniform weights, not NaN.
-_MASKED = -1e30
-
-
-def _bias(mask: jax.Array) -> jax.Array:
-    """[B, 1, L, M] boolean -> float32 additive bias (0 or -1e30), computed once per call."""
-    return jnp.where(mask, 0.0, _MASKED).astype(jnp.float32)
-
-
-def _heads_major(x: jax.Array) -> jax.Array:
-    return jnp.swapaxes(x, 1, 2)  # [B, L, H, D] <-> [B, H, L, D]
-
-
-def _row_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """One batch row, heads-major -> (out [H, L, D], weights [H, L, M]). Differentiated by
-    autodiff here (the path that returns weights), so masked scores are replaced, not offset: no
-    gradient reaches them, even in a row with no allowed key."""
-    scores = jnp.einsum("hld,hmd->hlm", q, k, preferred_element_type=jnp.float32)
-    weights = jax.nn.softmax(jnp.where(bias == 0.0, scores, _MASKED), axis=-1)
-    return jnp.einsum("hlm,hmd->hld", weights.astype(v.dtype), v), weights
-
-
-def _rows_per_chunk(q: jax.Array, k: jax.Array) -> int:
-    """Batch rows per attention iteration of the backward, the weights path and long rows. On a
-    CPU, as many as keep their float32 [H, L, M] scores within 1 MiB (one row of the 8M or 35M
-    shapes at 256 tokens, four of the demo model's 128-token rows), so the scores stay in cache
-    (the backward over all rows at once was 1.6x slower at the 8M shape: XLA splits it into
-    several operations that pass [B, H, L, M] arrays through memory; four demo rows per iteration
-    2-4% faster than one). Accelerators take the whole batch at once. (The forward of training and
-    inference is one fused operation for the whole batch up to 256 tokens: ``_attention``.)"""
-    batch, heads, length = q.shape[:3]
-    if compute_platform() != "cpu":
-        return batch
-    return max(1, min(batch, (1 << 20) // (4 * heads * length * k.shape[2])))
-
-
-def _map_rows(fn: Callable, *xs: jax.Array):
-    return jax.lax.map(lambda a: fn(*a), xs, batch_size=_rows_per_chunk(xs[0], xs[1]))
-
-
-# XLA:CPU (jaxlib 0.10.2) fuses one attention (``softmax_attention``) into one YNNPACK kernel that
-# slows sharply past this many keys, here and in ESMFold's triangle attention
-# (``triangle.cpu_row_chunk``).
-CPU_FUSED_MAX_KEYS = 256
-
-# So on a CPU, beyond 256 tokens, each row's queries run in blocks of 64 against all of its keys,
-# one block after another (forward: ``lax.map``; backward: a ``scan`` that sums the blocks' dk and
-# dv). Forward+backward, 20 heads of 24 (35M): 2 rows of 1,024 tokens 506 ms whole, 246-258 ms in
-# blocks of 64 (128: 284-299, 256: 306-376); 4 rows of 512 229-283 -> 194-207 ms; of 384 130 -> 88
-# ms; but 8 rows of 256 (20 heads of 16) 63-76 ms whole against 76-82 in blocks (BENCHMARKS.md,
-# "Fourth pass").
-_CPU_QUERY_BLOCK = 64
-
-
-def _query_blocks(length: int) -> int | None:
-    """Query blocks per row, or None for the row whole (accelerators; up to 256 tokens)."""
-    if compute_platform() != "cpu" or length <= CPU_FUSED_MAX_KEYS:
-        return None
-    return -(-length // _CPU_QUERY_BLOCK)
-
-
-def _split_queries(x: jax.Array, axis: int, blocks: int) -> jax.Array:
-    """The query axis padded with zeros to whole blocks, blocks leading: [..., L, ...] -> [nb,
-    ..., blk, ...]. A padded query gets bias 0 (finite, sliced off) and, in the backward, a zero
-    output gradient and ``live`` 0, so it adds nothing to dk and dv."""
-    pad = blocks * _CPU_QUERY_BLOCK - x.shape[axis]
-    x = jnp.pad(x, [(0, pad if a == axis else 0) for a in range(x.ndim)])
-    x = x.reshape(x.shape[:axis] + (blocks, _CPU_QUERY_BLOCK) + x.shape[axis + 1 :])
-    return jnp.moveaxis(x, axis, 0)
-
-
-def _join_queries(x: jax.Array, axis: int, length: int) -> jax.Array:
-    """Inverse of ``_split_queries``: [nb, ..., blk, ...] -> [..., L, ...]."""
-    x = jnp.moveaxis(x, 0, axis)
-    x = x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2 :])
-    return jax.lax.slice_in_dim(x, 0, length, axis=axis)
-
-
-def _row_out_blocked(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
-    """One row, its queries in blocks: q [H, L, D], k and v [H, M, D], bias [1, L, M]."""
-    blocks = _query_blocks(q.shape[1])
-    xs = (_split_queries(q, 1, blocks), _split_queries(bias, 1, blocks))
-    out = jax.lax.map(lambda a: softmax_attention(a[0], k, v, a[1]), xs)
-    return _join_queries(out, 1, q.shape[1])
-
-
-@jax.custom_vjp
-def _attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
-    """Heads-major q, k, v [B, H, L, D] and bias [B, 1, L, M] -> out [B, H, L, D].
-
-    Up to ``CPU_FUSED_MAX_KEYS`` tokens (and on accelerators) the whole batch is one
-    ``softmax_attention``: XLA:CPU runs it as one fused kernel spread over all cores, where one
-    row at a time ran on one core (8M shape, 8 rows x 256 tokens, 2 threads: 12.6 -> 8.6 ms;
-    BENCHMARKS.md, "Fifth pass"). Longer rows go row by row, in query blocks."""
-    if _query_blocks(q.shape[2]) is None:
-        return softmax_attention(q, k, v, bias)
-    return _map_rows(_row_out_blocked, q, k, v, bias)
-
-
-def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
-    """``softmax(q k^T + bias) v`` with an additive bias: q [..., L, D], k and v [..., M, D], bias
-    broadcastable to [..., L, M] -> [..., L, D] in v's dtype, the softmax in float32.
-
-    As in flash attention (Dao et al. 2022, Alg. 1) the softmax is normalised after the product
-    with ``v``: the [..., L, D] output is divided by the softmax denominators, not the [..., L, M]
-    weights, a pass over the weights less, and XLA:CPU fuses the whole of it into one kernel (the
-    35M-shape attention forward 19.6 -> 14.3 ms on 2 CPU threads, "Third pass"; ESMFold's triangle
-    attention about 100 -> 37 ms per call with heads-major inputs, "Fourth pass", BENCHMARKS.md).
-    ESM-2's training forward (its backward is ``_attention_bwd``, so the mask can be a bias) and
-    ESMFold's ``GatedAttention`` both use it."""
-    scores = jnp.einsum("...ld,...md->...lm", q, k, preferred_element_type=jnp.float32) + bias
-    e = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True)))
-    out = jnp.einsum("...lm,...md->...ld", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return (out / e.sum(-1)[..., None]).astype(v.dtype)
-
-
-def _attention_fwd(q, k, v, bias):
-    out = _attention(q, k, v, bias)
-    return out, (q, k, v, bias, out)
-
-
-def _attention_bwd(res, d_out):
-    """Recomputes the weights row by row (as flash attention does) instead of storing [B, H, L,
-    M], in the transposed [H, M, L] layout: there every matmul of the backward contracts the last
-    axis of its left operand, which XLA:CPU's fast kernels want, so no [H, L, M] transpose is
-    materialised (two of them cost a quarter of the attention backward). Recomputing the weights
-    from a stored max and denominator instead (one pass, no reductions) was about 10% slower
-    (8M shape, forward+backward 57 against 51 ms on 2 CPU threads; not traced further)."""
-
-    def row(q, k, v, bias_t, live, out, do):  # [H, L, D] (k, v: [H, M, D]); bias_t [1, M, L]
-        f32 = jnp.float32
-        q, k, v, out, do = (x.astype(f32) for x in (q, k, v, out, do))
-        s_t = jnp.einsum("hmd,hld->hml", k, q) + bias_t  # scores, transposed
-        # The softmax over keys (axis 1 here), as jax.nn.softmax computes it.
-        e = jnp.exp(s_t - jax.lax.stop_gradient(s_t.max(1, keepdims=True)))
-        p_t = e / e.sum(1, keepdims=True)  # [H, M, L]
-        dv = jnp.einsum("hml,hld->hmd", p_t, do)
-        dp_t = jnp.einsum("hmd,hld->hml", v, do)
-        delta = jnp.sum(do * out, -1)[:, None, :]  # [H, 1, L]
-        # A query with no allowed key (padding) has uniform weights whose scores were masked out:
-        # no gradient reaches them, as through ``where(mask, scores, min)`` (live [1, 1, L]: 0).
-        ds_t = p_t * (dp_t - delta) * live
-        dk = jnp.einsum("hml,hld->hmd", ds_t, q)
-        k_t = jax.lax.optimization_barrier(jnp.swapaxes(k, 1, 2))  # [H, D, M], small
-        dq = jnp.swapaxes(jnp.einsum("hdm,hml->hdl", k_t, ds_t), 1, 2)
-        return dq, dk, dv
-
-    def row_blocked(q, k, v, bias_t, live, out, do):
-        blocks = _query_blocks(q.shape[1])
-        if blocks is None:
-            return row(q, k, v, bias_t, live, out, do)
-        split = (1, 2, 2, 1, 1)  # the query axis of q, bias_t, live, out, do
-        xs = tuple(_split_queries(x, a, blocks) for x, a in zip((q, bias_t, live, out, do), split))
-
-        def step(acc, blk):
-            dq, dk, dv = row(blk[0], k, v, *blk[1:])
-            return (acc[0] + dk, acc[1] + dv), dq
-
-        zeros = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-        (dk, dv), dq = jax.lax.scan(step, zeros, xs)
-        return _join_queries(dq, 1, q.shape[1]), dk, dv
-
-    q, k, v, bias, out = res
-    bias_t = jnp.swapaxes(bias, 2, 3)  # [B, 1, M, L]
-    live = jnp.any(bias_t == 0.0, axis=2, keepdims=True).astype(jnp.float32)  # [B, 1, 1, L]
-    dq, dk, dv = _map_rows(row_blocked, q, k, v, bias_t, live, out, d_out)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
-
-
-def dot_product_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    mask: jax.Array,
-    *,
-    return_weights: bool = True,
-    cudnn: bool = False,
-) -> tuple[jax.Array, jax.Array | None]:
-    """Softmax attention with the softmax in float32 (fair-esm ``utils_softmax(dtype=float32)``).
-
-    ``q`` is expected pre-scaled. A query with no allowed key (a padding row) gets uniform weights
-    instead of NaN. Training (no weights returned) never stores the [B, H, L, M] weights: the
-    backward pass recomputes them row by row (on a CPU, beyond 256 tokens, in blocks of
-    queries: ``_query_blocks``). With ``cudnn`` (an NVIDIA GPU, 16-bit inputs) the
-    cuDNN flash-attention kernel computes the same function from the dense mask. The packed
-    kernels that take segment ids instead are in ``attention_kernels``; ``choose_attention``
-    there picks the path.
-
-    Args:
-      q, k, v: [B, L, H, D] (k, v: [B, M, H, D]).
-      mask: [B, 1, L, M] boolean (packed segments and padding).
-      return_weights: also return the float32 weights [B, H, L, M] (for attention maps and
-        contacts).
-      cudnn: run ``jax.nn.dot_product_attention(implementation="cudnn")`` (no weights).
-    Returns:
-      out [B, L, H, D] in q's dtype, and the weights or None.
-    """
-    if return_weights:
-        qh, kh, vh = (_heads_major(x) for x in (q, k, v))
-        out, weights = _map_rows(_row_attention, qh, kh, vh, _bias(mask))
-        return _heads_major(out), weights
-    if cudnn:
-        return jax.nn.dot_product_attention(
-            q, k, v, mask=mask, scale=1.0, implementation="cudnn"
-        ), None
-    out = _attention(*(_heads_major(x) for x in (q, k, v)), _bias(mask))
-    return _heads_major(out), None
-
-
-def scale_for(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)

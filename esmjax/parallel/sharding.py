@@ -5,7 +5,7 @@ Parameters carry logical axis names where they are created (``nn.param``). A rul
 logical name to mesh axes of the ``(data, fsdp, tensor)`` mesh; the same table maps activation names
 (prefixed ``act_``) so that FSDP on ``embed`` weights leaves activations alone (the MaxText /
 big_vision convention). Rules are data, held in ``MeshConfig.rules``; the presets and the axis
-names live in ``esmjax.config`` (validated when a config is built) and are re-exported here.
+names live in ``esmjax.config.mesh`` (validated when a config is built).
 
 A dimension whose size the mesh axes do not divide stays replicated, and a mesh axis is used at most
 once per array (Flax semantics), so every rule table gives *some* sharding for every model shape.
@@ -30,22 +30,9 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from esmjax.config import (  # noqa: F401  (re-exported: the rule vocabulary lives with the config)
+from esmjax.config.mesh import (  # noqa: F401  (resolve_rules: callers resolve rules here)
     ACT_BATCH,
-    ACT_EMBED,
-    ACT_HEADS,
-    ACT_LEN,
-    ACT_MLP,
-    EMBED,
-    HEAD_DIM,
-    HEADS,
-    LAYERS,
-    LOGICAL_AXES,
     MESH_AXES,
-    MLP,
-    NORM,
-    RULE_PRESETS,
-    VOCAB,
     MeshConfig,
     Rules,
     resolve_rules,
@@ -99,7 +86,7 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """The ``(data, fsdp, tensor)`` mesh of ``cfg`` over ``devices`` (default: all), Auto axes
-    (JAX now defaults to Explicit); ``dcn_*`` sizes span granules (:func:`hybrid_mesh`)."""
+    (JAX's default is Explicit); ``dcn_*`` sizes span granules (:func:`hybrid_mesh`)."""
     devices = list(devices if devices is not None else jax.devices())
     ici, dcn = mesh_split(cfg, len(devices))
     return hybrid_mesh(ici, dcn, devices)

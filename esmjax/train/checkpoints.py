@@ -93,8 +93,9 @@ class TrainCheckpointer:
         step, restored = ckpt.restore_latest(self.mngr, None, args)
         # the newer steps restore_latest passed over: the resumed run writes them anew
         ckpt.set_aside(self.mngr, [s for s in self.mngr.all_steps() if s > step])
-        opt_state = _fill_new_moments(restored["opt_state"], target.opt_state, step)
-        state = TrainState(step=target.step, variables=restored["params"], opt_state=opt_state)
+        state = TrainState(
+            step=target.step, variables=restored["params"], opt_state=restored["opt_state"]
+        )
         meta = dict(restored["meta"])
         state.step = jax.device_put(jnp.asarray(meta["step"], jnp.int32), target.step.sharding)
         return state, meta
@@ -136,40 +137,3 @@ class TrainCheckpointer:
     def close(self) -> None:
         self.wait()
         self.mngr.close()
-
-
-def _fill_new_moments(restored: Any, target: Any, step: int) -> Any:
-    """The restored optimizer state in ``target``'s structure; Adam moments the checkpoint lacks
-    start at zero.
-
-    Runs saved before the attention key bias was trained (esmjax before issue 11) hold no Adam
-    moments for ``k_proj.bias``; Orbax restores those leaves as ``None``. Zero moments are exactly
-    the state Adam starts a new parameter with. Any other difference is a ``CheckpointError``.
-    """
-    have = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(restored)}
-    wanted = jax.tree_util.tree_leaves_with_path(target)
-    missing = [p for p, _ in wanted if jax.tree_util.keystr(p) not in have]
-    if not missing:
-        return restored
-    names = [jax.tree_util.keystr(p) for p in missing]
-    if len(have) + len(missing) != len(wanted) or not all(
-        "k_proj" in n and n.endswith("['bias']") for n in names
-    ):
-        raise ckpt.CheckpointError(
-            f"checkpoint step {step}: optimizer state does not match this optimizer "
-            f"(missing {names[:4]})"
-        )
-    log.warning(
-        "checkpoint step %d predates training the attention key bias: its Adam moments start at "
-        "zero (%d arrays)",
-        step,
-        len(missing),
-    )
-
-    def pick(path: tuple, t: jax.ShapeDtypeStruct) -> jax.Array:
-        key = jax.tree_util.keystr(path)
-        if key in have:
-            return have[key]
-        return jax.jit(lambda: jnp.zeros(t.shape, t.dtype), out_shardings=t.sharding)()
-
-    return jax.tree_util.tree_map_with_path(pick, target)

@@ -123,9 +123,9 @@ class ThroughputWindow:
     """Training throughput over one logging window: the steps since the last log line and the
     wall time they took, with evaluation (``with window.excluded(): ...``) left out.
 
-    The caller marks every step with ``add_step(nonpad_fraction)`` and, at a log line, takes
-    ``summary(...)``, which also starts the next window. Steps are dispatched asynchronously, so the
-    caller must have waited for the window's last step (reading its metrics does) before
+    The caller marks every step with ``add_step(tokens, nonpad_fraction)`` and, at a log line,
+    takes ``summary(...)``, which also starts the next window. Steps are dispatched asynchronously,
+    so the caller must have waited for the window's last step (reading its metrics does) before
     ``summary`` and before entering ``excluded``. The window keeps checkpoint saves and data loading
     (costs of training); the first window of an invocation also holds the compilation.
     """
@@ -135,10 +135,13 @@ class ThroughputWindow:
         self._start = clock()
         self._excluded = 0.0
         self.steps = 0
+        self._tokens = 0
         self._nonpad_sum = 0.0
 
-    def add_step(self, nonpad_fraction: float) -> None:
+    def add_step(self, tokens: int, nonpad_fraction: float) -> None:
+        """A step of ``tokens`` tokens (global, padding included)."""
         self.steps += 1
+        self._tokens += tokens
         self._nonpad_sum += nonpad_fraction
 
     @contextlib.contextmanager
@@ -151,30 +154,36 @@ class ThroughputWindow:
             self._excluded += self._clock() - t0
 
     def summary(
-        self,
-        *,
-        tokens_per_step: int,
-        num_devices: int,
-        flops_per_token: float,
-        peak_flops: float | None,
+        self, *, num_devices: int, flops_per_token: float | None, peak_flops: float | None
     ) -> dict[str, float | None]:
-        """Throughput of the window; starts the next one. ``tokens_per_step`` is global (padding
-        included), ``peak_flops`` per device (None: ``mfu`` is None)."""
+        """Throughput of the window; starts the next one. ``peak_flops`` per device (None:
+        ``mfu`` is None); without ``flops_per_token`` neither FLOPs figure is known."""
         now = self._clock()
         seconds = max(now - self._start - self._excluded, 1e-9)
         steps = max(self.steps, 1)
-        tps = tokens_per_step * self.steps / seconds
-        tflops = flops_per_token * tps / num_devices
+        tps = self._tokens / seconds
+        tflops = flops_per_token * tps / num_devices if flops_per_token else None
         out = {
             "tokens_per_second": tps,
             "tokens_per_second_per_device": tps / num_devices,
             "nonpad_fraction": self._nonpad_sum / steps,
-            "tflops_per_device": tflops / 1e12,
-            "mfu": tflops / peak_flops if peak_flops else None,
+            "tflops_per_device": None if tflops is None else tflops / 1e12,
+            "mfu": tflops / peak_flops if tflops is not None and peak_flops else None,
             "step_seconds": seconds / steps,
         }
-        self._start, self._excluded, self.steps, self._nonpad_sum = now, 0.0, 0, 0.0
+        self._start, self._excluded, self.steps = now, 0.0, 0
+        self._tokens, self._nonpad_sum = 0, 0.0
         return out
+
+
+# The fields of a log line that depend on the machine's speed, not on the run's numbers.
+TIMING_FIELDS = (
+    "tokens_per_second",
+    "tokens_per_second_per_device",
+    "tflops_per_device",
+    "mfu",
+    "step_seconds",
+)
 
 
 def _append(path: Path, data: bytes) -> None:

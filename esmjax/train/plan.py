@@ -71,8 +71,8 @@ def activation_estimate(cfg, rows: int, seq_len: int, tensor: int) -> int:
 
     ``rows`` are the packed rows of one micro-batch that this device's (data x fsdp) shard
     processes. Attention never keeps its [rows, H, S, S] weights between passes
-    (``esmjax.models.layers`` recomputes them in the backward), so they count once, in the transient
-    peak.
+    (``esmjax.models.attention`` recomputes them in the backward), so they count once, in the
+    transient peak.
     """
     m = cfg.model
     c = 2 if m.dtype == "bfloat16" else 4
@@ -192,7 +192,7 @@ def train_program(cfg: Any, sizes: dict[str, int], at: Where) -> tuple[Any, tupl
     shardings = state_shardings(
         cfg.model, tx, mesh, rules, allow_replicated=cfg.mesh.allow_replicated
     )
-    batching = Batching(cfg, n_dev, 1)
+    batching = Batching.pretraining(cfg, n_dev, 1)
     target = abstract_state(cfg.model, tx, shardings)
     bs = NamedSharding(mesh, P(None, *shd.batch_sharding(mesh, rules, 2).spec))
     shape = (batching.accum, batching.micro_rows, batching.seq_len)

@@ -118,8 +118,13 @@ def abstract_state(
     cfg: ESM2Config, tx: optax.GradientTransformation, shardings: TrainState
 ) -> TrainState:
     """ShapeDtypeStructs with shardings: the Orbax restore target."""
-    _, abstract = abstract_model(cfg)
-    variables = abstract.to_pure_dict()
+    return abstract_state_of(abstract_model(cfg)[1].to_pure_dict(), tx, shardings)
+
+
+def abstract_state_of(
+    variables: Any, tx: optax.GradientTransformation, shardings: TrainState
+) -> TrainState:
+    """The train state of abstract ``variables`` (what ``tx`` updates), with ``shardings``."""
     shapes = TrainState(
         step=jax.ShapeDtypeStruct((), jnp.int32),
         variables=variables,

@@ -1,5 +1,5 @@
-"""Masked-LM loss, the train step (with gradient accumulation): pure functions,
-jitted once.
+"""The train steps: one gradient accumulation and one guarded update, which pretraining's masked-LM
+step (``make_train_step``) and fine-tuning's task step (``esmjax.train.finetune``) both build on.
 
 The loss of a step is the cross-entropy summed over every selected position of every micro-batch,
 divided by the number of selected positions of the whole step, so the update does not depend on how
@@ -19,9 +19,8 @@ from flax import nnx
 from esmjax.train.optim import trainable
 from esmjax.train.state import TrainState
 
-Batch = dict[
-    str, jax.Array
-]  # tokens, targets, loss_mask, segment_ids, positions: [R, S] (or [A, R, S])
+# pretraining: tokens, targets, loss_mask, segment_ids, positions: [R, S] (or [A, R, S])
+Batch = dict[str, jax.Array]
 
 
 def _freeze_buffers(variables: dict[str, Any]) -> dict[str, Any]:
@@ -69,45 +68,72 @@ def guarded_update(
     return variables, opt_state
 
 
+def accumulate(
+    sums: Callable[[Any, dict], dict[str, jax.Array]], variables: Any, batch: dict
+) -> tuple[Any, dict[str, jax.Array], jax.Array]:
+    """The gradients of a step over its micro-batches (``batch`` arrays are [A, R, ...], scanned
+    over A), divided by the step's count: ``(grads, totals, loss)``. ``sums(variables, micro)``
+    gives a micro-batch's ``loss_sum``, its ``count`` and any other sums, all added up in
+    ``totals``. Pretraining and fine-tuning both take their gradients here."""
+
+    def loss_sum(v: Any, micro: dict) -> tuple[jax.Array, dict]:
+        s = sums(v, micro)
+        return s["loss_sum"], s
+
+    grad_fn = jax.grad(loss_sum, has_aux=True)
+    names = jax.eval_shape(sums, variables, jax.tree.map(lambda x: x[0], batch))
+
+    def body(carry, micro):
+        grads, totals = carry
+        g, s = grad_fn(variables, micro)
+        return (jax.tree.map(jnp.add, grads, g), {k: totals[k] + s[k] for k in totals}), None
+
+    zeros = jax.tree.map(jnp.zeros_like, variables)
+    init = {k: jnp.zeros((), jnp.float32) for k in names}
+    (grads, totals), _ = jax.lax.scan(body, (zeros, init), batch)
+    count = jnp.maximum(totals["count"], 1.0)
+    return jax.tree.map(lambda g: g / count, grads), totals, totals["loss_sum"] / count
+
+
+def make_step(
+    sums: Callable[..., dict[str, jax.Array]],
+    tx: optax.GradientTransformation,
+    metrics: Callable[[jax.Array, jax.Array, dict[str, jax.Array]], dict[str, jax.Array]],
+    skip_nonfinite: bool = False,
+) -> Callable:
+    """``step(state, batch, *context) -> (state, metrics)``: the gradients of
+    ``sums(variables, micro, *context)`` accumulated over the micro-batches, one optimizer update
+    (:func:`guarded_update`), and ``metrics(step, loss, totals)`` with the gradient norm."""
+
+    def step(state: TrainState, batch: Batch, *context: Any) -> tuple[TrainState, dict]:
+        grads, totals, loss = accumulate(
+            lambda v, micro: sums(v, micro, *context), state.variables, batch
+        )
+        variables, opt_state = guarded_update(tx, grads, state, loss, skip_nonfinite)
+        out = metrics(state.step, loss, totals)
+        out["grad_norm"] = optax.global_norm(grads)
+        return TrainState(step=state.step + 1, variables=variables, opt_state=opt_state), out
+
+    return step
+
+
 def make_train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
     lr: optax.Schedule,
     skip_nonfinite: bool = False,
 ) -> Callable:
-    """``train_step(state, batch) -> (state, metrics)`` where batch arrays are [A, R, S] (A
+    """Pretraining's ``train_step(state, batch) -> (state, metrics)``, batch arrays [A, R, S] (A
     accumulation steps)."""
 
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        def loss_fn(variables, micro):
-            sums = mlm_sums(graphdef, variables, micro)
-            return sums["loss_sum"], sums
-
-        grad_fn = jax.grad(loss_fn, has_aux=True)
-        zeros = jax.tree.map(jnp.zeros_like, state.variables)
-
-        def accumulate(carry, micro):
-            grads, totals = carry
-            g, sums = grad_fn(state.variables, micro)
-            grads = jax.tree.map(jnp.add, grads, g)
-            totals = {k: totals[k] + sums[k] for k in totals}
-            return (grads, totals), None
-
-        init_totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
-        init_totals = {k: jnp.zeros((), jnp.float32) for k in init_totals}
-        (grads, totals), _ = jax.lax.scan(accumulate, (zeros, init_totals), batch)
+    def metrics(step: jax.Array, loss: jax.Array, totals: dict) -> dict[str, jax.Array]:
         count = jnp.maximum(totals["count"], 1.0)
-        grads = jax.tree.map(lambda g: g / count, grads)
-        loss = totals["loss_sum"] / count
-        variables, opt_state = guarded_update(tx, grads, state, loss, skip_nonfinite)
-        metrics = {
+        return {
             "loss": loss,
             "perplexity": jnp.exp(loss),
             "masked_accuracy": totals["correct"] / count,
-            "grad_norm": optax.global_norm(grads),
-            "lr": lr(state.step),
+            "lr": lr(step),
             "masked_tokens": totals["count"],
         }
-        return TrainState(step=state.step + 1, variables=variables, opt_state=opt_state), metrics
 
-    return train_step
+    return make_step(lambda v, micro: mlm_sums(graphdef, v, micro), tx, metrics, skip_nonfinite)

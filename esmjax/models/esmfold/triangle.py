@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from esmjax.models import layers as nn
+from esmjax.models.attention.xla import CPU_FUSED_MAX_KEYS, softmax_attention
 from esmjax.parallel.sharding import compute_platform
 
 
@@ -56,8 +57,8 @@ class TriangleMultiplication(nnx.Module):
         gated projections are one matrix product whose left operand is the transposed [4Z, Z]
         kernel, so they come out channel-major and the gating runs in that layout, with no
         transpose of ``a`` or ``b``; the product is transposed back once. Channels-last, as the
-        reference writes it, XLA:CPU fused transposes into the gating, and the two updates were
-        40% of a 256-residue CPU fold (BENCHMARKS.md, "Second pass"; "Third pass" for this form).
+        reference writes it, XLA:CPU fuses transposes into the gating, which makes the two updates a
+        large share of a CPU fold.
         """
         z = self.layer_norm_in(z)
         lins = (self.linear_a_p, self.linear_a_g, self.linear_b_p, self.linear_b_g)
@@ -95,9 +96,8 @@ class GatedAttention(nnx.Module):
         C].
 
         On a CPU the layout decides the speed, so q, k, v are made heads-major ([..., H, J, D]) for
-        ``layers.softmax_attention``, which normalises the softmax after the product with v.
-        Together they took a 256-residue fold from 7.1-9.1 s to 5.3-6.5 s on 2 CPU threads; either
-        alone gave nothing (BENCHMARKS.md, "Fourth pass").
+        ``softmax_attention``, which normalises the softmax after the product with v (XLA:CPU runs
+        it fast only with both).
         """
         h, d = self.num_heads, self.head_width
 
@@ -106,24 +106,22 @@ class GatedAttention(nnx.Module):
 
         q = heads_major(self.linear_q(x) / jnp.sqrt(jnp.float32(d)))
         k, v = heads_major(self.linear_k(x)), heads_major(self.linear_v(x))
-        o = nn.softmax_attention(q, k, v, bias)  # [..., H, J, D]
+        o = softmax_attention(q, k, v, bias)  # [..., H, J, D]
         g = jax.nn.sigmoid(self.linear_g(x))
         o = jnp.swapaxes(o, -2, -3) * g.reshape(g.shape[:-1] + (h, d))  # [..., J, H, D]
         return self.linear_o(o.reshape(o.shape[:-2] + (-1,)))
 
 
-# XLA:CPU runs a triangle attention call as one fused kernel that falls off a cliff past
-# ``layers.CPU_FUSED_MAX_KEYS`` (256) keys (two calls at Z 64, 2 heads: 170 ms at 256 residues, 817
-# ms at 272, 1.47 s at 384). Row chunks whose [chunk, H, L, L] scores fit in 8 MiB run 2-3x faster
-# there (272: 303 ms, 384: 591 ms, 512: 1.29-1.69 s against 2.62 s; BENCHMARKS.md, "Fourth pass");
-# up to 256 keys the whole map is faster than any chunking.
+# XLA:CPU runs a triangle attention call as one fused kernel that slows sharply past
+# ``CPU_FUSED_MAX_KEYS`` keys; beyond that, row chunks whose [chunk, H, L, L] scores fit in 8 MiB
+# stay fast, while up to it the whole map is faster than any chunking.
 _CPU_CHUNK_BYTES = 8 << 20
 
 
 def cpu_row_chunk(batch: int, length: int, heads: int, chunk_size: int | None) -> int | None:
     """The row chunk a triangle attention over ``length`` x ``length`` uses: ``chunk_size`` (a
     memory cap) or, on a CPU beyond 256 keys, the smaller of it and the 8 MiB chunk above."""
-    if compute_platform() != "cpu" or length <= nn.CPU_FUSED_MAX_KEYS:
+    if compute_platform() != "cpu" or length <= CPU_FUSED_MAX_KEYS:
         return chunk_size
     fast = max(1, _CPU_CHUNK_BYTES // (4 * batch * heads * length * length))
     return fast if chunk_size is None else min(chunk_size, fast)

@@ -1,10 +1,11 @@
-"""``esmjax evaluate {perplexity,contacts,variants}``: what a saved checkpoint is worth, without the
-training job.
+"""The jobs of ``esmjax evaluate``: what a saved checkpoint is worth, without the training job.
 
 Each evaluation restores one step (default: the latest complete one) of a training workdir or a
 converted checkpoint onto every device present (Orbax reshards), writes a JSON report to ``out``
 (default ``<checkpoint>/eval/step_<N>/``) and prints a table; ``plot`` adds PNG figures next to the
-report. In multi-process runs (started by the command) process 0 writes the files.
+report. In multi-process runs (started by the command) process 0 writes the files. ``check`` is
+what a job needs besides its inputs, checked before it runs (``evaluate all``: before any runs);
+``run`` checks and runs one job.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ import dataclasses
 import io
 import logging
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,72 +22,22 @@ import numpy as np
 from tqdm import tqdm
 
 from esmjax.errors import InputError
+from esmjax.evaluate.options import (
+    ContactsOptions,
+    Options,
+    PerplexityOptions,
+    ProteinGymOptions,
+    StructuresOptions,
+    VariantsOptions,
+)
 from esmjax.io import paths
 
 log = logging.getLogger("esmjax.evaluate")
 
 
-@dataclass(frozen=True, kw_only=True)
-class Options:
-    """What every evaluation restores and where it reports."""
-
-    checkpoint: str
-    step: int | None = None
-    out: str | None = None
-    plot: bool = False
-    dtype: str = "float32"
-    rules: str = "fsdp"
-    progress: bool = True
-    # The command's distributed start-up, run by ``restore`` once the evaluation has checked its
-    # inputs: a bad input is then the only line printed, even where starting takes minutes.
-    start: Callable[[], None] | None = None
-
-
-@dataclass(frozen=True, kw_only=True)
-class PerplexityOptions:
-    data: str | None = None  # dataset folder (validation split) or FASTA; None: the run's held-out
-    rows: int = 32  # global packed rows per batch (rounded up to the devices)
-    seq_len: int | None = None
-    eval_tokens: int | None = None
-    pseudo: bool = False  # also pseudo-perplexity (FASTA data only)
-    max_sequences: int = 0
-    max_tokens_per_batch: int = 8192
-
-
-@dataclass(frozen=True, kw_only=True)
-class ContactsOptions:
-    structures: tuple[str, ...]
-    fit: tuple[str, ...] | None = None  # fit the contact regression on these first
-    save: str | None = None  # where a fitted head's checkpoint goes
-    fit_c: float | None = None
-    sequence: str = "seqres"  # or "observed"
-
-
-@dataclass(frozen=True, kw_only=True)
-class ProteinGymOptions:
-    folder: str  # ProteinGym substitutions folder (per-assay CSVs)
-    reference: str | None = None  # DMS_substitutions.csv [default: <folder>/DMS_substitutions.csv]
-    assays: tuple[str, ...] | None = None
-    method: str = "masked-marginals"  # or "wt-marginals", "pll"
-    window: int = 1022
-    skip_invalid: bool = False
-    max_tokens_per_batch: int = 8192
-
-
-@dataclass(frozen=True, kw_only=True)
-class VariantsOptions:
-    dms: str
-    wt_sequence: str | None = None
-    offset: int = 1
-    mutant_column: str = "mutant"
-    score_column: str = "score"
-    sample: int = 0
-    max_tokens_per_batch: int = 8192
-
-
 def restore(opts: Options, weights: Any = None):
     """Distributed start-up, mesh, model and provenance. ``weights``: a folder to load the model
-    from instead (a contact-head fit of ``opts.checkpoint`` at ``opts.step``, which the report
+    from instead (a contact-head fit of ``opts.checkpoint`` at its pinned step, which the report
     still names)."""
     from esmjax.evaluate import report
     from esmjax.inference.engine import Engine
@@ -96,15 +45,20 @@ def restore(opts: Options, weights: Any = None):
 
     if opts.start is not None:
         opts.start()
-    src = str(weights) if weights is not None else opts.checkpoint
-    mesh = checkpoint.inference_mesh(src, opts.rules)
+    ckpt = opts.checkpoint
+    src = checkpoint.open(weights) if weights is not None else ckpt
+    mesh = checkpoint.inference_mesh(src, opts.rules, opts.dtype)
     model, step = checkpoint.load_model(
-        src, step=None if weights else opts.step, mesh=mesh, rules=opts.rules, dtype=opts.dtype
+        src,
+        step=None if weights else ckpt.requested_step,
+        mesh=mesh,
+        rules=opts.rules,
+        dtype=opts.dtype,
     )
-    step = opts.step if weights is not None else step
-    info = report.checkpoint_info(opts.checkpoint, step)
-    out = paths.given(opts.out) if opts.out else report.default_out_dir(opts.checkpoint, step)
-    log.info("restored step %d of %s onto %d devices", step, opts.checkpoint, mesh.size)
+    step = ckpt.requested_step if weights is not None else step
+    info = report.checkpoint_info(ckpt, step)
+    out = paths.given(opts.out) if opts.out else report.default_out_dir(ckpt.path, step)
+    log.info("restored step %d of %s onto %d devices", step, ckpt.path, mesh.size)
     return Engine(model, mesh, opts.rules), info, out
 
 
@@ -125,20 +79,17 @@ def finish(name: str, out: Path, rep: dict, text: str) -> None:
 
 
 def perplexity(opts: Options, cmd: PerplexityOptions) -> dict:
-    from esmjax.config import DataConfig, from_dict
+    from esmjax.config import DataConfig
     from esmjax.evaluate import perplexity, report
-    from esmjax.io import checkpoint
 
-    raw = checkpoint.read_config(opts.checkpoint)
-    run_data = (
-        from_dict(DataConfig, raw["data"], "data") if isinstance(raw.get("data"), dict) else None
-    )
+    run_data = _run_data(opts.checkpoint)
     if cmd.data is None and run_data is None:
         raise InputError(
-            f"{opts.checkpoint} is not a training workdir: name the evaluation data with --data"
+            f"{opts.checkpoint.path} is not a training workdir: name the evaluation data with "
+            "--data"
         )
     if cmd.data is None:
-        _check_run_data(opts.checkpoint, run_data)
+        _check_run_data(opts.checkpoint.path, run_data)
     overrides: dict = {}
     folder = False
     if cmd.data is not None:
@@ -200,14 +151,12 @@ def perplexity(opts: Options, cmd: PerplexityOptions) -> dict:
     return rep
 
 
-def check_run_data(checkpoint: str) -> None:
-    """``_check_run_data`` of a workdir (``evaluate all`` checks every section first)."""
+def _run_data(ckpt: Any) -> Any:
+    """The ``DataConfig`` of a training run's checkpoint; None for converted weights."""
     from esmjax.config import DataConfig, from_dict
-    from esmjax.io import checkpoint as ckpt
 
-    raw = ckpt.read_config(checkpoint)
-    if isinstance(raw.get("data"), dict):
-        _check_run_data(checkpoint, from_dict(DataConfig, raw["data"], "data"))
+    raw = ckpt.config
+    return from_dict(DataConfig, raw["data"], "data") if isinstance(raw.get("data"), dict) else None
 
 
 def _check_run_data(checkpoint: str, data: Any) -> None:
@@ -254,7 +203,7 @@ def contacts(opts: Options, cmd: ContactsOptions) -> dict:
         )
     save, done = None, None
     if train:  # where the fit goes, checked before the model loads (fit_target)
-        opts = dataclasses.replace(opts, step=pinned_step(opts))
+        opts = pinned(opts)
         save, done = fit_target(opts, cmd, train)
     engine, info, out = restore(opts, weights=save if done else None)
     import jax
@@ -354,59 +303,47 @@ def _fit_and_save(engine: Any, train: list, c: float, save: Any, opts: Options, 
     source = {k: info[k] for k in ("checkpoint", "step", "config_hash")}
     checkpoint.save_converted(
         save,
-        checkpoint.model_config(opts.checkpoint),
+        opts.checkpoint.model_config,
         checkpoint.params_numpy(engine.model),
         extra={"source": source, "contact_regression": fit_info},
     )
     return {**fit_info, "saved_to": paths.absolute(save)}
 
 
-def pinned_step(opts: Options) -> int:
-    """``opts.step``, or else the checkpoint's newest step (after the start-up: Orbax lists steps
-    with JAX), so that the folder a fit is saved to (named after the step) is known before the
-    model loads."""
-    if opts.step is not None:
-        return opts.step
-    from esmjax.io import checkpoint
-
-    if opts.start is not None:
+def pinned(opts: Options) -> Options:
+    """``opts`` with the checkpoint's step pinned (by default its newest, listed after the
+    start-up: Orbax lists steps with JAX), so that the folder a fit is saved to (named after the
+    step) is known before the model loads."""
+    if opts.checkpoint.requested_step is None and opts.start is not None:
         opts.start()
-    mngr = checkpoint.manager(opts.checkpoint)
-    try:
-        with paths.remote_errors(opts.checkpoint):
-            steps = list(mngr.all_steps())
-    finally:
-        mngr.close()
-    if not steps:
-        raise checkpoint.CheckpointError(f"{opts.checkpoint}: no complete checkpoint")
-    return max(steps)
+    return dataclasses.replace(opts, checkpoint=opts.checkpoint.pinned())
 
 
 def fit_target(opts: Options, cmd: ContactsOptions, train: list) -> tuple[Any, dict | None]:
     """Where ``contacts --fit`` saves the fitted model (``--save``, default
-    ``<checkpoint>/contact_head/step_<N>``, ``opts.step`` pinned) and the fit already there: its
+    ``<checkpoint>/contact_head/step_<N>``, the step pinned) and the fit already there: its
     ``contact_regression`` when the folder holds a fit of the same checkpoint, step and config on
     the same structures with the same C, which a rerun then evaluates with instead of fitting
     again; None when nothing is there. Anything else there is refused now, before the model
     loads and the fit runs (a fit is never written over)."""
-    import json
-
     from esmjax.evaluate import report
+    from esmjax.io import checkpoint
 
     if cmd.save:
         save, label = paths.given(cmd.save), f"--save {cmd.save}"
     else:
-        save = paths.given(opts.checkpoint) / "contact_head" / f"step_{opts.step}"
+        step = opts.checkpoint.requested_step
+        save = paths.given(opts.checkpoint.path) / "contact_head" / f"step_{step}"
         label = f"{save} (the default --save)"
     with paths.remote_errors(str(save)):
         if not paths.nonempty(save):
             return save, None
-        config_file = save / "config.json"
-        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    found = checkpoint.peek(save)
+    config = found.config if found is not None else {}
     fit = config.get("contact_regression") if isinstance(config, dict) else None
     if not isinstance(fit, dict):
         raise InputError(f"{label}: exists and holds no contact-head fit; give another --save")
-    info = report.checkpoint_info(opts.checkpoint, opts.step)
+    info = report.checkpoint_info(opts.checkpoint, opts.checkpoint.requested_step)
     want = {k: info[k] for k in ("checkpoint", "step", "config_hash")}
     have = config.get("source") or {}
     other = [k for k in want if have.get(k) != want[k]]
@@ -534,29 +471,21 @@ def proteingym(opts: Options, cmd: ProteinGymOptions) -> dict:
     return rep
 
 
-def structures(
-    out: str,
-    *,
-    predicted: list[str] | None = None,
-    reference: list[str] | None = None,
-    pairs: str | None = None,
-    plot: bool = False,
-    progress: bool = True,
-) -> dict:
+def structures(cmd: StructuresOptions) -> dict:
     from esmjax.evaluate import report
     from esmjax.evaluate import structure_scores as ss
 
-    if not pairs and not (predicted and reference):
+    if not cmd.pairs and not (cmd.predicted and cmd.reference):
         raise InputError("give --predicted and --reference, or --pairs TSV")
-    matched = ss.match_pairs(predicted or [], reference, pairs)
-    results = ss.run(matched, progress=progress)
-    out = paths.given(out)
+    matched = ss.match_pairs(list(cmd.predicted or []), cmd.reference, cmd.pairs)
+    results = ss.run(matched, progress=cmd.progress)
+    out = paths.given(cmd.out)
     ss.write_table(results["per_target"], out / "structures.csv")
-    if plot:
+    if cmd.plot:
         ss.plot(results["per_target"], out)
     rep = {
         "command": "evaluate structures",
-        "settings": {"pairs": pairs, "inclusion_radius": 15.0, "thresholds": [0.5, 1, 2, 4]},
+        "settings": {"pairs": cmd.pairs, "inclusion_radius": 15.0, "thresholds": [0.5, 1, 2, 4]},
         "results": results,
     }
     rows = [
@@ -570,3 +499,77 @@ def structures(
     print(report.table(("predicted", "reference", "coverage", *ss.METRICS), rows))
     print(f"report: {path}")
     return rep
+
+
+def check_report(opts: Options) -> None:
+    """matplotlib for ``plot`` and a writable report folder (``out``, or the default
+    ``<checkpoint>/eval``)."""
+    from esmjax.inference import preflight
+
+    if opts.plot:
+        preflight.plotting()
+    if opts.out:
+        preflight.output(opts.out, f"--out {opts.out}")
+    elif not paths.is_remote(opts.checkpoint.path):
+        default = Path(opts.checkpoint.path) / "eval"
+        preflight.output(default, f"{default} (the default --out)")
+
+
+def check(opts: Options | None, cmd: Any) -> None:
+    """What a job needs besides its options and inputs, checked before it runs (``evaluate all``:
+    every section before any runs): ``check_report``, the checkpoint's model, a training run's
+    own data (perplexity without ``data``) and a writable ``contacts --save``; with the step
+    pinned (``--step``, ``evaluate all``) also the fit a ``contacts --fit`` would save or reuse
+    (``fit_target``: another fit there is refused). ``opts``: None for ``structures``; a fold
+    (``FoldOptions``, an ``evaluate all`` structures section) is ``fold.check``."""
+    from esmjax.inference import fold, preflight
+    from esmjax.inference.options import FoldOptions
+
+    if isinstance(cmd, FoldOptions):
+        fold.check(opts.checkpoint, cmd)
+        return
+    if opts is None:
+        if cmd.plot:
+            preflight.plotting()
+        preflight.output(cmd.out, f"--out {cmd.out}")
+        return
+    check_report(opts)
+    ckpt = opts.checkpoint
+    local = not paths.is_remote(ckpt.path)
+    if isinstance(cmd, PerplexityOptions) and cmd.data is None and local:
+        data = _run_data(ckpt)
+        if data is not None:
+            _check_run_data(ckpt.path, data)
+    ckpt.checked()
+    if not isinstance(cmd, ContactsOptions) or not cmd.fit:
+        return
+    if cmd.save:
+        preflight.output(cmd.save, f"--save {cmd.save}")
+    elif local:
+        default = Path(ckpt.path) / "contact_head"
+        preflight.output(default, f"{default} (the default --save)")
+    if ckpt.requested_step is not None:
+        from esmjax.io.structures import read_chain
+
+        fit_target(opts, cmd, [read_chain(s, sequence=cmd.sequence) for s in cmd.fit])
+
+
+def run(opts: Options | None, cmd: Any, *, checked: bool = False) -> dict | list:
+    """The job of ``cmd``'s type, checked first (``check``) unless ``checked``: its report (a
+    fold: its records' JSON)."""
+    from esmjax.inference import fold
+    from esmjax.inference.options import FoldOptions
+
+    if not checked:
+        check(opts, cmd)
+    if isinstance(cmd, FoldOptions):
+        return fold.fold_fasta(opts.checkpoint, cmd)
+    if isinstance(cmd, StructuresOptions):
+        return structures(cmd)
+    job = {
+        PerplexityOptions: perplexity,
+        ContactsOptions: contacts,
+        VariantsOptions: variants,
+        ProteinGymOptions: proteingym,
+    }[type(cmd)]
+    return job(opts, cmd)

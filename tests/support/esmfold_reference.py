@@ -8,12 +8,10 @@ import functools
 import numpy as np
 import torch
 from flax import nnx
-from reference import hf_esm_config
 
-from esmjax.io.convert_esm2 import config_from_hf
-from esmjax.io.convert_esmfold import _fold_params, _split_esm, _stem_from_hf, state_dict_to_params
-from esmjax.models.esmfold.config import from_hf
+from esmjax.io.convert_esmfold import config_from_hf, params_from_hf, state_dict_to_params
 from esmjax.models.esmfold.model import abstract_model as esmfold_abstract_model
+from support.reference import hf_esm_config
 
 # (name, LM layers/width/heads, trunk, structure module). "small" is the default test shape; "wide"
 # has 3 trunk
@@ -142,12 +140,8 @@ def numpy_state_dict(module: torch.nn.Module) -> dict[str, np.ndarray]:
 def converted(name: str = "small", seed: int = 0):
     """(cfg, ESMFold) converted from ``hf_model(name, seed)``'s state dict."""
     ref = hf_model(name, seed)
-    hf = ref.config.to_dict()
-    esm_cfg = config_from_hf({**hf, "is_folding_model": False})
-    cfg = from_hf(esm_cfg, hf["esmfold_config"])
-    esm_sd, fold_sd = _split_esm(numpy_state_dict(ref))
-    params = _fold_params(fold_sd, cfg)
-    params["esm"] = _stem_from_hf(esm_sd, esm_cfg)
+    cfg = config_from_hf(ref.config.to_dict())
+    params = params_from_hf(numpy_state_dict(ref), cfg)
     graphdef, state = esmfold_abstract_model(cfg)
     nnx.replace_by_pure_dict(state, params)
     return cfg, nnx.merge(graphdef, state)

@@ -5,7 +5,7 @@ checkout, else ``/work/shared/data``."""
 import os
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def find_shared_data() -> Path:

@@ -106,6 +106,22 @@ def running(stage_dir: Path) -> Iterator[dict[str, str]]:
         proc.wait(timeout=30)
 
 
+class NoBackoff:
+    """``asyncio`` for gcsfs's retry loop, with sleeps of zero: a test keeps the retries of a
+    refused or silent store and drops their waits (about 33 s of back-off)."""
+
+    def __getattr__(self, name):
+        import asyncio
+
+        return getattr(asyncio, name)
+
+    @staticmethod
+    async def sleep(delay, *args, **kwargs):
+        import asyncio
+
+        await asyncio.sleep(0)
+
+
 def committed_steps(url: str) -> list[int]:
     """Steps whose Orbax commit marker is in the bucket (what a restore may use); listed by a fresh
     client, since fsspec caches listings within a process."""

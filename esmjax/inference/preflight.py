@@ -1,10 +1,10 @@
-"""What the commands check before the distributed start-up, and the start-up itself.
+"""What a job checks before the distributed start-up, and the start-up itself.
 
 A user mistake must be one line on stderr, and on a pod ``jax.distributed.initialize`` can take
-minutes and logs the devices it found: so each command first parses and validates its config and
-checks its local inputs (files present, a checkpoint folder's ``config.json``), then starts. Bucket
-URLs are checked where they are read, after the start-up: no extra object-store request is made
-here. Nothing here may touch a JAX device (that would start the backend before
+minutes and logs the devices it found: so each job first parses and validates its config and
+checks its local inputs and outputs (files present, folders writable, optional packages), then
+starts. Bucket URLs are checked where they are read, after the start-up: no extra object-store
+request is made here. Nothing here may touch a JAX device (that would start the backend before
 ``jax.distributed.initialize``, which refuses to run after it)."""
 
 from __future__ import annotations
@@ -32,15 +32,6 @@ def start(
         _started.append(True)
 
 
-def local_checkpoint(path: str, *, esmfold: bool = False) -> None:
-    """A local checkpoint folder or workdir holds a ``config.json`` with a valid model (ESM-2, or
-    with ``esmfold`` an ESMFold): the first thing a restore reads."""
-    if not paths.is_remote(path):
-        from esmjax.io import checkpoint
-
-        (checkpoint.esmfold_config if esmfold else checkpoint.model_config)(path)
-
-
 def local_source(src: str) -> None:
     """What ``esmjax train --init-from`` / ``finetune --backbone`` take (fair-esm .pt, HF folder,
     esmjax checkpoint or workdir) exists, in the words of ``esmjax.io.convert``."""
@@ -50,8 +41,8 @@ def local_source(src: str) -> None:
 
 # --------------------------------------------------------------------------------------------------
 # Outputs, optional packages and what a workdir holds: checked before any compute, so that a wrong
-# --out or --workdir is one line at once instead of a traceback after the work (issue 28 §8, §10,
-# §12). Local paths only: a bucket URL is checked where it is written (no request here).
+# --out or --workdir is one line at once instead of a traceback after the work. Local paths only:
+# a bucket URL is checked where it is written (no request here).
 # --------------------------------------------------------------------------------------------------
 def output(path: str | os.PathLike | None, label: str, *, folder: bool = True) -> None:
     """The local output ``path`` (``folder``: a folder the command creates or fills; else one
@@ -98,24 +89,6 @@ def plotting(what: str = "--plot") -> None:
         raise InputError(f"{what} needs matplotlib: pip install 'esmjax[eval]'") from None
 
 
-# What a workdir's config.json holds, by the sections each writer puts there (see
-# esmjax.io.checkpoint): a fine-tuning run has "finetune" (esmjax.inference.task.Setup), an ESMFold
-# checkpoint "esmfold", a pretraining run its whole TrainConfig ("data", "optim", ...), a converted
-# checkpoint only "model".
-_PRETRAINING_KEYS = ("data", "optim", "num_steps", "checkpoint")
-
-
-def holds(config: dict) -> str:
-    """What the folder of ``config`` (its ``config.json``) holds, in words."""
-    if "finetune" in config:
-        return "a fine-tuning run"
-    if "esmfold" in config:
-        return "an ESMFold checkpoint"
-    if any(k in config for k in _PRETRAINING_KEYS):
-        return "a pretraining run"
-    return "a converted checkpoint"
-
-
 def workdir_kind(path: str, command: str) -> None:
     """``--workdir`` of ``esmjax train`` holds nothing yet or a pretraining run, that of ``esmjax
     finetune`` nothing or a fine-tuning run: said in one line before the config is read, where the
@@ -133,7 +106,10 @@ def workdir_kind(path: str, command: str) -> None:
         raise InputError(f"{p}: not a readable config.json ({type(e).__name__})") from None
     if not isinstance(config, dict):
         raise InputError(f"{p}: not an esmjax config.json (no JSON object)")
-    found, want = holds(config), "a pretraining run" if command == "train" else "a fine-tuning run"
+    from esmjax.io import checkpoint
+
+    found = checkpoint.Checkpoint(path, config).holds
+    want = checkpoint.HOLDS[checkpoint.TRAIN if command == "train" else checkpoint.FINETUNE]
     if found == want:
         return
     hint = {

@@ -1,0 +1,1 @@
+"""Test helpers: reference models, data fixtures, the GCS emulator, shared-data paths."""
