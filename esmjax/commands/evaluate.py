@@ -8,7 +8,7 @@ import argparse
 import functools
 
 from esmjax.config import DTYPES, RULE_PRESETS
-from esmjax.evaluate.proteingym import METHODS
+from esmjax.inference.options import VARIANT_METHODS
 from esmjax.io.structures import SEQUENCE_MODES
 
 SUBCOMMANDS = {
@@ -36,7 +36,10 @@ def _texts(name: str) -> dict[str, str]:
 def _restore(p: argparse.ArgumentParser, plot: str) -> None:
     """The checkpoint an evaluation restores, how, and where it reports."""
     p.add_argument(
-        "--checkpoint", required=True, help="training workdir or converted checkpoint folder"
+        "--checkpoint",
+        required=True,
+        help="training workdir, converted checkpoint folder, or a released model's name "
+        "(esm2_t6_8M_UR50D, facebook/esm2_t6_8M_UR50D)",
     )
     p.add_argument(
         "--step", type=int, default=None, help="step to restore [default: latest complete]"
@@ -159,7 +162,7 @@ def _add_suite_parsers(sub) -> None:
     p.add_argument(
         "--method",
         default="masked-marginals",
-        choices=METHODS,
+        choices=VARIANT_METHODS,
         help="variant score [masked-marginals]",
     )
     p.add_argument(
@@ -207,6 +210,7 @@ def main(args: argparse.Namespace) -> int:
     from esmjax.inference import preflight
     from esmjax.inference.options import from_args
     from esmjax.io import checkpoint
+    from esmjax.io.convert import checkpoint_folder
 
     if args.what == "compare":
         suite.compare(args.cards, args.names, args.out)
@@ -221,7 +225,8 @@ def main(args: argparse.Namespace) -> int:
     opts = from_args(
         op.Options,
         args,
-        checkpoint=checkpoint.open(args.checkpoint, args.step),
+        # a released model's name: converted once into the cache
+        checkpoint=checkpoint.open(checkpoint_folder(args.checkpoint), args.step),
         progress=progress,
         start=functools.partial(preflight.start, *start),
     )

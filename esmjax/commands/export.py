@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from esmjax.inference.export import FORMATS, export_any
+from esmjax.inference.options import EXPORT_TARGETS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -15,7 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--to",
         required=True,
-        choices=FORMATS,
+        choices=EXPORT_TARGETS,
         help="target format (peft: a LoRA fine-tuning run's adapters)",
     )
     p.add_argument(
@@ -30,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    # imported here, not at the top: `--help` must not import jax
+    from esmjax.inference.export import export_any
+
     print(
         export_any(
             args.checkpoint, args.out, args.to, step=args.step, folding_head=args.folding_head

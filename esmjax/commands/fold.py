@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from esmjax.config import DTYPES
-from esmjax.inference.fold import fold_fasta
 from esmjax.inference.options import FoldOptions, from_args
 
 
@@ -13,7 +12,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--checkpoint",
         required=True,
-        help="esmjax ESMFold checkpoint folder (from `esmjax convert`)",
+        help="esmjax ESMFold checkpoint folder (from `esmjax convert`), or an HF hub id "
+        "(facebook/esmfold_v1): downloaded and converted once",
     )
     p.add_argument(
         "--fasta", required=True, help="input FASTA; ':' inside a record separates multimer chains"
@@ -53,5 +53,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    fold_fasta(args.checkpoint, from_args(FoldOptions, args, progress=not args.no_progress))
+    # imported here, not at the top: `--help` must not import jax
+    from esmjax.inference.fold import fold_fasta
+    from esmjax.io.convert import checkpoint_folder
+
+    ckpt = checkpoint_folder(args.checkpoint)  # a name: converted once into the cache
+    fold_fasta(ckpt, from_args(FoldOptions, args, progress=not args.no_progress))
     return 0

@@ -37,6 +37,7 @@ from esmjax.config.model import (  # noqa: F401
     ATTENTION_PATHS,
     DTYPES,
     ESM2_PRESETS,
+    EXPORT_FORMATS,
     REMAT_POLICIES,
     ESM2Config,
     check_same_architecture,

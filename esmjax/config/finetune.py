@@ -17,7 +17,7 @@ from esmjax.config.serialize import (
     set_path,
     split_override,
 )
-from esmjax.config.train import CheckpointConfig, OptimConfig
+from esmjax.config.train import CheckpointConfig, MetricsConfig, OptimConfig, ProfileConfig
 
 TASKS = ("sequence_classification", "sequence_regression", "residue_classification")
 FINETUNE_MODES = ("full", "lora", "frozen")
@@ -119,6 +119,8 @@ class FinetuneConfig:
     )
     head_lr: float = 0.0
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=500))
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     num_steps: int = 1000
     log_every: int = 10
     eval_every: int = 100

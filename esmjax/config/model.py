@@ -83,6 +83,7 @@ class ESM2Config:
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16")
 ATTENTION_PATHS = ("auto", "xla", "splash", "cudnn", "pallas_gpu")
+EXPORT_FORMATS = ("fair-esm", "hf", "esmfold")  # what an esmjax checkpoint converts to
 
 
 def _esm2(num_layers: int, embed_dim: int, num_heads: int) -> ESM2Config:

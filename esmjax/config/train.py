@@ -133,6 +133,50 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class WandbConfig:
+    """A Weights & Biases run beside ``metrics.jsonl`` and TensorBoard (process 0 only; needs the
+    ``wandb`` extra). An empty ``project`` logs nothing to W&B; ``entity`` empty is the account's
+    default, ``name`` empty lets W&B pick one. A resumed run goes on in the same W&B run (its id is
+    kept in ``<workdir>/wandb_run_id``)."""
+
+    project: str = ""
+    entity: str = ""
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("entity", "name"):
+            check(
+                self,
+                name,
+                not getattr(self, name) or bool(self.project),
+                "empty without metrics.wandb.project (which turns W&B on)",
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class MetricsConfig:
+    """Where log lines go besides ``metrics.jsonl`` and TensorBoard."""
+
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProfileConfig:
+    """A ``jax.profiler`` trace of steps ``start_step .. start_step + num_steps - 1`` (1-based)
+    into ``<workdir>/profile/`` (TensorBoard's profile plugin or Perfetto read it); ``num_steps``
+    0 traces nothing. ``processes``: "0" traces process 0 only, "all" every process."""
+
+    start_step: int = 1
+    num_steps: int = 0
+    processes: str = "0"
+
+    def __post_init__(self) -> None:
+        check(self, "start_step", self.start_step >= 1, ">= 1 (steps count from 1)")
+        check(self, "num_steps", self.num_steps >= 0, ">= 0 (0: no trace)")
+        check(self, "processes", self.processes in ("0", "all"), "0 or all")
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """The root of a training run (``esmjax train --config C``)."""
 
@@ -141,6 +185,8 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     num_steps: int = 500_000
     log_every: int = 10
     eval_every: int = 1000

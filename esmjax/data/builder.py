@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -56,6 +57,7 @@ from esmjax.io.fasta import FastaError, FastaStats, open_text
 from esmjax.models.alphabet import encode
 
 _BATCH = 4096
+_TFDS_LOG = logging.getLogger("tensorflow_datasets")  # quiet unless `esmjax --verbose`
 
 
 class BuildError(source.DatasetError):
@@ -167,6 +169,14 @@ class EsmjaxProteinClusters(tfds.core.GeneratorBasedBuilder, skip_registration=T
             features=features(),
             disable_shuffling=True,
         )
+
+    # TFDS prints these two to stdout ("Downloading and preparing dataset Unknown size ..."); they
+    # go to its logger instead, shown with `esmjax --verbose`
+    def _log_download_bytes(self) -> None:
+        _TFDS_LOG.info("preparing dataset %s in %s", self.name, self.data_dir)
+
+    def _log_download_done(self) -> None:
+        _TFDS_LOG.info("dataset %s prepared in %s", self.name, self.data_dir)
 
 
 def example(rec_id: str, cluster: str, sequence: str) -> tuple[int, dict[str, Any]]:
@@ -314,6 +324,7 @@ def build(
         if "train" not in plan.splits:
             raise BuildError("no training records: every cluster was held out or skipped")
         builder = backend.builder_class(plan=plan, data_dir=str(tmp), file_format="array_record")
+        tfds.display_progress_bar(_TFDS_LOG.isEnabledFor(logging.INFO))  # as its log lines
         builder.download_and_prepare(
             download_dir=str(tmp / ".downloads"), download_config=backend.download_config()
         )

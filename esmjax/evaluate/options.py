@@ -18,8 +18,7 @@ from typing import Any
 
 from esmjax.config import DTYPES, RULE_PRESETS
 from esmjax.errors import InputError
-from esmjax.evaluate.proteingym import METHODS
-from esmjax.inference.options import choice
+from esmjax.inference.options import VARIANT_METHODS, choice
 from esmjax.io.checkpoint import Checkpoint
 from esmjax.io.structures import SEQUENCE_MODES
 
@@ -68,7 +67,7 @@ class ProteinGymOptions:
     folder: str  # ProteinGym substitutions folder (per-assay CSVs)
     reference: str | None = None  # DMS_substitutions.csv [default: <folder>/DMS_substitutions.csv]
     assays: tuple[str, ...] | None = None
-    method: str = choice("masked-marginals", METHODS)
+    method: str = choice("masked-marginals", VARIANT_METHODS)
     window: int = 1022
     skip_invalid: bool = False
     max_tokens_per_batch: int = 8192

@@ -64,7 +64,6 @@ from esmjax.inference.engine import Engine, MaskedQuery, masked_logprobs
 from esmjax.io import paths
 from esmjax.models.alphabet import TOKEN_TO_ID
 
-METHODS = ("masked-marginals", "wt-marginals", "pll")
 REFERENCE_COLUMNS = ("DMS_id", "DMS_filename", "target_seq", "coarse_selection_type")
 ASSAY_COLUMNS = ("mutant", "DMS_score")
 DEFAULT_WINDOW = 1022  # residues: ESM-2's 1024 tokens minus BOS/EOS

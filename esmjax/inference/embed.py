@@ -9,6 +9,12 @@ upload (it appears whole or not at all), a local file as a temporary sibling ren
 A write the disk refuses (full, quota, read-only) ends the run with one line naming the file
 (``esmjax.errors.WriteFailed``); the records written before it are complete, and a rerun writes
 them all again.
+
+``--format fair-esm`` writes what fair-esm's ``esm-extract`` writes instead, for pipelines that read
+its files: one ``<label>.pt`` per record (``label`` the whole header line after ``>``; a ``/`` in it
+makes a subfolder, as there) holding a dict with ``label`` and, as ``--include`` asks,
+``representations`` / ``mean_representations`` / ``bos_representations`` (each ``{layer: float32
+tensor}``) and ``contacts`` (``[L, L]``), written with ``torch.save`` (the ``torch`` extra).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from esmjax.inference import preflight
 from esmjax.inference.engine import Engine, bucketed
 from esmjax.inference.options import EmbedOptions
 from esmjax.io import checkpoint, paths
-from esmjax.io.fasta import Record, check_unique_ids, read_fasta, sanitize_id
+from esmjax.io.fasta import FastaError, Record, check_unique_ids, read_fasta, sanitize_id
 from esmjax.models.alphabet import PAD, batch_encode
 from esmjax.parallel import sharding as shd
 
@@ -73,17 +79,97 @@ def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
-def load_records(path: str, unknown_as_x: bool) -> list[Record]:
+def load_records(path: str, unknown_as_x: bool, fmt: str = "npz") -> list[Record]:
     """Reads and validates the whole FASTA before any output is written."""
     records = list(read_fasta(path, unknown_as_x=unknown_as_x))
-    check_unique_ids(records, path, ".npz")
+    if fmt == "fair-esm":
+        check_labels(records, path)
+    else:
+        check_unique_ids(records, path, ".npz")
     return records
+
+
+def check_labels(records: Sequence[Record], path: str) -> None:
+    """Each record's ``<label>.pt`` stays inside the output folder and is written once (esm-extract
+    would silently overwrite a repeated label)."""
+    seen: dict[str, int] = {}
+    for r in records:
+        if any(part in ("", ".", "..") for part in r.description.split("/")):
+            raise FastaError(f"{path}:{r.line}: header {r.description!r} is not a usable file name")
+        if r.description in seen:
+            raise FastaError(
+                f"{path}:{r.line}: header {r.description!r} repeats line {seen[r.description]} "
+                f"(output {r.description}.pt)"
+            )
+        seen[r.description] = r.line
 
 
 def write_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     paths.write_bytes(path, buf.getvalue())
+
+
+def torch_module():
+    """PyTorch, which ``--format fair-esm`` writes its ``.pt`` files with."""
+    try:
+        import torch
+    except ImportError:
+        raise InputError(
+            "--format fair-esm writes .pt files with PyTorch: pip install 'esmjax[torch]'"
+        ) from None
+    return torch
+
+
+def write_pt(path: str | os.PathLike, result: dict) -> None:
+    """``result`` (NumPy arrays, also inside dicts) saved with ``torch.save`` as torch tensors."""
+    torch = torch_module()
+
+    def tensor(x):
+        if isinstance(x, dict):
+            return {k: tensor(v) for k, v in x.items()}
+        return torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
+
+    buf = io.BytesIO()
+    torch.save(tensor(result), buf)
+    paths.write_bytes(path, buf.getvalue())
+
+
+def npz_arrays(
+    out: dict, row: int, n: int, layers: tuple[int, ...], include: set[str]
+) -> dict[str, np.ndarray]:
+    """One record's arrays for ``<id>.npz``: residue positions only, BOS and EOS removed."""
+    arrays: dict[str, np.ndarray] = {}
+    for layer in layers:
+        h = out["representations"][layer][row]
+        if "per_tok" in include:
+            arrays[f"repr_{layer}"] = h[1 : n + 1]
+        if "mean" in include:
+            arrays[f"mean_{layer}"] = h[1 : n + 1].mean(0)
+        if "bos" in include:
+            arrays[f"bos_{layer}"] = h[0]
+    if "logits" in include:
+        arrays["logits"] = out["logits"][row, 1 : n + 1]
+    if "contacts" in include:
+        arrays["contacts"] = out["contacts"][row, :n, :n]
+    return arrays
+
+
+def fair_esm_result(
+    out: dict, row: int, n: int, layers: tuple[int, ...], include: set[str], label: str
+) -> dict:
+    """One record's dict as esm-extract writes it: float32 arrays, layers as int keys."""
+    reps = {layer: out["representations"][layer][row].astype(np.float32) for layer in layers}
+    result: dict = {"label": label}
+    if "per_tok" in include:
+        result["representations"] = {k: h[1 : n + 1] for k, h in reps.items()}
+    if "mean" in include:
+        result["mean_representations"] = {k: h[1 : n + 1].mean(0) for k, h in reps.items()}
+    if "bos" in include:
+        result["bos_representations"] = {k: h[0] for k, h in reps.items()}
+    if "contacts" in include:
+        result["contacts"] = out["contacts"][row, :n, :n].astype(np.float32)
+    return result
 
 
 def embed_records(
@@ -95,9 +181,10 @@ def embed_records(
     max_tokens: int,
     truncation: int | None,
     progress: bool = True,
+    fmt: str = "npz",
 ) -> int:
     include = set(include)
-    want_repr = bool(include & {"per_tok", "mean"})
+    want_repr = bool(include & {"per_tok", "mean", "bos"})
     repr_layers = layers if want_repr else ()
     out_dir = paths.output_dir(out_dir)
     for r in records:
@@ -109,18 +196,12 @@ def embed_records(
         out = engine.embed(batch.tokens, repr_layers, "contacts" in include, "logits" in include)
         for row, rec in enumerate(batch.records):
             n = min(len(rec.sequence), truncation or len(rec.sequence))
-            arrays: dict[str, np.ndarray] = {}
-            for layer in repr_layers:
-                h = out["representations"][layer][row, 1 : n + 1]
-                if "per_tok" in include:
-                    arrays[f"repr_{layer}"] = h
-                if "mean" in include:
-                    arrays[f"mean_{layer}"] = h.mean(0)
-            if "logits" in include:
-                arrays["logits"] = out["logits"][row, 1 : n + 1]
-            if "contacts" in include:
-                arrays["contacts"] = out["contacts"][row, :n, :n]
-            write_npz(out_dir / f"{sanitize_id(rec.id)}.npz", arrays)
+            if fmt == "fair-esm":
+                result = fair_esm_result(out, row, n, repr_layers, include, rec.description)
+                write_pt(out_dir / f"{rec.description}.pt", result)
+            else:
+                arrays = npz_arrays(out, row, n, repr_layers, include)
+                write_npz(out_dir / f"{sanitize_id(rec.id)}.npz", arrays)
             done += 1
         bar.update(len(batch.records))
     bar.close()
@@ -130,10 +211,14 @@ def embed_records(
 def embed_fasta(source: checkpoint.Checkpoint | str, opts: EmbedOptions) -> int:
     """``esmjax embed``: every record of ``opts.fasta`` through the model of the checkpoint
     ``source`` (opened, or its path), sharded over all local devices (fsdp); writes
-    ``<out>/<id>.npz`` and returns the record count."""
+    ``<out>/<id>.npz`` (or esm-extract's ``<label>.pt``) and returns the record count."""
     ckpt, out = checkpoint.opened(source).checked(), opts.out
+    if opts.format == "fair-esm":  # before the model loads
+        torch_module()
+        if "logits" in opts.include:
+            raise InputError("--include logits: esm-extract's .pt files hold none (--format npz)")
     preflight.output(out, f"--out {out}")  # before the model loads
-    records = load_records(opts.fasta, opts.unknown_as_x)
+    records = load_records(opts.fasta, opts.unknown_as_x, opts.format)
     truncation = opts.truncation_seq_length or None
     # a missing bucket fails before the model loads; a failed run leaves no empty folder
     with paths.output_folder(out):
@@ -153,6 +238,7 @@ def embed_fasta(source: checkpoint.Checkpoint | str, opts: EmbedOptions) -> int:
             opts.max_tokens_per_batch,
             truncation,
             opts.progress,
+            opts.format,
         )
     log.info(
         "wrote %d records to %s (checkpoint step %d, %d compilations)",

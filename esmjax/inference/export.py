@@ -2,11 +2,11 @@
 entry point, which hands anything else to ``esmjax.io.convert``:
 
 - ``hf``: an ``EsmForSequenceClassification`` (BOS head) or ``EsmForTokenClassification`` folder
-  (``config.json`` with ``num_labels``, ``id2label``/``label2id``, ``problem_type``, and
-  ``model.safetensors``), LoRA merged into the kernels. Mean pooling has no HF counterpart and is
-  refused.
+  (``config.json`` with ``num_labels``, ``id2label``/``label2id``, ``problem_type``,
+  ``model.safetensors`` and the ``EsmTokenizer`` files), LoRA merged into the kernels. Mean
+  pooling has no HF counterpart and is refused.
 - ``peft``: the LoRA adapters alone (and the head, as ``modules_to_save``) in HF PEFT's layout,
-  for the HF model of the unchanged backbone.
+  for the HF model of the unchanged backbone, with the tokenizer files.
 - ``fair-esm``: the (merged) backbone as a fair-esm ``.pt``.
 """
 
@@ -27,7 +27,6 @@ from esmjax.io import checkpoint, convert, convert_esm2, paths
 from esmjax.models.heads import LORA_MODULES, merge_lora
 
 RUN_FORMATS = ("hf", "peft", "fair-esm")  # what a fine-tuning run exports to
-FORMATS = (*convert.EXPORT_FORMATS, "peft")  # what `esmjax export` writes
 
 
 def plain_variables(setup: Setup, variables: Tree) -> Tree:
@@ -70,6 +69,7 @@ def write_hf_task(setup: Setup, variables: Tree, out: str | Path) -> None:
     }
     if cfg.task != "residue_classification":
         config["problem_type"] = problem_type(cfg)
+    convert_esm2.write_hf_tokenizer(folder)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
 
 
@@ -152,6 +152,8 @@ def write_peft(setup: Setup, variables: Tree, out: str | Path) -> None:
         "use_rslora": False,
         "use_dora": False,
     }
+    # HF recipes load the tokenizer from the adapter folder as from the model's
+    convert_esm2.write_hf_tokenizer(folder)
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
 
 

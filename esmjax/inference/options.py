@@ -9,9 +9,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from esmjax.config import DTYPES
+from esmjax.config import DTYPES, EXPORT_FORMATS
 
-INCLUDE_CHOICES = ("per_tok", "mean", "logits", "contacts")  # what `esmjax embed` writes
+INCLUDE_CHOICES = ("per_tok", "mean", "bos", "logits", "contacts")  # what `esmjax embed` writes
+# npz: one <id>.npz of arrays per record; fair-esm: one <label>.pt as fair-esm's esm-extract writes
+EXPORT_TARGETS = (*EXPORT_FORMATS, "peft")  # what `esmjax export` writes
+VARIANT_METHODS = ("masked-marginals", "wt-marginals", "pll")  # how ProteinGym variants score
+EMBED_FORMATS = ("npz", "fair-esm")
 
 
 def choice(default: str, choices: Iterable[str]) -> Any:
@@ -37,6 +41,7 @@ class EmbedOptions:
     step: int | None = None  # the checkpoint's step (default: the latest)
     layers: str = "-1"  # layer indices (negatives from the end) or "all"
     include: tuple[str, ...] = ("mean",)  # of INCLUDE_CHOICES
+    format: str = choice("npz", EMBED_FORMATS)
     dtype: str = choice("float32", DTYPES)
     max_tokens_per_batch: int = 4096
     truncation_seq_length: int = 1022  # residues kept per record (0 = all)

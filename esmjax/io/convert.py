@@ -11,26 +11,40 @@ from typing import Any
 import jax
 import numpy as np
 
-from esmjax.config import ESM2Config, check_same_architecture
+from esmjax.config import EXPORT_FORMATS, ESM2Config, check_same_architecture
 from esmjax.errors import InputError
-from esmjax.io import checkpoint, convert_esm2, convert_esmfold, paths
+from esmjax.io import checkpoint, convert_esm2, convert_esmfold, hub, paths
 from esmjax.models.esm2 import abstract_model
 from esmjax.parallel import sharding as shd
 
 log = logging.getLogger("esmjax.io.convert")
-
-EXPORT_FORMATS = ("fair-esm", "hf", "esmfold")
 
 
 def convert(src: str | Path, out: str | Path, esm: str | Path | None = None) -> str:
     """fair-esm ``.pt`` / HF folder (ESM-2 or ESMFold) -> an esmjax checkpoint folder; returns a
     one-line summary. ``esm`` is the ESM-2 that a fair-esm ESMFold ``.pt`` folds with. ``src`` and
     ``esm`` may be bucket URLs: they are downloaded to a temporary folder first
-    (``paths.local_input``); ``out`` may be one too (``checkpoint.save_converted``)."""
+    (``paths.local_input``); ``out`` may be one too (``checkpoint.save_converted``). A fair-esm
+    name or HF hub id (``src``, ``esm``) is downloaded into its cache first (``hub.source``)."""
+    if esm is not None and hub.is_name(esm):
+        esm = hub.source(str(esm))
+    if hub.is_name(src):
+        return _convert(hub.source(str(src)), str(src), out, esm)
     with paths.local_input(src, siblings=_fairesm_siblings(src)) as local:
         if not local.exists():
             raise InputError(f"{src}: no such file or folder")
         return _convert(local, str(src), out, esm)
+
+
+def checkpoint_folder(spec: str) -> str:
+    """``--checkpoint``'s value as a folder: a path or bucket URL as given; a released model's name
+    (``hub.is_name``) is downloaded and converted into the model cache on first use."""
+    if not hub.is_name(spec):
+        return spec
+    folder = hub.cached_checkpoint(spec)
+    if not (folder / checkpoint.CONFIG_FILE).exists():  # save_converted writes it last
+        log.info("%s", convert(spec, folder))
+    return str(folder)
 
 
 def _convert(src: Path, name: str, out: str | Path, esm: str | Path | None) -> str:

@@ -518,7 +518,13 @@ def read_any(src: str | Path) -> tuple[ESM2Config, dict[str, Any], list[str]]:
 
 
 def write_fairesm(params: dict[str, Any], cfg: ESM2Config, path: str | Path) -> None:
-    """Writes a fair-esm ``.pt`` that ``esm.pretrained.load_model_and_alphabet_local`` reads."""
+    """Writes a fair-esm ``.pt`` laid out as the released ones, config an ``argparse.Namespace``:
+    fair-esm's loader reads ``cfg.encoder_layers`` by attribute, so a plain dict would not load,
+    and torch >= 2.6 loads a Namespace only when allowed, as for the released files::
+
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            model, alphabet = esm.pretrained.load_model_and_alphabet_local(path)
+    """
     from esmjax.io.torch_pt import save_pt
 
     sd = params_to_state_dict(params, cfg, "fair-esm")
@@ -545,4 +551,29 @@ def write_hf(params: dict[str, Any], cfg: ESM2Config, folder: str | Path) -> Non
         str(folder / "model.safetensors"),
         metadata={"format": "pt"},
     )
+    write_hf_tokenizer(folder)
     (folder / "config.json").write_text(json.dumps(hf_config(cfg), indent=2))
+
+
+# What the facebook/esm2_* repos hold: EsmTokenizer reads vocab.txt (one token a line, in id order)
+HF_SPECIAL_TOKENS = {
+    "cls_token": "<cls>",
+    "eos_token": "<eos>",
+    "mask_token": "<mask>",
+    "pad_token": "<pad>",
+    "unk_token": "<unk>",
+}
+
+
+def write_hf_tokenizer(folder: str | Path) -> None:
+    """``vocab.txt``, ``tokenizer_config.json`` and ``special_tokens_map.json``, so that
+    ``AutoTokenizer.from_pretrained(folder)`` gives ``EsmTokenizer`` with esmjax's ids."""
+    from esmjax.models.alphabet import TOKENS
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(TOKENS) + "\n")
+    # ESM-2's training crops: 1022 residues + BOS/EOS (longer input runs, HF only warns)
+    config = {"tokenizer_class": "EsmTokenizer", "model_max_length": 1024, **HF_SPECIAL_TOKENS}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (folder / "special_tokens_map.json").write_text(json.dumps(HF_SPECIAL_TOKENS, indent=2))

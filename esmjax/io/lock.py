@@ -76,6 +76,17 @@ def _pid_alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+def _ended(pid: int, grace: float = 5.0) -> bool:
+    """Whether ``pid`` has ended, or ends within ``grace`` seconds: a run just killed with -9 (a
+    scheduler's requeue on the same host) takes a moment to exit, most of it freeing its memory."""
+    deadline = time.monotonic() + grace
+    while _pid_alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def _holder(info: dict[str, Any]) -> str:
     return f"a run on {info.get('host')} (pid {info.get('pid')})"
 
@@ -87,7 +98,7 @@ def _wait_for_free(path: Path, workdir: Any) -> None:
     while (info := _read(path)) is not None:
         age = time.time() - float(info.get("renewed", 0))
         here = info.get("host") == socket.gethostname()
-        if here and not _pid_alive(int(info.get("pid", -1))):
+        if here and _ended(int(info.get("pid", -1))):
             log.warning("%s: taking over the lease of %s, which has ended", workdir, _holder(info))
             return
         if age > lease:

@@ -151,6 +151,9 @@ def ensure_configured() -> None:
     """:func:`configure_stores` once per process (on its first bucket path)."""
     if not _configured:
         configure_stores()
+        # the first request waits silently for credentials: ~20 s where gcsfs probes for a GCE
+        # metadata server that is not there
+        log.info("first bucket path: looking up the store's credentials, then connecting ...")
 
 
 def first_line(e: BaseException) -> str:

@@ -283,7 +283,9 @@ def _finetune(
         engine = Engine(
             nnx.merge(setup.graphdef, nnx.State(merge_trees(state.variables, frozen))), mesh, rules
         )
-        writer = tm.MetricsWriter(workdir, start, enabled=jax.process_index() == 0)
+        writer = tm.MetricsWriter(
+            workdir, start, jax.process_index() == 0, cfg.metrics.wandb, to_dict(cfg)
+        )
         valid = Validation(cfg, data, engine, frozen, writer, best_ckptr, meta)
         if meta.get("pending_eval") and not valid.stopped_early:
             # preempted at a validation step, which was skipped to save in time: it comes first
@@ -307,7 +309,13 @@ def _finetune(
         )
         when = (n, cfg.log_every, cfg.checkpoint.every, cfg.nonfinite, stop_after, "finetune")
         out = harness.run_steps(
-            drive, state, start, harness.Schedule(*when, progress), mesh, ckptr, writer
+            drive,
+            state,
+            start,
+            harness.Schedule(*when, progress, cfg.profile, workdir / "profile"),
+            mesh,
+            ckptr,
+            writer,
         )
         if valid.stopped_early:
             log.info(
@@ -334,6 +342,11 @@ def _finetune(
 def _final_report(cfg, workdir, out, valid: Validation, target, data, targets) -> dict[str, Any]:
     """The best validation step (else the last) scored on validation and test, beside the
     baselines that predict from the training targets alone."""
+    log.info(  # restoring and two passes can take a while, with nothing else printed meanwhile
+        "scoring the best step on valid and test (%d and %d records) ...",
+        len(data["valid"]),
+        len(data["test"]),
+    )
     final_vars, final_step = out.state.variables, out.step
     if valid.best_ckptr.latest_step() is not None:
         restored_best = valid.best_ckptr.restore(target)

@@ -9,6 +9,10 @@ the host): the host waits for each step, and the device idles only while the nex
 prepared, step is dispatched. Metrics are fetched only every ``log_every`` steps. SIGTERM or SIGINT
 (preemption) saves the current step and stops within one step, on every process
 (``esmjax.train.preemption``); an evaluation due at that step is left to the resumed run.
+
+Log lines carry the step-time breakdown (``esmjax.train.metrics.BREAKDOWN``: getting batches,
+dispatching and waiting for steps, checkpoint saves); a config's ``profile`` section traces a
+window of steps with ``jax.profiler`` (:class:`Tracer`).
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +31,7 @@ import jax
 from jax.sharding import Mesh
 from tqdm import tqdm
 
+from esmjax.config.train import ProfileConfig
 from esmjax.io import paths
 from esmjax.train import metrics as tm
 from esmjax.train.checkpoints import TrainCheckpointer
@@ -62,6 +69,51 @@ class Schedule:
     stop_after: int | None = None  # leave (with a checkpoint) after this many steps of this call
     desc: str = "train"  # the progress bar's name; progress=False: no bar
     progress: bool = True
+    profile: ProfileConfig | None = None  # the steps traced into profile_dir
+    profile_dir: Path | None = None
+
+
+class Tracer:
+    """A ``jax.profiler`` trace of the steps of ``cfg`` (those of this invocation: a run resumed
+    inside the window traces the rest of it) into ``folder``, on process 0 or on all (each in
+    ``folder/process<i>``: the trace files are named by host, which processes may share). The
+    trace (an XSpace for TensorBoard's profile plugin, and a Perfetto trace) is written at its
+    last step or when the loop ends; a bucket folder gets it uploaded from a local one."""
+
+    def __init__(self, cfg: ProfileConfig | None, folder: Path | None):
+        mine = cfg is not None and (cfg.processes == "all" or jax.process_index() == 0)
+        self.on = mine and cfg.num_steps > 0 and folder is not None
+        if self.on:
+            self.first, self.last = cfg.start_step, cfg.start_step + cfg.num_steps - 1
+            if cfg.processes == "all":
+                folder = folder / f"process{jax.process_index()}"
+        self.folder, self.local, self.tracing = folder, None, False
+
+    def before(self, step: int) -> None:
+        """Called before step ``step`` is dispatched."""
+        if self.on and not self.tracing and self.first <= step <= self.last:
+            remote = paths.is_remote(self.folder)
+            self.local = Path(tempfile.mkdtemp(prefix="esmjax-profile-")) if remote else None
+            target = self.local or Path(self.folder)
+            with paths.write_errors(target):
+                target.mkdir(parents=True, exist_ok=True)
+            jax.profiler.start_trace(str(target), create_perfetto_trace=True)
+            self.tracing = True
+            log.info("profiling steps %d to %d into %s", step, self.last, self.folder)
+
+    def after(self, step: int) -> None:
+        """Called once step ``step``'s result is on the host."""
+        if self.tracing and step >= self.last:
+            self.stop()
+
+    def stop(self) -> None:
+        if not self.tracing:
+            return
+        self.tracing = False
+        jax.profiler.stop_trace()
+        if self.local is not None:
+            paths.upload(self.local, str(self.folder))
+            shutil.rmtree(self.local, ignore_errors=True)
 
 
 @dataclasses.dataclass
@@ -123,23 +175,32 @@ def run_steps(
     flags = flag_inputs(mesh)
     window = tm.ThroughputWindow()  # steps and time since the last log line, evaluation excluded
     signals = StopSignal()
+    tracer = Tracer(schedule.profile, schedule.profile_dir)
     step, preempted, last = start, False, {}
     signals.step = step
     try:
         if step < n and not drive.stopped():
-            batch, tokens, nonpad = drive.batch(step)
+            with window.timed("data_wait"):
+                batch, tokens, nonpad = drive.batch(step)
         while step < n and not drive.stopped():
             step += 1
             signals.step = step
-            state, m, agreed = drive.step(state, batch, flags[signals.flag])
-            agreed.copy_to_host_async()
+            with window.excluded():  # starting and writing a trace is no cost of training
+                tracer.before(step)
+            with window.timed("device_step"):
+                state, m, agreed = drive.step(state, batch, flags[signals.flag])
+                agreed.copy_to_host_async()
             position = drive.position()
             window.add_step(tokens, nonpad)
             if step < n:  # prepared while the step runs
-                batch, tokens, nonpad = drive.batch(step)
+                with window.timed("data_wait"):
+                    batch, tokens, nonpad = drive.batch(step)
             bar.update(1)
             # waits for this step; the same values on every process
-            preempted = read_agreed(agreed, step, schedule.nonfinite, ckptr.latest_step)
+            with window.timed("device_step"):
+                preempted = read_agreed(agreed, step, schedule.nonfinite, ckptr.latest_step)
+            with window.excluded():
+                tracer.after(step)
             if step % schedule.log_every == 0 or step == n:
                 m = {k: float(v) for k, v in jax.device_get(m).items()}
                 m.update(
@@ -162,11 +223,13 @@ def run_steps(
             if schedule.stop_after is not None and step - start >= schedule.stop_after:
                 stop = True
             if step % schedule.save_every == 0 or step == n or stop:
-                ckptr.save(state, drive.meta(step, position, due and preempted))
+                with window.timed("checkpoint_wait"):
+                    ckptr.save(state, drive.meta(step, position, due and preempted))
             if stop and not drive.stopped():
                 log.warning("stopping at step %d: checkpoint written; run again to resume", step)
                 break
     finally:
+        tracer.stop()
         bar.close()
         signals.restore()
         ckptr.close()

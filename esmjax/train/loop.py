@@ -144,7 +144,9 @@ def _train(cfg: TrainConfig, workdir: Path, progress: bool, stop_after: int | No
             donate_argnums=0,
         )
         engine = Engine(nnx.merge(graphdef, nnx.State(state.variables)), mesh, rules)
-        writer = tm.MetricsWriter(workdir, start, enabled=jax.process_index() == 0)
+        writer = tm.MetricsWriter(
+            workdir, start, jax.process_index() == 0, cfg.metrics.wandb, to_dict(cfg)
+        )
 
         def batch(_: int) -> tuple[dict, int, float]:
             local = next(data)
@@ -175,7 +177,13 @@ def _train(cfg: TrainConfig, workdir: Path, progress: bool, stop_after: int | No
         )
         when = (cfg.num_steps, cfg.log_every, cfg.checkpoint.every, cfg.nonfinite, stop_after)
         out = harness.run_steps(
-            drive, state, start, harness.Schedule(*when, "train", progress), mesh, ckptr, writer
+            drive,
+            state,
+            start,
+            harness.Schedule(*when, "train", progress, cfg.profile, workdir / "profile"),
+            mesh,
+            ckptr,
+            writer,
         )
         final: dict[str, Any] = dict(out.last)
         if out.step >= cfg.num_steps and not out.preempted:  # preempted: the next run evaluates

@@ -1,5 +1,6 @@
-"""Throughput accounting (FLOPs, MFU, a windowed throughput meter) and the metrics sinks:
-``metrics.jsonl`` and TensorBoard event files.
+"""Throughput accounting (FLOPs, MFU, a windowed throughput meter with the step-time breakdown)
+and the metrics sinks: ``metrics.jsonl``, TensorBoard event files and, optionally, a Weights &
+Biases run.
 
 Training FLOPs per token follow the PaLM/Megatron accounting without causal halving, since ESM-2
 attention is bidirectional: ``6 * (matmul weights) + 12 * N * E * S`` (forward + backward of the
@@ -14,6 +15,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import shutil
 import socket
 import struct
@@ -26,6 +28,7 @@ from typing import Any
 import jax
 
 from esmjax.config import ConfigError, ESM2Config
+from esmjax.config.train import WandbConfig
 from esmjax.io import paths
 
 log = logging.getLogger(__name__)
@@ -128,6 +131,9 @@ class ThroughputWindow:
     so the caller must have waited for the window's last step (reading its metrics does) before
     ``summary`` and before entering ``excluded``. The window keeps checkpoint saves and data loading
     (costs of training); the first window of an invocation also holds the compilation.
+
+    ``with window.timed(name): ...`` adds the time inside to ``name``, logged per step as
+    ``<name>_seconds`` (the step-time breakdown: ``BREAKDOWN``).
     """
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter):
@@ -137,6 +143,16 @@ class ThroughputWindow:
         self.steps = 0
         self._tokens = 0
         self._nonpad_sum = 0.0
+        self._parts = dict.fromkeys(BREAKDOWN, 0.0)
+
+    @contextlib.contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        """Time spent inside counts towards ``name`` (one of ``BREAKDOWN``)."""
+        t0 = self._clock()
+        try:
+            yield
+        finally:
+            self._parts[name] += self._clock() - t0
 
     def add_step(self, tokens: int, nonpad_fraction: float) -> None:
         """A step of ``tokens`` tokens (global, padding included)."""
@@ -170,11 +186,17 @@ class ThroughputWindow:
             "tflops_per_device": None if tflops is None else tflops / 1e12,
             "mfu": tflops / peak_flops if tflops is not None and peak_flops else None,
             "step_seconds": seconds / steps,
+            **{f"{k}_seconds": v / steps for k, v in self._parts.items()},
         }
+        self._parts = dict.fromkeys(BREAKDOWN, 0.0)
         self._start, self._excluded, self.steps = now, 0.0, 0
         self._tokens, self._nonpad_sum = 0, 0.0
         return out
 
+
+# Where a step's wall time goes, each logged per step as ``<name>_seconds``: getting the next batch,
+# dispatching the step and waiting for its result, and inside checkpoint save calls.
+BREAKDOWN = ("data_wait", "device_step", "checkpoint_wait")
 
 # The fields of a log line that depend on the machine's speed, not on the run's numbers.
 TIMING_FIELDS = (
@@ -183,6 +205,7 @@ TIMING_FIELDS = (
     "tflops_per_device",
     "mfu",
     "step_seconds",
+    *(f"{k}_seconds" for k in BREAKDOWN),
 )
 
 
@@ -252,8 +275,51 @@ class EventFile:
         _append(self.path, b"".join(_record(e.SerializeToString()) for e in events))
 
 
+class WandbRun:
+    """The log lines of a run in one Weights & Biases run, its id kept in
+    ``<workdir>/wandb_run_id`` so that a resumed run (or a restart after a crash) goes on in it.
+
+    W&B's own step must only grow, but a resumed run logs again the steps past its checkpoint: so
+    every value is charted against the logged ``step`` field instead (``define_metric``), and
+    nothing is dropped. W&B's files go to ``$WANDB_DIR`` when set, else to ``folder``."""
+
+    ID_FILE = "wandb_run_id"
+
+    def __init__(self, cfg: WandbConfig, workdir: Path, folder: Path, config: dict | None):
+        import wandb
+
+        id_path = workdir / self.ID_FILE
+        with paths.remote_errors(workdir):
+            run_id = id_path.read_text().strip() if id_path.exists() else ""
+        if not run_id:
+            run_id = secrets.token_hex(4)  # W&B's own ids are 8 characters of [0-9a-z]
+            paths.write_text(id_path, run_id + "\n")  # before the run: a crash keeps the same id
+        try:
+            self.run = wandb.init(
+                project=cfg.project,
+                entity=cfg.entity or None,
+                name=cfg.name or None,
+                id=run_id,
+                resume="allow",
+                dir=os.environ.get("WANDB_DIR") or str(folder),
+                config=config,
+            )
+        except wandb.errors.Error as e:  # no API key, an unknown entity, no network
+            msg = " ".join(str(e).split())
+            raise ConfigError(f"metrics.wandb: W&B refused run {run_id}: {msg}") from None
+        self.run.define_metric("step")
+        self.run.define_metric("*", step_metric="step")
+
+    def log(self, step: int, numbers: dict[str, float]) -> None:
+        self.run.log({"step": step, **numbers})
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 class MetricsWriter:
-    """Appends JSON lines to ``W/metrics.jsonl`` and scalars to TensorBoard (process 0 only).
+    """Appends JSON lines to ``W/metrics.jsonl`` and scalars to TensorBoard (process 0 only), and
+    with ``wandb`` (a config's ``metrics.wandb`` with a project) logs them to W&B too.
 
     Both are written in the calling thread, each write whole or not at all (``_append``): a full
     disk ends the run with one line naming the file, leaves the files as they were before the
@@ -265,10 +331,26 @@ class MetricsWriter:
     copied; the bucket is at most one log step behind a run that is killed.
     """
 
-    def __init__(self, workdir: Path, resume_step: int, enabled: bool = True):
+    def __init__(
+        self,
+        workdir: Path,
+        resume_step: int,
+        enabled: bool = True,
+        wandb: WandbConfig | None = None,
+        config: dict | None = None,
+    ):
         self.enabled = enabled
         self.remote = workdir if enabled and paths.is_remote(workdir) else None
-        self.tb = None
+        self.tb = self.wandb = None
+        wandb = wandb if wandb is not None and wandb.project else None
+        if wandb is not None:  # on every process: a missing package stops them all, not one
+            try:
+                import wandb as _  # noqa: F401
+            except ImportError:
+                raise ConfigError(
+                    "metrics.wandb.project: W&B needs the wandb package: pip install "
+                    "'esmjax[wandb]'"
+                ) from None
         if not enabled:
             return
         local = Path(tempfile.mkdtemp(prefix="esmjax-metrics-")) if self.remote else Path(workdir)
@@ -292,6 +374,8 @@ class MetricsWriter:
         except ImportError:
             self.tb = None
         self._sync()
+        if wandb is not None:
+            self.wandb = WandbRun(wandb, workdir, local, config)
 
     def _sync(self) -> None:
         if self.remote is None:
@@ -309,9 +393,14 @@ class MetricsWriter:
         if self.tb is not None:
             numbers = {k: v for k, v in clean.items() if isinstance(v, (int, float))}
             self.tb.add(step, numbers)
+        if self.wandb is not None:
+            self.wandb.log(step, numbers)
         self._sync()
 
     def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.close()
+            self.wandb = None
         if self.enabled and self.remote is not None:
             self._sync()
             shutil.rmtree(self.local, ignore_errors=True)
