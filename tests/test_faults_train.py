@@ -13,11 +13,9 @@ from pathlib import Path
 
 import pytest
 from test_train_loop import (
-    ESMJAX,
-    ROOT,
     checkpoint_steps,
-    env,
     losses,
+    start_two_processes,
     train,
     wait_for_checkpoint,
     write_config,
@@ -135,16 +133,7 @@ def test_second_run_in_a_busy_workdir_stops_with_one_line(dataset, tmp_path):
         tmp_path / "c.yaml", dataset, num_steps=10_000, log_every=1, checkpoint={"every": 2}
     )
     w = tmp_path / "w"
-    cmd = [str(ROOT / "launch" / "local.sh"), "2", "1", *ESMJAX, "train", "--no-progress"]
-    a = subprocess.Popen(
-        [*cmd, "--config", str(cfg), "--workdir", str(w)],
-        env=env(1),
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    a = start_two_processes(cfg, w)
     try:
         wait_for_checkpoint(w, a, 2)
         holder = json.loads((w / LOCK_FILE).read_text())

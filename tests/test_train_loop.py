@@ -77,6 +77,21 @@ def train(args, devices=1, processes=1, check=True, **kw):
     )
 
 
+def start_two_processes(cfg: Path, workdir: Path) -> subprocess.Popen:
+    """``esmjax train`` as 2 processes x 1 device (``launch/local.sh``) in a session of its own
+    (so the test can signal the whole group), output piped."""
+    cmd = [str(ROOT / "launch" / "local.sh"), "2", "1", *ESMJAX, "train", "--no-progress"]
+    return subprocess.Popen(
+        [*cmd, "--config", str(cfg), "--workdir", str(workdir)],
+        env=env(1),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
 def wait_for_checkpoint(workdir: Path, proc: subprocess.Popen, at_least: int) -> int:
     ckdir = workdir / "checkpoints"
     deadline = time.time() + 300

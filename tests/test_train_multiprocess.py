@@ -22,6 +22,7 @@ from test_train_loop import (
     env,
     logged_step,
     losses,
+    start_two_processes,
     train,
     wait_for_checkpoint,
     write_config,
@@ -148,16 +149,7 @@ def test_two_processes_sigterm_to_one(dataset, tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
     cut = tmp_path / "cut"
-    cmd = [str(ROOT / "launch" / "local.sh"), "2", "1", *ESMJAX, "train", "--no-progress"]
-    proc = subprocess.Popen(
-        [*cmd, "--config", str(cfg), "--workdir", str(cut)],
-        env=env(1),
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_two_processes(cfg, cut)
     try:
         first = wait_for_checkpoint(cut, proc, 2)
         t = time.time()
