@@ -12,6 +12,7 @@ import importlib
 import logging
 import os
 import sys
+import traceback
 
 from esmjax.errors import InputError, StalledWrite
 
@@ -84,12 +85,17 @@ def _without_closed_loops(hook):
 
 
 def _abandoned_reads(record: logging.LogRecord) -> bool:
-    """False for asyncio's "Task exception was never retrieved" of an abandoned Orbax array read:
-    a read of a damaged or mismatched step whose task is collected while Orbax's loop still runs
-    reports there instead of through the unraisable hook, with its traceback and TensorStore spec;
-    the restore's own error has already reached the user as one line."""
+    """False for asyncio's "Task/_GatheringFuture exception was never retrieved" of an abandoned
+    Orbax array read: a read of a damaged or mismatched step whose task or gathering future is
+    collected while Orbax's loop still runs reports there instead of through the unraisable hook,
+    with its traceback and TensorStore spec; the restore's own error has already reached the user
+    as one line. The message names Orbax only for a task; a gathering future shows it in its
+    traceback, so both are searched."""
     text = record.getMessage()
-    return not ("never retrieved" in text and "orbax" in text)
+    if "never retrieved" not in text:
+        return True
+    frames = traceback.extract_tb(record.exc_info[2]) if record.exc_info else []
+    return not ("orbax" in text or any("orbax" in frame.filename for frame in frames))
 
 
 def build_parser(command: str | None) -> argparse.ArgumentParser:
