@@ -3,6 +3,7 @@ programs on this CPU machine: the Mosaic splash kernel must be in the compiled t
 Pallas interpret mode, not XLA attention), the memory must fit a v5p chip, and the launchers'
 async-collective flags must reach the compiler."""
 
+import pytest
 from support.aot_plans import plan, weights_gathered_in_bf16
 
 
@@ -27,6 +28,7 @@ def test_demo_train_step_compiles_for_v5p(tmp_path):
     assert any(c["op"] == "all-gather" for c in p["collectives"])
 
 
+@pytest.mark.slow  # about 45 s; the demo model's v5p compile runs by default
 def test_8m_train_step_compiles_for_v5p(tmp_path):
     p = _train(tmp_path, "esm2_8m")
     assert p["dtype"] == "bfloat16" and p["accumulation_steps"] == 16

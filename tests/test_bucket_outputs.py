@@ -44,6 +44,9 @@ def test_embed_export_convert_plot_round_trip(gcs, ckpt, tmp_path, capsys):
     assert cli([*args, "--fasta", f"{base}/q.fa", "--out", f"{base}/emb"]) == 0
     assert cli([*args, "--fasta", str(fasta), "--out", str(tmp_path / "emb")]) == 0
     got = bucket_files(f"{base}/emb")
+    job = sorted(n for n in got if not n.endswith(".npz"))  # the job folder (inference.units)
+    assert job == ["done/000000.json", "job.json", "total.json"], job
+    got = {n: data for n, data in got.items() if n.endswith(".npz")}
     assert sorted(got) == ["q1.npz", "q2.npz"]
     for name, data in got.items():
         remote, local = np.load(io.BytesIO(data)), np.load(tmp_path / "emb" / name)

@@ -46,6 +46,7 @@ def check_train(entry, remat):
     assert res["esmjax_tokens_per_s"] > 0 and res["esmjax_mfu"] > 0
 
 
+@pytest.mark.slow  # about 1 min; the other device_check tests run by default
 def test_dry_run_kernels_and_train(tmp_path):
     steps = dry_run(tmp_path, "kernels", "train_3b")
     assert list(steps) == ["kernels", "train_3b"]

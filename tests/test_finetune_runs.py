@@ -44,6 +44,8 @@ def _finetune(args, devices):
     subprocess.run(cmd, env=env(devices), check=True, capture_output=True, text=True)
 
 
+# slow (about 100 s): test_train_step's sharded step test keeps sharded equality in the default run
+@pytest.mark.slow
 def test_sharded_run_equals_one_device(tmp_path, files):
     """fsdp over this session's 8 host devices (in process) against one device (a subprocess):
     the same losses within 1e-5 at every step, and the same test accuracy."""

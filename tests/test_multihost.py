@@ -22,6 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from test_train_loop import (
     ESMJAX,
     ROOT,
@@ -73,6 +74,8 @@ def damage_process_files(workdir: Path, step: int, process: int) -> None:
             f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
 
 
+# slow (about 2 min): the pod-run test below keeps 2-process restores in the default run
+@pytest.mark.slow
 def test_damaged_shard_on_one_process_every_process_restores_the_same_step(
     dataset,
     tmp_path,

@@ -8,7 +8,7 @@ import argparse
 import functools
 
 from esmjax.config import DTYPES, RULE_PRESETS
-from esmjax.inference.options import VARIANT_METHODS
+from esmjax.inference.options import VARIANT_METHODS, add_job_arguments
 from esmjax.io.structures import SEQUENCE_MODES
 
 SUBCOMMANDS = {
@@ -22,6 +22,8 @@ SUBCOMMANDS = {
     "top-10% recall)",
     "structures": "predicted vs experimental structures: lDDT, TM-score, GDT-TS, RMSD, pLDDT "
     "calibration",
+    "pseudo-perplexity": "pseudo-perplexity of every record of FASTA files as a resumable, "
+    "multi-process job of work units (Parquet shards)",
     "all": "a checkpoint's report card: the evaluations a suite YAML lists, one summary",
     "compare": "side-by-side table of several report cards (summary.json of `evaluate all`)",
 }
@@ -194,6 +196,19 @@ def _add_suite_parsers(sub) -> None:
     p.add_argument("--plot", action="store_true", help="also write PNG figures")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    p = sub.add_parser("pseudo-perplexity", **_texts("pseudo-perplexity"))
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="training workdir, converted checkpoint folder, or a released model's name",
+    )
+    p.add_argument("--step", type=int, default=None, help="step to restore [default: latest]")
+    add_job_arguments(p, 1000, None)
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype")
+    p.add_argument(
+        "--max-tokens-per-batch", type=int, default=8192, help="padded tokens per batch [8192]"
+    )
+
     p = sub.add_parser("all", **_texts("all"))
     _restore(p, "also write each evaluation's figures")
     p.add_argument("--suite", required=True, help="suite YAML (see esmjax/evaluate/suite.py)")
@@ -208,7 +223,7 @@ def main(args: argparse.Namespace) -> int:
     from esmjax.evaluate import jobs, suite
     from esmjax.evaluate import options as op
     from esmjax.inference import preflight
-    from esmjax.inference.options import from_args
+    from esmjax.inference.options import from_args, run_job
     from esmjax.io import checkpoint
     from esmjax.io.convert import checkpoint_folder
 
@@ -216,6 +231,12 @@ def main(args: argparse.Namespace) -> int:
         suite.compare(args.cards, args.names, args.out)
         return 0
     progress = not args.no_progress
+    if args.what == "pseudo-perplexity":  # a job of work units: no distributed start-up
+        from esmjax.evaluate.pseudo import PseudoOptions, score_fasta
+
+        ckpt = checkpoint_folder(args.checkpoint)
+        scoring = from_args(PseudoOptions, args, progress=progress)
+        return run_job(lambda: score_fasta(ckpt, scoring))
     if args.what == "structures":
         jobs.run(None, from_args(op.StructuresOptions, args, progress=progress))
         return 0

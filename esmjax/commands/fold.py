@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 
 from esmjax.config import DTYPES
-from esmjax.inference.options import FoldOptions, from_args
+from esmjax.inference.options import (
+    FOLD_FORMATS,
+    FoldOptions,
+    add_job_arguments,
+    from_args,
+    run_job,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -15,10 +21,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="esmjax ESMFold checkpoint folder (from `esmjax convert`), or an HF hub id "
         "(facebook/esmfold_v1): downloaded and converted once",
     )
+    add_job_arguments(p, 100, "<id>.pdb and <id>.json (and <id>.cif)")
     p.add_argument(
-        "--fasta", required=True, help="input FASTA; ':' inside a record separates multimer chains"
+        "--format",
+        default="auto",
+        choices=FOLD_FORMATS,
+        help="files: <id>.pdb/.json per record; shards: one Parquet file per unit (PDB/mmCIF "
+        "text, pLDDT, pTM, PAE); auto: files up to 1000 records, shards above",
     )
-    p.add_argument("--out", required=True, help="output folder for <id>.pdb and <id>.json")
     p.add_argument(
         "--num-recycles",
         type=int,
@@ -46,10 +56,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-length", type=int, default=4096, help="refuse longer records (linkers included)"
     )
-    p.add_argument(
-        "--unknown-as-x", action="store_true", help="read characters outside the alphabet as X"
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -58,5 +64,5 @@ def main(args: argparse.Namespace) -> int:
     from esmjax.io.convert import checkpoint_folder
 
     ckpt = checkpoint_folder(args.checkpoint)  # a name: converted once into the cache
-    fold_fasta(ckpt, from_args(FoldOptions, args, progress=not args.no_progress))
-    return 0
+    opts = from_args(FoldOptions, args, progress=not args.no_progress)
+    return run_job(lambda: fold_fasta(ckpt, opts))

@@ -195,7 +195,9 @@ def _structures(opts: Options, section: dict, where: str, esmfold: bool) -> list
         given = {k: section.pop(k) for k in names if k in section}
         values = op.from_section(given, where, op.keys(FoldOptions, names, required=False))
         folds = str(paths.given(opts.out) / "folds")
-        fold = FoldOptions(fasta=str(fasta), out=folds, progress=opts.progress, **values)
+        fold = FoldOptions(
+            fasta=str(fasta), out=folds, format="files", progress=opts.progress, **values
+        )
         steps.append((opts, fold))
         section["predicted"] = [folds]
     names = ("predicted", "reference", "pairs", "plot")

@@ -22,19 +22,18 @@ from __future__ import annotations
 import io
 import logging
 import os
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm import tqdm
 
 from esmjax.errors import InputError
-from esmjax.inference import preflight
+from esmjax.inference import preflight, shards, units
 from esmjax.inference.engine import Engine, bucketed
+from esmjax.inference.inputs import InputStream
 from esmjax.inference.options import EmbedOptions
 from esmjax.io import checkpoint, paths
-from esmjax.io.fasta import FastaError, Record, check_unique_ids, read_fasta, sanitize_id
+from esmjax.io.fasta import Record, sanitize_id
 from esmjax.models.alphabet import PAD, batch_encode
 from esmjax.parallel import sharding as shd
 
@@ -79,35 +78,10 @@ def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
-def load_records(path: str, unknown_as_x: bool, fmt: str = "npz") -> list[Record]:
-    """Reads and validates the whole FASTA before any output is written."""
-    records = list(read_fasta(path, unknown_as_x=unknown_as_x))
-    if fmt == "fair-esm":
-        check_labels(records, path)
-    else:
-        check_unique_ids(records, path, ".npz")
-    return records
-
-
-def check_labels(records: Sequence[Record], path: str) -> None:
-    """Each record's ``<label>.pt`` stays inside the output folder and is written once (esm-extract
-    would silently overwrite a repeated label)."""
-    seen: dict[str, int] = {}
-    for r in records:
-        if any(part in ("", ".", "..") for part in r.description.split("/")):
-            raise FastaError(f"{path}:{r.line}: header {r.description!r} is not a usable file name")
-        if r.description in seen:
-            raise FastaError(
-                f"{path}:{r.line}: header {r.description!r} repeats line {seen[r.description]} "
-                f"(output {r.description}.pt)"
-            )
-        seen[r.description] = r.line
-
-
-def write_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    paths.write_bytes(path, buf.getvalue())
+    return buf.getvalue()
 
 
 def torch_module():
@@ -121,7 +95,7 @@ def torch_module():
     return torch
 
 
-def write_pt(path: str | os.PathLike, result: dict) -> None:
+def pt_bytes(result: dict) -> bytes:
     """``result`` (NumPy arrays, also inside dicts) saved with ``torch.save`` as torch tensors."""
     torch = torch_module()
 
@@ -132,7 +106,7 @@ def write_pt(path: str | os.PathLike, result: dict) -> None:
 
     buf = io.BytesIO()
     torch.save(tensor(result), buf)
-    paths.write_bytes(path, buf.getvalue())
+    return buf.getvalue()
 
 
 def npz_arrays(
@@ -172,6 +146,63 @@ def fair_esm_result(
     return result
 
 
+@dataclass(frozen=True)
+class Request:
+    """What one embedding job computes and writes."""
+
+    layers: tuple[int, ...]
+    include: frozenset[str]
+    max_tokens: int
+    truncation: int | None
+    fmt: str  # npz | fair-esm | shards
+
+
+def embed_unit(
+    engine: Engine, unit: units.Unit, req: Request, stopped=lambda: False
+) -> units.Result:
+    """One unit's outputs: its ``.npz``/``.pt`` files, or its shard (records in input order)."""
+    repr_layers = req.layers if req.include & {"per_tok", "mean", "bos"} else ()
+    position = {id(r): unit.first + i for i, r in enumerate(unit.records)}
+    files: dict[str, bytes] = {}
+    rows: list[dict] = []
+    tokens = padded = 0
+    truncated: list[str] = []
+    for batch in make_batches(unit.records, req.max_tokens, req.truncation, engine.row_multiple):
+        if stopped():
+            raise units.Preempted
+        contacts, logits = "contacts" in req.include, "logits" in req.include
+        out = engine.embed(batch.tokens, repr_layers, contacts, logits)
+        padded += batch.tokens.size
+        for row, rec in enumerate(batch.records):
+            n = min(len(rec.sequence), req.truncation or len(rec.sequence))
+            tokens += n + 2
+            if n < len(rec.sequence):
+                truncated.append(rec.id)
+            if req.fmt == "fair-esm":
+                result = fair_esm_result(out, row, n, repr_layers, req.include, rec.description)
+                files[f"{rec.description}.pt"] = pt_bytes(result)
+                continue
+            arrays = npz_arrays(out, row, n, repr_layers, req.include)
+            if req.fmt == "npz":
+                files[f"{sanitize_id(rec.id)}.npz"] = npz_bytes(arrays)
+            else:
+                head = {"id": rec.id, "description": rec.description, "index": position[id(rec)]}
+                rows.append({**head, "length": n, **arrays})
+    if truncated:  # one line per unit: a proteome has many long records
+        log.warning(
+            "unit %d: %d records truncated to %d residues (%s)",
+            unit.index,
+            len(truncated),
+            req.truncation,
+            ", ".join(truncated[:3]) + (", ..." if len(truncated) > 3 else ""),
+        )
+    if req.fmt == "shards":
+        rows.sort(key=lambda r: r["index"])
+        meta = {"command": "embed", "unit": unit.index, "layers": list(repr_layers)}
+        files[units.shard_name(unit.index)] = shards.shard_bytes(rows, meta)
+    return units.Result(files, tokens, padded)
+
+
 def embed_records(
     engine: Engine,
     records: Sequence[Record],
@@ -183,42 +214,31 @@ def embed_records(
     progress: bool = True,
     fmt: str = "npz",
 ) -> int:
-    include = set(include)
-    want_repr = bool(include & {"per_tok", "mean", "bos"})
-    repr_layers = layers if want_repr else ()
-    out_dir = paths.output_dir(out_dir)
-    for r in records:
-        if truncation is not None and len(r.sequence) > truncation:
-            log.warning("%s: %d residues truncated to %d", r.id, len(r.sequence), truncation)
-    bar = tqdm(total=len(records), desc="embed", unit="seq", file=sys.stderr, disable=not progress)
-    done = 0
-    for batch in make_batches(records, max_tokens, truncation, engine.row_multiple):
-        out = engine.embed(batch.tokens, repr_layers, "contacts" in include, "logits" in include)
-        for row, rec in enumerate(batch.records):
-            n = min(len(rec.sequence), truncation or len(rec.sequence))
-            if fmt == "fair-esm":
-                result = fair_esm_result(out, row, n, repr_layers, include, rec.description)
-                write_pt(out_dir / f"{rec.description}.pt", result)
-            else:
-                arrays = npz_arrays(out, row, n, repr_layers, include)
-                write_npz(out_dir / f"{sanitize_id(rec.id)}.npz", arrays)
-            done += 1
-        bar.update(len(batch.records))
-    bar.close()
-    return done
+    """Embeds ``records`` into ``out_dir`` as one unit, without a job folder (a library call)."""
+    req = Request(layers, frozenset(include), max_tokens, truncation, fmt)
+    result = embed_unit(engine, units.Unit(0, 0, list(records)), req)
+    root = paths.output_dir(out_dir)
+    for name, data in result.files.items():
+        paths.write_bytes(root / name, data)
+    return len(records)
 
 
 def embed_fasta(source: checkpoint.Checkpoint | str, opts: EmbedOptions) -> int:
-    """``esmjax embed``: every record of ``opts.fasta`` through the model of the checkpoint
-    ``source`` (opened, or its path), sharded over all local devices (fsdp); writes
-    ``<out>/<id>.npz`` (or esm-extract's ``<label>.pt``) and returns the record count."""
+    """``esmjax embed``: the records of ``opts.fasta`` through the model of the checkpoint
+    ``source`` (opened, or its path), sharded over this process's devices, as a job of work units
+    (``esmjax.inference.units``): this process's units not yet done in ``opts.out``. Returns the
+    records embedded by this process; raises ``units.Preempted`` after SIGTERM."""
     ckpt, out = checkpoint.opened(source).checked(), opts.out
     if opts.format == "fair-esm":  # before the model loads
         torch_module()
         if "logits" in opts.include:
             raise InputError("--include logits: esm-extract's .pt files hold none (--format npz)")
     preflight.output(out, f"--out {out}")  # before the model loads
-    records = load_records(opts.fasta, opts.unknown_as_x, opts.format)
+    who = units.worker(process_id=opts.process_id, num_processes=opts.num_processes)
+    stream = InputStream(opts.inputs, opts.unknown_as_x, opts.skip_invalid)
+    fmt = stream.resolve_format(opts.format, "npz")
+    if fmt in ("npz", "fair-esm"):
+        stream.check_names(fmt)
     truncation = opts.truncation_seq_length or None
     # a missing bucket fails before the model loads; a failed run leaves no empty folder
     with paths.output_folder(out):
@@ -228,23 +248,33 @@ def embed_fasta(source: checkpoint.Checkpoint | str, opts: EmbedOptions) -> int:
             ckpt, step=opts.step, mesh=mesh, rules=rules, dtype=opts.dtype
         )
         engine = Engine(model, mesh, rules)
-        repr_layers = parse_layers(opts.layers, model.cfg.num_layers)
-        n = embed_records(
-            engine,
-            records,
-            out,
-            repr_layers,
-            opts.include,
-            opts.max_tokens_per_batch,
-            truncation,
-            opts.progress,
-            opts.format,
-        )
+        layers = parse_layers(opts.layers, model.cfg.num_layers)
+        req = Request(layers, frozenset(opts.include), opts.max_tokens_per_batch, truncation, fmt)
+        settings = {
+            "checkpoint": paths.absolute(ckpt.path),
+            "step": restored,
+            "layers": list(layers),
+            "include": sorted(req.include),
+            "dtype": opts.dtype,
+            "truncation_seq_length": opts.truncation_seq_length,
+            "max_tokens_per_batch": opts.max_tokens_per_batch,
+            "unknown_as_x": opts.unknown_as_x,
+        }
+        units.settle_job(out, units.spec_of("embed", opts.inputs, opts.unit_size, fmt, **settings))
+        with stream.progress("embed", opts.progress) as bar:
+            totals = units.run(
+                out,
+                stream.units(opts.unit_size),
+                lambda unit, stopped: embed_unit(engine, unit, req, stopped),
+                who,
+                command="embed",
+                progress=bar.update,
+            )
     log.info(
         "wrote %d records to %s (checkpoint step %d, %d compilations)",
-        n,
+        totals.records,
         out,
         restored,
         engine.traces,
     )
-    return n
+    return totals.records

@@ -65,8 +65,9 @@ def bucketed(
 
     Every chunk of one bucket has the same ``rows`` (about ``max_tokens / width``, a multiple of
     ``row_multiple``), so a jitted pass compiles once per bucket; the last chunk's extra rows are
-    padding. ``fit_rows`` caps ``rows`` at the bucket's item count (folding, where a padded row
-    costs a whole trunk pass).
+    padding. ``fit_rows`` caps ``rows`` at the power of two at or above the bucket's item count
+    (folding, where a padded row costs a whole trunk pass): at most one padded row in two, and a
+    few row counts per bucket (compilations) however the items fall into work units.
     """
     if not lengths:
         return
@@ -77,7 +78,7 @@ def bucketed(
     for width, idx in groups.items():
         rows = max(row_multiple, (max_tokens // width) // row_multiple * row_multiple)
         if fit_rows:
-            rows = max(1, min(rows, len(idx)))
+            rows = max(1, min(rows, 1 << (len(idx) - 1).bit_length()))
         for start in range(0, len(idx), rows):
             yield width, rows, idx[start : start + rows]
 

@@ -16,16 +16,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm import tqdm
 
 from esmjax.errors import InputError
-from esmjax.inference import preflight
+from esmjax.inference import preflight, shards, units
 from esmjax.inference.engine import Engine, bucketed
+from esmjax.inference.inputs import InputStream
 from esmjax.inference.options import FoldOptions
 from esmjax.io import checkpoint, paths
 from esmjax.io.fasta import Record, check_unique_ids, read_fasta, sanitize_id
@@ -155,6 +154,74 @@ def record_outputs(
     return structure, info
 
 
+@dataclass(frozen=True)
+class Request:
+    """What one folding job computes and writes."""
+
+    max_tokens: int
+    fmt: str  # files | shards
+    mmcif: bool = False
+    num_recycles: int | None = None
+    chunk_size: int | None = None
+
+
+def fold_unit(
+    engine: Engine, unit: units.Unit, req: Request, stopped=lambda: False, bar=None
+) -> tuple[units.Result, list[dict]]:
+    """One unit's outputs (``<id>.pdb``/``.json``/``.cif`` files, or its shard with the PDB and
+    mmCIF text beside the confidences) and the records' JSON dicts in input order."""
+    position = {id(r): unit.first + i for i, r in enumerate(unit.records)}
+    files: dict[str, bytes] = {}
+    rows: list[dict] = []
+    tokens = padded = 0
+    for batch in make_batches(unit.records, req.max_tokens):
+        if stopped():
+            raise units.Preempted
+        out = fold_batch(
+            engine, batch.aatype, batch.mask, batch.residx, req.num_recycles, req.chunk_size
+        )
+        padded += batch.aatype.size
+        for row, (rec, enc) in enumerate(zip(batch.records, batch.encoded)):
+            tokens += len(enc.aatype)
+            structure, info = record_outputs(rec, enc, out, row)
+            name = sanitize_id(rec.id)
+            texts = {"pdb": to_pdb(structure, remark=f"esmjax fold {rec.id}")}
+            if req.mmcif:
+                texts["cif"] = to_mmcif(structure, name)
+            if req.fmt == "files":
+                for ext, text in texts.items():
+                    files[f"{name}.{ext}"] = text.encode()
+                files[f"{name}.json"] = json.dumps(info).encode()
+            head = {"id": rec.id, "description": rec.description, "index": position[id(rec)]}
+            rows.append({**head, "info": info, **texts})
+            if bar is not None:
+                bar.set_postfix(
+                    id=rec.id[:20], plddt=f"{info['mean_plddt']:.1f}", ptm=f"{info['ptm']:.3f}"
+                )
+    rows.sort(key=lambda r: r["index"])
+    if req.fmt == "shards":
+        table = [shard_row(r) for r in rows]
+        meta = {"command": "fold", "unit": unit.index}
+        files[units.shard_name(unit.index)] = shards.shard_bytes(table, meta)
+    return units.Result(files, tokens, padded), [r["info"] for r in rows]
+
+
+def shard_row(row: dict) -> dict:
+    """A folded record as a shard row: its text outputs and confidences (pLDDT per residue, PAE
+    as an [L, L] float32 array)."""
+    info = row["info"]
+    out = {k: row[k] for k in ("id", "description", "index")}
+    out["length"] = len(info["plddt"])
+    out["sequence"] = info["sequence"]
+    for k in ("pdb", "cif"):
+        if k in row:
+            out[k] = row[k]
+    out["plddt"] = np.asarray(info["plddt"], np.float32)
+    out["mean_plddt"], out["ptm"], out["max_pae"] = info["mean_plddt"], info["ptm"], info["max_pae"]
+    out["pae"] = np.asarray(info["pae"], np.float32)
+    return out
+
+
 def fold_records(
     engine: Engine,
     records: Sequence[Record],
@@ -165,77 +232,97 @@ def fold_records(
     num_recycles: int | None = None,
     chunk_size: int | None = None,
 ) -> list[dict]:
-    """Folds every record and writes ``<id>.pdb`` / ``<id>.json`` (and ``<id>.cif``); returns the
-    JSON dicts."""
-    out_dir = paths.output_dir(out_dir)
-    bar = tqdm(total=len(records), desc="fold", unit="seq", file=sys.stderr, disable=not progress)
-    results = []
-    for batch in make_batches(records, max_tokens):
-        out = fold_batch(engine, batch.aatype, batch.mask, batch.residx, num_recycles, chunk_size)
-        for row, (rec, enc) in enumerate(zip(batch.records, batch.encoded)):
-            structure, info = record_outputs(rec, enc, out, row)
-            name = sanitize_id(rec.id)
-            pdb = to_pdb(structure, remark=f"esmjax fold {rec.id}")
-            paths.write_text(out_dir / f"{name}.pdb", pdb)
-            if mmcif:
-                paths.write_text(out_dir / f"{name}.cif", to_mmcif(structure, name))
-            paths.write_text(out_dir / f"{name}.json", json.dumps(info))
-            results.append(info)
-            bar.set_postfix(
-                id=rec.id[:20], plddt=f"{info['mean_plddt']:.1f}", ptm=f"{info['ptm']:.3f}"
-            )
-        bar.update(len(batch.records))
-    bar.close()
-    return results
+    """Folds ``records`` as one unit into ``<id>.pdb`` / ``<id>.json`` (and ``<id>.cif``) in
+    ``out_dir``, without a job folder (a library call); returns the JSON dicts in input order."""
+    req = Request(max_tokens, "files", mmcif, num_recycles, chunk_size)
+    result, infos = fold_unit(engine, units.Unit(0, 0, list(records)), req)
+    root = paths.output_dir(out_dir)
+    for name, data in result.files.items():
+        paths.write_bytes(root / name, data)
+    return infos
 
 
 def load_records(path: str, unknown_as_x: bool, max_length: int) -> list[Record]:
+    """The records of ``path``, all checked (``record_problem``)."""
     records = list(read_fasta(path, unknown_as_x=unknown_as_x, extra_chars=":"))
     check_unique_ids(records, path, ".pdb")
     for r in records:
-        if r.sequence.startswith(":") or r.sequence.endswith(":") or "::" in r.sequence:
-            raise InputError(
-                f"{path}:{r.line}: record {r.id!r} has an empty chain (':' separates chains)"
-            )
-        n = len(encode(r.sequence).aatype)
-        if n > max_length:
-            raise InputError(
-                f"{path}:{r.line}: record {r.id!r} has {n} residues (linkers included), over "
-                f"--max-length {max_length}"
-            )
+        bad = record_problem(path, r, max_length)
+        if bad is not None:
+            raise InputError(bad[1])
     return records
 
 
+def record_problem(path: str, r: Record, max_length: int) -> tuple[str, str] | None:
+    """None for a record ``fold`` can take, else (reason, message): an empty chain, or more than
+    ``max_length`` residues with the linkers."""
+    if r.sequence.startswith(":") or r.sequence.endswith(":") or "::" in r.sequence:
+        return "empty chain", (
+            f"{path}:{r.line}: record {r.id!r} has an empty chain (':' separates chains)"
+        )
+    n = len(encode(r.sequence).aatype)
+    if n > max_length:
+        return f"over --max-length {max_length}", (
+            f"{path}:{r.line}: record {r.id!r} has {n} residues (linkers included), over "
+            f"--max-length {max_length}"
+        )
+    return None
+
+
 def check(ckpt: checkpoint.Checkpoint, opts: FoldOptions) -> None:
-    """An ESMFold checkpoint, and a place to write: before the model loads (a wrong checkpoint
-    leaves no empty output folder)."""
+    """An ESMFold checkpoint, a place to write and sane options: before the model loads (a wrong
+    checkpoint leaves no empty output folder)."""
     ckpt.checked(esmfold=True)
     preflight.output(opts.out, f"--out {opts.out}")
-
-
-def fold_fasta(source: checkpoint.Checkpoint | str, opts: FoldOptions) -> list[dict]:
-    """``esmjax fold``: folds every record of ``opts.fasta`` with the ESMFold checkpoint
-    ``source`` (opened, or its path) into ``opts.out``."""
-    ckpt, out = checkpoint.opened(source), opts.out
-    check(ckpt, opts)
     if opts.num_recycles is not None and opts.num_recycles < 0:
         raise InputError("--num-recycles must be >= 0")
     if opts.chunk_size is not None and opts.chunk_size < 1:
         raise InputError("--chunk-size must be positive")
-    records = load_records(opts.fasta, opts.unknown_as_x, opts.max_length)
+
+
+def fold_fasta(source: checkpoint.Checkpoint | str, opts: FoldOptions) -> int:
+    """``esmjax fold``: folds the records of ``opts.fasta`` with the ESMFold checkpoint ``source``
+    (opened, or its path) into ``opts.out``, as a job of work units (``esmjax.inference.units``):
+    this process's units not yet done. Returns the records folded by this process; raises
+    ``units.Preempted`` after SIGTERM."""
+    ckpt, out = checkpoint.opened(source), opts.out
+    check(ckpt, opts)
+    who = units.worker(process_id=opts.process_id, num_processes=opts.num_processes)
+    stream = InputStream(
+        opts.inputs,
+        opts.unknown_as_x,
+        opts.skip_invalid,
+        extra_chars=":",
+        check=lambda path, r: record_problem(path, r, opts.max_length),
+    )
+    fmt = stream.resolve_format(opts.format, "files")
+    if fmt == "files":
+        stream.check_names("pdb")
+    req = Request(opts.max_tokens_per_batch, fmt, opts.mmcif, opts.num_recycles, opts.chunk_size)
     # a missing bucket fails before the model loads; a failed run leaves no empty folder
     with paths.output_folder(out):
-        model, _ = checkpoint.load_esmfold(ckpt, dtype=opts.dtype)
+        model, restored = checkpoint.load_esmfold(ckpt, dtype=opts.dtype)
         engine = Engine(model)
-        results = fold_records(
-            engine,
-            records,
-            out,
-            opts.max_tokens_per_batch,
-            opts.mmcif,
-            opts.progress,
-            opts.num_recycles,
-            opts.chunk_size,
-        )
-    log.info("folded %d records into %s (%d compilations)", len(results), out, engine.traces)
-    return results
+        settings = {
+            "checkpoint": paths.absolute(ckpt.path),
+            "step": restored,
+            "dtype": opts.dtype,
+            "num_recycles": opts.num_recycles,
+            "chunk_size": opts.chunk_size,
+            "max_tokens_per_batch": opts.max_tokens_per_batch,
+            "mmcif": opts.mmcif,
+            "max_length": opts.max_length,
+            "unknown_as_x": opts.unknown_as_x,
+        }
+        units.settle_job(out, units.spec_of("fold", opts.inputs, opts.unit_size, fmt, **settings))
+        with stream.progress("fold", opts.progress) as bar:
+            totals = units.run(
+                out,
+                stream.units(opts.unit_size),
+                lambda unit, stopped: fold_unit(engine, unit, req, stopped, bar)[0],
+                who,
+                command="fold",
+                progress=bar.update,
+            )
+    log.info("folded %d records into %s (%d compilations)", totals.records, out, engine.traces)
+    return totals.records
