@@ -24,8 +24,25 @@
 # slice is not READY), it waits for the slice to be READY again (a queued resource or a
 # maintenance event brings it back; a deleted spot slice must be recreated by you) and restarts.
 # At most ESMJAX_MAX_RESTARTS restarts (default 100); exit 0 means the run is finished.
+#
+# Inference jobs (README "Inference at scale"): --job and the esmjax command line instead of CONFIG
+# WORKDIR; every host runs it on its own chips and takes its share of the work units, a restart
+# skips the units done:
+#   TPU_NAME=esm-v5p-32 ZONE=us-east5-a launch/tpu_pod.sh --job embed --checkpoint gs://b/ckpt \
+#       --fasta gs://b/uniref50.fasta.gz --out gs://b/emb --include mean
 set -uo pipefail
-config=${1:?config}; workdir=${2:?workdir}; shift 2
+if [ "${1:-}" = "--job" ]; then  # an inference job: esmjax's command line follows
+  shift
+  # Each host takes its share of the work units: its worker number and the slice's host count from
+  # the TPU VM's metadata server (what JAX's own TPU cluster detection reads).
+  md=http://metadata.google.internal/computeMetadata/v1/instance/attributes
+  share="--process-id \$(curl -sf -H Metadata-Flavor:Google $md/agent-worker-number)"
+  share="$share --num-processes \$(curl -sf -H Metadata-Flavor:Google $md/worker-network-endpoints | tr , '\\n' | wc -l)"
+  run="$* --no-progress $share"
+else
+  config=${1:?config}; workdir=${2:?workdir}; shift 2
+  run="train --config $config --workdir $workdir --no-progress $*"
+fi
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
 repo=${ESMJAX_REPO:-https://github.com/esmjax/esmjax.git}
 max_restarts=${ESMJAX_MAX_RESTARTS:-100}
@@ -37,7 +54,7 @@ remote="
   cd esmjax && python3 -m venv .venv && .venv/bin/pip install -q -e '.[tpu,gcs]'
   export LIBTPU_INIT_ARGS=\"\$(.venv/bin/python -m esmjax.parallel.xla_flags tpu) \${LIBTPU_INIT_ARGS:-}\"
   set +e
-  .venv/bin/esmjax train --config $config --workdir $workdir --no-progress $*
+  .venv/bin/esmjax $run
 "
 state() { gcloud compute tpus tpu-vm describe "$TPU_NAME" --zone "$ZONE" --format='value(state)'; }
 restarts=0
@@ -59,5 +76,5 @@ while :; do
     echo "tpu_pod.sh: $max_restarts restarts used up (ESMJAX_MAX_RESTARTS)" >&2
     exit "$rc"
   fi
-  echo "tpu_pod.sh: restart $restarts: resuming from the latest checkpoint" >&2
+  echo "tpu_pod.sh: restart $restarts: resuming (the latest checkpoint, or the units not done)" >&2
 done

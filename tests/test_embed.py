@@ -21,7 +21,12 @@ def test_buckets():
     assert length_buckets(100) == [16, 24, 32, 48, 64, 96, 128]
     recs = [Record(str(i), "", "A" * n) for i, n in enumerate([5, 10, 30, 31, 40, 44, 90])]
     shapes = {b.tokens.shape for b in make_batches(recs, 256, None, row_multiple=8)}
-    assert shapes == {(16, 16), (8, 32), (8, 48), (8, 96)}
+    # the 2 records of bucket 16 take 8 rows (the power of two above 2, rounded up to the 8
+    # devices), not the bucket's 256 / 16 = 16
+    assert shapes == {(8, 16), (8, 32), (8, 48), (8, 96)}
+    many = [Record(str(i), "", "A" * 10) for i in range(21)]
+    shapes = [b.tokens.shape for b in make_batches(many, 128, None)]
+    assert shapes == [(8, 16), (8, 16), (8, 16)]  # full, full, then 5 records in a batch of 8
 
 
 def test_compiles_once_per_bucket(ckpt, tmp_path):

@@ -206,8 +206,9 @@ def test_embed(disk, ckpt, fasta, tmp_path):
     argv = ["embed", "--checkpoint", ckpt, "--fasta", fa, "--out", out, "--no-progress"]
     argv += ["--include", "per_tok", "logits"]
     only_error_line(esmjax(*argv), "embed", out)
-    written = sorted(out.iterdir())
-    assert written and all(p.suffix == ".npz" and not p.name.startswith(".") for p in written)
+    written = sorted(out.glob("*.npz"))  # beside them: the job's files (inference.units)
+    assert written and not [p for p in out.rglob(".*")]  # no temporary left
+    assert not (out / "done").exists()  # the unit of 40 records did not complete
     for p in written:  # every record that is there is complete
         with np.load(p) as z:
             assert z["logits"].shape[0] == z["repr_2"].shape[0] > 0
@@ -220,8 +221,9 @@ def test_embed(disk, ckpt, fasta, tmp_path):
     d.unfill()
     again = esmjax(*argv)
     assert again.returncode == 0, again.stderr[-3000:]
-    names = sorted(p.name for p in out.iterdir())
-    assert len(names) == 40 and all(n.endswith(".npz") and not n.startswith(".") for n in names)
+    names = sorted(p.name for p in out.glob("*.npz"))
+    assert len(names) == 40 and not [p for p in out.rglob(".*")]
+    assert sorted(p.name for p in (out / "done").iterdir()) == ["000000.json"]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -252,8 +253,10 @@ def test_worker_from_launchers():
     local = {"ESMJAX_PROCESS_ID": "1", "ESMJAX_NUM_PROCESSES": "2"}
     assert units.worker(local) == units.Worker(1, 2)
     assert units.worker({"SLURM_PROCID": "5", "SLURM_NTASKS": "8"}) == units.Worker(5, 8)
-    k8s = {"JOB_COMPLETION_INDEX": "3", "ESMJAX_NUM_PROCESSES": "4"}
-    assert units.worker(k8s) == units.Worker(3, 4)
+    k8s = {"JOB_COMPLETION_INDEX": "3", "ESMJAX_NUM_PROCESSES": "8"}
+    assert units.worker(k8s) == units.Worker(3, 8)
+    k8s.update(JOBSET_JOB_INDEX="1", ESMJAX_PROCESSES_PER_JOB="4")
+    assert units.worker(k8s) == units.Worker(7, 8)
     tpu = {"TPU_WORKER_ID": "2", "TPU_WORKER_HOSTNAMES": "h0,h1,h2,h3"}
     assert units.worker(tpu) == units.Worker(2, 4)
     assert units.worker(local, process_id=0) == units.Worker(0, 2)  # the command line first
@@ -332,3 +335,30 @@ def test_auto_format_small_input_writes_files(ckpt, tmp_path):
     assert cli(["embed", "--checkpoint", str(ckpt), "--fasta", str(fasta), "--out", str(out)]) == 0
     assert sorted(p.name for p in out.glob("*.npz")) == ["a.npz", "b.npz"]
     assert json.loads((out / "job.json").read_text())["format"] == "npz"
+
+
+def test_slurm_launcher_runs_an_inference_job(ckpt, tmp_path):
+    """``sbatch launch/slurm.sbatch --job embed ...`` (tests/launch_stubs' srun: 2 nodes, one task
+    each): each task takes its units from SLURM_PROCID/SLURM_NTASKS, together every record once."""
+    fasta = cath_head(tmp_path / "c.fa", 120)
+    stubs = ROOT / "tests" / "launch_stubs"
+    e = dict(
+        env(1),
+        PATH=f"{stubs}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+        SLURM_JOB_ID="31337",
+        SLURM_JOB_NUM_NODES="2",
+        SLURM_NTASKS_PER_NODE="1",
+        SCONTROL_STUB_LOG=str(tmp_path / "scontrol.log"),
+    )
+    out = tmp_path / "out"
+    job = ["embed", "--checkpoint", str(ckpt), "--fasta", str(fasta), "--out", str(out)]
+    job += ["--format", "shards", "--unit-size", "20"]
+    cmd = ["bash", str(ROOT / "launch" / "slurm.sbatch"), "--job", *job]
+    r = subprocess.run(cmd, env=e, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    done = markers(str(out))
+    assert sorted(done) == list(range(6))
+    assert {k: m["process"] for k, m in done.items()} == {k: [k % 2, 2] for k in range(6)}
+    rows = shard_records(str(out))
+    assert [r["index"] for r in rows] == list(range(120))
+    assert [r["id"] for r in rows] == [ln[1:] for ln in fasta.read_text().split("\n")[::2] if ln]

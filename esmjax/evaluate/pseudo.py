@@ -55,7 +55,7 @@ def pll_unit(engine: Engine, unit: units.Unit, max_tokens: int, stopped=lambda: 
         rows.append({**head, "length": s["length"], "nll": nll, **s})
     # the padded batches masked_logprobs runs: one row per masked residue
     lengths = [len(encode_with_specials(q)) for q in seqs for _ in range(len(q))]
-    padded = sum(w * r for w, r, _ in bucketed(lengths, max_tokens, engine.row_multiple))
+    padded = sum(w * r for w, r, _ in bucketed(lengths, max_tokens, engine.row_multiple, True))
     meta = {"command": "pseudo-perplexity", "unit": unit.index}
     files = {units.shard_name(unit.index): shards.shard_bytes(rows, meta)}
     return units.Result(files, sum(lengths), padded)
@@ -89,8 +89,9 @@ def score_fasta(source: checkpoint.Checkpoint | str, opts: PseudoOptions) -> dic
     who = units.worker(process_id=opts.process_id, num_processes=opts.num_processes)
     stream = InputStream(opts.inputs, opts.unknown_as_x, opts.skip_invalid)
     with paths.output_folder(out):
+        units.use_compilation_cache()
         rules = shd.resolve_rules("fsdp")
-        mesh = checkpoint.inference_mesh(ckpt, rules, opts.dtype)
+        mesh = checkpoint.inference_mesh(ckpt, rules, opts.dtype, local=True)
         model, restored = checkpoint.load_model(
             ckpt, step=opts.step, mesh=mesh, rules=rules, dtype=opts.dtype
         )

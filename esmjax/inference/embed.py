@@ -49,9 +49,10 @@ class Batch:
 def make_batches(
     records: Sequence[Record], max_tokens: int, truncation: int | None, row_multiple: int = 1
 ) -> Iterator[Batch]:
-    """Groups length-sorted records into fixed-shape batches: one row count per length bucket."""
+    """Groups length-sorted records into batches of a few fixed shapes per length bucket (a
+    bucket's last batch with the power of two of rows that holds it: ``engine.bucketed``)."""
     lengths = [min(len(r.sequence), truncation or len(r.sequence)) + 2 for r in records]
-    for width, rows, idx in bucketed(lengths, max_tokens, row_multiple):
+    for width, rows, idx in bucketed(lengths, max_tokens, row_multiple, fit_rows=True):
         chunk = [records[i] for i in idx]
         tokens = batch_encode([r.sequence for r in chunk], truncation, pad_to=width)
         full = np.full((rows, width), PAD, np.int32)
@@ -242,8 +243,9 @@ def embed_fasta(source: checkpoint.Checkpoint | str, opts: EmbedOptions) -> int:
     truncation = opts.truncation_seq_length or None
     # a missing bucket fails before the model loads; a failed run leaves no empty folder
     with paths.output_folder(out):
+        units.use_compilation_cache()
         rules = shd.resolve_rules("fsdp")
-        mesh = checkpoint.inference_mesh(ckpt, rules, opts.dtype)
+        mesh = checkpoint.inference_mesh(ckpt, rules, opts.dtype, local=True)
         model, restored = checkpoint.load_model(
             ckpt, step=opts.step, mesh=mesh, rules=rules, dtype=opts.dtype
         )

@@ -65,9 +65,10 @@ def bucketed(
 
     Every chunk of one bucket has the same ``rows`` (about ``max_tokens / width``, a multiple of
     ``row_multiple``), so a jitted pass compiles once per bucket; the last chunk's extra rows are
-    padding. ``fit_rows`` caps ``rows`` at the power of two at or above the bucket's item count
-    (folding, where a padded row costs a whole trunk pass): at most one padded row in two, and a
-    few row counts per bucket (compilations) however the items fall into work units.
+    padding. ``fit_rows`` gives a bucket's last chunk the power of two of rows at or above its item
+    count instead (a multiple of ``row_multiple``): at most one padded row in two where a unit of
+    work leaves a few records in a bucket, for at most log2(rows) more compilations per bucket
+    (the row counts are the same in every unit).
     """
     if not lengths:
         return
@@ -77,10 +78,13 @@ def bucketed(
         groups.setdefault(bucket_for(lengths[i], buckets), []).append(i)
     for width, idx in groups.items():
         rows = max(row_multiple, (max_tokens // width) // row_multiple * row_multiple)
-        if fit_rows:
-            rows = max(1, min(rows, 1 << (len(idx) - 1).bit_length()))
         for start in range(0, len(idx), rows):
-            yield width, rows, idx[start : start + rows]
+            chunk = idx[start : start + rows]
+            if fit_rows and len(chunk) < rows:
+                fitted = -(-(1 << (len(chunk) - 1).bit_length()) // row_multiple) * row_multiple
+                yield width, min(rows, fitted), chunk
+            else:
+                yield width, rows, chunk
 
 
 # --------------------------------------------------------------------------------------------------
@@ -315,7 +319,7 @@ def masked_logprobs(
     encoded = [encode_with_specials(s) for s in sequences]
     out = np.zeros((len(queries), engine.cfg.vocab_size), np.float32)
     lengths = [len(encoded[q.seq]) for q in queries]
-    for width, rows, chunk in bucketed(lengths, max_tokens, engine.row_multiple):
+    for width, rows, chunk in bucketed(lengths, max_tokens, engine.row_multiple, fit_rows=True):
         tokens = np.full((rows, width), PAD, np.int32)  # fixed shape per bucket: one compilation
         at = np.zeros(rows, np.int32)
         for r, qi in enumerate(chunk):

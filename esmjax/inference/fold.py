@@ -301,6 +301,7 @@ def fold_fasta(source: checkpoint.Checkpoint | str, opts: FoldOptions) -> int:
     req = Request(opts.max_tokens_per_batch, fmt, opts.mmcif, opts.num_recycles, opts.chunk_size)
     # a missing bucket fails before the model loads; a failed run leaves no empty folder
     with paths.output_folder(out):
+        units.use_compilation_cache()
         model, restored = checkpoint.load_esmfold(ckpt, dtype=opts.dtype)
         engine = Engine(model)
         settings = {

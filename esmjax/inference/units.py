@@ -93,20 +93,20 @@ def worker(
     num_processes: int | None = None,
 ) -> Worker:
     """This process's share: ``--process-id``/``--num-processes``, else the launchers' variables
-    (``ESMJAX_PROCESS_ID``/``ESMJAX_NUM_PROCESSES`` of launch/local.sh and the Kubernetes JobSets;
-    ``SLURM_PROCID``/``SLURM_NTASKS``; ``TPU_WORKER_ID`` and ``TPU_WORKER_HOSTNAMES`` on TPU
-    VMs), else the whole job."""
+    (``ESMJAX_PROCESS_ID``/``ESMJAX_NUM_PROCESSES`` of launch/local.sh; ``SLURM_PROCID``/
+    ``SLURM_NTASKS``; a JobSet's indexed Jobs with ``ESMJAX_NUM_PROCESSES``, as training reads
+    them; ``TPU_WORKER_ID`` and ``TPU_WORKER_HOSTNAMES`` on GKE TPU nodes), else the whole job."""
+    from esmjax.parallel.distributed import kubernetes_process_id
+
     env = os.environ if env is None else env
-    pairs = (
-        ("ESMJAX_PROCESS_ID", "ESMJAX_NUM_PROCESSES"),
-        ("SLURM_PROCID", "SLURM_NTASKS"),
-        ("JOB_COMPLETION_INDEX", "ESMJAX_NUM_PROCESSES"),
-    )
+    pairs = (("ESMJAX_PROCESS_ID", "ESMJAX_NUM_PROCESSES"), ("SLURM_PROCID", "SLURM_NTASKS"))
     for index_var, count_var in pairs:
         if process_id is None and env.get(index_var) not in (None, ""):
             process_id = int(env[index_var])
         if num_processes is None and env.get(count_var) not in (None, ""):
             num_processes = int(env[count_var])
+    if process_id is None:  # an indexed Job of a JobSet (launch/k8s_jobset_*.yaml)
+        process_id = kubernetes_process_id(env)
     hosts = env.get("TPU_WORKER_HOSTNAMES", "")
     if process_id is None and env.get("TPU_WORKER_ID") not in (None, "") and hosts:
         process_id, num_processes = int(env["TPU_WORKER_ID"]), len(hosts.split(","))
@@ -116,6 +116,19 @@ def worker(
             "(--process-id and --num-processes) or neither"
         )
     return Worker(process_id or 0, num_processes or 1)
+
+
+def use_compilation_cache() -> str | None:
+    """JAX's persistent compilation cache for a job: ``$JAX_COMPILATION_CACHE_DIR``, else
+    ``$ESMJAX_HOME/compile_cache`` (``~/.cache/esmjax``). A job compiles one program per length
+    bucket and row count in every process; with the cache, the processes of a host and every
+    rerun (a resumed job, the next proteome) load what one of them compiled instead."""
+    from esmjax.io.hub import models_dir
+    from esmjax.parallel import platform
+
+    default = str(models_dir().parent / "compile_cache")
+    folder = os.environ.get("JAX_COMPILATION_CACHE_DIR") or default
+    return platform.use_compilation_cache(folder, None)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -430,11 +430,16 @@ def load_model(
 
 
 def inference_mesh(
-    source: Checkpoint | str | Path, rules: shd.Rules | str = "fsdp", dtype: str | None = None
+    source: Checkpoint | str | Path,
+    rules: shd.Rules | str = "fsdp",
+    dtype: str | None = None,
+    local: bool = False,
 ) -> jax.sharding.Mesh:
-    """All devices for ``embed`` / ``evaluate``: the parameters of the model of ``source`` on
-    ``fsdp`` as far as the rules divide them, the rest on ``data`` (``sharding.fit_mesh``)."""
-    return shd.fit_mesh(opened(source).abstract(dtype)[1], shd.resolve_rules(rules))
+    """All devices for ``evaluate`` (``local``: this process's, for the jobs of work units, whose
+    processes run independently): the parameters of the model of ``source`` on ``fsdp`` as far as
+    the rules divide them, the rest on ``data`` (``sharding.fit_mesh``)."""
+    devices = jax.local_devices() if local else None
+    return shd.fit_mesh(opened(source).abstract(dtype)[1], shd.resolve_rules(rules), devices)
 
 
 def load_esmfold(

@@ -180,9 +180,9 @@ def target_mesh(sizes: dict[str, int], devices: Sequence[jax.Device], granules: 
 
 
 def single_device_mesh() -> Mesh:
-    return Mesh(
-        np.asarray(jax.devices()[:1]).reshape(1, 1, 1), MESH_AXES, axis_types=(AxisType.Auto,) * 3
-    )
+    """This process's first device: in a multi-process job, ``jax.devices()[0]`` is process 0's."""
+    device = jax.local_devices()[:1]
+    return Mesh(np.asarray(device).reshape(1, 1, 1), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
 # --------------------------------------------------------------------------------------------------
