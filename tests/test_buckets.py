@@ -124,7 +124,9 @@ def test_bucket_end_to_end(gcs, fasta, tmp_path, capsys):
     epath.Path(query).write_text(">q1\nMKTAYIAKQR\n>q2\nGSHMLEDPVK\n")
     emb = tmp_path / "emb"
     assert cli(["embed", "--checkpoint", run_url, "--fasta", query, "--out", str(emb)]) == 0
-    assert sorted(p.name for p in emb.iterdir()) == ["q1.npz", "q2.npz"]
+    assert sorted(p.name for p in emb.glob("*.npz")) == ["q1.npz", "q2.npz"]
+    job = json.loads((emb / "job.json").read_text())  # the job's settings (inference.units)
+    assert job["checkpoint"] == run_url and job["step"] == 8 and job["format"] == "npz"
 
     hf = tmp_path / "hf"
     assert cli(["export", run_url, "--to", "hf", str(hf)]) == 0

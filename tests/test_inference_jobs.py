@@ -318,12 +318,13 @@ def test_job_folder_settings_skips_and_inspection(ckpt, tmp_path, capsys):
     assert cli([*args, "--skip-invalid"]) == 0
     assert cli(["inspect-outputs", str(out)]) == 0
     rows = shard_records(str(out))
-    assert [r["id"] for r in rows] == ["a", "c", "d", "e"] and [r["index"] for r in rows] == [
-        0,
-        1,
-        2,
-        3,
-    ]
+    assert [r["id"] for r in rows] == ["a", "c", "d", "e"]
+    assert [r["index"] for r in rows] == [0, 1, 2, 3]
+    one = shards.read_record(out / units.shard_name(1), "e")  # its row group alone
+    assert one.keys() == rows[3].keys() and one["index"] == 3
+    np.testing.assert_array_equal(one["mean_2"], rows[3]["mean_2"])
+    with pytest.raises(KeyError, match="no record 'a'"):
+        shards.read_record(out / units.shard_name(1), "a")
 
 
 def test_auto_format_small_input_writes_files(ckpt, tmp_path):

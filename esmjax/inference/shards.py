@@ -8,7 +8,7 @@ per-residue arrays and the PDB text beside them; it holds strings (ids, PDB/mmCI
 variable-length arrays natively; and a file carries its schema. safetensors holds flat tensors and
 string metadata only (variable-length records need offset tables, text does not fit), and
 ArrayRecord holds opaque byte records that only ``array_record``/grain read. BENCHMARKS.md
-("Inference at scale") gives the sizes and read times measured for the three.
+("Shard formats", ``tools/bench_shard_formats.py``) gives the sizes and read times of the three.
 
 Layout of a shard: one row per record, in job order. ``id``, ``description`` (the header after
 ``>``), ``index`` (the record's position in the job's input) and ``length`` (residues run through
@@ -19,7 +19,8 @@ lists). One line reads a record back, with pyarrow (or ``pandas.read_parquet``):
     t = pyarrow.parquet.read_table("out/units/000000.parquet")
     rep = numpy.array(t["repr_33"][i].as_py(), numpy.float32)   # [L, 1280]
 
-``read_records`` does it for every row of a shard. The schema's metadata (key ``esmjax``) holds the
+``read_record(path, id)`` reads one record (its row group only: ``ROW_GROUP`` records), and
+``read_records`` every row of a shard. The schema's metadata (key ``esmjax``) holds the
 command and the shapes of the array columns.
 """
 
@@ -37,6 +38,7 @@ import pyarrow.parquet as pq
 from esmjax.io import paths
 
 SUFFIX = ".parquet"
+ROW_GROUP = 64  # records per Parquet row group
 
 
 def _array_column(values: Sequence[np.ndarray]) -> pa.Array:
@@ -76,15 +78,30 @@ def shard_bytes(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> bytes:
     info = {**meta, "array_columns": shapes}
     table = table.replace_schema_metadata({"esmjax": json.dumps(info)})
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
+    # float columns gain nothing from dictionaries; zstd takes the list offsets and level runs
+    # row groups of ROW_GROUP records: ``read_record`` reads one record's group alone
+    pq.write_table(table, buf, compression="zstd", use_dictionary=False, row_group_size=ROW_GROUP)
     return buf.getvalue()
 
 
-def open_table(path: Any, columns: Sequence[str] | None = None) -> pa.Table:
-    """A shard (local or a bucket URL) as an Arrow table."""
-    with paths.remote_errors(path):
-        data = paths.given(path).read_bytes()
-    return pq.read_table(io.BytesIO(data), columns=list(columns) if columns else None)
+def open_table(path: Any, columns: Sequence[str] | None = None, filters: Any = None) -> pa.Table:
+    """A shard (local or a bucket URL) as an Arrow table: only the ``columns`` asked for, and with
+    ``filters`` only the row groups whose statistics may match, are read (range reads)."""
+    cols = list(columns) if columns else None
+    with paths.remote_errors(path), paths.given(path).open("rb") as f:
+        return pq.read_table(f, columns=cols, filters=filters)
+
+
+def read_record(path: Any, record_id: str) -> dict[str, Any]:
+    """The record ``record_id`` of a shard: its ids are read, then its row group alone (found by
+    the ``index`` column's statistics)."""
+    table = open_table(path, ["id", "index"])
+    ids = table.column("id").to_pylist()
+    if record_id not in ids:
+        raise KeyError(f"{path}: no record {record_id!r}")
+    index = table.column("index")[ids.index(record_id)].as_py()
+    row = open_table(path, filters=[("index", "=", index)])
+    return {name: to_numpy(row.column(name))[0] for name in row.column_names}
 
 
 def to_numpy(column: pa.ChunkedArray | pa.Array) -> list[Any]:
