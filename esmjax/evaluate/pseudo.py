@@ -26,7 +26,6 @@ from esmjax.inference.inputs import InputStream
 from esmjax.inference.options import JobOptions, choice
 from esmjax.io import checkpoint, paths
 from esmjax.models.alphabet import encode_with_specials
-from esmjax.parallel import sharding as shd
 
 log = logging.getLogger("esmjax.evaluate.pseudo")
 
@@ -89,22 +88,8 @@ def score_fasta(source: checkpoint.Checkpoint | str, opts: PseudoOptions) -> dic
     who = units.worker(process_id=opts.process_id, num_processes=opts.num_processes)
     stream = InputStream(opts.inputs, opts.unknown_as_x, opts.skip_invalid)
     with paths.output_folder(out):
-        units.use_compilation_cache()
-        rules = shd.resolve_rules("fsdp")
-        mesh = checkpoint.inference_mesh(ckpt, rules, opts.dtype, local=True)
-        model, restored = checkpoint.load_model(
-            ckpt, step=opts.step, mesh=mesh, rules=rules, dtype=opts.dtype
-        )
-        engine = Engine(model, mesh, rules)
-        settings = {
-            "checkpoint": paths.absolute(ckpt.path),
-            "step": restored,
-            "dtype": opts.dtype,
-            "max_tokens_per_batch": opts.max_tokens_per_batch,
-            "unknown_as_x": opts.unknown_as_x,
-        }
-        spec = units.spec_of("pseudo-perplexity", opts.inputs, opts.unit_size, "shards", **settings)
-        units.settle_job(out, spec)
+        engine, restored = units.esm2_engine(ckpt, opts.step, opts.dtype)
+        units.settle(out, "pseudo-perplexity", opts, "shards", ckpt.path, restored)
         with stream.progress("pseudo-perplexity", opts.progress) as bar:
             units.run(
                 out,

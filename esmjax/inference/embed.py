@@ -35,7 +35,6 @@ from esmjax.inference.options import EmbedOptions
 from esmjax.io import checkpoint, paths
 from esmjax.io.fasta import Record, sanitize_id
 from esmjax.models.alphabet import PAD, batch_encode
-from esmjax.parallel import sharding as shd
 
 log = logging.getLogger("esmjax.inference.embed")
 
@@ -218,9 +217,7 @@ def embed_records(
     """Embeds ``records`` into ``out_dir`` as one unit, without a job folder (a library call)."""
     req = Request(layers, frozenset(include), max_tokens, truncation, fmt)
     result = embed_unit(engine, units.Unit(0, 0, list(records)), req)
-    root = paths.output_dir(out_dir)
-    for name, data in result.files.items():
-        paths.write_bytes(root / name, data)
+    units.write_files(paths.output_dir(out_dir), result.files)
     return len(records)
 
 
@@ -243,26 +240,12 @@ def embed_fasta(source: checkpoint.Checkpoint | str, opts: EmbedOptions) -> int:
     truncation = opts.truncation_seq_length or None
     # a missing bucket fails before the model loads; a failed run leaves no empty folder
     with paths.output_folder(out):
-        units.use_compilation_cache()
-        rules = shd.resolve_rules("fsdp")
-        mesh = checkpoint.inference_mesh(ckpt, rules, opts.dtype, local=True)
-        model, restored = checkpoint.load_model(
-            ckpt, step=opts.step, mesh=mesh, rules=rules, dtype=opts.dtype
-        )
-        engine = Engine(model, mesh, rules)
-        layers = parse_layers(opts.layers, model.cfg.num_layers)
+        engine, restored = units.esm2_engine(ckpt, opts.step, opts.dtype)
+        layers = parse_layers(opts.layers, engine.cfg.num_layers)
         req = Request(layers, frozenset(opts.include), opts.max_tokens_per_batch, truncation, fmt)
-        settings = {
-            "checkpoint": paths.absolute(ckpt.path),
-            "step": restored,
-            "layers": list(layers),
-            "include": sorted(req.include),
-            "dtype": opts.dtype,
-            "truncation_seq_length": opts.truncation_seq_length,
-            "max_tokens_per_batch": opts.max_tokens_per_batch,
-            "unknown_as_x": opts.unknown_as_x,
-        }
-        units.settle_job(out, units.spec_of("embed", opts.inputs, opts.unit_size, fmt, **settings))
+        extra = {"layers": list(layers), "include": sorted(req.include)}
+        extra["truncation_seq_length"] = opts.truncation_seq_length
+        units.settle(out, "embed", opts, fmt, ckpt.path, restored, **extra)
         with stream.progress("embed", opts.progress) as bar:
             totals = units.run(
                 out,

@@ -236,9 +236,7 @@ def fold_records(
     ``out_dir``, without a job folder (a library call); returns the JSON dicts in input order."""
     req = Request(max_tokens, "files", mmcif, num_recycles, chunk_size)
     result, infos = fold_unit(engine, units.Unit(0, 0, list(records)), req)
-    root = paths.output_dir(out_dir)
-    for name, data in result.files.items():
-        paths.write_bytes(root / name, data)
+    units.write_files(paths.output_dir(out_dir), result.files)
     return infos
 
 
@@ -304,18 +302,9 @@ def fold_fasta(source: checkpoint.Checkpoint | str, opts: FoldOptions) -> int:
         units.use_compilation_cache()
         model, restored = checkpoint.load_esmfold(ckpt, dtype=opts.dtype)
         engine = Engine(model)
-        settings = {
-            "checkpoint": paths.absolute(ckpt.path),
-            "step": restored,
-            "dtype": opts.dtype,
-            "num_recycles": opts.num_recycles,
-            "chunk_size": opts.chunk_size,
-            "max_tokens_per_batch": opts.max_tokens_per_batch,
-            "mmcif": opts.mmcif,
-            "max_length": opts.max_length,
-            "unknown_as_x": opts.unknown_as_x,
-        }
-        units.settle_job(out, units.spec_of("fold", opts.inputs, opts.unit_size, fmt, **settings))
+        extra = {"num_recycles": opts.num_recycles, "chunk_size": opts.chunk_size}
+        extra.update(mmcif=opts.mmcif, max_length=opts.max_length)
+        units.settle(out, "fold", opts, fmt, ckpt.path, restored, **extra)
         with stream.progress("fold", opts.progress) as bar:
             totals = units.run(
                 out,

@@ -58,12 +58,12 @@ def inspect(out: str | os.PathLike, check_shards: bool = True) -> Inspection:
             report.done[k] = marker
     expected = range(total["units"]) if total is not None else []
     report.missing = [k for k in expected if k not in markers]
-    unit_files = {name for name in listed if name.startswith(units.UNIT_DIR + "/")}
-    report.in_flight = sorted(
-        int(n.split("/")[1].split(".")[0])
-        for n in unit_files
-        if n.endswith(shards.SUFFIX) and int(n.split("/")[1].split(".")[0]) not in markers
-    )
+    shard_units = {
+        int(name[len(units.UNIT_DIR) + 1 : -len(shards.SUFFIX)])
+        for name in listed
+        if name.startswith(units.UNIT_DIR + "/") and name.endswith(shards.SUFFIX)
+    }
+    report.in_flight = sorted(shard_units - set(markers))
     return report
 
 

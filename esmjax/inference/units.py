@@ -296,6 +296,7 @@ class Totals:
             f"{self.units} units, {self.records} records in {seconds:.1f} s: "
             f"{self.records / s:.2f} records/s, {self.tokens / s:.0f} tokens/s, "
             f"padding {pad:.1%}"
+            + (f"; {self.skipped_units} units were done before" if self.skipped_units else "")
         )
 
 
@@ -409,9 +410,14 @@ def _unit_line(m: dict) -> str:
     )
 
 
-def _write_unit(root, unit: Unit, result: Result, marker: dict, metrics) -> None:
-    for name, data in result.files.items():
+def write_files(root: Any, files: Mapping[str, bytes]) -> None:
+    """Each of ``files`` (name relative to ``root`` -> bytes) written whole."""
+    for name, data in files.items():
         paths.write_bytes(root / name, data)
+
+
+def _write_unit(root, unit: Unit, result: Result, marker: dict, metrics) -> None:
+    write_files(root, result.files)
     paths.write_text(root / marker_name(unit.index), json.dumps(marker) + "\n")
     if metrics is not None:
         metrics.parent.mkdir(parents=True, exist_ok=True)
@@ -419,12 +425,36 @@ def _write_unit(root, unit: Unit, result: Result, marker: dict, metrics) -> None
             f.write(json.dumps({"time": time.time(), **marker}) + "\n")
 
 
-def spec_of(command: str, inputs: Iterable[str], unit_size: int, fmt: str, **settings) -> dict:
-    """The settings a job is resumed only with (``job.json``)."""
-    return {
+def settle(
+    out: str | os.PathLike, command: str, opts: Any, fmt: str, ckpt_path: Any, step: int, **extra
+) -> None:
+    """The job's settings (``job.json``): what every job has (inputs, unit size, format, the
+    checkpoint and its step, ``opts``' dtype, batch budget and ``--unknown-as-x``) and ``extra``;
+    written by the first run, checked by a rerun (``settle_job``)."""
+    settings = {
         "command": command,
-        "inputs": [paths.absolute(p) for p in inputs],
-        "unit_size": unit_size,
+        "inputs": [paths.absolute(p) for p in opts.inputs],
+        "unit_size": opts.unit_size,
         "format": fmt,
-        **{k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
+        "checkpoint": paths.absolute(ckpt_path),
+        "step": step,
+        "dtype": opts.dtype,
+        "max_tokens_per_batch": opts.max_tokens_per_batch,
+        "unknown_as_x": opts.unknown_as_x,
+        **extra,
     }
+    settle_job(out, {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()})
+
+
+def esm2_engine(ckpt: Any, step: int | None, dtype: str) -> tuple[Any, int]:
+    """(Engine, restored step): the ESM-2 of ``ckpt`` on this process's devices (``fsdp`` as far
+    as the model divides, the rest ``data``), with the compilation cache in use."""
+    from esmjax.inference.engine import Engine
+    from esmjax.io import checkpoint
+    from esmjax.parallel import sharding as shd
+
+    use_compilation_cache()
+    rules = shd.resolve_rules("fsdp")
+    mesh = checkpoint.inference_mesh(ckpt, rules, dtype, local=True)
+    model, restored = checkpoint.load_model(ckpt, step=step, mesh=mesh, rules=rules, dtype=dtype)
+    return Engine(model, mesh, rules), restored
