@@ -103,18 +103,30 @@ def _abandoned_reads(record: logging.LogRecord) -> bool:
 def build_parser(command: str | None) -> argparse.ArgumentParser:
     """The parser; only the chosen subcommand's module is imported to add its options."""
     parser = argparse.ArgumentParser(prog="esmjax", description="ESM-2 / ESMFold in JAX")
-    parser.add_argument(
-        "-v",
-        "--verbose",
-        action="store_true",
-        help="also show the INFO lines of absl, Orbax, TFDS and etils (before COMMAND)",
-    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == command:
             command_module(name).add_arguments(p)
+    _add_verbose(parser, default=False)
     return parser
+
+
+def _add_verbose(parser: argparse.ArgumentParser, default: object = argparse.SUPPRESS) -> None:
+    """``-v/--verbose`` on ``parser`` and every subcommand under it, so that it may come anywhere
+    (``esmjax -v data build`` and ``esmjax data build ... -v``). Below the top, its default is
+    SUPPRESS: a subparser's default would overwrite a ``-v`` given before the command."""
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=default,
+        help="also show the INFO lines of absl, Orbax, TFDS and etils",
+    )
+    for action in parser._actions:  # argparse has no public walk of its subparsers
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):  # aliases map to one parser
+                _add_verbose(child)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,6 +55,11 @@ def write_config(path: Path, train: str) -> Path:
     return path
 
 
+# slow (70-80 s): the default suite covers its parts on their own: a bucket dataset's batches
+# (test_bucket_stream), a run writing to a bucket that stops and resumes there
+# (test_bucket_restart), kill -9 and resume of a 2-process run (test_train_loop,
+# test_multihost), and the readers of a bucket checkpoint (test_bucket_outputs)
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_bucket_end_to_end(gcs, fasta, tmp_path, capsys):
     """data build -> 2-process training in the bucket, kill -9 after a checkpoint, resume on one

@@ -13,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
 from esmjax import cli
 from esmjax.io import stores
@@ -119,17 +120,9 @@ def test_data_build_quiet_unless_verbose(tmp_path):
     assert "absl" not in said and not DEFAULT.search(said), said
     assert "wrote q in" in quiet.stderr
 
+    # --verbose after the command (test_verbose_anywhere: before it too)
     loud = _run(
-        "-m",
-        "esmjax.cli",
-        "--verbose",
-        "data",
-        "build",
-        "--fasta",
-        str(fasta),
-        "--out",
-        "v",
-        cwd=tmp_path,
+        "-m", "esmjax.cli", "data", "build", "--fasta", str(fasta), "--out", "v", "-v", cwd=tmp_path
     )
     assert loud.returncode == 0, loud.stderr
     # TFDS's lines are there, through the same formatter as ours, never on stdout
@@ -138,6 +131,25 @@ def test_data_build_quiet_unless_verbose(tmp_path):
     )
     assert "Downloading and preparing" not in loud.stdout + loud.stderr
     assert not DEFAULT.search(loud.stderr), loud.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, verbose",
+    [
+        (["-v", "data", "build", "--fasta", "f", "--out", "o"], True),
+        (["data", "build", "--verbose", "--fasta", "f", "--out", "o"], True),
+        (["data", "build", "--fasta", "f", "--out", "o"], False),
+        (["embed", "--checkpoint", "c", "--fasta", "f", "--out", "o", "-v"], True),
+        (["--verbose", "train", "--workdir", "w"], True),
+        (["train", "--workdir", "w"], False),
+    ],
+)
+def test_verbose_anywhere(argv, verbose):
+    """``-v/--verbose`` before the command, after it, or after a nested one (``data build``)."""
+    from esmjax.cli import COMMANDS, build_parser
+
+    command = next(a for a in argv if a in COMMANDS)
+    assert build_parser(command).parse_args(argv).verbose is verbose
 
 
 def test_first_bucket_path_says_what_it_waits_for(monkeypatch, caplog):

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -80,6 +81,11 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         if body:
+            if self.server.pause:  # a slow download: half, a pause, the rest
+                self.wfile.write(data[: len(data) // 2])
+                self.wfile.flush()
+                time.sleep(self.server.pause)
+                data = data[len(data) // 2 :]
             self.wfile.write(data[:cut])
         if cut is not None:
             self.close_connection = True  # the client sees fewer bytes than Content-Length
@@ -101,7 +107,7 @@ def served(tmp_path_factory):
     }
     hf_files = {p.name: p.read_bytes() for p in (d / "hf").iterdir()}
     srv.repos = {REPO: {**hf_files, "README.md": b"# tiny\n"}}
-    srv.requests, srv.cut, srv.ranges = [], {}, True
+    srv.requests, srv.cut, srv.ranges, srv.pause = [], {}, True, 0.0
     srv.url = f"http://127.0.0.1:{srv.server_port}"
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield srv
@@ -283,3 +289,78 @@ def test_esm_option_takes_a_fair_esm_name(homes, served):
     assert cli(["convert", str(homes / "esmfold_tiny.pt"), str(homes / "out"), "--esm", NAME]) == 0
     assert served.requests == []
     assert checkpoint.load_esmfold(homes / "out")[0].cfg.esm == cfg.esm
+
+
+def test_train_and_finetune_start_from_a_name(homes, served, tmp_path, shared_data):
+    """``train --init-from NAME`` and ``finetune --backbone NAME``: the fair-esm files are
+    downloaded once into torch hub's cache and read as they are (no conversion into the model
+    cache); both runs keep the name in their config.json, and a resumed finetune matches it."""
+    from support.data_fixtures import cath_head
+
+    fa = tmp_path / "small.fa"
+    cath_head(fa, 40)
+    train_cfg = tmp_path / "t.json"
+    train_cfg.write_text(
+        json.dumps(
+            {
+                "data": {
+                    "train": str(fa),
+                    "seq_len": 64,
+                    "tokens_per_step": 512,
+                    "val_fraction": 0.2,
+                },
+                "optim": {"peak_lr": 1e-3, "warmup_steps": 1},
+                "num_steps": 1,
+                "eval_every": 0,
+            }
+        )
+    )
+    w = tmp_path / "w"
+    argv = ["train", "--config", str(train_cfg), "--workdir", str(w), "--init-from", NAME]
+    assert cli([*argv, "--no-progress"]) == 0
+    saved = json.loads((w / "config.json").read_text())
+    assert saved["init_from"] == NAME and saved["model"]["num_layers"] == SHAPE[0]
+    got = sorted(p for m, p, _ in served.requests if m == "GET")
+    assert got == sorted(served.files), got  # each file once
+    assert not (homes / "esmjax" / "models").exists()  # read as it is, not converted
+
+    seqs = [line for line in fa.read_text().splitlines() if not line.startswith(">")][:24]
+    csv = tmp_path / "d.csv"
+    rows = [
+        f"{q[:40]},{i % 3 * 0.5},{'test' if i % 4 == 0 else 'train'}" for i, q in enumerate(seqs)
+    ]
+    csv.write_text("sequence,target,set\n" + "\n".join(rows) + "\n")
+    ft_cfg = tmp_path / "f.json"
+    ft_cfg.write_text(
+        json.dumps(
+            {"task": "sequence_regression", "mode": "frozen", "num_steps": 2, "eval_every": 2}
+        )
+    )
+    served.requests.clear()
+    fw = tmp_path / "fw"
+    argv = ["finetune", "--config", str(ft_cfg), "--backbone", NAME, "--set", f"data.csv={csv}"]
+    assert cli([*argv, "--set", "data.batch_size=8", "--workdir", str(fw), "--no-progress"]) == 0
+    assert served.requests == []  # torch hub's cache
+    assert json.loads((fw / "config.json").read_text())["finetune"]["backbone"] == NAME
+    assert json.loads((fw / "report.json").read_text())["examples"]["test"] == 6
+
+
+def test_concurrent_downloads_of_one_name_write_one_file(homes, served):
+    """Two processes of a job on one host fetch the same name at once: one downloads, the other
+    waits for it and finds the file (without the lock both would append to one .part)."""
+    code = f"from esmjax.io import hub; print(hub.source('{NAME}'))"
+    env = dict(os.environ)
+    served.pause = 1.5  # the second process starts while the first still downloads
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    try:
+        outs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    finally:
+        served.pause = 0.0
+    assert [p.returncode for p in procs] == [0, 0] and outs[0] == outs[1]
+    pt = homes / "torch" / "hub" / "checkpoints" / f"{NAME}.pt"
+    assert pt.read_bytes() == served.files[f"/fair-esm/models/{NAME}.pt"]
+    fetched = [p for m, p, _ in served.requests if m == "GET"]
+    assert sorted(fetched) == sorted(served.files), fetched  # each file once

@@ -15,7 +15,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
     )
-    p.add_argument("--backbone", help="backbone checkpoint (sets backbone=)")
+    p.add_argument(
+        "--backbone",
+        help="backbone checkpoint, or a released model by name (esm2_t12_35M_UR50D, "
+        "facebook/esm2_t12_35M_UR50D; downloaded first) (sets backbone=)",
+    )
     p.add_argument("--train", help="training file (sets data.train=)")
     p.add_argument("--valid", help="validation file (sets data.valid=)")
     p.add_argument("--test", help="test file (sets data.test=)")

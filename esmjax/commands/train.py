@@ -19,7 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--init-from",
         metavar="SRC",
         help="start a new run from these weights: fair-esm .pt, HF folder, esmjax checkpoint or "
-        "workdir (the model config comes from SRC; optimizer and schedule start fresh)",
+        "workdir, or a released model by name (esm2_t12_35M_UR50D, facebook/esm2_t12_35M_UR50D; "
+        "downloaded first) (the model config comes from SRC; optimizer and schedule start fresh)",
     )
     p.add_argument(
         "--init-step", type=int, metavar="N", help="the step of an esmjax SRC (default: latest)"

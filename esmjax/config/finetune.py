@@ -89,7 +89,7 @@ class FinetuneConfig:
 
     Attributes:
       backbone: what ``esmjax train --init-from`` accepts (fair-esm .pt, HF folder, esmjax
-        checkpoint or workdir); backbone_step its step (-1: latest).
+        checkpoint or workdir, or a released model's name); backbone_step its step (-1: latest).
       task: sequence_classification | sequence_regression | residue_classification.
       multi_label: sequence classification with several labels per sequence (sigmoid, BCE).
       labels: class names in order (default: sorted classes of the training data).

@@ -34,8 +34,11 @@ def start(
 
 def local_source(src: str) -> None:
     """What ``esmjax train --init-from`` / ``finetune --backbone`` take (fair-esm .pt, HF folder,
-    esmjax checkpoint or workdir) exists, in the words of ``esmjax.io.convert``."""
-    if src and not paths.is_remote(src) and not Path(src).exists():
+    esmjax checkpoint or workdir) exists, in the words of ``esmjax.io.convert``; a released
+    model's name is downloaded where it is read (``convert.named_source``)."""
+    from esmjax.io import hub
+
+    if src and not paths.is_remote(src) and not Path(src).exists() and not hub.is_name(src):
         raise InputError(f"{src}: no such checkpoint file or folder")
 
 
@@ -129,8 +132,11 @@ def stored_path(value: str, saved: str | None = None) -> str:
     names its data and backbone when it is read from another folder or copied (``evaluate
     perplexity`` of a copied run); a bucket URL as given. ``saved``: what the workdir's
     config.json already says, kept when it names the same file, because a resumed fine-tuning
-    run compares its backbone with the saved one (runs saved before paths were made absolute)."""
-    if not value or paths.is_remote(value):
+    run compares its backbone with the saved one (runs saved before paths were made absolute).
+    A released model's name (``hub.is_name``) stays a name."""
+    from esmjax.io import hub
+
+    if not value or paths.is_remote(value) or hub.is_name(value):
         return value
     if saved and not paths.is_remote(saved) and os.path.abspath(saved) == os.path.abspath(value):
         return saved

@@ -43,8 +43,24 @@ def checkpoint_folder(spec: str) -> str:
         return spec
     folder = hub.cached_checkpoint(spec)
     if not (folder / checkpoint.CONFIG_FILE).exists():  # save_converted writes it last
-        log.info("%s", convert(spec, folder))
+        with hub.exclusive(folder.with_name(folder.name + ".lock")):
+            if not (folder / checkpoint.CONFIG_FILE).exists():
+                log.info("%s", convert(spec, folder))
     return str(folder)
+
+
+def named_source(src: str | Path) -> str | Path:
+    """What ``train --init-from`` / ``finetune``'s ``backbone`` read for a released model's name
+    (``hub.is_name``): its esmjax conversion where ``esmjax convert NAME`` made one, else the
+    downloaded fair-esm ``.pt`` or HF snapshot, read as it is. Not converted here: a training run
+    reads its source before and after ``jax.distributed``'s start-up, and a conversion saves with
+    Orbax, which would start JAX's backend first. Anything else is returned as given."""
+    if not hub.is_name(src):
+        return src
+    converted = hub.cached_checkpoint(str(src))
+    if (converted / checkpoint.CONFIG_FILE).exists():
+        return converted
+    return hub.source(str(src))
 
 
 def _convert(src: Path, name: str, out: str | Path, esm: str | Path | None) -> str:
@@ -142,7 +158,9 @@ def _fairesm_siblings(src: str | Path) -> list[str]:
 
 def source_model_config(src: str | Path) -> ESM2Config:
     """The ESM-2 config of a fair-esm ``.pt``, an HF folder, an esmjax checkpoint or workdir; a
-    bucket URL is read in place (esmjax) or downloaded to a temporary folder first (``.pt``, HF)."""
+    bucket URL is read in place (esmjax) or downloaded to a temporary folder first (``.pt``, HF);
+    a released model's name through ``named_source``."""
+    src = named_source(src)
     _existing_source(src)
     if is_esmjax_folder(src):
         return checkpoint.open(src).model_config
@@ -163,7 +181,8 @@ def load_source_params(
     A fair-esm ``.pt`` or HF folder is read on the host (no code from the file runs; from a bucket,
     downloaded to a temporary folder first) and placed; an esmjax checkpoint or workdir is restored
     by Orbax straight into the shardings (its latest complete step, or ``step``), from a bucket
-    too."""
+    too. A released model's name is read through ``named_source``."""
+    src = named_source(src)
     _existing_source(src)
     graphdef, abstract = abstract_model(cfg)
     if is_esmjax_folder(src):

@@ -6,6 +6,8 @@ esmjax's model cache (``cached_checkpoint``)."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import http.client
 import logging
 import os
@@ -84,10 +86,31 @@ def fair_esm_file(name: str) -> Path:
 
 def download(url: str, dest: Path) -> None:
     """``url`` to ``dest`` unless it is there: into ``<dest>.part`` (resumed from its length with
-    an HTTP Range request), its size checked against the server's, then renamed into place."""
+    an HTTP Range request), its size checked against the server's, then renamed into place. One
+    process of the machine at a time: the others wait and then find the file."""
     if dest.exists():
         return
     dest.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(dest.with_name(dest.name + ".lock")):
+        if not dest.exists():
+            _download(url, dest)
+
+
+@contextlib.contextmanager
+def exclusive(lock: Path):
+    """Held by one process of this machine at a time (``flock``): the processes of a job on one
+    host start together and would otherwise append to the same ``.part`` file or convert into the
+    same folder. The lock file stays; it is empty."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _download(url: str, dest: Path) -> None:
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
@@ -99,7 +122,7 @@ def download(url: str, dest: Path) -> None:
             if e.headers.get("Content-Range") == f"bytes */{have}":  # whole: stopped before rename
                 return part.replace(dest)
             part.unlink()  # longer than the file: another file's bytes
-            return download(url, dest)
+            return _download(url, dest)
         raise InputError(f"cannot download {url}: HTTP {e.code} {e.reason}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:  # IncompleteRead too
         reason = getattr(e, "reason", None) or e
