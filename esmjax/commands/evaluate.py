@@ -24,6 +24,8 @@ SUBCOMMANDS = {
     "calibration",
     "pseudo-perplexity": "pseudo-perplexity of every record of FASTA files as a resumable, "
     "multi-process job of work units (Parquet shards)",
+    "masked-marginals": "the masked-marginal log-likelihood ratio of every single substitution of "
+    "every record of FASTA files, as a resumable, multi-process job of work units (Parquet shards)",
     "all": "a checkpoint's report card: the evaluations a suite YAML lists, one summary",
     "compare": "side-by-side table of several report cards (summary.json of `evaluate all`)",
 }
@@ -196,17 +198,15 @@ def _add_suite_parsers(sub) -> None:
     p.add_argument("--plot", action="store_true", help="also write PNG figures")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("pseudo-perplexity", **_texts("pseudo-perplexity"))
+    _scoring_job(sub.add_parser("pseudo-perplexity", **_texts("pseudo-perplexity")), 1000)
+    p = sub.add_parser("masked-marginals", **_texts("masked-marginals"))
+    _scoring_job(p, 100)
     p.add_argument(
-        "--checkpoint",
-        required=True,
-        help="training workdir, converted checkpoint folder, or a released model's name",
-    )
-    p.add_argument("--step", type=int, default=None, help="step to restore [default: latest]")
-    add_job_arguments(p, 1000, None)
-    p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype")
-    p.add_argument(
-        "--max-tokens-per-batch", type=int, default=8192, help="padded tokens per batch [8192]"
+        "--window",
+        type=int,
+        default=1022,
+        help="residues per pass: a longer record has each position scored in the crop centred "
+        "on it, as `evaluate proteingym` (0 = whole records) [1022]",
     )
 
     p = sub.add_parser("all", **_texts("all"))
@@ -217,6 +217,21 @@ def _add_suite_parsers(sub) -> None:
     p.add_argument("cards", nargs="+", metavar="CARD", help="summary.json files or their folders")
     p.add_argument("--names", nargs="+", help="column names [default: checkpoint@step]")
     p.add_argument("--out", help="also write the Markdown table to this file")
+
+
+def _scoring_job(p: argparse.ArgumentParser, unit_size: int) -> None:
+    """The options of a per-record scoring job (pseudo-perplexity, masked marginals)."""
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="training workdir, converted checkpoint folder, or a released model's name",
+    )
+    p.add_argument("--step", type=int, default=None, help="step to restore [default: latest]")
+    add_job_arguments(p, unit_size, None)
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype")
+    p.add_argument(
+        "--max-tokens-per-batch", type=int, default=8192, help="padded tokens per batch [8192]"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -237,6 +252,12 @@ def main(args: argparse.Namespace) -> int:
         ckpt = checkpoint_folder(args.checkpoint)
         scoring = from_args(PseudoOptions, args, progress=progress)
         return run_job(lambda: score_fasta(ckpt, scoring))
+    if args.what == "masked-marginals":  # the same kind of job
+        from esmjax.evaluate import marginals
+
+        ckpt = checkpoint_folder(args.checkpoint)
+        maps = from_args(marginals.MarginalsOptions, args, progress=progress)
+        return run_job(lambda: marginals.score_fasta(ckpt, maps))
     if args.what == "structures":
         jobs.run(None, from_args(op.StructuresOptions, args, progress=progress))
         return 0

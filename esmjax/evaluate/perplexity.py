@@ -22,7 +22,8 @@ import numpy as np
 from tqdm import tqdm
 
 from esmjax.errors import InputError
-from esmjax.inference.engine import Engine, MaskedQuery, masked_logprobs
+from esmjax.evaluate.variants import masked_scan
+from esmjax.inference.engine import Engine
 from esmjax.models.alphabet import VOCAB_SIZE, encode
 
 
@@ -101,23 +102,25 @@ def pseudo_perplexity(
       ``sequences`` and
       ``per_sequence``: a list of ``{"length", "loss", "pseudo_perplexity"}`` in input order.
     """
-    queries = [
-        MaskedQuery(s, i) for s, seq in enumerate(sequences) for i in range(len(encode(seq)))
-    ]
     bar = tqdm(
-        total=len(queries),
+        total=sum(len(encode(seq)) for seq in sequences),
         desc="pseudo-perplexity",
         unit="pos",
         file=sys.stderr,
         disable=not progress,
     )
-    logp = masked_logprobs(engine, sequences, queries, max_tokens=max_tokens, progress=bar)
+    scan = masked_scan(engine, sequences, None, max_tokens, bar)
     bar.close()
-    per_seq, total, residues, q = [], 0.0, 0, 0
-    for seq in sequences:
+    return pseudo_figures(sequences, scan.logprobs)
+
+
+def pseudo_figures(sequences: Sequence[str], logprobs: Sequence[np.ndarray]) -> dict:
+    """``pseudo_perplexity``'s figures from each sequence's [L, V] masked log-probabilities
+    (``variants.masked_scan``): the wild-type column, summed in float64 in input order."""
+    per_seq, total, residues = [], 0.0, 0
+    for seq, logp in zip(sequences, logprobs):
         ids = encode(seq)
-        nll = -float(np.sum(logp[q + np.arange(len(ids)), ids].astype(np.float64)))
-        q += len(ids)
+        nll = -float(np.sum(logp[np.arange(len(ids)), ids].astype(np.float64)))
         per_seq.append(
             {
                 "length": len(ids),

@@ -16,16 +16,18 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from esmjax.config import DTYPES
 from esmjax.evaluate import perplexity
+from esmjax.evaluate.variants import masked_scan
 from esmjax.inference import preflight, shards, units
-from esmjax.inference.engine import Engine, bucketed
+from esmjax.inference.engine import Engine
 from esmjax.inference.inputs import InputStream
 from esmjax.inference.options import JobOptions, choice
 from esmjax.io import checkpoint, paths
-from esmjax.models.alphabet import encode_with_specials
 
 log = logging.getLogger("esmjax.evaluate.pseudo")
 
@@ -41,23 +43,36 @@ class PseudoOptions(JobOptions):
     max_tokens_per_batch: int = 8192
 
 
-def pll_unit(engine: Engine, unit: units.Unit, max_tokens: int, stopped=lambda: False):
+class StopCheck:
+    """The ``progress`` of ``variants.masked_scan``: after each batch, a signal (``stopped``) stops
+    the unit there (``units.Preempted``), not at its end: a unit of long records runs for minutes
+    and a preemption notice gives seconds."""
+
+    def __init__(self, stopped: Callable[[], bool]):
+        self.stopped = stopped
+
+    def update(self, _rows: int) -> None:
+        if self.stopped():
+            raise units.Preempted
+
+
+def pll_unit(
+    engine: Engine, unit: units.Unit, max_tokens: int, stopped: Callable[[], bool] = lambda: False
+) -> units.Result:
     """One unit's shard: every record's summed NLL with each residue masked in turn."""
-    if stopped():
-        raise units.Preempted
+    check = StopCheck(stopped)
+    check.update(0)  # a signal before the unit starts
     seqs = [r.sequence for r in unit.records]
-    scored = perplexity.pseudo_perplexity(engine, seqs, max_tokens)["per_sequence"] if seqs else []
+    scan = masked_scan(engine, seqs, None, max_tokens, check)
+    scored = perplexity.pseudo_figures(seqs, scan.logprobs)["per_sequence"] if seqs else []
     rows = []
     for i, (rec, s) in enumerate(zip(unit.records, scored)):
         head = {"id": rec.id, "description": rec.description, "index": unit.first + i}
         nll = s["loss"] * s["length"]
         rows.append({**head, "length": s["length"], "nll": nll, **s})
-    # the padded batches masked_logprobs runs: one row per masked residue
-    lengths = [len(encode_with_specials(q)) for q in seqs for _ in range(len(q))]
-    padded = sum(w * r for w, r, _ in bucketed(lengths, max_tokens, engine.row_multiple, True))
     meta = {"command": "pseudo-perplexity", "unit": unit.index}
     files = {units.shard_name(unit.index): shards.shard_bytes(rows, meta)}
-    return units.Result(files, sum(lengths), padded)
+    return units.Result(files, scan.tokens, scan.padded_tokens)
 
 
 def summarize(out: str) -> dict | None:
@@ -81,24 +96,42 @@ def summarize(out: str) -> dict | None:
     return summary
 
 
-def score_fasta(source: checkpoint.Checkpoint | str, opts: PseudoOptions) -> dict | None:
-    """The job: this process's units not yet done; returns the summary once the set is done."""
+def run_units(
+    source: checkpoint.Checkpoint | str,
+    opts: PseudoOptions,
+    command: str,
+    process: Callable[[Engine, units.Unit, Callable[[], bool]], units.Result],
+    **settings: Any,
+) -> None:
+    """A per-record scoring job of an ESM-2 (pseudo-perplexity, masked marginals): this process's
+    units not yet done, each ``process(engine, unit, stopped)``; ``settings`` join ``job.json``."""
     ckpt, out = checkpoint.opened(source).checked(), opts.out
     preflight.output(out, f"--out {out}")
     who = units.worker(process_id=opts.process_id, num_processes=opts.num_processes)
     stream = InputStream(opts.inputs, opts.unknown_as_x, opts.skip_invalid)
     with paths.output_folder(out):
         engine, restored = units.esm2_engine(ckpt, opts.step, opts.dtype)
-        units.settle(out, "pseudo-perplexity", opts, "shards", ckpt.path, restored)
-        with stream.progress("pseudo-perplexity", opts.progress) as bar:
+        units.settle(out, command, opts, "shards", ckpt.path, restored, **settings)
+        with stream.progress(command, opts.progress) as bar:
             units.run(
                 out,
                 stream.units(opts.unit_size),
-                lambda unit, stopped: pll_unit(engine, unit, opts.max_tokens_per_batch, stopped),
+                lambda unit, stopped: process(engine, unit, stopped),
                 who,
-                command="pseudo-perplexity",
+                command=command,
                 progress=bar.update,
             )
+
+
+def score_fasta(source: checkpoint.Checkpoint | str, opts: PseudoOptions) -> dict | None:
+    """The job: this process's units not yet done; returns the summary once the set is done."""
+    out, budget = opts.out, opts.max_tokens_per_batch
+    run_units(
+        source,
+        opts,
+        "pseudo-perplexity",
+        lambda engine, unit, stopped: pll_unit(engine, unit, budget, stopped),
+    )
     summary = summarize(out)
     if summary is None:
         log.info("units of other processes are not done: the last one writes %s", SUMMARY_FILE)

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from esmjax.errors import InputError
-from esmjax.inference.engine import Engine, MaskedQuery, masked_logprobs
+from esmjax.inference.engine import Engine, MaskedQuery, bucketed, masked_logprobs
 from esmjax.io import paths
 from esmjax.io.fasta import read_fasta
 from esmjax.models.alphabet import TOKEN_TO_ID, TokenizeError, encode
@@ -303,19 +303,59 @@ def _position_logprobs(
 ) -> dict[int, np.ndarray]:
     """{position: [V] log-probabilities} at each position of the wild type (masked or not);
     ``window=None``: the whole wild type, uncropped."""
-    crops: dict[tuple[int, int], int] = {}
-    queries, keys = [], []
-    for p in positions:
-        start, end = optimal_window(p, len(wt), window) if window else (0, len(wt))
-        idx = crops.setdefault((start, end), len(crops))
-        queries.append(MaskedQuery(idx, p - start))
-        keys.append(p)
-    sequences = [wt[s:e] for (s, e) in crops]
+    sequences, queries = windowed_queries([wt], [positions], window)
     if masked:
         logp = masked_logprobs(engine, sequences, queries, max_tokens, progress)
     else:
         logp = _unmasked_logprobs(engine, sequences, queries)
-    return dict(zip(keys, logp))
+    return dict(zip(positions, logp))
+
+
+def windowed_queries(
+    sequences: Sequence[str], positions: Sequence[Sequence[int]], window: int | None
+) -> tuple[list[str], list[MaskedQuery]]:
+    """The crops to run and one query per ``positions[s]`` of each ``sequences[s]``, in that
+    order: with ``window``, each position in its ``optimal_window`` crop (ProteinGym, ESM-1v);
+    ``None``, the whole sequence. Crops are shared by the positions that fall in the same one
+    (one character per residue: FASTA records)."""
+    crops: dict[tuple[int, int, int], int] = {}
+    queries = []
+    for s, (seq, wanted) in enumerate(zip(sequences, positions)):
+        for p in wanted:
+            start, end = optimal_window(p, len(seq), window) if window else (0, len(seq))
+            queries.append(MaskedQuery(crops.setdefault((s, start, end), len(crops)), p - start))
+    return [sequences[s][a:b] for (s, a, b) in crops], queries
+
+
+@dataclass
+class MaskedScan:
+    """Every residue of each sequence masked in turn: per sequence its [L, V] log-probabilities
+    (row i: residue i masked), and the tokens of the batches that ran (for a job's figures)."""
+
+    logprobs: list[np.ndarray]
+    tokens: int
+    padded_tokens: int
+
+
+def masked_scan(
+    engine: Engine,
+    sequences: Sequence[str],
+    window: int | None = None,
+    max_tokens: int = 8192,
+    progress=None,
+) -> MaskedScan:
+    """One forward pass per residue of every sequence, batched across sequences: what
+    pseudo-perplexity reads the wild-type column of and masked marginals every amino acid's."""
+    lengths = [len(encode(seq)) for seq in sequences]
+    crops, queries = windowed_queries(sequences, [range(n) for n in lengths], window)
+    logp = masked_logprobs(engine, crops, queries, max_tokens, progress)
+    # the padded batches masked_logprobs ran: one row per query, of its crop's width
+    crop_widths = [len(encode(c)) + 2 for c in crops]  # +2: BOS, EOS
+    widths = [crop_widths[q.seq] for q in queries]
+    buckets = bucketed(widths, max_tokens, engine.row_multiple, fit_rows=True)
+    padded = sum(width * rows for width, rows, _ in buckets)
+    per_seq = np.split(logp, np.cumsum(lengths)[:-1]) if lengths else []
+    return MaskedScan(per_seq, sum(widths), padded)
 
 
 def full_logprobs(engine: Engine, tokens: np.ndarray) -> np.ndarray:
