@@ -1,6 +1,12 @@
-"""The input of an inference job: FASTA files (local or bucket URLs, plain or gzip) read in the
-order given as one stream of records, validated as they are read, and cut into work units
-(``esmjax.inference.units.cut``).
+"""The input of an inference job: FASTA files (local or bucket URLs, plain or gzip) or datasets
+built by ``esmjax data build``, read in the order given as one stream of records, validated as they
+are read, and cut into work units (``esmjax.inference.units.cut``).
+
+A dataset is named by its folder (every split: ``train``, then ``validation``) or ``FOLDER:SPLIT``
+(one split). Its records come in the dataset's record order, ``DATASET_BLOCK`` at a time: the
+residues from the token file (memory-mapped, or range requests from a bucket), ids and cluster
+names from the ArrayRecord files. A record's description is ``<id> cluster=<cluster>``; its
+``line`` is its 1-based index in the split, which messages name as ``FOLDER:SPLIT:INDEX``.
 
 An invalid record ends the job with one line naming its file and line, unless ``--skip-invalid``:
 then it is counted by reason, and each unit's marker reports those read with it. A command's own
@@ -24,6 +30,7 @@ from tqdm import tqdm
 from esmjax.io.fasta import FastaError, FastaStats, Record, read_fasta, sanitize_id
 
 AUTO_SHARDS_ABOVE = 1000  # records: more than this and `--format auto` writes shards
+DATASET_BLOCK = 4096  # records of a built dataset read per request (ids and residues)
 
 # (path, record) -> None when the record is usable, else (reason, message)
 Check = Callable[[str, Record], "tuple[str, str] | None"]
@@ -51,13 +58,19 @@ class InputStream:
 
     def _read(self) -> Iterator[tuple[str, Record]]:
         for path in self.inputs:
-            for rec in read_fasta(
-                path,
-                unknown_as_x=self.unknown_as_x,
-                skip_invalid=self.skip_invalid,
-                stats=self.stats,
-                extra_chars=self.extra_chars,
-            ):
+            dataset = built_dataset(path)
+            records = (
+                dataset_records(*dataset, self.stats)
+                if dataset is not None
+                else read_fasta(
+                    path,
+                    unknown_as_x=self.unknown_as_x,
+                    skip_invalid=self.skip_invalid,
+                    stats=self.stats,
+                    extra_chars=self.extra_chars,
+                )
+            )
+            for rec in records:
                 bad = self.check(path, rec) if self.check is not None else None
                 if bad is None:
                     yield path, rec
@@ -134,3 +147,37 @@ class InputStream:
             yield bar
         finally:
             bar.close()
+
+
+def built_dataset(path: str) -> tuple[str, tuple[str, ...]] | None:
+    """``(folder, splits)`` when ``path`` names a dataset built by ``esmjax data build`` (its
+    folder, or ``FOLDER:SPLIT``), else None (a FASTA file)."""
+    from esmjax.data import source
+
+    folder, _, split = path.rpartition(":")
+    if folder and split in source.SPLITS and source.is_dataset_dir(folder):
+        return folder, (split,)
+    if source.is_dataset_dir(path):
+        return path, source.SPLITS
+    return None
+
+
+def dataset_records(folder: str, splits: Sequence[str], stats: FastaStats) -> Iterator[Record]:
+    """The records of ``splits`` of a built dataset, in record order (residues checked at the
+    build: only counted here)."""
+    import numpy as np
+
+    from esmjax.data import source
+    from esmjax.models.alphabet import decode
+
+    for name in splits:
+        split = source.open_split(folder, name)
+        for start in range(0, split.num_records, DATASET_BLOCK):
+            block = np.arange(start, min(start + DATASET_BLOCK, split.num_records))
+            for i, (ids, (rec_id, cluster)) in enumerate(
+                zip(split.read(block), split.describe(block))
+            ):
+                seq = decode(ids)
+                stats.records += 1
+                stats.residues += len(seq)
+                yield Record(rec_id, f"{rec_id} cluster={cluster}", seq, start + i + 1)

@@ -89,7 +89,11 @@ def add_job_arguments(p: Any, unit_size: int, what: str | None) -> None:
     """The options every inference job takes (``esmjax.inference.units``); ``what`` names the
     per-record files of the per-record format (None: shards only)."""
     p.add_argument(
-        "--fasta", required=True, nargs="+", help="input FASTA files, read in order (plain or gzip)"
+        "--fasta",
+        required=True,
+        nargs="+",
+        help="input FASTA files (plain or gzip) or datasets built by `esmjax data build` (FOLDER: "
+        "every split; FOLDER:train or FOLDER:validation), read in order",
     )
     p.add_argument(
         "--out",
