@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +21,12 @@ from esmjax.config import ESM2Config, FinetuneConfig, MeshConfig, from_dict, to_
 from esmjax.errors import InputError
 from esmjax.inference import preflight
 from esmjax.inference.engine import Engine, bucketed
+from esmjax.inference.inputs import InputStream
 from esmjax.io import checkpoint as ckpt
 from esmjax.io import paths
 from esmjax.io.checkpoint import pure_dict_shardings
 from esmjax.io.convert import load_source_params, source_model_config
-from esmjax.io.fasta import read_fasta
+from esmjax.io.fasta import Record
 from esmjax.models.alphabet import PAD, encode_with_specials
 from esmjax.models.heads import TaskModel, abstract_task_model
 from esmjax.parallel import sharding as shd
@@ -208,24 +209,9 @@ def _run_manager(w: Any, step: int | None) -> Any:
     return ckpt.manager(w, item_names=items)
 
 
-def predict_fasta(
-    source: ckpt.Checkpoint | str | Path,
-    fasta: str | Path,
-    out: str | Path,
-    step: int | None = None,
-    max_tokens: int = 8192,
-) -> str:
-    """``esmjax predict``: one row per record of ``fasta`` in ``out`` (``.csv``: id, prediction and
-    per-class probabilities or per-target values; ``.jsonl`` for residue tasks: id, sequence, one
-    predicted label per residue and ``truncated_at``). The whole FASTA is validated before the
-    model runs. Sequences are cropped to the run's ``data.max_length``, as the run's training and
-    report cropped them, so predict on the run's test rows gives the report's test figures.
-
-    ``source`` (the run, opened or its path), ``fasta`` and ``out`` may be bucket URLs. The run's
-    task and the output are checked first. The predictions are formatted in memory and written
-    whole (``paths.write_text``: a local file through a renamed temporary sibling, a bucket object
-    in one upload), the same bytes either way; a missing output bucket is refused before the
-    model loads."""
+def finetune_task(source: ckpt.Checkpoint | str | Path) -> tuple[ckpt.Checkpoint, bool]:
+    """(the fine-tuning run ``source``, opened; whether its task is per residue): anything but an
+    ``esmjax finetune`` workdir is one line, before any model loads."""
     run = ckpt.opened(source)
     if run.kind != ckpt.FINETUNE:
         raise InputError(
@@ -233,93 +219,158 @@ def predict_fasta(
             "(esmjax predict reads `esmjax finetune` workdirs)"
         )
     task = run.config["finetune"].get("task") if isinstance(run.config["finetune"], dict) else None
-    residue = task == "residue_classification"
+    return run, task == "residue_classification"
+
+
+def task_engine(run: ckpt.Checkpoint, step: int | None) -> tuple[Setup, Engine, int]:
+    """(setup, engine, the step restored): the run's model on this process's devices, over
+    ``fsdp`` as far as it divides. Local devices, so that each process of a job of work units
+    (``esmjax.inference.predictions``) holds a whole model; one process sees no other."""
+    mesh = shd.make_mesh(MeshConfig(ici_fsdp=-1), jax.local_devices())
+    setup, variables, got = load_finetuned(run, step, mesh, "fsdp")
+    return setup, Engine(nnx.merge(setup.graphdef, nnx.State(variables)), mesh, "fsdp"), got
+
+
+# The run cropped every train, validation and test sequence to its first data.max_length residues
+# (esmjax.io.labeled.Rows.add) and its report scores those crops, so predict crops the same way: its
+# outputs on the test rows are then the report's, bit for bit. Sliding windows over the rest would
+# give residue labels from contexts the run never trained or evaluated on, with an accuracy no
+# report describes; the cut is marked instead (``truncated_at`` in residue rows, and one warning).
+def cropped_tokens(setup: Setup, records: Sequence[Record]) -> tuple[list[np.ndarray], int]:
+    """(the tokens of each record's first ``data.max_length`` residues, how many were longer)."""
+    limit = setup.cfg.data.max_length
+    tokens = [encode_with_specials(r.sequence, limit) for r in records]
+    return tokens, sum(len(r.sequence) > limit for r in records)
+
+
+def warn_cropped(setup: Setup, cropped: int, records: int) -> None:
+    """The one warning line that counts the sequences cropped to the run's ``data.max_length``."""
+    if not cropped:
+        return
+    limit = setup.cfg.data.max_length
+    marked = "; their rows carry truncated_at" if setup.cfg.task == "residue_classification" else ""
+    log.warning(
+        "%d of %d sequences are longer than the run's data.max_length=%d: predicted from "
+        "their first %d residues, as the run was trained and evaluated%s",
+        cropped,
+        records,
+        limit,
+        limit,
+        marked,
+    )
+
+
+def predict_fasta(
+    source: ckpt.Checkpoint | str | Path,
+    fasta: str | Path | Sequence[str | Path],
+    out: str | Path,
+    step: int | None = None,
+    max_tokens: int = 8192,
+    unknown_as_x: bool = False,
+    skip_invalid: bool = False,
+) -> str:
+    """``esmjax predict``: one row per record of ``fasta`` (one FASTA or several, read in order) in
+    ``out`` (``.csv``: id, prediction and per-class probabilities or per-target values; ``.jsonl``
+    for residue tasks: id, sequence, one predicted label per residue and ``truncated_at``). The
+    whole input is validated before the model runs (``skip_invalid``: invalid records are counted
+    and left out instead). Sequences are cropped to the run's ``data.max_length``, as the run's
+    training and report cropped them, so predict on the run's test rows gives the report's test
+    figures. A folder ``out`` is a job of work units instead (``esmjax.inference.predictions``).
+
+    ``source`` (the run, opened or its path), ``fasta`` and ``out`` may be bucket URLs. The run's
+    task and the output are checked first. The predictions are formatted in memory and written
+    whole (``paths.write_text``: a local file through a renamed temporary sibling, a bucket object
+    in one upload), the same bytes either way; a missing output bucket is refused before the
+    model loads."""
+    run, residue = finetune_task(source)
     shown = paths.given(out)
     if residue != (shown.suffix == ".jsonl"):
         raise InputError(f"--out {out}: residue tasks write .jsonl, sequence tasks .csv")
     preflight.output(out, f"--out {out}", folder=False)
-    records = list(read_fasta(fasta))
+    inputs = [fasta] if isinstance(fasta, (str, Path)) else list(fasta)
+    stream = InputStream([str(f) for f in inputs], unknown_as_x, skip_invalid)
+    records = list(stream.records())
     if not records:
-        raise InputError(f"{fasta}: no records")
+        raise InputError(f"{', '.join(map(str, inputs))}: no records")
     if paths.is_remote(out):
         paths.nonempty(out)  # the bucket must exist (an existing object is replaced, as on disk)
-    mesh = shd.make_mesh(MeshConfig(ici_fsdp=-1))
-    setup, variables, got = load_finetuned(run, step, mesh, "fsdp")
-    cfg = setup.cfg
-    engine = Engine(nnx.merge(setup.graphdef, nnx.State(variables)), mesh, "fsdp")
-    # The run cropped every train, validation and test sequence to its first data.max_length
-    # residues (esmjax.io.labeled.Rows.add) and its report scores those crops, so predict crops
-    # the same way: its outputs on the test rows are then the report's, bit for bit. Sliding
-    # windows over the rest would give residue labels from contexts the run never trained or
-    # evaluated on, with an accuracy no report describes; the cut is marked instead
-    # (``truncated_at`` in residue rows, and one warning line).
-    limit = cfg.data.max_length
-    tokens = [encode_with_specials(r.sequence, limit) for r in records]
-    cropped = sum(len(r.sequence) > limit for r in records)
-    if cropped:
-        marked = "; their rows carry truncated_at" if residue else ""
-        log.warning(
-            "%d of %d sequences are longer than the run's data.max_length=%d: predicted from "
-            "their first %d residues, as the run was trained and evaluated%s",
-            cropped,
-            len(records),
-            limit,
-            limit,
-            marked,
-        )
+    setup, engine, got = task_engine(run, step)
+    tokens, cropped = cropped_tokens(setup, records)
+    warn_cropped(setup, cropped, len(records))
     outputs = predict(engine, tokens, max_tokens)
     paths.write_text(out, prediction_text(setup, records, outputs))
-    return f"wrote {shown}: {len(records)} records (step {got})"
+    skipped = f", {stream.stats.skipped} invalid skipped" if stream.stats.skipped else ""
+    return f"wrote {shown}: {len(records)} records{skipped} (step {got})"
 
 
-def prediction_text(setup: Setup, records: list, outputs: list[np.ndarray]) -> str:
-    """The contents of ``esmjax predict``'s output: JSON lines (residue tasks) or a CSV (the
-    ``csv`` module's dialect, ``\\r\\n`` line ends).
+def prediction_columns(setup: Setup) -> list[str]:
+    """The columns of ``esmjax predict``'s rows (``prediction_rows``), in order."""
+    if setup.cfg.task == "residue_classification":
+        return ["id", "sequence", "prediction", "truncated_at"]
+    if setup.cfg.task == "sequence_regression":
+        return ["id", *[f"prediction_{i}" for i in range(setup.num_outputs)]]
+    return ["id", "prediction", *[f"prob_{n}" for n in setup.labels]]
+
+
+def prediction_rows(
+    setup: Setup, records: Sequence[Record], outputs: list[np.ndarray]
+) -> list[dict[str, Any]]:
+    """One dict per record, keys ``prediction_columns``: the predictions as ``esmjax predict``
+    writes them, whatever the output (a ``.csv``/``.jsonl`` file, or a job's shards).
 
     Residue rows hold one label per residue of the crop the model saw (the first
     ``data.max_length``) and ``truncated_at``: that length where the sequence is longer, else
-    null. Numbers are written in full (``_number``), so that metrics recomputed from the file are
-    the run's: 6 significant digits tie and reorder close scores, which moves a Spearman."""
+    None. Sequence rows hold the float32 outputs as Python floats: every value is kept in full
+    (a float32 widens exactly), so that metrics recomputed from the output are the run's."""
+    cfg, names, columns = setup.cfg, list(setup.labels), prediction_columns(setup)
+    rows = []
+    for r, o in zip(records, outputs):
+        o = np.asarray(o, np.float32)
+        if cfg.task == "residue_classification":
+            pred = "".join(names[i] for i in o.argmax(-1))
+            cut = cfg.data.max_length if len(r.sequence) > cfg.data.max_length else None
+            values = [r.sequence, pred, cut]
+        elif cfg.task == "sequence_regression":
+            values = [float(v) for v in o]
+        else:
+            p = probabilities(o, cfg.multi_label)
+            if cfg.multi_label:  # logit > 0, as the run's metrics decide (a sigmoid rounds)
+                label = ";".join(n for n, x in zip(names, o) if x > 0)
+            else:
+                label = names[int(p.argmax())]
+            values = [label, *[float(v) for v in p]]
+        rows.append(dict(zip(columns, [r.id, *values])))
+    return rows
+
+
+def prediction_text(setup: Setup, records: Sequence[Record], outputs: list[np.ndarray]) -> str:
+    """The contents of ``esmjax predict``'s output file: ``prediction_rows`` as JSON lines
+    (residue tasks) or a CSV (the ``csv`` module's dialect, ``\\r\\n`` line ends). Numbers are
+    written in full (``_number``): 6 significant digits tie and reorder close scores, which moves
+    a Spearman recomputed from the file."""
     import csv
     import io
 
-    cfg = setup.cfg
-    names = list(setup.labels)
-    if cfg.task == "residue_classification":
-        limit = cfg.data.max_length
-        lines = []
-        for r, o in zip(records, outputs):
-            pred = "".join(names[i] for i in np.asarray(o).argmax(-1))
-            cut = limit if len(r.sequence) > limit else None
-            row = {"id": r.id, "sequence": r.sequence, "prediction": pred, "truncated_at": cut}
-            lines.append(json.dumps(row))
-        return "".join(line + "\n" for line in lines)
+    rows = prediction_rows(setup, records, outputs)
+    if setup.cfg.task == "residue_classification":
+        return "".join(json.dumps(row) + "\n" for row in rows)
     f = io.StringIO()
     w = csv.writer(f)
-    if cfg.task == "sequence_regression":
-        w.writerow(["id", *[f"prediction_{i}" for i in range(setup.num_outputs)]])
-        for r, o in zip(records, outputs):
-            w.writerow([r.id, *[_number(v) for v in o]])
-    else:
-        w.writerow(["id", "prediction", *[f"prob_{n}" for n in names]])
-        for r, o in zip(records, outputs):
-            p = _probabilities(np.asarray(o, np.float32), cfg.multi_label)
-            if cfg.multi_label:  # logit > 0, as the run's metrics decide (a sigmoid rounds)
-                pred = ";".join(n for n, x in zip(names, o) if x > 0)
-            else:
-                pred = names[int(p.argmax())]
-            w.writerow([r.id, pred, *[_number(v) for v in p]])
+    w.writerow(prediction_columns(setup))
+    for row in rows:
+        w.writerow([_number(v) if isinstance(v, float) else v for v in row.values()])
     return f.getvalue()
 
 
-def _probabilities(logits: np.ndarray, multi_label: bool) -> np.ndarray:
-    """Per-class probabilities of one row's float32 logits: sigmoids, or the softmax in the
-    float32 expression of ``finetune_metrics.classification`` (whose two-class AUROC ranks these
-    values), so that a metric recomputed from the file ranks them as the run did."""
+def probabilities(logits: np.ndarray, multi_label: bool) -> np.ndarray:
+    """Per-class probabilities of float32 logits (``[C]``, or ``[L, C]`` per residue; over the
+    last axis): sigmoids, or the softmax in the float32 expression of
+    ``finetune_metrics.classification`` (whose two-class AUROC ranks these values), so that a
+    metric recomputed from the output ranks them as the run did."""
     if multi_label:
         return 1 / (1 + np.exp(-logits.astype(np.float64)))
-    z = logits - logits.max()
-    return np.exp(z) / np.exp(z).sum()
+    z = logits - logits.max(-1, keepdims=True)
+    return np.exp(z) / np.exp(z).sum(-1, keepdims=True)
 
 
 def _number(v: Any) -> str:
