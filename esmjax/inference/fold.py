@@ -9,6 +9,15 @@ B-factor, chains A, B, ..., residues numbered from 1 per chain, linker hidden) a
 (``sequence``, per-residue CA ``plddt``, ``mean_plddt`` over atoms, ``ptm``, ``pae`` in Angstrom
 over the shown residues, ``max_pae``). ``--out`` may be a bucket URL: each file is one object upload
 through ``esmjax.io.paths.write_text`` (whole or absent), a local one a renamed temporary sibling.
+
+Devices (``fold_engine``): the model is restored onto this process's devices with the ESM-2 stem
+sharded as ``embed`` shards an ESM-2 (``fsdp`` as far as the stem's dimensions divide, the rest
+``data``; ``inference_mesh(local=True)``), since the stem is what grows (3B, 15B), and the trunk's
+and heads' parameters replicated. The batch is not split (``stem_rules`` drop ``act_batch``): every
+device runs the whole trunk on every row, as one device did, so the rows, buckets and compilations
+are those of one device, and XLA's only collectives are the stem's (weight gathers, partial sums;
+their summation order moves the outputs by float32 rounding, about 1e-6 of their scale). One local
+device gives a 1x1x1 mesh on which every rule is void: exactly the one-device fold.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import jax
 import numpy as np
 
 from esmjax.errors import InputError
@@ -32,6 +42,7 @@ from esmjax.io.structure_writer import Structure, to_mmcif, to_pdb
 from esmjax.models.esmfold.heads import max_predicted_aligned_error
 from esmjax.models.esmfold.model import ESMFold
 from esmjax.models.geometry import residue_constants as rc
+from esmjax.parallel import sharding as shd
 
 log = logging.getLogger("esmjax.inference.fold")
 
@@ -79,6 +90,31 @@ def encode(sequence: str) -> Encoded:
         chain_arr,
         np.asarray(number, np.int32),
     )
+
+
+def stem_rules(rules: shd.Rules | str = "fsdp") -> shd.Rules:
+    """The ESM-2 ``rules`` for an ESMFold: their parameter rules, which name only the stem's axes,
+    without ``act_batch``, so that inputs and activations keep every row on every device (the
+    trunk's rows stay as on one device, and a batch needs no multiple of the device count)."""
+    return tuple(rule for rule in shd.resolve_rules(rules) if rule[0] != shd.ACT_BATCH)
+
+
+def fold_engine(
+    ckpt: checkpoint.Checkpoint,
+    dtype: str | None = None,
+    step: int | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: shd.Rules | str = "fsdp",
+) -> tuple[Engine, int]:
+    """(Engine, restored step): the ESMFold of ``ckpt`` on ``mesh`` (default: this process's
+    devices, ``fsdp`` as far as the stem divides, the rest ``data``), its stem sharded by
+    ``stem_rules(rules)``, its trunk and heads replicated."""
+    rules = stem_rules(rules)
+    if mesh is None:
+        mesh = checkpoint.inference_mesh(ckpt, rules, dtype, local=True)
+    model, restored = checkpoint.load_esmfold(ckpt, dtype=dtype, step=step, mesh=mesh, rules=rules)
+    log.info("ESMFold: stem on mesh %s, trunk replicated", shd.mesh_sizes(mesh))
+    return Engine(model, mesh, rules), restored
 
 
 def fold_pass(model: ESMFold, aatype, mask, residx, num_recycles, chunk_size):
@@ -300,8 +336,7 @@ def fold_fasta(source: checkpoint.Checkpoint | str, opts: FoldOptions) -> int:
     # a missing bucket fails before the model loads; a failed run leaves no empty folder
     with paths.output_folder(out):
         units.use_compilation_cache()
-        model, restored = checkpoint.load_esmfold(ckpt, dtype=opts.dtype)
-        engine = Engine(model)
+        engine, restored = fold_engine(ckpt, opts.dtype)
         extra = {"num_recycles": opts.num_recycles, "chunk_size": opts.chunk_size}
         extra.update(mmcif=opts.mmcif, max_length=opts.max_length)
         units.settle(out, "fold", opts, fmt, ckpt.path, restored, **extra)

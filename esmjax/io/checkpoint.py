@@ -443,15 +443,23 @@ def inference_mesh(
 
 
 def load_esmfold(
-    source: Checkpoint | str | Path, *, dtype: str | None = None, step: int | None = None
+    source: Checkpoint | str | Path,
+    *,
+    dtype: str | None = None,
+    step: int | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: shd.Rules | str = "dp",
 ) -> tuple[ESMFold, int]:
-    """Restores the ESMFold of ``source`` onto one device (the trunk runs replicated); ``dtype``
-    sets the language model's compute dtype."""
+    """Restores the ESMFold of ``source`` onto ``mesh`` (default: one device) by ``rules``;
+    ``dtype`` sets the language model's compute dtype.
+
+    Only the ESM-2 stem's parameters carry the logical axes the preset rules shard (``embed``,
+    ``mlp``, ``heads``; the trunk's and heads' carry none, or ``norm``), so the presets split the
+    stem alone and replicate the rest on every device of ``mesh``."""
     ckpt = opened(source)
     graphdef, state = ckpt.abstract(dtype, esmfold=True)
-    return restore_params(
-        ckpt.path, graphdef, state, step, shd.single_device_mesh(), shd.resolve_rules("dp")
-    )
+    mesh = mesh if mesh is not None else shd.single_device_mesh()
+    return restore_params(ckpt.path, graphdef, state, step, mesh, shd.resolve_rules(rules))
 
 
 def write_params(

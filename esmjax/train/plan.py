@@ -14,7 +14,8 @@ upcast), so its memory is shown for reference only and ``fits`` follows the anal
 
 Jobs: ``train`` (the whole train step, accumulation and remat as the run), ``embed`` (ESM-2
 representations of ``--rows`` x ``--length`` residues, the ``embed`` pass) and ``fold`` (one ESMFold
-pass, as ``esmjax fold`` runs it on one device).
+pass on one device: what ``esmjax fold`` holds with one local device; with more it splits the stem
+over them, ``esmjax.inference.fold.fold_engine``, and holds less).
 
     esmjax plan --config configs/esm2_15b.yaml --target v5p-128
     esmjax plan --config configs/esm2_15b.yaml --target h100:16x8 --mesh data=1,fsdp=32,tensor=4
@@ -275,7 +276,8 @@ def plan_inference(
 ) -> dict[str, Any]:
     """Compiles one ``embed`` pass of the ESM-2 ``model_cfg`` (over all of the target's devices,
     the mesh ``embed`` itself would choose) or one ``fold`` pass of the ESMFold ``model_cfg`` (on
-    one device, as ``esmjax fold`` runs) for ``rows`` x ``length`` residues."""
+    one device, as ``esmjax fold`` runs with one local device) for ``rows`` x ``length``
+    residues."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
