@@ -16,7 +16,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("esmjax.parallel",),
     ("esmjax.models",),
     ("esmjax.io",),
-    ("esmjax.data", "esmjax.inference"),
+    ("esmjax.data",),
+    ("esmjax.inference",),  # a job reads built datasets (inference.inputs -> data.source)
     ("esmjax.evaluate",),
     ("esmjax.train",),
     ("esmjax.commands",),

@@ -1,8 +1,10 @@
 """``esmjax embed``: representations, logits and contacts for every record of a FASTA file (fair-esm
 ``esm-extract``'s counterpart).
 
-Records are sorted by length, padded to a small fixed set of length buckets and grouped into batches
-of a fixed row count per bucket, so the jitted forward compiles at most once per bucket. Each
+Records are packed several to a row, rows as wide as a small fixed set of length buckets
+(``esmjax.inference.packed``; one record per row when contacts are asked for), and rows are
+grouped into batches of a fixed row count per bucket, so the jitted forward compiles a few times
+per bucket. Each
 record's arrays are written to ``<id>.npz`` with BOS and EOS removed; ``--out`` may be a bucket URL
 (``gs://``, ``s3://``): each file is written through ``esmjax.io.paths.write_bytes``, as one object
 upload (it appears whole or not at all), a local file as a temporary sibling renamed into place.
@@ -22,7 +24,7 @@ from __future__ import annotations
 import io
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +34,7 @@ from esmjax.inference import preflight, shards, units
 from esmjax.inference.engine import Engine, bucketed
 from esmjax.inference.inputs import InputStream
 from esmjax.inference.options import EmbedOptions
+from esmjax.inference.packed import PackedBatch, Placed, packed_batches
 from esmjax.io import checkpoint, paths
 from esmjax.io.fasta import Record, sanitize_id
 from esmjax.models.alphabet import PAD, batch_encode
@@ -110,38 +113,42 @@ def pt_bytes(result: dict) -> bytes:
 
 
 def npz_arrays(
-    out: dict, row: int, n: int, layers: tuple[int, ...], include: set[str]
+    out: dict, at: Placed, layers: tuple[int, ...], include: set[str]
 ) -> dict[str, np.ndarray]:
     """One record's arrays for ``<id>.npz``: residue positions only, BOS and EOS removed."""
+    row, bos, n = at.row, at.start, at.n
     arrays: dict[str, np.ndarray] = {}
     for layer in layers:
         h = out["representations"][layer][row]
         if "per_tok" in include:
-            arrays[f"repr_{layer}"] = h[1 : n + 1]
+            arrays[f"repr_{layer}"] = h[bos + 1 : bos + n + 1]
         if "mean" in include:
-            arrays[f"mean_{layer}"] = h[1 : n + 1].mean(0)
+            arrays[f"mean_{layer}"] = h[bos + 1 : bos + n + 1].mean(0)
         if "bos" in include:
-            arrays[f"bos_{layer}"] = h[0]
+            arrays[f"bos_{layer}"] = h[bos]
     if "logits" in include:
-        arrays["logits"] = out["logits"][row, 1 : n + 1]
-    if "contacts" in include:
+        arrays["logits"] = out["logits"][row, bos + 1 : bos + n + 1]
+    if "contacts" in include:  # unpacked rows only
         arrays["contacts"] = out["contacts"][row, :n, :n]
     return arrays
 
 
 def fair_esm_result(
-    out: dict, row: int, n: int, layers: tuple[int, ...], include: set[str], label: str
+    out: dict, at: Placed, layers: tuple[int, ...], include: set[str], label: str
 ) -> dict:
     """One record's dict as esm-extract writes it: float32 arrays, layers as int keys."""
+    row, bos, n = at.row, at.start, at.n
     reps = {layer: out["representations"][layer][row].astype(np.float32) for layer in layers}
     result: dict = {"label": label}
     if "per_tok" in include:
-        result["representations"] = {k: h[1 : n + 1] for k, h in reps.items()}
+        result["representations"] = {k: h[bos + 1 : bos + n + 1] for k, h in reps.items()}
     if "mean" in include:
-        result["mean_representations"] = {k: h[1 : n + 1].mean(0) for k, h in reps.items()}
+        result["mean_representations"] = {
+            k: h[bos + 1 : bos + n + 1].mean(0) for k, h in reps.items()
+        }
     if "bos" in include:
-        result["bos_representations"] = {k: h[0] for k, h in reps.items()}
-    if "contacts" in include:
+        result["bos_representations"] = {k: h[bos] for k, h in reps.items()}
+    if "contacts" in include:  # unpacked rows only
         result["contacts"] = out["contacts"][row, :n, :n].astype(np.float32)
     return result
 
@@ -167,22 +174,18 @@ def embed_unit(
     rows: list[dict] = []
     tokens = padded = 0
     truncated: list[str] = []
-    for batch in make_batches(unit.records, req.max_tokens, req.truncation, engine.row_multiple):
-        if stopped():
-            raise units.Preempted
-        contacts, logits = "contacts" in req.include, "logits" in req.include
-        out = engine.embed(batch.tokens, repr_layers, contacts, logits)
+    for batch, out in _passes(engine, unit.records, req, repr_layers, stopped):
         padded += batch.tokens.size
-        for row, rec in enumerate(batch.records):
-            n = min(len(rec.sequence), req.truncation or len(rec.sequence))
+        for at in batch.placed:
+            rec, n = at.record, at.n
             tokens += n + 2
             if n < len(rec.sequence):
                 truncated.append(rec.id)
             if req.fmt == "fair-esm":
-                result = fair_esm_result(out, row, n, repr_layers, req.include, rec.description)
+                result = fair_esm_result(out, at, repr_layers, req.include, rec.description)
                 files[f"{rec.description}.pt"] = pt_bytes(result)
                 continue
-            arrays = npz_arrays(out, row, n, repr_layers, req.include)
+            arrays = npz_arrays(out, at, repr_layers, req.include)
             if req.fmt == "npz":
                 files[f"{sanitize_id(rec.id)}.npz"] = npz_bytes(arrays)
             else:
@@ -201,6 +204,35 @@ def embed_unit(
         meta = {"command": "embed", "unit": unit.index, "layers": list(repr_layers)}
         files[units.shard_name(unit.index)] = shards.shard_bytes(rows, meta)
     return units.Result(files, tokens, padded)
+
+
+def _passes(
+    engine: Engine,
+    records: Sequence[Record],
+    req: Request,
+    repr_layers: tuple[int, ...],
+    stopped: Callable[[], bool],
+) -> Iterator[tuple[PackedBatch, dict]]:
+    """Each batch of ``records`` with its outputs: packed rows (``esmjax.inference.packed``),
+    or one record per row where contacts are asked for (the contact head reads whole rows). A
+    signal (``stopped``) ends the unit before the next pass."""
+    logits = "logits" in req.include
+    if "contacts" not in req.include:
+        for batch in packed_batches(records, req.max_tokens, req.truncation, engine.row_multiple):
+            if stopped():
+                raise units.Preempted
+            args = (batch.tokens, batch.segment_ids, batch.positions)
+            yield batch, engine.embed_packed(*args, repr_layers, logits)
+        return
+    for b in make_batches(records, req.max_tokens, req.truncation, engine.row_multiple):
+        placed = [
+            Placed(r, row, 0, min(len(r.sequence), req.truncation or len(r.sequence)))
+            for row, r in enumerate(b.records)
+        ]
+        batch = PackedBatch(placed, b.tokens, None, None)
+        if stopped():
+            raise units.Preempted
+        yield batch, engine.embed(b.tokens, repr_layers, True, logits)
 
 
 def embed_records(

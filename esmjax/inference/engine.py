@@ -209,6 +209,19 @@ class Engine:
             tokens, repr_layers, contacts, logits
         )
 
+    def embed_packed(
+        self,
+        tokens: np.ndarray,
+        segment_ids: np.ndarray,
+        positions: np.ndarray,
+        repr_layers: tuple[int, ...],
+        logits: bool,
+    ) -> dict:
+        """``embed`` of packed rows (``esmjax.inference.packed``): no contacts."""
+        return self.cached_forward("embed_packed", embed_packed_pass, static_argnums=(3, 4))(
+            tokens, segment_ids, positions, repr_layers, logits
+        )
+
     def mlm_rows(self, batch: dict[str, np.ndarray], local: bool = True) -> tuple[np.ndarray, ...]:
         """Per-row (nll_sum float32, count, correct) of a masked batch; ``local``: rows are this
         process's share."""
@@ -255,6 +268,15 @@ class Engine:
 # -- ESM-2 pass bodies: (model, *arrays) -> small results
 def embed_pass(model: ESM2, tokens, repr_layers, contacts, logits):
     out = model(tokens, repr_layers=repr_layers, return_contacts=contacts, return_logits=logits)
+    return _float_outputs(out)
+
+
+def embed_packed_pass(model: ESM2, tokens, segment_ids, positions, repr_layers, logits):
+    out = model(tokens, segment_ids, positions, repr_layers=repr_layers, return_logits=logits)
+    return _float_outputs(out)
+
+
+def _float_outputs(out: dict) -> dict:
     out["representations"] = {k: v.astype(jnp.float32) for k, v in out["representations"].items()}
     out.pop("attentions", None)
     return out
