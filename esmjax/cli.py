@@ -27,9 +27,9 @@ COMMANDS: dict[str, str] = {
     "data": "build a training dataset from FASTA (+ cluster TSV), inspect it",
     "evaluate": "perplexity, contacts, variants, ProteinGym and structure scores of a checkpoint",
     "finetune": "fine-tune ESM-2 on a sequence or residue task (full, LoRA or frozen backbone)",
-    "inspect-outputs": "the units of an embed/fold/pseudo-perplexity job folder: done, missing, "
+    "inspect-outputs": "the units of an embed/fold/predict/evaluate job folder: done, missing, "
     "damaged",
-    "predict": "predictions of a fine-tuned task model for a FASTA file (.csv or .jsonl)",
+    "predict": "predictions of a fine-tuned task model: one .csv/.jsonl, or shards as a job",
     "plot": "loss and perplexity curves of a training workdir (metrics.jsonl)",
 }
 

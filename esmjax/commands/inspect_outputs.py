@@ -7,7 +7,7 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("out", help="the --out of an embed, fold or evaluate pseudo-perplexity job")
+    p.add_argument("out", help="the --out of an embed, fold, predict or evaluate job")
     p.add_argument(
         "--no-shard-check",
         action="store_true",
