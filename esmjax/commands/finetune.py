@@ -84,5 +84,5 @@ def _stored_paths(cfg, workdir: str):
         saved = json.loads((Path(workdir) / "config.json").read_text()).get("finetune", {})
     keys = ("csv", "fasta", "labels", "mask", "train", "valid", "test")
     data = dataclasses.replace(cfg.data, **{k: stored_path(getattr(cfg.data, k)) for k in keys})
-    backbone = stored_path(cfg.backbone, (saved or {}).get("backbone"))
+    backbone = stored_path(cfg.backbone, (saved or {}).get("backbone"), weights=True)
     return dataclasses.replace(cfg, backbone=backbone, data=data)

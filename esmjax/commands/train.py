@@ -72,7 +72,7 @@ def _stored_paths(cfg):
     data = dataclasses.replace(
         cfg.data, train=stored_path(cfg.data.train), eval=stored_path(cfg.data.eval)
     )
-    return dataclasses.replace(cfg, data=data, init_from=stored_path(cfg.init_from))
+    return dataclasses.replace(cfg, data=data, init_from=stored_path(cfg.init_from, weights=True))
 
 
 class _BucketSource(Exception):

@@ -127,16 +127,17 @@ def workdir_kind(path: str, command: str) -> None:
     )
 
 
-def stored_path(value: str, saved: str | None = None) -> str:
+def stored_path(value: str, saved: str | None = None, *, weights: bool = False) -> str:
     """A path as a run's config.json keeps it: a local one absolute, so that the workdir still
     names its data and backbone when it is read from another folder or copied (``evaluate
     perplexity`` of a copied run); a bucket URL as given. ``saved``: what the workdir's
     config.json already says, kept when it names the same file, because a resumed fine-tuning
     run compares its backbone with the saved one (runs saved before paths were made absolute).
-    A released model's name (``hub.is_name``) stays a name."""
+    ``weights``: ``value`` names weights (``init_from``, ``backbone``), where a released model's
+    name (``hub.is_name``) stays a name; a data path is never one."""
     from esmjax.io import hub
 
-    if not value or paths.is_remote(value) or hub.is_name(value):
+    if not value or paths.is_remote(value) or (weights and hub.is_name(value)):
         return value
     if saved and not paths.is_remote(saved) and os.path.abspath(saved) == os.path.abspath(value):
         return saved
