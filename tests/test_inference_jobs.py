@@ -155,7 +155,7 @@ def test_embed_killed_and_resumed_in_a_bucket(ckpt, cath_2000, embed_reference, 
 # fold: a small random-weight ESMFold (tests/support/esmfold_reference.py) converted by the CLI
 # --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def esmfold_job(tmp_path_factory):
+def esmfold_job(tmp_path_factory, cath_2000):
     """(checkpoint, FASTA of 24 short CATH domains, the 1-process run's records). Their lengths
     share one bucket (48) and the units of 3 records one row count (4): one compilation per
     process."""
@@ -167,17 +167,13 @@ def esmfold_job(tmp_path_factory):
     d = tmp_path_factory.mktemp("fold_job")
     hf_model("small", 0, round_inv_freq=False).save_pretrained(d / "hf")
     assert cli(["convert", str(d / "hf"), str(d / "ckpt")]) == 0
-    short = [r for r in read_fasta(cath_2000_path(d)) if 33 <= len(r.sequence) <= 48][:24]
+    short = [r for r in read_fasta(cath_2000) if 33 <= len(r.sequence) <= 48][:24]
     fasta = d / "short.fa"
     fasta.write_text("".join(f">{r.id}\n{r.sequence}\n" for r in short))
     ref = d / "ref"
     rc, text = run_job([*fold_args(d / "ckpt", fasta), "--out", str(ref)], env(1))
     assert rc == 0, text[-3000:]
     return d / "ckpt", fasta, shard_records(str(ref))
-
-
-def cath_2000_path(d: Path) -> Path:
-    return cath_head(d / "cath.fa", 2000)
 
 
 def fold_args(ckpt: Path, fasta: Path) -> list[str]:
@@ -222,12 +218,12 @@ def pll_args(ckpt: Path, fasta: Path) -> list[str]:
     ]
 
 
-def test_pseudo_perplexity_killed_and_resumed(ckpt, tmp_path):
+def test_pseudo_perplexity_killed_and_resumed(ckpt, cath_2000, tmp_path):
     """40 short CATH domains, units of 4: per record and for the set, as one process computes
     them."""
     from esmjax.io.fasta import read_fasta
 
-    short = [r for r in read_fasta(cath_head(tmp_path / "c.fa", 2000)) if len(r.sequence) <= 40]
+    short = [r for r in read_fasta(cath_2000) if len(r.sequence) <= 40]
     fasta = tmp_path / "short.fa"
     fasta.write_text("".join(f">{r.id}\n{r.sequence}\n" for r in short[:40]))
     ref = tmp_path / "ref"

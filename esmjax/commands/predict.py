@@ -10,8 +10,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from esmjax.inference.options import add_job_arguments, from_args, run_job
-from esmjax.inference.predict_options import PREDICT_FORMATS, PredictOptions
+from esmjax.inference.options import (
+    PREDICT_FORMATS,
+    PredictOptions,
+    add_job_arguments,
+    from_args,
+    run_job,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,6 +1,7 @@
-"""The typed options of ``esmjax embed`` and ``esmjax fold`` (frozen dataclasses), and how a command
-line or a suite builds options: ``from_args`` (a parsed command line) and ``choice`` (a field whose
-values the library defines; the command line offers them and a suite section checks them)."""
+"""The typed options of ``esmjax embed``, ``fold`` and ``predict`` (frozen dataclasses), and how a
+command line or a suite builds options: ``from_args`` (a parsed command line) and ``choice`` (a
+field whose values the library defines; the command line offers them and a suite section checks
+them)."""
 
 from __future__ import annotations
 
@@ -83,6 +84,27 @@ class FoldOptions(JobOptions):
     dtype: str = choice("float32", DTYPES)  # the language model's (the trunk is float32)
     mmcif: bool = False
     max_length: int = 4096
+
+
+# auto: one file for an --out ending in a PREDICT_FILE_SUFFIXES suffix, a job folder otherwise
+PREDICT_FORMATS = ("auto", "shards")
+PREDICT_FILE_SUFFIXES = (".csv", ".jsonl")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PredictOptions(JobOptions):
+    """What ``esmjax predict`` predicts and where it writes."""
+
+    step: int | None = None  # the run's step (default: its best)
+    format: str = choice("auto", PREDICT_FORMATS)
+    max_tokens_per_batch: int = 8192
+    # predict computes in the run's dtype (it has no --dtype): set from the run for job.json
+    dtype: str | None = None
+
+    @property
+    def writes_file(self) -> bool:
+        """One ``.csv``/``.jsonl`` file (not a job of work units)."""
+        return self.format == "auto" and str(self.out).endswith(PREDICT_FILE_SUFFIXES)
 
 
 def add_job_arguments(p: Any, unit_size: int, what: str | None) -> None:

@@ -26,7 +26,7 @@ from esmjax.errors import InputError
 from esmjax.inference import preflight, shards, task, units
 from esmjax.inference.engine import Engine, bucketed
 from esmjax.inference.inputs import AUTO_SHARDS_ABOVE, InputStream
-from esmjax.inference.predict_options import PredictOptions
+from esmjax.inference.options import PredictOptions
 from esmjax.io import paths
 
 log = logging.getLogger("esmjax.inference.predictions")
